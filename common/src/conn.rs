@@ -1,0 +1,159 @@
+//! A non-blocking server-side connection: socket, Noise codec and output queue.
+//!
+//! Owned by a mio poll loop. Reads go until `WouldBlock`; frames queued during one poll
+//! turn are sealed into as few Noise messages as possible and written with one `write`
+//! where the socket allows; a short write keeps the rest queued and the loop registers
+//! `WRITABLE` interest only while something is queued.
+
+use crate::frame::FrameError;
+use crate::noise::{NoiseCodec, NoiseError, Role};
+use mio::net::TcpStream;
+use mio::{Interest, Registry, Token};
+use serde::Serialize;
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+
+/// What a read turn found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ReadStatus {
+    /// The socket is still open.
+    Open,
+    /// The peer closed its side.
+    Eof,
+}
+
+/// Why a connection must be dropped.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error("i/o: {0}")]
+    Io(#[from] io::Error),
+    #[error(transparent)]
+    Noise(#[from] NoiseError),
+}
+
+/// One socket of a poll loop.
+pub struct Connection {
+    pub stream: TcpStream,
+    pub peer: SocketAddr,
+    codec: NoiseCodec,
+    /// Encrypted bytes not yet accepted by the kernel, from `written` on.
+    wire_out: Vec<u8>,
+    written: usize,
+    /// Set when the connection should close once its output is flushed.
+    pub closing: bool,
+    registered: Option<Interest>,
+}
+
+impl Connection {
+    /// Wraps an accepted or connecting stream; an initiator queues its first handshake
+    /// message at once.
+    pub fn new(
+        stream: TcpStream,
+        peer: SocketAddr,
+        role: Role<'_>,
+        max_frame: usize,
+    ) -> Result<Connection, NoiseError> {
+        let mut wire_out = Vec::new();
+        let codec = NoiseCodec::new(role, max_frame, &mut wire_out)?;
+        Ok(Connection {
+            stream,
+            peer,
+            codec,
+            wire_out,
+            written: 0,
+            closing: false,
+            registered: None,
+        })
+    }
+
+    /// Whether the handshake is done.
+    pub fn is_ready(&self) -> bool {
+        self.codec.is_ready()
+    }
+
+    /// Reads until `WouldBlock`, feeding the codec. `scratch` is the poll loop's shared
+    /// read buffer, so idle connections own no read buffer of their own.
+    pub fn read_ready(&mut self, scratch: &mut [u8]) -> Result<ReadStatus, ConnError> {
+        loop {
+            match self.stream.read(scratch) {
+                Ok(0) => return Ok(ReadStatus::Eof),
+                Ok(n) => self.codec.receive(&scratch[..n], &mut self.wire_out)?,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(ReadStatus::Open),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// The next complete frame's JSON bytes.
+    pub fn next_frame(&mut self) -> Result<Option<&[u8]>, FrameError> {
+        self.codec.next_frame()
+    }
+
+    /// Queues a frame for the next flush.
+    pub fn queue<T: Serialize>(&mut self, frame: &T) {
+        self.codec.queue(frame);
+    }
+
+    /// Bytes waiting to be written (sealed and unsealed).
+    pub fn pending_output(&self) -> usize {
+        self.wire_out.len() - self.written + usize::from(self.codec.has_queued())
+    }
+
+    /// Seals queued frames and writes as much as the socket takes.
+    pub fn flush(&mut self) -> Result<(), ConnError> {
+        self.codec.seal(&mut self.wire_out)?;
+        while self.written < self.wire_out.len() {
+            match self.stream.write(&self.wire_out[self.written..]) {
+                Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
+                Ok(n) => self.written += n,
+                Err(e)
+                    if e.kind() == io::ErrorKind::WouldBlock
+                        || e.kind() == io::ErrorKind::NotConnected =>
+                {
+                    break
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if self.written == self.wire_out.len() {
+            self.wire_out.clear();
+            self.written = 0;
+            // Give back the memory a burst needed; idle sockets stay small.
+            if self.wire_out.capacity() > 64 * 1024 {
+                self.wire_out = Vec::new();
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether everything queued has been written.
+    pub fn is_flushed(&self) -> bool {
+        self.written == self.wire_out.len() && !self.codec.has_queued()
+    }
+
+    /// Registers the socket, or updates its interest: `READABLE`, plus `WRITABLE` only
+    /// while output is pending.
+    pub fn update_interest(&mut self, registry: &Registry, token: Token) -> io::Result<()> {
+        let wanted = if self.is_flushed() {
+            Interest::READABLE
+        } else {
+            Interest::READABLE | Interest::WRITABLE
+        };
+        match self.registered {
+            None => registry.register(&mut self.stream, token, wanted)?,
+            Some(current) if current == wanted => return Ok(()),
+            Some(_) => registry.reregister(&mut self.stream, token, wanted)?,
+        }
+        self.registered = Some(wanted);
+        Ok(())
+    }
+
+    /// Removes the socket from the poll.
+    pub fn deregister(&mut self, registry: &Registry) {
+        if self.registered.take().is_some() {
+            let _ = registry.deregister(&mut self.stream);
+        }
+    }
+}

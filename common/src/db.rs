@@ -1,0 +1,85 @@
+//! PostgreSQL: the r2d2 connection pool and the schema migrations in `sql/`.
+//!
+//! Migrations are compiled in, applied in order at server start inside one transaction
+//! each, under an advisory lock so an auth server and relays starting together do not
+//! race, and recorded in `schema_migrations`. Applying them again changes nothing.
+
+use postgres::NoTls;
+use r2d2_postgres::PostgresConnectionManager;
+use std::time::Duration;
+
+/// A pool of PostgreSQL connections.
+pub type DbPool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
+/// One pooled connection.
+pub type DbConn = r2d2::PooledConnection<PostgresConnectionManager<NoTls>>;
+
+/// The schema, in order: (version, file name, SQL).
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[(
+    1,
+    "0001_init.sql",
+    include_str!("../../sql/0001_init.sql"),
+)];
+
+/// Key of the advisory lock held while migrating.
+const MIGRATION_LOCK: i64 = 0x0fa5_7c4a_7000_0001;
+
+/// Why the database could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("bad database URL: {0}")]
+    Url(postgres::Error),
+    #[error("cannot connect to PostgreSQL: {0}")]
+    Connect(r2d2::Error),
+    #[error("migration {file} failed: {source}")]
+    Migration {
+        file: &'static str,
+        source: postgres::Error,
+    },
+    #[error("database error: {0}")]
+    Query(#[from] postgres::Error),
+}
+
+/// Opens a pool of at most `size` connections to `url` (libpq key=value or URI form)
+/// and checks that one connection can be made.
+pub fn connect(url: &str, size: u32) -> Result<DbPool, DbError> {
+    let config: postgres::Config = url.parse().map_err(DbError::Url)?;
+    let manager = PostgresConnectionManager::new(config, NoTls);
+    r2d2::Pool::builder()
+        .max_size(size.max(1))
+        .min_idle(Some(1))
+        .connection_timeout(Duration::from_secs(10))
+        .build(manager)
+        .map_err(DbError::Connect)
+}
+
+/// Applies every migration not yet recorded. Returns the versions applied now.
+pub fn migrate(client: &mut postgres::Client) -> Result<Vec<i32>, DbError> {
+    let mut applied_now = Vec::new();
+    for &(version, file, sql) in MIGRATIONS {
+        let mut tx = client.transaction()?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                 version integer PRIMARY KEY,
+                 name text NOT NULL,
+                 applied_at timestamptz NOT NULL DEFAULT now())",
+        )?;
+        let done = tx
+            .query_opt(
+                "SELECT 1 FROM schema_migrations WHERE version = $1",
+                &[&version],
+            )?
+            .is_some();
+        if !done {
+            tx.batch_execute(sql)
+                .map_err(|source| DbError::Migration { file, source })?;
+            tx.execute(
+                "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                &[&version, &file],
+            )?;
+            applied_now.push(version);
+        }
+        tx.commit()?;
+    }
+    Ok(applied_now)
+}

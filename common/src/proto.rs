@@ -1,0 +1,335 @@
+//! Protocol types of every link: one enum per direction, tagged by `"t"` in JSON.
+//!
+//! Requests carry a client-chosen `id` that the reply echoes. The first frame on every
+//! link is `hello {version}` from each side. PROTOCOL.md at the repository root is the
+//! reference for other implementations; keep the two in step.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// Machine-readable reason carried by every `error` frame.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The frame was not valid UTF-8 JSON.
+    BadJson,
+    /// The `"t"` tag names no frame of this link.
+    UnknownTag,
+    /// Known tag, but fields are missing or of the wrong type.
+    BadFrame,
+    /// A frame longer than the link's limit.
+    FrameTooLong,
+    /// The frame is not allowed in the connection's current state.
+    BadState,
+    /// The peer speaks an unsupported protocol version.
+    BadVersion,
+    /// A user name outside 1–32 of `[a-z0-9_.-]`.
+    InvalidName,
+    /// A password shorter than 8 characters.
+    WeakPassword,
+    /// Registration of a name that exists.
+    NameTaken,
+    /// Unknown user or wrong password (deliberately not told apart).
+    BadCredentials,
+    /// Too many failed logins; `retry_after_ms` says when to try again.
+    RateLimited,
+    /// No relay is available to take the client.
+    NoRelay,
+    /// A ticket that is unknown, used, expired or bound to another user.
+    BadTicket,
+    /// The named recipient does not exist.
+    UnknownUser,
+    /// A message body over the limit.
+    TooLarge,
+    /// The store could not commit; nothing was acknowledged. Retry.
+    StoreFailed,
+    /// A public key that is not a valid RSA public key in PEM.
+    BadKey,
+    /// Anything else on the server side.
+    Internal,
+}
+
+impl ErrorCode {
+    /// Whether the same request may succeed if retried later.
+    pub fn retryable(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::RateLimited | ErrorCode::NoRelay | ErrorCode::StoreFailed | ErrorCode::Internal
+        )
+    }
+}
+
+/// The body of every `error` frame.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ErrorFrame {
+    /// The `id` of the request that failed, if the error answers one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
+    pub code: ErrorCode,
+    /// A sentence for people.
+    pub message: String,
+    /// For `rate_limited`: milliseconds until a retry may succeed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
+}
+
+impl ErrorFrame {
+    /// An error answering request `id` (or none).
+    pub fn new(id: Option<u64>, code: ErrorCode, message: impl Into<String>) -> ErrorFrame {
+        ErrorFrame {
+            id,
+            code,
+            message: message.into(),
+            retry_after_ms: None,
+        }
+    }
+}
+
+/// Client → auth server (Noise `NX`).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(tag = "t", rename_all = "snake_case")]
+pub enum ClientToAuth {
+    /// First frame. Reply: `hello`.
+    Hello { version: u32 },
+    /// Create an account. Reply: `registered` or `error`.
+    Register {
+        id: u64,
+        user: String,
+        password: String,
+        /// The user's RSA public key, SubjectPublicKeyInfo PEM.
+        pubkey: String,
+    },
+    /// Log in. Reply: `redirect` or `error`.
+    Login {
+        id: u64,
+        user: String,
+        password: String,
+    },
+}
+
+/// Auth server → client.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(tag = "t", rename_all = "snake_case")]
+pub enum AuthToClient {
+    Hello {
+        version: u32,
+    },
+    /// The account exists now; log in to chat.
+    Registered { id: u64, user: String },
+    /// Go to this relay with this single-use ticket (valid 30 s, for `user` only).
+    Redirect {
+        id: u64,
+        user: String,
+        relay_addr: String,
+        /// The relay's static Noise key, hex; the client's `NK` handshake uses it.
+        relay_key: String,
+        /// 128-bit random ticket, hex.
+        ticket: String,
+    },
+    Error(ErrorFrame),
+}
+
+/// Relay → auth server, on the relay's control link (Noise `NNpsk0`).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(tag = "t", rename_all = "snake_case")]
+pub enum RelayToAuth {
+    Hello {
+        version: u32,
+    },
+    /// Announces the relay; it enters rotation. Reply: `relay_welcome`.
+    RelayUp {
+        relay_id: String,
+        /// Where clients reach the relay.
+        client_addr: String,
+        /// The relay's static Noise key, hex.
+        static_key: String,
+        clients: u32,
+    },
+    /// The relay's current number of logged-in clients.
+    Load { clients: u32 },
+    /// The relay holds the ticket now; the auth server may redirect the client.
+    TicketAccepted { ticket: String },
+}
+
+/// Auth server → relay.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(tag = "t", rename_all = "snake_case")]
+pub enum AuthToRelay {
+    Hello {
+        version: u32,
+    },
+    /// The relay is in rotation.
+    RelayWelcome {},
+    /// Hold this ticket for `user` for `ttl_ms`. Reply: `ticket_accepted`.
+    Ticket {
+        ticket: String,
+        user: String,
+        user_id: i64,
+        ttl_ms: u64,
+    },
+    Error(ErrorFrame),
+}
+
+/// Client → relay (Noise `NK`).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(tag = "t", rename_all = "snake_case")]
+pub enum ClientToRelay {
+    /// First frame. Reply: `hello`.
+    Hello { version: u32 },
+    /// Present the ticket from the auth server. Reply: `welcome`, then pending `msg`s
+    /// oldest first and `synced` once the backlog is delivered (if `receive`).
+    Auth {
+        user: String,
+        ticket: String,
+        /// `false` for a send-only session: nothing is delivered to it.
+        #[serde(default = "yes")]
+        receive: bool,
+    },
+    /// Store and route an opaque ciphertext. Reply: `sent` once durable, or `error`.
+    Send { id: u64, to: String, body: String },
+    /// The client has stored these messages; the relay deletes them.
+    Ack { msg_ids: Vec<i64> },
+    /// Look up a user's public key. Reply: `key` or `error`.
+    Key { id: u64, user: String },
+    /// Reply: `pong`.
+    Ping { id: u64 },
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Relay → client.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(tag = "t", rename_all = "snake_case")]
+pub enum RelayToClient {
+    Hello {
+        version: u32,
+    },
+    /// The ticket was accepted: the session acts as `user`.
+    Welcome { user: String, user_id: i64 },
+    /// The message `id` is durably stored as `msg_id`.
+    Sent { id: u64, msg_id: i64, ts: u64 },
+    /// A message for this user. Acknowledge with `ack` once stored.
+    Msg {
+        msg_id: i64,
+        from: String,
+        #[serde(default)]
+        group: Option<String>,
+        body: String,
+        /// Milliseconds since the Unix epoch, when the relay stored it.
+        ts: u64,
+    },
+    /// Everything that was pending at login has been delivered.
+    Synced {},
+    Key {
+        id: u64,
+        user: String,
+        pubkey: String,
+    },
+    Pong {
+        id: u64,
+    },
+    Error(ErrorFrame),
+}
+
+/// Why a frame's JSON could not be read as a protocol type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParseError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// Parses one frame's JSON as `T`, classifying failures into `bad_json`, `unknown_tag`
+/// and `bad_frame`.
+pub fn parse<T: DeserializeOwned>(json: &[u8]) -> Result<T, ParseError> {
+    serde_json::from_slice(json).map_err(|e| {
+        use serde_json::error::Category;
+        let code = match e.classify() {
+            Category::Data if e.to_string().starts_with("unknown variant") => ErrorCode::UnknownTag,
+            Category::Data => ErrorCode::BadFrame,
+            _ => ErrorCode::BadJson,
+        };
+        ParseError {
+            code,
+            message: e.to_string(),
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn frames_look_as_documented() {
+        let f = ClientToRelay::Send {
+            id: 7,
+            to: "bob".into(),
+            body: "x".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&f).unwrap(),
+            r#"{"t":"send","id":7,"to":"bob","body":"x"}"#
+        );
+        let e = RelayToClient::Error(ErrorFrame::new(Some(3), ErrorCode::UnknownUser, "no"));
+        assert_eq!(
+            serde_json::to_string(&e).unwrap(),
+            r#"{"t":"error","id":3,"code":"unknown_user","message":"no"}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&RelayToClient::Synced {}).unwrap(),
+            r#"{"t":"synced"}"#
+        );
+        let auth: ClientToRelay = parse(br#"{"t":"auth","user":"a","ticket":"b"}"#).unwrap();
+        assert_eq!(
+            auth,
+            ClientToRelay::Auth {
+                user: "a".into(),
+                ticket: "b".into(),
+                receive: true
+            }
+        );
+    }
+
+    #[test]
+    fn classifies_parse_failures() {
+        assert_eq!(parse::<ClientToRelay>(b"{nope").unwrap_err().code, ErrorCode::BadJson);
+        assert_eq!(parse::<ClientToRelay>(b"\xff\xfe").unwrap_err().code, ErrorCode::BadJson);
+        assert_eq!(
+            parse::<ClientToRelay>(br#"{"t":"launch"}"#).unwrap_err().code,
+            ErrorCode::UnknownTag
+        );
+        assert_eq!(
+            parse::<ClientToRelay>(br#"{"t":"send","id":"x"}"#).unwrap_err().code,
+            ErrorCode::BadFrame
+        );
+        assert_eq!(parse::<ClientToRelay>(br#"[1,2]"#).unwrap_err().code, ErrorCode::BadFrame);
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = parse::<ClientToRelay>(&bytes);
+            let _ = parse::<ClientToAuth>(&bytes);
+            let _ = parse::<RelayToAuth>(&bytes);
+            let _ = parse::<AuthToRelay>(&bytes);
+        }
+
+        #[test]
+        fn arbitrary_json_objects_never_panic(
+            tag in "[a-z_]{0,12}",
+            id in any::<i64>(),
+            s in ".{0,40}",
+        ) {
+            for json in [
+                format!(r#"{{"t":"{tag}","id":{id},"user":{s:?},"to":{s:?},"body":{s:?}}}"#),
+                format!(r#"{{"t":"{tag}","msg_ids":[{id}],"ticket":{s:?}}}"#),
+            ] {
+                let _ = parse::<ClientToRelay>(json.as_bytes());
+                let _ = parse::<ClientToAuth>(json.as_bytes());
+            }
+        }
+    }
+}
