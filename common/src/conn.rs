@@ -7,6 +7,8 @@
 
 use crate::frame::FrameError;
 use crate::noise::{NoiseCodec, NoiseError, Role};
+use crate::proto::{parse, ErrorCode, ErrorFrame};
+use serde::de::DeserializeOwned;
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 use serde::Serialize;
@@ -88,6 +90,22 @@ impl Connection {
     /// The next complete frame's JSON bytes.
     pub fn next_frame(&mut self) -> Result<Option<&[u8]>, FrameError> {
         self.codec.next_frame()
+    }
+
+    /// The next complete frame parsed as `T`: `None` while incomplete, `Some(Err(..))`
+    /// with the `error` frame to send (then close) when the stream is malformed.
+    pub fn next_message<T: DeserializeOwned>(&mut self) -> Option<Result<T, ErrorFrame>> {
+        match self.codec.next_frame() {
+            Ok(None) => None,
+            Ok(Some(json)) => Some(
+                parse(json).map_err(|e| ErrorFrame::new(None, e.code, e.message)),
+            ),
+            Err(e @ FrameError::TooLong { .. }) => Some(Err(ErrorFrame::new(
+                None,
+                ErrorCode::FrameTooLong,
+                e.to_string(),
+            ))),
+        }
     }
 
     /// Queues a frame for the next flush.

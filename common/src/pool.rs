@@ -49,6 +49,9 @@ impl<J: Send + 'static> WorkerPool<J> {
     /// Queues `job` on the worker owning `shard`. Returns `false` if that worker has
     /// stopped (only during shutdown).
     pub fn submit(&self, shard: u64, job: J) -> bool {
+        if self.senders.is_empty() {
+            return false;
+        }
         let i = (shard % self.senders.len() as u64) as usize;
         self.senders[i].send(job).is_ok()
     }
@@ -59,9 +62,10 @@ impl<J: Send + 'static> WorkerPool<J> {
     }
 
     /// Stops taking jobs, lets every worker finish what is queued, and waits for them.
-    pub fn shutdown(self) {
-        drop(self.senders);
-        for handle in self.handles {
+    /// Later submissions are refused.
+    pub fn shutdown(&mut self) {
+        self.senders.clear();
+        for handle in self.handles.drain(..) {
             let _ = handle.join();
         }
     }
@@ -135,10 +139,12 @@ mod tests {
             move |batch: Vec<u32>| seen.lock().unwrap().push((i, batch))
         })
         .unwrap();
+        let mut pool = pool;
         for n in 0..100u32 {
             assert!(pool.submit(7, n));
         }
         pool.shutdown();
+        assert!(!pool.submit(7, 0));
         let seen = seen.lock().unwrap();
         let worker = seen[0].0;
         assert!(seen.iter().all(|(i, b)| *i == worker && b.len() <= 10));

@@ -1,0 +1,107 @@
+//! The relay directory: which relays are live, where clients reach them, their keys and
+//! loads, and the choice of the least-loaded relay for each login.
+
+use mio::Token;
+use std::collections::HashMap;
+
+/// One live relay, keyed by the token of its control link.
+#[derive(Debug, Clone)]
+pub struct RelayEntry {
+    pub relay_id: String,
+    pub client_addr: String,
+    pub static_key: String,
+    /// Clients the relay last reported, plus tickets sent to it since.
+    pub clients: u32,
+}
+
+/// Live relays. A relay is in rotation exactly while its control link is up.
+#[derive(Default)]
+pub struct RelayDirectory {
+    relays: HashMap<Token, RelayEntry>,
+}
+
+impl RelayDirectory {
+    /// Adds or replaces the relay on `link`. An older link announcing the same relay id
+    /// is dropped from rotation and returned so the caller can close it.
+    pub fn add(&mut self, link: Token, entry: RelayEntry) -> Option<Token> {
+        let stale = self
+            .relays
+            .iter()
+            .find(|(t, e)| **t != link && e.relay_id == entry.relay_id)
+            .map(|(t, _)| *t);
+        if let Some(t) = stale {
+            self.relays.remove(&t);
+        }
+        self.relays.insert(link, entry);
+        stale
+    }
+
+    /// Takes the relay on `link` out of rotation.
+    pub fn remove(&mut self, link: Token) -> Option<RelayEntry> {
+        self.relays.remove(&link)
+    }
+
+    /// Records the relay's own count of its clients.
+    pub fn set_load(&mut self, link: Token, clients: u32) {
+        if let Some(e) = self.relays.get_mut(&link) {
+            e.clients = clients;
+        }
+    }
+
+    /// The live relay with the fewest clients (ties go to the smallest id, so choices
+    /// are predictable), counting the new client against it at once so a burst of
+    /// logins spreads before the relays report.
+    pub fn pick_least_loaded(&mut self) -> Option<(Token, RelayEntry)> {
+        let (token, entry) = self
+            .relays
+            .iter_mut()
+            .min_by(|a, b| (a.1.clients, &a.1.relay_id).cmp(&(b.1.clients, &b.1.relay_id)))?;
+        entry.clients += 1;
+        Some((*token, entry.clone()))
+    }
+
+    /// The relay on `link`, if it is in rotation.
+    pub fn get(&self, link: Token) -> Option<&RelayEntry> {
+        self.relays.get(&link)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &str, clients: u32) -> RelayEntry {
+        RelayEntry {
+            relay_id: id.into(),
+            client_addr: "127.0.0.1:1".into(),
+            static_key: "00".into(),
+            clients,
+        }
+    }
+
+    #[test]
+    fn spreads_logins_over_relays() {
+        let mut d = RelayDirectory::default();
+        d.add(Token(1), entry("r1", 0));
+        d.add(Token(2), entry("r2", 0));
+        d.add(Token(3), entry("r3", 5));
+        let mut counts = HashMap::new();
+        for _ in 0..9 {
+            let (_, e) = d.pick_least_loaded().unwrap();
+            *counts.entry(e.relay_id).or_insert(0) += 1;
+        }
+        assert_eq!(counts["r1"], 4);
+        assert_eq!(counts["r2"], 4);
+        assert_eq!(counts["r3"], 1);
+    }
+
+    #[test]
+    fn same_id_replaces_older_link_and_removal_leaves_rotation() {
+        let mut d = RelayDirectory::default();
+        d.add(Token(1), entry("r1", 0));
+        assert_eq!(d.add(Token(2), entry("r1", 0)), Some(Token(1)));
+        assert_eq!(d.relays.len(), 1);
+        d.remove(Token(2));
+        assert!(d.pick_least_loaded().is_none());
+    }
+}
