@@ -11,7 +11,11 @@ pub struct Config {
     #[arg(long, env = "FASTCHAT_AUTH_LISTEN", default_value = "127.0.0.1:7400")]
     pub listen: String,
     /// Address relays connect their control links to (Noise NNpsk0).
-    #[arg(long, env = "FASTCHAT_AUTH_RELAY_LISTEN", default_value = "127.0.0.1:7401")]
+    #[arg(
+        long,
+        env = "FASTCHAT_AUTH_RELAY_LISTEN",
+        default_value = "127.0.0.1:7401"
+    )]
     pub relay_listen: String,
     /// PostgreSQL connection string (libpq key=value or URI).
     #[arg(
@@ -21,10 +25,18 @@ pub struct Config {
     )]
     pub db_url: String,
     /// The server's static Noise key pair; created (mode 0600) if missing.
-    #[arg(long, env = "FASTCHAT_AUTH_KEY", default_value = ".fastchat/keys/auth.key")]
+    #[arg(
+        long,
+        env = "FASTCHAT_AUTH_KEY",
+        default_value = ".fastchat/keys/auth.key"
+    )]
     pub key_file: PathBuf,
     /// The cluster secret shared with the relays (64 hex characters).
-    #[arg(long, env = "FASTCHAT_SECRET_FILE", default_value = ".fastchat/cluster.secret")]
+    #[arg(
+        long,
+        env = "FASTCHAT_SECRET_FILE",
+        default_value = ".fastchat/cluster.secret"
+    )]
     pub secret_file: PathBuf,
     /// Worker threads for password hashing and database work.
     #[arg(long, env = "FASTCHAT_AUTH_WORKERS", default_value_t = 2)]
@@ -39,7 +51,11 @@ pub struct Config {
     #[arg(long, env = "FASTCHAT_LOGIN_FAILURES_PER_ADDR", default_value_t = 20)]
     pub login_failures_per_addr: u32,
     /// Length of the failed-login window, in seconds.
-    #[arg(long, env = "FASTCHAT_LOGIN_FAILURE_WINDOW_SECS", default_value_t = 300)]
+    #[arg(
+        long,
+        env = "FASTCHAT_LOGIN_FAILURE_WINDOW_SECS",
+        default_value_t = 300
+    )]
     pub login_failure_window_secs: u64,
     /// How long a ticket stays valid, in seconds.
     #[arg(long, env = "FASTCHAT_TICKET_TTL_SECS", default_value_t = 30)]

@@ -36,7 +36,8 @@ fn run(cfg: config::Config) -> Result<(), Box<dyn std::error::Error>> {
         info!("applied migrations {applied:?}");
     }
     let stop = Arc::new(AtomicBool::new(false));
-    let (server, bound, waker) = server::AuthServer::new(cfg, db, keypair.clone(), secret, stop.clone())?;
+    let (server, bound, waker) =
+        server::AuthServer::new(cfg, db, keypair.clone(), secret, stop.clone())?;
     ctrlc::set_handler(move || {
         stop.store(true, Ordering::Relaxed);
         let _ = waker.wake();

@@ -42,7 +42,10 @@ impl<K: Hash + Eq + Clone> Counter<K> {
             count: 0,
         });
         if w.start + self.window <= now {
-            *w = Window { start: now, count: 0 };
+            *w = Window {
+                start: now,
+                count: 0,
+            };
         }
         w.count += 1;
     }
@@ -82,10 +85,13 @@ impl LoginLimiter {
     /// attempt is counted until [`LoginLimiter::succeeded`] gives it back.
     pub fn begin(&mut self, user: &str, addr: IpAddr, now: Instant) -> Result<(), Duration> {
         let user = user.to_string();
-        let wait = [self.users.blocked_for(&user, now), self.addrs.blocked_for(&addr, now)]
-            .into_iter()
-            .flatten()
-            .max();
+        let wait = [
+            self.users.blocked_for(&user, now),
+            self.addrs.blocked_for(&addr, now),
+        ]
+        .into_iter()
+        .flatten()
+        .max();
         if let Some(wait) = wait {
             return Err(wait);
         }
@@ -121,10 +127,16 @@ mod tests {
         for _ in 0..3 {
             l.begin("alice", a, t).unwrap();
         }
-        assert!(l.begin("alice", b, t).is_err(), "user limit applies on any address");
+        assert!(
+            l.begin("alice", b, t).is_err(),
+            "user limit applies on any address"
+        );
         l.begin("bob", a, t).unwrap();
         l.begin("carol", a, t).unwrap();
-        assert!(l.begin("dave", a, t).is_err(), "address limit applies to any user");
+        assert!(
+            l.begin("dave", a, t).is_err(),
+            "address limit applies to any user"
+        );
         assert!(l.begin("alice", b, t + Duration::from_secs(61)).is_ok());
         l.succeeded("bob", a);
         l.begin("dave", a, t + Duration::from_secs(1)).unwrap();

@@ -17,7 +17,7 @@ use fastchat_common::db::DbPool;
 use fastchat_common::noise::{Role, StaticKeypair, KEY_LEN};
 use fastchat_common::pool::{Completions, WorkerPool};
 use fastchat_common::proto::{
-    AuthToClient, AuthToRelay, ClientToAuth, ErrorCode, ErrorFrame, RelayToAuth,
+    valid_user_name, AuthToClient, AuthToRelay, ClientToAuth, ErrorCode, ErrorFrame, RelayToAuth,
 };
 use fastchat_common::{hex, info, warn, PROTOCOL_VERSION};
 use mio::net::TcpListener;
@@ -158,7 +158,10 @@ impl AuthServer {
         let mut events = Events::with_capacity(1024);
         let mut last_sweep = Instant::now();
         while !self.stop.load(Ordering::Relaxed) {
-            if let Err(e) = self.poll.poll(&mut events, Some(Duration::from_millis(250))) {
+            if let Err(e) = self
+                .poll
+                .poll(&mut events, Some(Duration::from_millis(250)))
+            {
                 if e.kind() == std::io::ErrorKind::Interrupted {
                     continue;
                 }
@@ -220,9 +223,15 @@ impl AuthServer {
             };
             let _ = stream.set_nodelay(true);
             let (role, state) = if clients {
-                (Role::NxResponder(&self.keypair), PeerState::ClientAwaitingHello)
+                (
+                    Role::NxResponder(&self.keypair),
+                    PeerState::ClientAwaitingHello,
+                )
             } else {
-                (Role::PskResponder(&self.secret), PeerState::RelayAwaitingHello)
+                (
+                    Role::PskResponder(&self.secret),
+                    PeerState::RelayAwaitingHello,
+                )
             };
             let conn = match Connection::new(stream, addr, role, self.cfg.max_frame) {
                 Ok(c) => c,
@@ -299,7 +308,10 @@ impl AuthServer {
         let Some(peer) = self.peers.get_mut(&token) else {
             return;
         };
-        warn!("closing {}: {:?}: {}", peer.conn.peer, error.code, error.message);
+        warn!(
+            "closing {}: {:?}: {}",
+            peer.conn.peer, error.code, error.message
+        );
         match peer.state {
             PeerState::ClientAwaitingHello | PeerState::ClientReady { .. } => {
                 peer.conn.queue(&AuthToClient::Error(error))
@@ -369,11 +381,8 @@ impl AuthServer {
                 };
                 self.pool.submit(job.shard(), job);
             }
-            (
-                PeerState::ClientReady { in_flight },
-                ClientToAuth::Login { id, user, password },
-            ) => {
-                if !accounts::valid_name(&user) || password.len() > accounts::MAX_PASSWORD_BYTES {
+            (PeerState::ClientReady { in_flight }, ClientToAuth::Login { id, user, password }) => {
+                if !valid_user_name(&user) || password.len() > accounts::MAX_PASSWORD_BYTES {
                     return self.reply_error(
                         token,
                         id,
@@ -661,7 +670,9 @@ fn version_error(version: u32) -> ErrorFrame {
     ErrorFrame::new(
         None,
         ErrorCode::BadVersion,
-        format!("protocol version {version} is not supported; this server speaks {PROTOCOL_VERSION}"),
+        format!(
+            "protocol version {version} is not supported; this server speaks {PROTOCOL_VERSION}"
+        ),
     )
 }
 

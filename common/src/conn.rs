@@ -8,9 +8,9 @@
 use crate::frame::FrameError;
 use crate::noise::{NoiseCodec, NoiseError, Role};
 use crate::proto::{parse, ErrorCode, ErrorFrame};
-use serde::de::DeserializeOwned;
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
+use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
@@ -97,9 +97,9 @@ impl Connection {
     pub fn next_message<T: DeserializeOwned>(&mut self) -> Option<Result<T, ErrorFrame>> {
         match self.codec.next_frame() {
             Ok(None) => None,
-            Ok(Some(json)) => Some(
-                parse(json).map_err(|e| ErrorFrame::new(None, e.code, e.message)),
-            ),
+            Ok(Some(json)) => {
+                Some(parse(json).map_err(|e| ErrorFrame::new(None, e.code, e.message)))
+            }
             Err(e @ FrameError::TooLong { .. }) => Some(Err(ErrorFrame::new(
                 None,
                 ErrorCode::FrameTooLong,

@@ -225,8 +225,7 @@ impl NoiseCodec {
             };
             if hs.is_handshake_finished() {
                 let remote = hs.get_remote_static().map(<[u8]>::to_vec);
-                let State::Handshake(hs) = std::mem::replace(&mut self.state, State::Broken)
-                else {
+                let State::Handshake(hs) = std::mem::replace(&mut self.state, State::Broken) else {
                     unreachable!("state was just matched as Handshake");
                 };
                 let ts = hs.into_transport_mode().map_err(NoiseError::Handshake)?;
@@ -320,9 +319,11 @@ mod tests {
         for b in wire.chunks(7777) {
             s.receive(b, &mut sink).unwrap();
         }
-        let f1: serde_json::Value = serde_json::from_slice(s.next_frame().unwrap().unwrap()).unwrap();
+        let f1: serde_json::Value =
+            serde_json::from_slice(s.next_frame().unwrap().unwrap()).unwrap();
         assert_eq!(f1["s"].as_str().unwrap().len(), 200_000);
-        let f2: serde_json::Value = serde_json::from_slice(s.next_frame().unwrap().unwrap()).unwrap();
+        let f2: serde_json::Value =
+            serde_json::from_slice(s.next_frame().unwrap().unwrap()).unwrap();
         assert_eq!(f2["t"], "small");
         assert!(s.next_frame().unwrap().is_none());
     }

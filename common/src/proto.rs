@@ -7,6 +7,14 @@
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+/// Whether `name` is a valid user name: 1–32 of `[a-z0-9_.-]`.
+pub fn valid_user_name(name: &str) -> bool {
+    (1..=32).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_.-".contains(&b))
+}
+
 /// Machine-readable reason carried by every `error` frame.
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -54,7 +62,10 @@ impl ErrorCode {
     pub fn retryable(self) -> bool {
         matches!(
             self,
-            ErrorCode::RateLimited | ErrorCode::NoRelay | ErrorCode::StoreFailed | ErrorCode::Internal
+            ErrorCode::RateLimited
+                | ErrorCode::NoRelay
+                | ErrorCode::StoreFailed
+                | ErrorCode::Internal
         )
     }
 }
@@ -115,7 +126,10 @@ pub enum AuthToClient {
         version: u32,
     },
     /// The account exists now; log in to chat.
-    Registered { id: u64, user: String },
+    Registered {
+        id: u64,
+        user: String,
+    },
     /// Go to this relay with this single-use ticket (valid 30 s, for `user` only).
     Redirect {
         id: u64,
@@ -146,9 +160,13 @@ pub enum RelayToAuth {
         clients: u32,
     },
     /// The relay's current number of logged-in clients.
-    Load { clients: u32 },
+    Load {
+        clients: u32,
+    },
     /// The relay holds the ticket now; the auth server may redirect the client.
-    TicketAccepted { ticket: String },
+    TicketAccepted {
+        ticket: String,
+    },
 }
 
 /// Auth server → relay.
@@ -207,9 +225,16 @@ pub enum RelayToClient {
         version: u32,
     },
     /// The ticket was accepted: the session acts as `user`.
-    Welcome { user: String, user_id: i64 },
+    Welcome {
+        user: String,
+        user_id: i64,
+    },
     /// The message `id` is durably stored as `msg_id`.
-    Sent { id: u64, msg_id: i64, ts: u64 },
+    Sent {
+        id: u64,
+        msg_id: i64,
+        ts: u64,
+    },
     /// A message for this user. Acknowledge with `ack` once stored.
     Msg {
         msg_id: i64,
@@ -294,18 +319,43 @@ mod tests {
     }
 
     #[test]
+    fn user_names() {
+        assert!(valid_user_name("alice"));
+        assert!(valid_user_name("a.b-c_9"));
+        assert!(valid_user_name(&"a".repeat(32)));
+        assert!(!valid_user_name(""));
+        assert!(!valid_user_name(&"a".repeat(33)));
+        assert!(!valid_user_name("Alice"));
+        assert!(!valid_user_name("al ice"));
+        assert!(!valid_user_name("ålice"));
+    }
+
+    #[test]
     fn classifies_parse_failures() {
-        assert_eq!(parse::<ClientToRelay>(b"{nope").unwrap_err().code, ErrorCode::BadJson);
-        assert_eq!(parse::<ClientToRelay>(b"\xff\xfe").unwrap_err().code, ErrorCode::BadJson);
         assert_eq!(
-            parse::<ClientToRelay>(br#"{"t":"launch"}"#).unwrap_err().code,
+            parse::<ClientToRelay>(b"{nope").unwrap_err().code,
+            ErrorCode::BadJson
+        );
+        assert_eq!(
+            parse::<ClientToRelay>(b"\xff\xfe").unwrap_err().code,
+            ErrorCode::BadJson
+        );
+        assert_eq!(
+            parse::<ClientToRelay>(br#"{"t":"launch"}"#)
+                .unwrap_err()
+                .code,
             ErrorCode::UnknownTag
         );
         assert_eq!(
-            parse::<ClientToRelay>(br#"{"t":"send","id":"x"}"#).unwrap_err().code,
+            parse::<ClientToRelay>(br#"{"t":"send","id":"x"}"#)
+                .unwrap_err()
+                .code,
             ErrorCode::BadFrame
         );
-        assert_eq!(parse::<ClientToRelay>(br#"[1,2]"#).unwrap_err().code, ErrorCode::BadFrame);
+        assert_eq!(
+            parse::<ClientToRelay>(br#"[1,2]"#).unwrap_err().code,
+            ErrorCode::BadFrame
+        );
     }
 
     proptest! {

@@ -1,1 +1,55 @@
-fn main(){}
+//! `fastchat-relay`: a FastChat relay.
+//!
+//! Layout: [`config`] (flags), [`tickets`] (tickets pushed by the auth server),
+//! [`session`] (per-client delivery state), [`store`] (the worker jobs and their
+//! batched transactions), [`control`] (the link to the auth server), [`server`] (the
+//! poll loop tying them together).
+
+mod config;
+mod control;
+mod server;
+mod session;
+mod store;
+mod tickets;
+
+use clap::Parser;
+use fastchat_common::{error, hex, info};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+fn main() {
+    let cfg = config::Config::parse();
+    fastchat_common::log::init(&cfg.id);
+    if let Err(e) = run(cfg) {
+        error!("{e}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cfg: config::Config) -> Result<(), Box<dyn std::error::Error>> {
+    let secret = fastchat_common::keys::load_secret(&cfg.secret_file)?;
+    let (keypair, created) = fastchat_common::keys::load_or_create_keypair(&cfg.key_file)?;
+    if created {
+        info!("generated a new static key at {}", cfg.key_file.display());
+    }
+    let db = fastchat_common::db::connect(&cfg.db_url, cfg.workers as u32 + 1)?;
+    let applied = fastchat_common::db::migrate(&mut *db.get()?)?;
+    if !applied.is_empty() {
+        info!("applied migrations {applied:?}");
+    }
+    let cleared = store::clear_stale_presence(&db, &cfg.id)?;
+    if cleared > 0 {
+        info!("cleared {cleared} stale presence rows of a previous run");
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let (server, bound, waker) =
+        server::RelayServer::new(cfg, db, keypair.clone(), secret, stop.clone())?;
+    ctrlc::set_handler(move || {
+        stop.store(true, Ordering::Relaxed);
+        let _ = waker.wake();
+    })?;
+    info!("static key {}", hex::encode(&keypair.public));
+    info!("listening for clients on {bound}");
+    server.run()?;
+    Ok(())
+}

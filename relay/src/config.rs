@@ -1,0 +1,63 @@
+//! Command-line flags of `fastchat-relay`; each has an environment variable twin.
+
+use clap::Parser;
+use std::path::PathBuf;
+
+/// A FastChat relay: client sessions, routing, the offline store.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "fastchat-relay", version)]
+pub struct Config {
+    /// This relay's name, unique in the cluster (recorded in presence rows).
+    #[arg(long, env = "FASTCHAT_RELAY_ID", default_value = "relay-1")]
+    pub id: String,
+    /// Address clients connect to (Noise NK).
+    #[arg(long, env = "FASTCHAT_RELAY_LISTEN", default_value = "127.0.0.1:7410")]
+    pub listen: String,
+    /// Address the auth server hands to clients; defaults to the bound listen address.
+    #[arg(long, env = "FASTCHAT_RELAY_PUBLIC_ADDR")]
+    pub public_addr: Option<String>,
+    /// The auth server's address for relay control links.
+    #[arg(
+        long,
+        env = "FASTCHAT_AUTH_RELAY_ADDR",
+        default_value = "127.0.0.1:7401"
+    )]
+    pub auth: String,
+    /// PostgreSQL connection string (libpq key=value or URI).
+    #[arg(
+        long,
+        env = "FASTCHAT_DB_URL",
+        default_value = "host=127.0.0.1 port=54329 user=fastchat dbname=fastchat"
+    )]
+    pub db_url: String,
+    /// The relay's static Noise key pair; created (mode 0600) if missing.
+    #[arg(
+        long,
+        env = "FASTCHAT_RELAY_KEY",
+        default_value = ".fastchat/keys/relay-1.key"
+    )]
+    pub key_file: PathBuf,
+    /// The cluster secret shared with the auth server (64 hex characters).
+    #[arg(
+        long,
+        env = "FASTCHAT_SECRET_FILE",
+        default_value = ".fastchat/cluster.secret"
+    )]
+    pub secret_file: PathBuf,
+    /// Database worker threads (each commits its own batches).
+    #[arg(long, env = "FASTCHAT_RELAY_WORKERS", default_value_t = 4)]
+    pub workers: usize,
+    /// Most jobs a worker commits in one transaction.
+    #[arg(long, env = "FASTCHAT_RELAY_MAX_BATCH", default_value_t = 256)]
+    pub max_batch: usize,
+    /// Largest frame accepted, in bytes.
+    #[arg(long, env = "FASTCHAT_MAX_FRAME", default_value_t = fastchat_common::frame::DEFAULT_MAX_FRAME)]
+    pub max_frame: usize,
+    /// Largest message body accepted, in bytes.
+    #[arg(long, env = "FASTCHAT_MAX_BODY", default_value_t = 48 * 1024)]
+    pub max_body: usize,
+    /// Stored messages delivered per page at login; the next page follows once the
+    /// client has acknowledged the previous one.
+    #[arg(long, env = "FASTCHAT_PAGE_SIZE", default_value_t = 500)]
+    pub page_size: i64,
+}

@@ -1,0 +1,146 @@
+//! A logged-in client's delivery state: the backlog paged out at login with flow
+//! control, and live messages held back until the backlog has gone out so the client
+//! sees its messages oldest first.
+
+use crate::store::Stored;
+use std::collections::HashSet;
+
+/// What a session needs next from the store.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    /// Nothing to do.
+    Idle,
+    /// Fetch the page after this message id.
+    FetchAfter(i64),
+}
+
+/// Delivery state of one authenticated connection.
+pub struct Session {
+    pub user: String,
+    pub user_id: i64,
+    /// `false` for send-only sessions: nothing is delivered.
+    pub receive: bool,
+    /// The backlog is still being paged out.
+    backlog: bool,
+    /// A page request is with the workers.
+    fetching: bool,
+    /// Last message id delivered from the backlog.
+    cursor: i64,
+    /// Backlog messages delivered and not yet acknowledged.
+    unacked: HashSet<i64>,
+    /// Every backlog id delivered this session, to drop live duplicates at the switch.
+    paged: HashSet<i64>,
+    /// The last page was full, so more may wait.
+    more: bool,
+    /// Live messages that arrived while the backlog was going out.
+    deferred: Vec<Stored>,
+}
+
+impl Session {
+    /// A session whose first backlog page is being fetched.
+    pub fn new(user: String, user_id: i64, receive: bool) -> Session {
+        Session {
+            user,
+            user_id,
+            receive,
+            backlog: receive,
+            fetching: receive,
+            cursor: 0,
+            unacked: HashSet::new(),
+            paged: HashSet::new(),
+            more: false,
+            deferred: Vec::new(),
+        }
+    }
+
+    /// A page arrived: returns the messages to send now, and whether the backlog is
+    /// finished (then `synced` follows them).
+    pub fn page_arrived(&mut self, page: Vec<Stored>, more: bool) -> (Vec<Stored>, bool) {
+        self.fetching = false;
+        self.more = more;
+        if let Some(last) = page.last() {
+            self.cursor = last.msg_id;
+        }
+        for m in &page {
+            self.unacked.insert(m.msg_id);
+            self.paged.insert(m.msg_id);
+        }
+        let mut out = page;
+        if !more {
+            out.extend(self.finish_backlog());
+        }
+        (out, !more)
+    }
+
+    fn finish_backlog(&mut self) -> Vec<Stored> {
+        self.backlog = false;
+        let paged = std::mem::take(&mut self.paged);
+        let mut deferred = std::mem::take(&mut self.deferred);
+        deferred.retain(|m| !paged.contains(&m.msg_id));
+        deferred
+    }
+
+    /// A live message for this user: `Some` if it should go out now.
+    pub fn live(&mut self, message: Stored) -> Option<Stored> {
+        if !self.receive {
+            return None;
+        }
+        if self.backlog {
+            self.deferred.push(message);
+            return None;
+        }
+        Some(message)
+    }
+
+    /// The client acknowledged messages; says whether to fetch the next page.
+    pub fn acked(&mut self, ids: &[i64]) -> Next {
+        for id in ids {
+            self.unacked.remove(id);
+        }
+        if self.backlog && self.more && !self.fetching && self.unacked.is_empty() {
+            self.fetching = true;
+            return Next::FetchAfter(self.cursor);
+        }
+        Next::Idle
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(id: i64) -> Stored {
+        Stored {
+            msg_id: id,
+            from: "a".into(),
+            body: String::new(),
+            ts: 0,
+        }
+    }
+
+    fn ids(v: &[Stored]) -> Vec<i64> {
+        v.iter().map(|m| m.msg_id).collect()
+    }
+
+    #[test]
+    fn pages_then_live_in_order_without_duplicates() {
+        let mut s = Session::new("b".into(), 2, true);
+        assert!(s.live(m(5)).is_none(), "held while the backlog goes out");
+        let (out, done) = s.page_arrived(vec![m(1), m(2)], true);
+        assert_eq!((ids(&out), done), (vec![1, 2], false));
+        assert!(s.live(m(9)).is_none());
+        assert_eq!(s.acked(&[1]), Next::Idle);
+        assert_eq!(s.acked(&[2]), Next::FetchAfter(2));
+        assert_eq!(s.acked(&[2]), Next::Idle, "one fetch at a time");
+        let (out, done) = s.page_arrived(vec![m(5), m(7)], false);
+        // 5 came in the page and live: sent once. 9 was live only: sent after the page.
+        assert_eq!((ids(&out), done), (vec![5, 7, 9], true));
+        assert_eq!(ids(&[s.live(m(10)).unwrap()]), vec![10]);
+    }
+
+    #[test]
+    fn send_only_sessions_receive_nothing() {
+        let mut s = Session::new("b".into(), 2, false);
+        assert!(s.live(m(1)).is_none());
+    }
+}

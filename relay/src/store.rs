@@ -1,0 +1,410 @@
+//! The relay's database work: jobs from the poll loop, run by the worker pool in
+//! batches, one transaction per batch (group commit).
+//!
+//! Ordering rules that make routing race-free (DESIGN.md, "Routing a message"):
+//! a batch commits its message inserts *then* reads the recipients' presence; a login
+//! commits its presence row *then* reads the pending messages.
+
+use fastchat_common::db::{DbConn, DbPool};
+use fastchat_common::pool::Completions;
+use fastchat_common::proto::ErrorCode;
+use fastchat_common::{time, warn};
+use mio::Token;
+use std::collections::HashMap;
+
+/// A stored message as it is delivered.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub msg_id: i64,
+    pub from: String,
+    pub body: String,
+    pub ts: u64,
+}
+
+/// Work for the pool. Every job is sharded by the user it acts for.
+#[derive(Debug)]
+pub enum Job {
+    /// Record presence, then read the first page of pending messages.
+    Login {
+        conn: Token,
+        user_id: i64,
+        page: i64,
+    },
+    /// Read the next page of pending messages after `after`.
+    FetchPending {
+        conn: Token,
+        user_id: i64,
+        after: i64,
+        page: i64,
+    },
+    /// Store a message durably.
+    Send {
+        conn: Token,
+        req: u64,
+        sender_id: i64,
+        sender: String,
+        to: String,
+        body: String,
+    },
+    /// Delete messages the recipient has stored.
+    Ack { user_id: i64, msg_ids: Vec<i64> },
+    /// The user's last session on this relay ended.
+    Logout { user_id: i64 },
+    /// Look up a user's public key.
+    LookupKey {
+        conn: Token,
+        user_id: i64,
+        req: u64,
+        user: String,
+    },
+}
+
+impl Job {
+    /// The worker shard: the acting user's id.
+    pub fn shard(&self) -> u64 {
+        match self {
+            Job::Login { user_id, .. }
+            | Job::FetchPending { user_id, .. }
+            | Job::Ack { user_id, .. }
+            | Job::Logout { user_id }
+            | Job::LookupKey { user_id, .. } => *user_id as u64,
+            Job::Send { sender_id, .. } => *sender_id as u64,
+        }
+    }
+}
+
+/// Results for the poll loop.
+#[derive(Debug)]
+pub enum Done {
+    /// A page of pending messages (`more`: the page was full).
+    Pending {
+        conn: Token,
+        messages: Vec<Stored>,
+        more: bool,
+    },
+    /// The login could not be recorded; the session must end.
+    LoginFailed {
+        conn: Token,
+    },
+    /// The message is durable; deliver it to local sessions of the recipient.
+    Sent {
+        conn: Token,
+        req: u64,
+        recipient_id: i64,
+        message: Stored,
+        /// Relays (other than this one) where the recipient has sessions.
+        remote_relays: Vec<String>,
+    },
+    /// Nothing was stored.
+    SendFailed {
+        conn: Token,
+        req: u64,
+        code: ErrorCode,
+        message: String,
+    },
+    Key {
+        conn: Token,
+        req: u64,
+        user: String,
+        pubkey: Option<String>,
+    },
+    KeyFailed {
+        conn: Token,
+        req: u64,
+    },
+}
+
+/// A worker's state: its database pool and a cache of user names to ids (names and
+/// ids never change once created, so the cache never goes stale).
+pub struct Worker {
+    db: DbPool,
+    relay_id: String,
+    done: Completions<Done>,
+    user_ids: HashMap<String, i64>,
+}
+
+const USER_CACHE_LIMIT: usize = 100_000;
+
+impl Worker {
+    pub fn new(db: DbPool, relay_id: String, done: Completions<Done>) -> Worker {
+        Worker {
+            db,
+            relay_id,
+            done,
+            user_ids: HashMap::new(),
+        }
+    }
+
+    /// Runs one batch: one transaction for every write, then the reads that must follow
+    /// the commit.
+    pub fn run_batch(&mut self, jobs: Vec<Job>) {
+        let mut conn = match self.db.get() {
+            Ok(c) => c,
+            Err(e) => {
+                warn!("database unavailable: {e}");
+                return self.fail_all(jobs);
+            }
+        };
+        let results = match self.commit_batch(&mut conn, &jobs) {
+            Ok(results) => results,
+            Err(e) => {
+                warn!("batch of {} jobs failed: {e}", jobs.len());
+                return self.fail_all(jobs);
+            }
+        };
+        self.done.send_all(results);
+    }
+
+    fn commit_batch(
+        &mut self,
+        conn: &mut DbConn,
+        jobs: &[Job],
+    ) -> Result<Vec<Done>, postgres::Error> {
+        let mut results = Vec::new();
+        let mut tx = conn.transaction()?;
+
+        // Resolve recipient names, from the cache where possible.
+        let unknown: Vec<&str> = jobs
+            .iter()
+            .filter_map(|j| match j {
+                Job::Send { to, .. } if !self.user_ids.contains_key(to) => Some(to.as_str()),
+                _ => None,
+            })
+            .collect();
+        if !unknown.is_empty() {
+            if self.user_ids.len() > USER_CACHE_LIMIT {
+                self.user_ids.clear();
+            }
+            for row in tx.query(
+                "SELECT name, id FROM users WHERE name = ANY($1)",
+                &[&unknown],
+            )? {
+                self.user_ids.insert(row.get(0), row.get(1));
+            }
+        }
+
+        // Message inserts, ids drawn in order so one sender's messages keep their order.
+        let sends: Vec<(&Job, i64)> = jobs
+            .iter()
+            .filter_map(|j| match j {
+                Job::Send { to, .. } => self.user_ids.get(to).map(|id| (j, *id)),
+                _ => None,
+            })
+            .collect();
+        let now = time::now_ms();
+        let mut inserted: Vec<(i64, i64)> = Vec::new(); // (msg_id, recipient)
+        if !sends.is_empty() {
+            let mut ids: Vec<i64> = tx
+                .query(
+                    "SELECT nextval(pg_get_serial_sequence('messages', 'id'))
+                     FROM generate_series(1, $1)",
+                    &[&(sends.len() as i64)],
+                )?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            ids.sort_unstable();
+            let mut recipients = Vec::with_capacity(sends.len());
+            let mut senders = Vec::with_capacity(sends.len());
+            let mut bodies = Vec::with_capacity(sends.len());
+            for (job, recipient) in &sends {
+                if let Job::Send {
+                    sender_id, body, ..
+                } = job
+                {
+                    recipients.push(*recipient);
+                    senders.push(*sender_id);
+                    bodies.push(body.as_str());
+                }
+            }
+            let stamps = vec![now as i64; sends.len()];
+            tx.execute(
+                "INSERT INTO messages (recipient_id, id, sender_id, body, sent_at_ms)
+                 SELECT * FROM unnest($1::int8[], $2::int8[], $3::int8[], $4::text[], $5::int8[])",
+                &[&recipients, &ids, &senders, &bodies, &stamps],
+            )?;
+            inserted = ids.into_iter().zip(recipients).collect();
+        }
+
+        // Acknowledged messages: only the acknowledging user's own rows.
+        let (ack_users, ack_ids): (Vec<i64>, Vec<i64>) = jobs
+            .iter()
+            .flat_map(|j| match j {
+                Job::Ack { user_id, msg_ids } => msg_ids.iter().map(|m| (*user_id, *m)).collect(),
+                _ => Vec::new(),
+            })
+            .unzip();
+        if !ack_ids.is_empty() {
+            tx.execute(
+                "DELETE FROM messages m USING unnest($1::int8[], $2::int8[]) AS a(r, i)
+                 WHERE m.recipient_id = a.r AND m.id = a.i",
+                &[&ack_users, &ack_ids],
+            )?;
+        }
+
+        // Presence changes, in job order (a logout then a login of one user both apply).
+        for job in jobs {
+            match job {
+                Job::Login { user_id, .. } => {
+                    tx.execute(
+                        "INSERT INTO presence (user_id, relay_id) VALUES ($1, $2)
+                         ON CONFLICT (user_id, relay_id) DO UPDATE SET since = now()",
+                        &[user_id, &self.relay_id],
+                    )?;
+                }
+                Job::Logout { user_id } => {
+                    tx.execute(
+                        "DELETE FROM presence WHERE user_id = $1 AND relay_id = $2",
+                        &[user_id, &self.relay_id],
+                    )?;
+                }
+                _ => {}
+            }
+        }
+        tx.commit()?;
+
+        // After the commit: where are the recipients?
+        let mut where_is: HashMap<i64, Vec<String>> = HashMap::new();
+        if !inserted.is_empty() {
+            let recipients: Vec<i64> = inserted.iter().map(|(_, r)| *r).collect();
+            for row in conn.query(
+                "SELECT user_id, relay_id FROM presence WHERE user_id = ANY($1) AND relay_id <> $2",
+                &[&recipients, &self.relay_id],
+            )? {
+                where_is.entry(row.get(0)).or_default().push(row.get(1));
+            }
+        }
+        let mut inserted = inserted.into_iter();
+        for job in jobs {
+            match job {
+                Job::Send {
+                    conn: token,
+                    req,
+                    sender,
+                    to,
+                    body,
+                    ..
+                } => {
+                    if !self.user_ids.contains_key(to) {
+                        results.push(Done::SendFailed {
+                            conn: *token,
+                            req: *req,
+                            code: ErrorCode::UnknownUser,
+                            message: format!("there is no user called {to}"),
+                        });
+                        continue;
+                    }
+                    let (msg_id, recipient_id) = inserted
+                        .next()
+                        .expect("one inserted row per send with a known recipient, in order");
+                    results.push(Done::Sent {
+                        conn: *token,
+                        req: *req,
+                        recipient_id,
+                        message: Stored {
+                            msg_id,
+                            from: sender.clone(),
+                            body: body.clone(),
+                            ts: now,
+                        },
+                        remote_relays: where_is.get(&recipient_id).cloned().unwrap_or_default(),
+                    });
+                }
+                Job::Login {
+                    conn: token,
+                    user_id,
+                    page,
+                }
+                | Job::FetchPending {
+                    conn: token,
+                    user_id,
+                    page,
+                    ..
+                } => {
+                    let after = match job {
+                        Job::FetchPending { after, .. } => *after,
+                        _ => 0,
+                    };
+                    let messages = fetch_pending(conn, *user_id, after, *page)?;
+                    results.push(Done::Pending {
+                        conn: *token,
+                        more: messages.len() as i64 >= *page,
+                        messages,
+                    });
+                }
+                Job::LookupKey {
+                    conn: token,
+                    req,
+                    user,
+                    ..
+                } => {
+                    let pubkey = conn
+                        .query_opt("SELECT pubkey FROM users WHERE name = $1", &[user])?
+                        .map(|r| r.get(0));
+                    results.push(Done::Key {
+                        conn: *token,
+                        req: *req,
+                        user: user.clone(),
+                        pubkey,
+                    });
+                }
+                Job::Ack { .. } | Job::Logout { .. } => {}
+            }
+        }
+        Ok(results)
+    }
+
+    /// Answers every job of a failed batch: nothing in it was committed.
+    fn fail_all(&self, jobs: Vec<Job>) {
+        let results = jobs.into_iter().filter_map(|job| match job {
+            Job::Send { conn, req, .. } => Some(Done::SendFailed {
+                conn,
+                req,
+                code: ErrorCode::StoreFailed,
+                message: "the message store is unavailable; nothing was stored, retry".into(),
+            }),
+            Job::Login { conn, .. } | Job::FetchPending { conn, .. } => {
+                Some(Done::LoginFailed { conn })
+            }
+            Job::LookupKey { conn, req, .. } => Some(Done::KeyFailed { conn, req }),
+            // An ack that did not commit is harmless: the message is delivered again.
+            Job::Ack { .. } | Job::Logout { .. } => None,
+        });
+        self.done.send_all(results.collect::<Vec<_>>());
+    }
+}
+
+/// Pending messages of `user_id` after id `after`, oldest first.
+fn fetch_pending(
+    conn: &mut DbConn,
+    user_id: i64,
+    after: i64,
+    page: i64,
+) -> Result<Vec<Stored>, postgres::Error> {
+    let rows = conn.query(
+        "SELECT m.id, u.name, m.body, m.sent_at_ms
+         FROM messages m JOIN users u ON u.id = m.sender_id
+         WHERE m.recipient_id = $1 AND m.id > $2
+         ORDER BY m.id LIMIT $3",
+        &[&user_id, &after, &page],
+    )?;
+    Ok(rows
+        .iter()
+        .map(|r| Stored {
+            msg_id: r.get(0),
+            from: r.get(1),
+            body: r.get(2),
+            ts: r.get::<_, i64>(3) as u64,
+        })
+        .collect())
+}
+
+/// Removes presence rows a previous run of this relay left behind.
+pub fn clear_stale_presence(
+    db: &DbPool,
+    relay_id: &str,
+) -> Result<u64, Box<dyn std::error::Error>> {
+    Ok(db
+        .get()?
+        .execute("DELETE FROM presence WHERE relay_id = $1", &[&relay_id])?)
+}
