@@ -1,0 +1,69 @@
+# shellcheck shell=bash
+# Helpers shared by the FastChat scripts. Source it; it only defines functions.
+#   repo_root      print the repository root
+#   pg_bin_dir     print the PostgreSQL server bin dir, installing PostgreSQL if needed
+#   as_pg_user     run a command as the user PostgreSQL must run as
+#   ensure_tmux    install tmux if it is missing
+
+say() { printf '%s\n' "$*" >&2; }
+die() {
+    say "error: $*"
+    exit 1
+}
+
+repo_root() { (cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P); }
+
+# Installs Debian packages without prompting; uses sudo when not root.
+apt_install() {
+    local sudo=()
+    if [ "$(id -u)" -ne 0 ]; then
+        command -v sudo >/dev/null || die "need root or sudo to install: $*"
+        sudo=(sudo)
+    fi
+    say "installing $* with apt-get"
+    ${sudo[@]+"${sudo[@]}"} env DEBIAN_FRONTEND=noninteractive apt-get update -q </dev/null >&2
+    ${sudo[@]+"${sudo[@]}"} env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y -q --no-install-recommends "$@" </dev/null >&2
+}
+
+# Highest-versioned /usr/lib/postgresql/<ver>/bin that has the server programs.
+_find_pg_bin() {
+    local dir
+    for dir in $(printf '%s\n' /usr/lib/postgresql/*/bin | sort -V -r); do
+        if [ -x "$dir/initdb" ] && [ -x "$dir/pg_ctl" ] && [ -x "$dir/postgres" ]; then
+            echo "$dir"
+            return 0
+        fi
+    done
+    return 1
+}
+
+# Prints the PostgreSQL bin dir. FASTCHAT_PG_BIN wins when it holds initdb; otherwise
+# the highest installed version; otherwise installs the distribution's postgresql.
+pg_bin_dir() {
+    if [ -n "${FASTCHAT_PG_BIN:-}" ] && [ -x "$FASTCHAT_PG_BIN/initdb" ]; then
+        echo "$FASTCHAT_PG_BIN"
+        return 0
+    fi
+    _find_pg_bin && return 0
+    say "PostgreSQL server not found under /usr/lib/postgresql"
+    apt_install postgresql
+    _find_pg_bin || die "postgresql installed but no /usr/lib/postgresql/<ver>/bin/initdb"
+}
+
+# PostgreSQL refuses to run as root: as root, run the command as the `postgres` system
+# user (from / so an unreadable working directory does not matter); otherwise directly.
+as_pg_user() {
+    if [ "$(id -u)" -eq 0 ]; then
+        id -u postgres >/dev/null 2>&1 || die "running as root but there is no 'postgres' user"
+        (cd / && runuser -u postgres -- "$@")
+    else
+        "$@"
+    fi
+}
+
+ensure_tmux() {
+    command -v tmux >/dev/null && return 0
+    apt_install tmux
+    command -v tmux >/dev/null || die "tmux installed but not on PATH"
+}
