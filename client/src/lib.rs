@@ -1,6 +1,16 @@
-//! FastChat client library: the end-to-end crypto, the local encrypted store, and the
-//! session that talks to the auth server and a relay. Shared by `fastchat` and
+//! FastChat client library, shared by `fastchat` (terminal UI and scriptable CLI) and
 //! `fastchat-load`.
+//!
+//! - [`e2e`]: RSA identities, signed key offers, Fernet texts, safety numbers.
+//! - [`store`]: the local store, encrypted with a key derived from the password.
+//! - [`pins`]: auth server keys pinned on first use.
+//! - [`connect`]: the auth server and relay connections.
+//! - [`chat`]: end-to-end encrypted sending and receiving on top of them.
+//! - [`error`]: the errors a person may see.
 
+pub mod chat;
+pub mod connect;
 pub mod e2e;
+pub mod error;
+pub mod pins;
 pub mod store;

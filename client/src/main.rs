@@ -1,1 +1,258 @@
-fn main(){}
+//! `fastchat`: the FastChat client. Subcommands for scripts (`register`, `send`,
+//! `read`, `verify`); the terminal UI arrives in a later version.
+
+use clap::{Parser, Subcommand};
+use fastchat_client::chat::{self, Chat, Event, KeyStatus, Options};
+use fastchat_client::error::ClientError;
+use fastchat_common::time;
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+/// FastChat: end-to-end encrypted chat in the terminal.
+#[derive(Parser, Debug)]
+#[command(name = "fastchat", version)]
+struct Cli {
+    /// The auth server.
+    #[arg(
+        long,
+        global = true,
+        env = "FASTCHAT_SERVER",
+        default_value = "127.0.0.1:7400"
+    )]
+    server: String,
+    /// Your user name.
+    #[arg(long, global = true, env = "FASTCHAT_USER")]
+    user: Option<String>,
+    /// Where your keys, history and pinned server keys live
+    /// [default: ~/.local/share/fastchat].
+    #[arg(long, global = true, env = "FASTCHAT_DATA")]
+    data_dir: Option<PathBuf>,
+    /// Read the password from the first line of this file (else FASTCHAT_PASSWORD,
+    /// else a prompt).
+    #[arg(long, global = true)]
+    password_file: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create an account: makes your key pair here and registers the public half.
+    Register,
+    /// Send an end-to-end encrypted message; succeeds once the server has stored it.
+    Send {
+        /// The recipient.
+        #[arg(long)]
+        to: String,
+        /// The message (words are joined with spaces).
+        #[arg(required = true, num_args = 1..)]
+        text: Vec<String>,
+    },
+    /// Print the messages waiting for you and acknowledge them.
+    Read {
+        /// Keep listening for new messages up to this many seconds.
+        #[arg(long, value_name = "SECS")]
+        wait: Option<u64>,
+        /// One JSON object per line instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the safety number of your key and PEER's, to compare out of band.
+    Verify {
+        peer: String,
+        /// Trust the key the server serves now, replacing a changed pinned key.
+        #[arg(long)]
+        accept_new_key: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let Some(command) = cli.command.as_ref() else {
+        use clap::CommandFactory;
+        let _ = Cli::command().print_help();
+        return ExitCode::SUCCESS;
+    };
+    match run(&cli, command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fastchat: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn options(cli: &Cli, confirm_password: bool) -> Result<Options, ClientError> {
+    let user = cli
+        .user
+        .clone()
+        .ok_or_else(|| ClientError::Usage("give --user NAME or set FASTCHAT_USER".into()))?;
+    let data_dir = match &cli.data_dir {
+        Some(d) => d.clone(),
+        None => {
+            let home = std::env::var_os("HOME")
+                .ok_or_else(|| ClientError::Usage("HOME is not set; give --data-dir DIR".into()))?;
+            PathBuf::from(home).join(".local/share/fastchat")
+        }
+    };
+    let password = password(cli, &user, confirm_password)?;
+    Ok(Options {
+        server: cli.server.clone(),
+        data_dir,
+        user,
+        password,
+    })
+}
+
+fn password(cli: &Cli, user: &str, confirm: bool) -> Result<String, ClientError> {
+    if let Some(path) = &cli.password_file {
+        let text = std::fs::read_to_string(path).map_err(|source| ClientError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        return Ok(text.lines().next().unwrap_or("").to_string());
+    }
+    if let Ok(p) = std::env::var("FASTCHAT_PASSWORD") {
+        return Ok(p);
+    }
+    let first = prompt(&format!("Password for {user}: "))?;
+    if confirm && std::io::stdin().is_terminal() {
+        let again = prompt("Repeat the password: ")?;
+        if again != first {
+            return Err(ClientError::Usage("the passwords differ".into()));
+        }
+    }
+    Ok(first)
+}
+
+/// Reads a line without echo from a terminal, or plainly from a pipe.
+fn prompt(label: &str) -> Result<String, ClientError> {
+    let stdin = std::io::stdin();
+    let io = |source| ClientError::Io {
+        path: PathBuf::from("<stdin>"),
+        source,
+    };
+    if stdin.is_terminal() {
+        use termion::input::TermRead;
+        let mut err = std::io::stderr();
+        let _ = write!(err, "{label}");
+        let _ = err.flush();
+        let line = stdin.lock().read_passwd(&mut err).map_err(io)?;
+        let _ = writeln!(err);
+        line.ok_or_else(|| ClientError::Usage("no password given".into()))
+    } else {
+        let mut line = String::new();
+        stdin.lock().read_line(&mut line).map_err(io)?;
+        Ok(line.trim_end_matches(['\r', '\n']).to_string())
+    }
+}
+
+fn run(cli: &Cli, command: &Command) -> Result<(), ClientError> {
+    match command {
+        Command::Register => {
+            let opts = options(cli, true)?;
+            chat::register(&opts)?;
+            println!(
+                "Registered {}. Your private key is in {} (encrypted with your password).",
+                opts.user,
+                opts.data_dir.join(&opts.user).display()
+            );
+            Ok(())
+        }
+        Command::Send { to, text } => {
+            let opts = options(cli, false)?;
+            let mut chat = Chat::login(&opts, false)?;
+            let sent = chat.send_text(to, &text.join(" "))?;
+            chat.close();
+            eprintln!("sent to {to} (message {})", sent.msg_id);
+            Ok(())
+        }
+        Command::Read { wait, json } => {
+            let opts = options(cli, false)?;
+            let mut chat = Chat::login(&opts, true)?;
+            read(&mut chat, *wait, *json)?;
+            chat.close();
+            Ok(())
+        }
+        Command::Verify {
+            peer,
+            accept_new_key,
+        } => {
+            let opts = options(cli, false)?;
+            let mut chat = Chat::login(&opts, false)?;
+            match chat.check_peer_key(peer)? {
+                KeyStatus::Changed { server_pem } if *accept_new_key => {
+                    chat.accept_new_key(peer, server_pem)?;
+                    println!("Now trusting the new key of {peer}.");
+                }
+                KeyStatus::Changed { .. } => {
+                    eprintln!(
+                        "WARNING: the server serves a DIFFERENT key for {peer} than the one \
+                         you pinned. The safety number below is for the PINNED key."
+                    );
+                }
+                KeyStatus::NewlyPinned => println!("Pinned the key of {peer} (first contact)."),
+                KeyStatus::Unchanged => {}
+            }
+            let number = chat.safety_number(peer)?;
+            println!("Safety number for {} and {peer}:", chat.user());
+            for row in number.split(' ').collect::<Vec<_>>().chunks(4) {
+                println!("  {}", row.join(" "));
+            }
+            println!("It is the same on both sides; compare it with {peer} in person or by call.");
+            chat.close();
+            Ok(())
+        }
+    }
+}
+
+fn read(chat: &mut Chat, wait: Option<u64>, json: bool) -> Result<(), ClientError> {
+    let start = Instant::now();
+    let until = start + Duration::from_secs(wait.unwrap_or(0));
+    // The backlog is always read to the end (bounded), then we listen until `until`.
+    let backlog_deadline = start + Duration::from_secs(30);
+    let mut synced = false;
+    let stdout = std::io::stdout();
+    loop {
+        let deadline = if synced {
+            until
+        } else {
+            backlog_deadline.max(until)
+        };
+        if Instant::now() >= deadline {
+            break;
+        }
+        for event in chat.receive(deadline)? {
+            let mut out = stdout.lock();
+            match event {
+                Event::Synced => synced = true,
+                Event::Message(m) => {
+                    let line = if json {
+                        serde_json::json!({
+                            "msg_id": m.msg_id,
+                            "from": m.from,
+                            "group": m.group,
+                            "text": m.text,
+                            "ts": time::rfc3339(m.ts),
+                        })
+                        .to_string()
+                    } else {
+                        let ts = time::rfc3339(m.ts);
+                        format!("[{} {}] {}: {}", &ts[..10], &ts[11..19], m.from, m.text)
+                    };
+                    let _ = writeln!(out, "{line}");
+                    let _ = out.flush();
+                }
+                Event::Undecryptable { msg_id, from, why } => {
+                    eprintln!("warning: message {msg_id} from {from} could not be opened: {why}");
+                }
+            }
+        }
+        if synced && Instant::now() >= until {
+            break;
+        }
+    }
+    Ok(())
+}

@@ -27,7 +27,7 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE};
 use base64::Engine;
 use fernet::Fernet;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::fmt;
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Write};
@@ -109,6 +109,21 @@ pub struct StoreData {
     pub seen_mids: VecDeque<String>,
     /// Conversation history, oldest first.
     pub history: Vec<HistoryEntry>,
+    /// Messages stored (and acknowledged) but not yet decrypted. Keeping the raw
+    /// ciphertext first lets the client acknowledge before it decrypts, so nothing it
+    /// sends back depends on a decryption.
+    pub inbox: Vec<InboxEntry>,
+}
+
+/// A received message as the relay delivered it, still encrypted.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct InboxEntry {
+    pub msg_id: i64,
+    pub from: String,
+    pub group: Option<String>,
+    pub body: String,
+    /// When the relay stored it, unix ms.
+    pub ts: u64,
 }
 
 /// A peer's pinned public key.
@@ -127,6 +142,11 @@ pub struct ConversationKeys {
     pub current: Option<String>,
     /// Every key ever offered in either direction: key id → Fernet key.
     pub keys: BTreeMap<String, String>,
+    /// Key ids the peer is known to be able to get: received from them, or offered by
+    /// us and durably stored by the server. A key not in here is offered again before
+    /// the next text that uses it.
+    #[serde(default)]
+    pub shared: BTreeSet<String>,
 }
 
 /// One message in the history.

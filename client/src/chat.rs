@@ -1,0 +1,496 @@
+//! End-to-end encrypted chat on top of a relay session and the local store.
+//!
+//! Sending: pin the peer's key on first use (refuse a changed one), make and offer a
+//! conversation key if there is none, seal the text, and report success only when the
+//! relay says the message is durable.
+//!
+//! Receiving: store the raw messages, acknowledge them, and only then decrypt, so
+//! neither what the client sends back nor when depends on a decryption. Duplicates are
+//! dropped by server message id and by the sender's message id inside the ciphertext.
+
+use crate::connect::{AuthLink, RelayLink};
+use crate::e2e::{self, ConversationKey, Envelope, Identity, PeerKey, TextPayload};
+use crate::error::ClientError;
+use crate::store::{DeliveryState, HistoryEntry, InboxEntry, PeerEntry, Store, StoreData};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use fastchat_common::proto::{valid_user_name, ClientToRelay, ErrorCode, RelayToClient};
+use fastchat_common::time;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// Who is chatting, where, and with which password.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The auth server, `HOST:PORT`.
+    pub server: String,
+    /// Where the store and the pinned server keys live.
+    pub data_dir: PathBuf,
+    pub user: String,
+    pub password: String,
+}
+
+/// A decrypted incoming message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    pub msg_id: i64,
+    pub from: String,
+    pub group: Option<String>,
+    pub text: String,
+    /// When the relay stored it, unix ms.
+    pub ts: u64,
+    /// The sender's message id.
+    pub mid: String,
+}
+
+/// What [`Chat::receive`] reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A new text.
+    Message(Received),
+    /// A message that could not be opened (bad signature, unknown key, tampered...).
+    Undecryptable {
+        msg_id: i64,
+        from: String,
+        why: String,
+    },
+    /// Everything that was waiting at login has been delivered.
+    Synced,
+}
+
+/// A message the relay has stored durably.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sent {
+    pub msg_id: i64,
+    pub ts: u64,
+}
+
+/// Whether the server's key for a peer matches the pinned one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyStatus {
+    /// First contact: the server's key is pinned now.
+    NewlyPinned,
+    /// Same as pinned.
+    Unchanged,
+    /// The server serves a different key than the pinned one.
+    Changed { server_pem: String },
+}
+
+/// Creates the account: an RSA identity made here, registered at the auth server, kept
+/// in a new encrypted store. The private key never leaves this machine.
+pub fn register(opts: &Options) -> Result<(), ClientError> {
+    if !valid_user_name(&opts.user) {
+        return Err(ClientError::Usage(
+            "user names are 1-32 characters of a-z, 0-9, '_', '.' and '-'".into(),
+        ));
+    }
+    if Store::exists(&opts.data_dir, &opts.user) {
+        return Err(ClientError::Usage(format!(
+            "{} already has an account in {}",
+            opts.user,
+            opts.data_dir.display()
+        )));
+    }
+    let identity = Identity::generate()?;
+    let mut auth = AuthLink::connect(&opts.server, &opts.data_dir)?;
+    auth.register(&opts.user, &opts.password, &identity.public_pem())?;
+    let data = StoreData {
+        user: opts.user.clone(),
+        identity_der: B64.encode(identity.to_pkcs8_der()),
+        ..StoreData::default()
+    };
+    Store::create(&opts.data_dir, &opts.user, &opts.password, data)?;
+    Ok(())
+}
+
+/// A logged-in, end-to-end encrypting chat session.
+pub struct Chat {
+    store: Store,
+    identity: Identity,
+    relay: RelayLink,
+}
+
+impl Chat {
+    /// Opens the local store with the password, logs in at the auth server and connects
+    /// to the relay it picks. `receive: false` makes a send-only session.
+    pub fn login(opts: &Options, receive: bool) -> Result<Chat, ClientError> {
+        if !Store::exists(&opts.data_dir, &opts.user) {
+            return Err(ClientError::NoIdentity {
+                user: opts.user.clone(),
+                dir: opts.data_dir.clone(),
+            });
+        }
+        let store = Store::open(&opts.data_dir, &opts.user, &opts.password)?;
+        let der = B64
+            .decode(&store.data().identity_der)
+            .map_err(|e| ClientError::Protocol(format!("stored identity is not base64: {e}")))?;
+        let identity = Identity::from_pkcs8_der(&der)?;
+        let mut auth = AuthLink::connect(&opts.server, &opts.data_dir)?;
+        let redirect = auth.login(&opts.user, &opts.password)?;
+        let relay = RelayLink::connect(&redirect, receive)?;
+        Ok(Chat {
+            store,
+            identity,
+            relay,
+        })
+    }
+
+    /// The logged-in user's name.
+    pub fn user(&self) -> &str {
+        &self.relay.user
+    }
+
+    /// The relay this session is on.
+    pub fn relay_addr(&self) -> &str {
+        &self.relay.relay_addr
+    }
+
+    /// The local store (history, pinned keys).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Compares the server's key for `peer` with the pin, pinning it on first contact.
+    pub fn check_peer_key(&mut self, peer: &str) -> Result<KeyStatus, ClientError> {
+        let server_pem = self.relay.fetch_key(peer)?;
+        PeerKey::from_pem(&server_pem)?;
+        match self.store.data().peers.get(peer) {
+            Some(pinned) if pinned.pubkey_pem.trim() == server_pem.trim() => {
+                Ok(KeyStatus::Unchanged)
+            }
+            Some(_) => Ok(KeyStatus::Changed { server_pem }),
+            None => {
+                self.store.data_mut().peers.insert(
+                    peer.to_string(),
+                    PeerEntry {
+                        pubkey_pem: server_pem,
+                        verified: false,
+                    },
+                );
+                self.store.save()?;
+                Ok(KeyStatus::NewlyPinned)
+            }
+        }
+    }
+
+    /// Pins the key the server serves now for `peer`, replacing a changed one.
+    pub fn accept_new_key(&mut self, peer: &str, server_pem: String) -> Result<(), ClientError> {
+        let data = self.store.data_mut();
+        data.peers.insert(
+            peer.to_string(),
+            PeerEntry {
+                pubkey_pem: server_pem,
+                verified: false,
+            },
+        );
+        // Keys wrapped for the old identity must not be used for new messages.
+        if let Some(conv) = data.conversations.get_mut(peer) {
+            conv.current = None;
+        }
+        Ok(self.store.save()?)
+    }
+
+    /// The safety number of my key and the pinned key of `peer`: the same on both sides.
+    pub fn safety_number(&self, peer: &str) -> Result<String, ClientError> {
+        let pinned = self
+            .store
+            .data()
+            .peers
+            .get(peer)
+            .ok_or_else(|| ClientError::Usage(format!("no key pinned for {peer} yet")))?;
+        Ok(e2e::safety_number(
+            &self.identity.public_pem(),
+            &pinned.pubkey_pem,
+        )?)
+    }
+
+    /// The pinned key of `peer`, fetching and pinning it on first contact.
+    fn pinned_key(&mut self, peer: &str) -> Result<PeerKey, ClientError> {
+        if let Some(entry) = self.store.data().peers.get(peer) {
+            return Ok(PeerKey::from_pem(&entry.pubkey_pem)?);
+        }
+        self.check_peer_key(peer)?;
+        self.pinned_key(peer)
+    }
+
+    /// Encrypts `text` for `to` and sends it; returns once the relay has it durably.
+    pub fn send_text(&mut self, to: &str, text: &str) -> Result<Sent, ClientError> {
+        if !valid_user_name(to) {
+            return Err(ClientError::Refused {
+                code: ErrorCode::UnknownUser,
+                message: format!("there is no user called {to:?}"),
+                retry_after_ms: None,
+            });
+        }
+        if let KeyStatus::Changed { .. } = self.check_peer_key(to)? {
+            return Err(ClientError::PeerKeyChanged {
+                peer: to.to_string(),
+            });
+        }
+        let peer_key = self.pinned_key(to)?;
+        let key = match self.current_key(to) {
+            Some(key) => key,
+            None => {
+                let key = ConversationKey::generate();
+                let conv = self
+                    .store
+                    .data_mut()
+                    .conversations
+                    .entry(to.to_string())
+                    .or_default();
+                conv.keys.insert(key.id.clone(), key.key.clone());
+                conv.current = Some(key.id.clone());
+                // Saved before the offer leaves, so the key is never lost to a crash.
+                self.store.save()?;
+                key
+            }
+        };
+        let offered = self
+            .store
+            .data()
+            .conversations
+            .get(to)
+            .is_some_and(|c| c.shared.contains(&key.id));
+        let mut bodies = Vec::new();
+        if !offered {
+            let offer = e2e::make_offer(&self.identity, self.user(), to, &peer_key, &key)?;
+            bodies.push(offer.to_body());
+        }
+        let payload = TextPayload {
+            mid: e2e::new_message_id(),
+            ts: time::now_ms(),
+            text: text.to_string(),
+        };
+        bodies.push(e2e::seal_text(&key, &payload)?.to_body());
+        let from = self.user().to_string();
+        self.store.data_mut().history.push(HistoryEntry {
+            peer: to.to_string(),
+            group: None,
+            from,
+            text: text.to_string(),
+            ts: payload.ts,
+            msg_id: None,
+            mid: payload.mid.clone(),
+            outgoing: true,
+            state: DeliveryState::Pending,
+        });
+        self.store.save()?;
+        let ids: Vec<u64> = bodies
+            .into_iter()
+            .map(|body| {
+                let id = self.relay.next_id();
+                self.relay.queue(&ClientToRelay::Send {
+                    id,
+                    to: to.to_string(),
+                    body,
+                });
+                id
+            })
+            .collect();
+        self.relay.flush()?;
+        let mut last = None;
+        for id in ids {
+            let reply = self.relay.wait_reply(
+                id,
+                |f| matches!(f, RelayToClient::Sent { id: got, .. } if *got == id),
+            )?;
+            if let RelayToClient::Sent { msg_id, ts, .. } = reply {
+                last = Some(Sent { msg_id, ts });
+            }
+        }
+        let sent = last.ok_or_else(|| ClientError::Protocol("no sent reply".into()))?;
+        if let Some(conv) = self.store.data_mut().conversations.get_mut(to) {
+            conv.shared.insert(key.id.clone());
+        }
+        if let Some(entry) = self
+            .store
+            .data_mut()
+            .history
+            .iter_mut()
+            .rev()
+            .find(|h| h.mid == payload.mid)
+        {
+            entry.msg_id = Some(sent.msg_id);
+            entry.state = DeliveryState::Stored;
+        }
+        self.store.save()?;
+        Ok(sent)
+    }
+
+    fn current_key(&self, peer: &str) -> Option<ConversationKey> {
+        let conv = self.store.data().conversations.get(peer)?;
+        let id = conv.current.as_ref()?;
+        Some(ConversationKey {
+            id: id.clone(),
+            key: conv.keys.get(id)?.clone(),
+        })
+    }
+
+    /// Waits until `deadline` for messages; returns as soon as some arrived (and
+    /// whatever else was immediately available). Empty at the deadline.
+    pub fn receive(&mut self, deadline: Instant) -> Result<Vec<Event>, ClientError> {
+        let mut frames = Vec::new();
+        match self.relay.recv(Some(deadline))? {
+            Some(frame) => frames.push(frame),
+            None => return Ok(Vec::new()),
+        }
+        while let Some(frame) = self
+            .relay
+            .recv(Some(Instant::now() + Duration::from_millis(2)))?
+        {
+            frames.push(frame);
+        }
+        let mut events = Vec::new();
+        let mut acks = Vec::new();
+        let mut synced = false;
+        for frame in frames {
+            match frame {
+                RelayToClient::Msg {
+                    msg_id,
+                    from,
+                    group,
+                    body,
+                    ts,
+                } => {
+                    acks.push(msg_id);
+                    if self.store.remember_msg_id(msg_id) {
+                        self.store.data_mut().inbox.push(InboxEntry {
+                            msg_id,
+                            from,
+                            group,
+                            body,
+                            ts,
+                        });
+                    }
+                }
+                RelayToClient::Synced {} => synced = true,
+                RelayToClient::Error(e) => return Err(ClientError::from_frame(e)),
+                _ => {}
+            }
+        }
+        if !acks.is_empty() {
+            // Stored first, acknowledged second, decrypted last.
+            self.store.save()?;
+            self.relay.queue(&ClientToRelay::Ack { msg_ids: acks });
+            self.relay.flush()?;
+        }
+        let inbox = std::mem::take(&mut self.store.data_mut().inbox);
+        for entry in inbox {
+            if let Some(event) = self.open(entry)? {
+                events.push(event);
+            }
+        }
+        self.store.save()?;
+        if synced {
+            events.push(Event::Synced);
+        }
+        Ok(events)
+    }
+
+    /// Decrypts one stored message.
+    fn open(&mut self, m: InboxEntry) -> Result<Option<Event>, ClientError> {
+        let undecryptable = |why: String| {
+            Ok(Some(Event::Undecryptable {
+                msg_id: m.msg_id,
+                from: m.from.clone(),
+                why,
+            }))
+        };
+        let envelope = match Envelope::from_body(&m.body) {
+            Ok(e) => e,
+            Err(e) => return undecryptable(e.to_string()),
+        };
+        match envelope {
+            Envelope::Offer {
+                key_id,
+                wrapped,
+                sig,
+                ..
+            } => {
+                let sender = match self.pinned_key(&m.from) {
+                    Ok(k) => k,
+                    Err(ClientError::Refused { message, .. }) => return undecryptable(message),
+                    Err(e) => return Err(e),
+                };
+                let me = self.user().to_string();
+                match e2e::open_offer(
+                    &self.identity,
+                    &m.from,
+                    &me,
+                    &sender,
+                    &key_id,
+                    &wrapped,
+                    &sig,
+                ) {
+                    Ok(key) => {
+                        let conv = self
+                            .store
+                            .data_mut()
+                            .conversations
+                            .entry(m.from.clone())
+                            .or_default();
+                        conv.keys.insert(key.id.clone(), key.key);
+                        conv.shared.insert(key.id.clone());
+                        if conv.current.is_none() {
+                            conv.current = Some(key.id);
+                        }
+                        Ok(None)
+                    }
+                    Err(e) => undecryptable(format!(
+                        "a key offer from {} failed verification against the pinned key: {e}",
+                        m.from
+                    )),
+                }
+            }
+            Envelope::Text { key_id, token, .. } => {
+                let key = self
+                    .store
+                    .data()
+                    .conversations
+                    .get(&m.from)
+                    .and_then(|c| c.keys.get(&key_id))
+                    .map(|k| ConversationKey {
+                        id: key_id.clone(),
+                        key: k.clone(),
+                    });
+                let Some(key) = key else {
+                    return undecryptable(format!("no key {key_id} from {}", m.from));
+                };
+                let payload = match e2e::open_text(&key, &token) {
+                    Ok(p) => p,
+                    Err(e) => return undecryptable(e.to_string()),
+                };
+                if !self
+                    .store
+                    .remember_mid(&format!("{}/{}", m.from, payload.mid))
+                {
+                    return Ok(None);
+                }
+                self.store.data_mut().history.push(HistoryEntry {
+                    peer: m.from.clone(),
+                    group: m.group.clone(),
+                    from: m.from.clone(),
+                    text: payload.text.clone(),
+                    ts: payload.ts,
+                    msg_id: Some(m.msg_id),
+                    mid: payload.mid.clone(),
+                    outgoing: false,
+                    state: DeliveryState::Received,
+                });
+                Ok(Some(Event::Message(Received {
+                    msg_id: m.msg_id,
+                    from: m.from,
+                    group: m.group,
+                    text: payload.text,
+                    ts: m.ts,
+                    mid: payload.mid,
+                })))
+            }
+        }
+    }
+
+    /// Ends the session.
+    pub fn close(self) {
+        self.relay.close();
+    }
+}

@@ -1,0 +1,253 @@
+//! Connections: the auth server (Noise `NX`, key pinned on first use) for register and
+//! login, and the relay it redirects to (Noise `NK` with the key it handed out).
+
+use crate::error::ClientError;
+use crate::pins;
+use fastchat_common::frame::DEFAULT_MAX_FRAME;
+use fastchat_common::link::{Link, LinkError};
+use fastchat_common::noise::Role;
+use fastchat_common::proto::{AuthToClient, ClientToAuth, ClientToRelay, RelayToClient};
+use fastchat_common::{hex, PROTOCOL_VERSION};
+use std::collections::VecDeque;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// How long to wait for a TCP connection and handshake.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long to wait for a reply to a request.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn connect(addr: &str, role: Role<'_>) -> Result<Link, ClientError> {
+    Link::connect(addr, role, DEFAULT_MAX_FRAME, CONNECT_TIMEOUT).map_err(|e| match e {
+        LinkError::Connect { source, .. } => ClientError::Unreachable {
+            addr: addr.to_string(),
+            why: source.to_string(),
+        },
+        LinkError::Timeout | LinkError::Closed => ClientError::Unreachable {
+            addr: addr.to_string(),
+            why: "no answer to the handshake".into(),
+        },
+        other => ClientError::Link(other),
+    })
+}
+
+/// Where the auth server sent us.
+#[derive(Debug, Clone)]
+pub struct Redirect {
+    pub user: String,
+    pub relay_addr: String,
+    pub relay_key: Vec<u8>,
+    pub ticket: String,
+}
+
+/// An open connection to the auth server.
+pub struct AuthLink {
+    link: Link,
+    next_id: u64,
+}
+
+impl AuthLink {
+    /// Connects, checks the server key against the pin in `data_dir`, says hello.
+    pub fn connect(addr: &str, data_dir: &Path) -> Result<AuthLink, ClientError> {
+        let mut link = connect(addr, Role::NxInitiator)?;
+        let key = link
+            .remote_static()
+            .ok_or_else(|| ClientError::Protocol("the auth server sent no static key".into()))?
+            .to_vec();
+        pins::check_or_pin(data_dir, addr, &key)?;
+        link.send(&ClientToAuth::Hello {
+            version: PROTOCOL_VERSION,
+        })?;
+        match link.recv::<AuthToClient>(Some(Instant::now() + REPLY_TIMEOUT))? {
+            Some(AuthToClient::Hello { .. }) => Ok(AuthLink { link, next_id: 1 }),
+            Some(AuthToClient::Error(e)) => Err(ClientError::from_frame(e)),
+            Some(other) => Err(ClientError::Protocol(format!("{other:?}"))),
+            None => Err(ClientError::Timeout),
+        }
+    }
+
+    fn request(&mut self, frame: ClientToAuth, id: u64) -> Result<AuthToClient, ClientError> {
+        self.link.send(&frame)?;
+        let deadline = Instant::now() + REPLY_TIMEOUT;
+        loop {
+            match self.link.recv::<AuthToClient>(Some(deadline))? {
+                Some(AuthToClient::Error(e)) if e.id == Some(id) || e.id.is_none() => {
+                    return Err(ClientError::from_frame(e))
+                }
+                Some(reply @ AuthToClient::Registered { id: got, .. })
+                | Some(reply @ AuthToClient::Redirect { id: got, .. })
+                    if got == id =>
+                {
+                    return Ok(reply)
+                }
+                Some(_) => {}
+                None => return Err(ClientError::Timeout),
+            }
+        }
+    }
+
+    /// Creates an account with the given public key.
+    pub fn register(
+        &mut self,
+        user: &str,
+        password: &str,
+        pubkey: &str,
+    ) -> Result<(), ClientError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let frame = ClientToAuth::Register {
+            id,
+            user: user.to_string(),
+            password: password.to_string(),
+            pubkey: pubkey.to_string(),
+        };
+        match self.request(frame, id)? {
+            AuthToClient::Registered { .. } => Ok(()),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// Logs in; the auth server answers with a relay and a ticket.
+    pub fn login(&mut self, user: &str, password: &str) -> Result<Redirect, ClientError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let frame = ClientToAuth::Login {
+            id,
+            user: user.to_string(),
+            password: password.to_string(),
+        };
+        match self.request(frame, id)? {
+            AuthToClient::Redirect {
+                user,
+                relay_addr,
+                relay_key,
+                ticket,
+                ..
+            } => Ok(Redirect {
+                user,
+                relay_addr,
+                relay_key: hex::decode(&relay_key)
+                    .ok_or_else(|| ClientError::Protocol("the relay key is not hex".into()))?,
+                ticket,
+            }),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+}
+
+/// An authenticated session with a relay.
+pub struct RelayLink {
+    link: Link,
+    pub user: String,
+    pub user_id: i64,
+    pub relay_addr: String,
+    next_id: u64,
+    /// Frames that arrived while waiting for a specific reply.
+    stash: VecDeque<RelayToClient>,
+}
+
+impl RelayLink {
+    /// Connects to the relay of `redirect` and presents the ticket. A `receive: false`
+    /// session is send-only: the relay delivers nothing to it.
+    pub fn connect(redirect: &Redirect, receive: bool) -> Result<RelayLink, ClientError> {
+        let mut link = connect(&redirect.relay_addr, Role::NkInitiator(&redirect.relay_key))?;
+        link.queue(&ClientToRelay::Hello {
+            version: PROTOCOL_VERSION,
+        });
+        link.queue(&ClientToRelay::Auth {
+            user: redirect.user.clone(),
+            ticket: redirect.ticket.clone(),
+            receive,
+        });
+        link.flush()?;
+        let deadline = Instant::now() + REPLY_TIMEOUT;
+        loop {
+            match link.recv::<RelayToClient>(Some(deadline))? {
+                Some(RelayToClient::Hello { .. }) => {}
+                Some(RelayToClient::Welcome { user, user_id }) => {
+                    return Ok(RelayLink {
+                        link,
+                        user,
+                        user_id,
+                        relay_addr: redirect.relay_addr.clone(),
+                        next_id: 1,
+                        stash: VecDeque::new(),
+                    })
+                }
+                Some(RelayToClient::Error(e)) => return Err(ClientError::from_frame(e)),
+                Some(other) => return Err(ClientError::Protocol(format!("{other:?}"))),
+                None => return Err(ClientError::Timeout),
+            }
+        }
+    }
+
+    /// A fresh request id.
+    pub fn next_id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    /// Queues a frame; it goes out with the next [`RelayLink::flush`].
+    pub fn queue(&mut self, frame: &ClientToRelay) {
+        self.link.queue(frame);
+    }
+
+    /// Sends everything queued.
+    pub fn flush(&mut self) -> Result<(), ClientError> {
+        Ok(self.link.flush()?)
+    }
+
+    /// The next frame from the relay (stashed ones first); `None` at the deadline.
+    pub fn recv(
+        &mut self,
+        deadline: Option<Instant>,
+    ) -> Result<Option<RelayToClient>, ClientError> {
+        if let Some(frame) = self.stash.pop_front() {
+            return Ok(Some(frame));
+        }
+        Ok(self.link.recv(deadline)?)
+    }
+
+    /// Waits for the reply to request `id` (a frame for which `is_reply` holds, or an
+    /// error naming `id`), keeping other frames for later [`RelayLink::recv`] calls.
+    pub fn wait_reply(
+        &mut self,
+        id: u64,
+        is_reply: impl Fn(&RelayToClient) -> bool,
+    ) -> Result<RelayToClient, ClientError> {
+        let deadline = Instant::now() + REPLY_TIMEOUT;
+        loop {
+            match self.link.recv::<RelayToClient>(Some(deadline))? {
+                Some(RelayToClient::Error(e)) if e.id == Some(id) || e.id.is_none() => {
+                    return Err(ClientError::from_frame(e))
+                }
+                Some(frame) if is_reply(&frame) => return Ok(frame),
+                Some(frame) => self.stash.push_back(frame),
+                None => return Err(ClientError::Timeout),
+            }
+        }
+    }
+
+    /// Fetches `user`'s public key (PEM) from the server.
+    pub fn fetch_key(&mut self, user: &str) -> Result<String, ClientError> {
+        let id = self.next_id();
+        self.queue(&ClientToRelay::Key {
+            id,
+            user: user.to_string(),
+        });
+        self.flush()?;
+        match self.wait_reply(
+            id,
+            |f| matches!(f, RelayToClient::Key { id: got, .. } if *got == id),
+        )? {
+            RelayToClient::Key { pubkey, .. } => Ok(pubkey),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// Closes the connection.
+    pub fn close(&self) {
+        self.link.close();
+    }
+}

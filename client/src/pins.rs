@@ -1,0 +1,73 @@
+//! Pinned auth server keys, like SSH's `known_hosts`: `{data_dir}/known_servers`, one
+//! line per server, `HOST:PORT HEXKEY`. The first connection pins the key; a later
+//! different key is refused.
+
+use crate::error::ClientError;
+use fastchat_common::hex;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// The pin file under `data_dir`.
+pub fn pin_file(data_dir: &Path) -> PathBuf {
+    data_dir.join("known_servers")
+}
+
+/// Checks `key` against the pin for `addr`, pinning it if there is none yet.
+pub fn check_or_pin(data_dir: &Path, addr: &str, key: &[u8]) -> Result<(), ClientError> {
+    let file = pin_file(data_dir);
+    let io_err = |source| ClientError::Io {
+        path: file.clone(),
+        source,
+    };
+    let text = match std::fs::read_to_string(&file) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(io_err(e)),
+    };
+    let key_hex = hex::encode(key);
+    for line in text.lines() {
+        let mut parts = line.split_whitespace();
+        if let (Some(a), Some(k)) = (parts.next(), parts.next()) {
+            if a == addr {
+                return if k.eq_ignore_ascii_case(&key_hex) {
+                    Ok(())
+                } else {
+                    Err(ClientError::ServerKeyChanged {
+                        addr: addr.to_string(),
+                        file,
+                    })
+                };
+            }
+        }
+    }
+    std::fs::create_dir_all(data_dir).map_err(|e| ClientError::Io {
+        path: data_dir.to_path_buf(),
+        source: e,
+    })?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&file)
+        .map_err(io_err)?;
+    writeln!(f, "{addr} {key_hex}").map_err(io_err)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pins_on_first_use_and_refuses_a_change() {
+        let dir = std::env::temp_dir().join(format!("fastchat-pins-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        check_or_pin(&dir, "127.0.0.1:7400", &[1; 32]).unwrap();
+        check_or_pin(&dir, "127.0.0.1:7400", &[1; 32]).unwrap();
+        check_or_pin(&dir, "127.0.0.1:7500", &[2; 32]).unwrap();
+        let err = check_or_pin(&dir, "127.0.0.1:7400", &[2; 32]).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("known_servers"), "{text}");
+        assert!(matches!(err, ClientError::ServerKeyChanged { .. }));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,534 @@
+//! The shared integration-test harness: one private PostgreSQL cluster per test
+//! process, a fresh database per test, real `fastchat-auth` and `fastchat-relay`
+//! processes on OS-chosen loopback ports, and client helpers.
+//!
+//! PostgreSQL refuses to run as root; when the tests run as root the cluster is made
+//! and run by the `postgres` user. A watchdog process stops the cluster and removes it
+//! when the test process exits, however it exits.
+
+#![allow(dead_code)]
+
+use fastchat_client::chat::{self, Chat, Options};
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+pub const PASSWORD: &str = "correct horse battery";
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    // /proc/self belongs to the process's effective user.
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+/// The directory of PostgreSQL's server binaries.
+fn pg_bin() -> PathBuf {
+    if let Ok(dir) = std::env::var("FASTCHAT_PG_BIN") {
+        return PathBuf::from(dir);
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|rd| rd.flatten().map(|e| e.path().join("bin")).collect())
+        .unwrap_or_default();
+    found.retain(|d| d.join("initdb").exists());
+    found.sort_by_key(|d| {
+        d.parent()
+            .and_then(|p| p.file_name())
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.parse::<u32>().ok())
+            .unwrap_or(0)
+    });
+    found.pop().expect(
+        "PostgreSQL server binaries not found: run scripts/test.sh (it installs them) \
+         or set FASTCHAT_PG_BIN",
+    )
+}
+
+/// Runs a PostgreSQL tool, as the postgres user when we are root.
+fn pg_command(tool: &str) -> Command {
+    let path = pg_bin().join(tool);
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.arg("-u").arg("postgres").arg("--").arg(path);
+        c.current_dir("/");
+        c
+    } else {
+        Command::new(path)
+    }
+}
+
+/// A free loopback port (bound then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding an ephemeral loopback port")
+}
+
+/// The private cluster of this test process.
+pub struct Cluster {
+    pub port: u16,
+    dir: PathBuf,
+}
+
+impl Cluster {
+    /// Starts the cluster on first use.
+    pub fn get() -> &'static Cluster {
+        static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+        CLUSTER.get_or_init(Cluster::start)
+    }
+
+    fn start() -> Cluster {
+        let dir = std::env::temp_dir().join(unique("fastchat-pg"));
+        std::fs::create_dir_all(&dir).expect("creating the cluster directory");
+        if is_root() {
+            let ok = Command::new("chown")
+                .arg("postgres:postgres")
+                .arg(&dir)
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "chown of {} to postgres failed", dir.display());
+        }
+        let out = pg_command("initdb")
+            .args([
+                "-A",
+                "trust",
+                "-U",
+                "fastchat",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "-D",
+            ])
+            .arg(&dir)
+            .output()
+            .expect("running initdb");
+        assert!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let port = free_port();
+        let opts = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c max_connections=300 \
+             -c shared_buffers=64MB",
+            dir.display()
+        );
+        let out = pg_command("pg_ctl")
+            .arg("-D")
+            .arg(&dir)
+            .args(["-o", &opts, "-l"])
+            .arg(dir.join("server.log"))
+            .args(["-w", "start"])
+            .output()
+            .expect("running pg_ctl");
+        assert!(
+            out.status.success(),
+            "pg_ctl start failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Stop and remove the cluster when this process is gone, however it ends.
+        let pg_ctl = pg_bin().join("pg_ctl");
+        let stop = if is_root() {
+            format!(
+                "runuser -u postgres -- {} -D {} -m immediate stop",
+                pg_ctl.display(),
+                dir.display()
+            )
+        } else {
+            format!(
+                "{} -D {} -m immediate stop",
+                pg_ctl.display(),
+                dir.display()
+            )
+        };
+        let script = format!(
+            "cd /; while kill -0 {pid} 2>/dev/null && [ \"$(cut -d' ' -f3 /proc/{pid}/stat 2>/dev/null)\" != Z ]; \
+             do sleep 1; done; {stop} >/dev/null 2>&1; rm -rf {dir}",
+            pid = std::process::id(),
+            dir = dir.display()
+        );
+        Command::new("sh")
+            .args(["-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting the cluster watchdog");
+        Cluster { port, dir }
+    }
+
+    /// A connection string for `db`.
+    pub fn url(&self, db: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=fastchat dbname={db}",
+            self.port
+        )
+    }
+
+    /// Creates a fresh, empty database and returns its connection string.
+    pub fn fresh_database(&self) -> String {
+        let name = unique("t").replace('-', "_");
+        let mut admin = postgres::Client::connect(&self.url("postgres"), postgres::NoTls)
+            .expect("connecting to the test cluster");
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .expect("creating a test database");
+        self.url(&name)
+    }
+}
+
+/// A server process whose stderr is copied to a log file and watched.
+pub struct ServerProcess {
+    child: Child,
+    pub log_path: PathBuf,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl ServerProcess {
+    fn spawn(binary: &Path, args: &[String], log_path: PathBuf) -> ServerProcess {
+        assert!(
+            binary.exists(),
+            "{} is missing: build the servers first (`cargo build --bins`, as scripts/test.sh does)",
+            binary.display()
+        );
+        let mut child = Command::new(binary)
+            .args(args)
+            .env("FASTCHAT_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", binary.display()));
+        let stderr = child.stderr.take().expect("stderr was piped");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        let path = log_path.clone();
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .ok();
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(f) = file.as_mut() {
+                    let _ = writeln!(f, "{line}");
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        ServerProcess {
+            child,
+            log_path,
+            lines,
+        }
+    }
+
+    /// Waits for a log line containing `needle`; returns the text after it.
+    pub fn wait_for(&self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        let mut seen = 0;
+        loop {
+            {
+                let lines = self.lines.lock().unwrap();
+                for line in &lines[seen..] {
+                    if let Some(pos) = line.find(needle) {
+                        return line[pos + needle.len()..].trim().to_string();
+                    }
+                }
+                seen = lines.len();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no log line with {needle:?} within {timeout:?}; log:\n{}",
+                self.lines.lock().unwrap().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Everything logged so far.
+    pub fn log(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    /// SIGKILL, no goodbye.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for the exit (up to `timeout`).
+    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn binary(name: &str) -> PathBuf {
+    // The client's own binary is built for its integration tests; the servers sit
+    // beside it in the same target directory.
+    let client = PathBuf::from(env!("CARGO_BIN_EXE_fastchat"));
+    client.with_file_name(name)
+}
+
+/// Settings for a test cluster.
+#[derive(Clone)]
+pub struct Settings {
+    pub ticket_ttl_secs: u64,
+    pub login_failures_per_user: u32,
+    pub extra_relay_args: Vec<String>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            ticket_ttl_secs: 30,
+            login_failures_per_user: 5,
+            extra_relay_args: Vec::new(),
+        }
+    }
+}
+
+/// An auth server and one relay on a fresh database, plus a home for clients.
+pub struct TestNet {
+    pub db_url: String,
+    pub home: PathBuf,
+    pub auth: ServerProcess,
+    pub auth_addr: String,
+    pub auth_relay_addr: String,
+    pub relay: Option<ServerProcess>,
+    pub relay_addr: String,
+    settings: Settings,
+}
+
+impl TestNet {
+    pub fn start() -> TestNet {
+        TestNet::with(Settings::default())
+    }
+
+    pub fn with(settings: Settings) -> TestNet {
+        let cluster = Cluster::get();
+        let db_url = cluster.fresh_database();
+        let home = std::env::temp_dir().join(unique("fastchat-net"));
+        std::fs::create_dir_all(home.join("keys")).unwrap();
+        let secret = fastchat_common::hex::encode(&rand::random::<[u8; 32]>());
+        std::fs::write(home.join("cluster.secret"), secret).unwrap();
+        let auth = ServerProcess::spawn(
+            &binary("fastchat-auth"),
+            &[
+                "--listen".into(),
+                "127.0.0.1:0".into(),
+                "--relay-listen".into(),
+                "127.0.0.1:0".into(),
+                "--db-url".into(),
+                db_url.clone(),
+                "--key-file".into(),
+                home.join("keys/auth.key").display().to_string(),
+                "--secret-file".into(),
+                home.join("cluster.secret").display().to_string(),
+                "--ticket-ttl-secs".into(),
+                settings.ticket_ttl_secs.to_string(),
+                "--login-failures-per-user".into(),
+                settings.login_failures_per_user.to_string(),
+            ],
+            home.join("auth.log"),
+        );
+        let auth_relay_addr = auth.wait_for("listening for relays on", Duration::from_secs(30));
+        let auth_addr = auth.wait_for("listening for clients on", Duration::from_secs(30));
+        let mut net = TestNet {
+            db_url,
+            home,
+            auth,
+            auth_addr,
+            auth_relay_addr,
+            relay: None,
+            relay_addr: String::new(),
+            settings,
+        };
+        net.start_relay("127.0.0.1:0");
+        net
+    }
+
+    /// Starts the relay (again), listening on `listen`.
+    pub fn start_relay(&mut self, listen: &str) {
+        let mut args = vec![
+            "--id".into(),
+            "relay-1".into(),
+            "--listen".into(),
+            listen.into(),
+            "--auth".into(),
+            self.auth_relay_addr.clone(),
+            "--db-url".into(),
+            self.db_url.clone(),
+            "--key-file".into(),
+            self.home.join("keys/relay-1.key").display().to_string(),
+            "--secret-file".into(),
+            self.home.join("cluster.secret").display().to_string(),
+        ];
+        args.extend(self.settings.extra_relay_args.iter().cloned());
+        let relay = ServerProcess::spawn(
+            &binary("fastchat-relay"),
+            &args,
+            self.home.join("relay-1.log"),
+        );
+        self.relay_addr = relay.wait_for("listening for clients on", Duration::from_secs(30));
+        relay.wait_for("registered with auth server", Duration::from_secs(30));
+        self.relay = Some(relay);
+    }
+
+    /// SIGKILLs the relay and starts it again on the same address.
+    pub fn kill_and_restart_relay(&mut self) {
+        if let Some(mut r) = self.relay.take() {
+            r.kill();
+        }
+        let addr = self.relay_addr.clone();
+        // The port may linger briefly; retry the bind a few times.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpListener::bind(&addr).is_err() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.start_relay(&addr);
+    }
+
+    /// Client options for `user`, with a data directory of their own.
+    pub fn opts(&self, user: &str) -> Options {
+        Options {
+            server: self.auth_addr.clone(),
+            data_dir: self.home.join("clients").join(user),
+            user: user.to_string(),
+            password: PASSWORD.to_string(),
+        }
+    }
+
+    /// Registers `user` through the client library.
+    pub fn register(&self, user: &str) -> Options {
+        let opts = self.opts(user);
+        chat::register(&opts).unwrap_or_else(|e| panic!("registering {user}: {e}"));
+        opts
+    }
+
+    /// Logs `user` in (receiving).
+    pub fn login(&self, user: &str) -> Chat {
+        Chat::login(&self.opts(user), true).unwrap_or_else(|e| panic!("login of {user}: {e}"))
+    }
+
+    /// Runs the `fastchat` CLI as `user`; returns (success, stdout, stderr).
+    pub fn cli(&self, user: &str, args: &[&str]) -> (bool, String, String) {
+        let opts = self.opts(user);
+        let out = Command::new(env!("CARGO_BIN_EXE_fastchat"))
+            .arg("--server")
+            .arg(&opts.server)
+            .arg("--user")
+            .arg(user)
+            .arg("--data-dir")
+            .arg(&opts.data_dir)
+            .args(args)
+            .env("FASTCHAT_PASSWORD", PASSWORD)
+            .stdin(Stdio::null())
+            .output()
+            .expect("running fastchat");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Every row of every table of the database, as text.
+    pub fn dump_database(&self) -> String {
+        let mut client = postgres::Client::connect(&self.db_url, postgres::NoTls).unwrap();
+        let tables: Vec<String> = client
+            .query(
+                "SELECT table_name::text FROM information_schema.tables WHERE table_schema = 'public'",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let mut dump = String::new();
+        for t in tables {
+            for row in client
+                .query(&format!("SELECT t::text FROM {t} t"), &[])
+                .unwrap()
+            {
+                dump.push_str(&row.get::<_, String>(0));
+                dump.push('\n');
+            }
+        }
+        dump
+    }
+
+    /// Rows in `messages`.
+    pub fn stored_messages(&self) -> i64 {
+        let mut client = postgres::Client::connect(&self.db_url, postgres::NoTls).unwrap();
+        client
+            .query_one("SELECT count(*) FROM messages", &[])
+            .unwrap()
+            .get(0)
+    }
+}
+
+impl Drop for TestNet {
+    fn drop(&mut self) {
+        if let Some(mut r) = self.relay.take() {
+            r.kill();
+        }
+        self.auth.kill();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.home);
+        } else {
+            eprintln!("test files kept in {}", self.home.display());
+        }
+    }
+}
+
+/// Receives until `n` messages arrived or `timeout` passed.
+pub fn receive_n(
+    chat: &mut Chat,
+    n: usize,
+    timeout: Duration,
+) -> Vec<fastchat_client::chat::Received> {
+    let deadline = Instant::now() + timeout;
+    let mut got = Vec::new();
+    while got.len() < n && Instant::now() < deadline {
+        for e in chat.receive(deadline).expect("receiving") {
+            if let fastchat_client::chat::Event::Message(m) = e {
+                got.push(m);
+            }
+        }
+    }
+    got
+}
