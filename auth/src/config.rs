@@ -60,4 +60,8 @@ pub struct Config {
     /// How long a ticket stays valid, in seconds.
     #[arg(long, env = "FASTCHAT_TICKET_TTL_SECS", default_value_t = 30)]
     pub ticket_ttl_secs: u64,
+    /// Seconds a new connection has to complete its handshake and hello (and, on a
+    /// relay, present its ticket) before it is closed.
+    #[arg(long, env = "FASTCHAT_AUTH_DEADLINE_SECS", default_value_t = 10)]
+    pub auth_deadline_secs: u64,
 }

@@ -617,6 +617,24 @@ impl AuthServer {
             }
         }
         self.limiter.expire(now);
+        // Connections that never finished their handshake and hello (slowloris).
+        let deadline = Duration::from_secs(self.cfg.auth_deadline_secs);
+        let stalled: Vec<Token> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| {
+                matches!(
+                    p.state,
+                    PeerState::ClientAwaitingHello
+                        | PeerState::RelayAwaitingHello
+                        | PeerState::RelayAwaitingUp
+                ) && now.duration_since(p.conn.opened) >= deadline
+            })
+            .map(|(t, _)| *t)
+            .collect();
+        for token in stalled {
+            self.close(token, "no hello before the deadline");
+        }
     }
 
     fn close(&mut self, token: Token, why: &str) {

@@ -44,6 +44,8 @@ pub struct Connection {
     /// Set when the connection should close once its output is flushed.
     pub closing: bool,
     registered: Option<Interest>,
+    /// When the connection was accepted or opened (for handshake and login deadlines).
+    pub opened: std::time::Instant,
 }
 
 impl Connection {
@@ -65,6 +67,7 @@ impl Connection {
             written: 0,
             closing: false,
             registered: None,
+            opened: std::time::Instant::now(),
         })
     }
 

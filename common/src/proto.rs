@@ -270,7 +270,11 @@ pub struct ParseError {
 pub fn parse<T: DeserializeOwned>(json: &[u8]) -> Result<T, ParseError> {
     serde_json::from_slice(json).map_err(|e| {
         use serde_json::error::Category;
+        // serde may stop at a type mismatch before it reaches broken syntax, so a Data
+        // error is only a frame error if the bytes are valid JSON at all.
+        let well_formed = || serde_json::from_slice::<serde::de::IgnoredAny>(json).is_ok();
         let code = match e.classify() {
+            Category::Data if !well_formed() => ErrorCode::BadJson,
             Category::Data if e.to_string().starts_with("unknown variant") => ErrorCode::UnknownTag,
             Category::Data => ErrorCode::BadFrame,
             _ => ErrorCode::BadJson,

@@ -60,4 +60,8 @@ pub struct Config {
     /// client has acknowledged the previous one.
     #[arg(long, env = "FASTCHAT_PAGE_SIZE", default_value_t = 500)]
     pub page_size: i64,
+    /// Seconds a new connection has to complete its handshake and hello (and, on a
+    /// relay, present its ticket) before it is closed.
+    #[arg(long, env = "FASTCHAT_AUTH_DEADLINE_SECS", default_value_t = 10)]
+    pub auth_deadline_secs: u64,
 }

@@ -144,8 +144,8 @@ impl RelayServer {
                 }
             }
             self.drain_completions();
-            if last_sweep.elapsed() >= Duration::from_secs(1) {
-                self.tickets.expire(Instant::now());
+            if last_sweep.elapsed() >= Duration::from_millis(500) {
+                self.sweep();
                 last_sweep = Instant::now();
             }
             self.report_load();
@@ -166,6 +166,25 @@ impl RelayServer {
             self.close(token, "relay stopping");
         }
         info!("stopped");
+    }
+
+    /// Periodic work: expired tickets, connections that never logged in.
+    fn sweep(&mut self) {
+        let now = Instant::now();
+        self.tickets.expire(now);
+        let deadline = Duration::from_secs(self.cfg.auth_deadline_secs);
+        let stalled: Vec<Token> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| {
+                !matches!(c.state, ClientState::Ready(_))
+                    && now.duration_since(c.conn.opened) >= deadline
+            })
+            .map(|(t, _)| *t)
+            .collect();
+        for token in stalled {
+            self.close(token, "no ticket before the deadline");
+        }
     }
 
     // ----- control link -------------------------------------------------------------

@@ -197,7 +197,7 @@ impl Worker {
             let mut ids: Vec<i64> = tx
                 .query(
                     "SELECT nextval(pg_get_serial_sequence('messages', 'id'))
-                     FROM generate_series(1, $1)",
+                     FROM generate_series(1, $1::int8)",
                     &[&(sends.len() as i64)],
                 )?
                 .iter()

@@ -308,6 +308,8 @@ fn binary(name: &str) -> PathBuf {
 pub struct Settings {
     pub ticket_ttl_secs: u64,
     pub login_failures_per_user: u32,
+    /// Seconds before a connection that has not said hello (or logged in) is closed.
+    pub auth_deadline_secs: u64,
     pub extra_relay_args: Vec<String>,
 }
 
@@ -316,6 +318,7 @@ impl Default for Settings {
         Settings {
             ticket_ttl_secs: 30,
             login_failures_per_user: 5,
+            auth_deadline_secs: 3,
             extra_relay_args: Vec::new(),
         }
     }
@@ -362,6 +365,8 @@ impl TestNet {
                 settings.ticket_ttl_secs.to_string(),
                 "--login-failures-per-user".into(),
                 settings.login_failures_per_user.to_string(),
+                "--auth-deadline-secs".into(),
+                settings.auth_deadline_secs.to_string(),
             ],
             home.join("auth.log"),
         );
@@ -396,6 +401,8 @@ impl TestNet {
             self.home.join("keys/relay-1.key").display().to_string(),
             "--secret-file".into(),
             self.home.join("cluster.secret").display().to_string(),
+            "--auth-deadline-secs".into(),
+            self.settings.auth_deadline_secs.to_string(),
         ];
         args.extend(self.settings.extra_relay_args.iter().cloned());
         let relay = ServerProcess::spawn(
