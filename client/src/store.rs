@@ -588,6 +588,7 @@ mod tests {
             ConversationKeys {
                 current: Some("00112233445566ff".into()),
                 keys: [("00112233445566ff".to_string(), "k".to_string())].into(),
+                shared: ["00112233445566ff".to_string()].into(),
             },
         );
         data.history.push(HistoryEntry {

@@ -82,6 +82,8 @@ pub fn free_port() -> u16 {
 pub struct Cluster {
     pub port: u16,
     dir: PathBuf,
+    /// Outlives this process on purpose: it cleans up after us.
+    _watchdog: Child,
 }
 
 impl Cluster {
@@ -162,14 +164,18 @@ impl Cluster {
             pid = std::process::id(),
             dir = dir.display()
         );
-        Command::new("sh")
+        let watchdog = Command::new("sh")
             .args(["-c", &script])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("starting the cluster watchdog");
-        Cluster { port, dir }
+        Cluster {
+            port,
+            dir,
+            _watchdog: watchdog,
+        }
     }
 
     /// A connection string for `db`.
