@@ -5,6 +5,7 @@
 use crate::error::ClientError;
 use fastchat_common::hex;
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// The pin file under `data_dir`.
@@ -47,6 +48,7 @@ pub fn check_or_pin(data_dir: &Path, addr: &str, key: &[u8]) -> Result<(), Clien
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(&file)
         .map_err(io_err)?;
     writeln!(f, "{addr} {key_hex}").map_err(io_err)?;

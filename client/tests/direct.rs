@@ -320,3 +320,48 @@ fn changed_auth_server_key_is_refused() {
         "names the file to edit: {err}"
     );
 }
+
+#[test]
+fn send_fails_clearly_when_the_server_is_down() {
+    let net = TestNet::start();
+    net.register("alice");
+    let dead = format!("127.0.0.1:{}", harness::free_port());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fastchat"))
+        .args(["--server", &dead, "--user", "alice", "--data-dir"])
+        .arg(&net.opts("alice").data_dir)
+        .args(["send", "--to", "alice", "hi"])
+        .env("FASTCHAT_PASSWORD", PASSWORD)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot reach the server"), "{err}");
+}
+
+#[test]
+fn relay_stops_gracefully_on_sigterm() {
+    let mut net = TestNet::start();
+    net.register("alice");
+    net.register("bob");
+    let _bob = net.login("bob");
+    let mut alice = Chat::login(&net.opts("alice"), false).unwrap();
+    alice.send_text("bob", "before the stop").unwrap();
+    let mut db = postgres::Client::connect(&net.db_url, postgres::NoTls).unwrap();
+    let present: i64 = db
+        .query_one("SELECT count(*) FROM presence", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(present, 2, "alice and bob are present on the relay");
+    let status = net
+        .relay
+        .as_mut()
+        .unwrap()
+        .terminate(Duration::from_secs(15))
+        .expect("the relay exits after SIGTERM");
+    assert!(status.success(), "clean exit: {status:?}");
+    let present: i64 = db
+        .query_one("SELECT count(*) FROM presence", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(present, 0, "a stopping relay clears its presence rows");
+}

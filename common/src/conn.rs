@@ -90,11 +90,6 @@ impl Connection {
         }
     }
 
-    /// The next complete frame's JSON bytes.
-    pub fn next_frame(&mut self) -> Result<Option<&[u8]>, FrameError> {
-        self.codec.next_frame()
-    }
-
     /// The next complete frame parsed as `T`: `None` while incomplete, `Some(Err(..))`
     /// with the `error` frame to send (then close) when the stream is malformed.
     pub fn next_message<T: DeserializeOwned>(&mut self) -> Option<Result<T, ErrorFrame>> {
@@ -114,11 +109,6 @@ impl Connection {
     /// Queues a frame for the next flush.
     pub fn queue<T: Serialize>(&mut self, frame: &T) {
         self.codec.queue(frame);
-    }
-
-    /// Bytes waiting to be written (sealed and unsealed).
-    pub fn pending_output(&self) -> usize {
-        self.wire_out.len() - self.written + usize::from(self.codec.has_queued())
     }
 
     /// Seals queued frames and writes as much as the socket takes.

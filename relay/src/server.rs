@@ -65,6 +65,9 @@ pub struct RelayServer {
     touched: HashSet<Token>,
     scratch: Vec<u8>,
     stop: Arc<AtomicBool>,
+    db: DbPool,
+    /// Set once shutdown has begun: sessions end without per-user presence jobs.
+    stopping: bool,
 }
 
 impl RelayServer {
@@ -113,6 +116,8 @@ impl RelayServer {
                 touched: HashSet::new(),
                 scratch: vec![0; 64 * 1024],
                 stop,
+                db,
+                stopping: false,
             },
             bound,
             waker,
@@ -161,11 +166,16 @@ impl RelayServer {
         self.pool.shutdown();
         self.drain_completions();
         self.flush_touched();
+        self.stopping = true;
         let tokens: Vec<Token> = self.clients.keys().copied().collect();
         for token in tokens {
             self.close(token, "relay stopping");
         }
-        info!("stopped");
+        // The poll loop is done, so it may block now: nobody is on this relay any more.
+        match crate::store::clear_stale_presence(&self.db, &self.cfg.id) {
+            Ok(n) => info!("stopped; cleared {n} presence rows"),
+            Err(e) => warn!("stopped; could not clear presence rows (cleared at next start): {e}"),
+        }
     }
 
     /// Periodic work: expired tickets, connections that never logged in.
@@ -715,7 +725,9 @@ impl RelayServer {
             };
             if now_empty {
                 self.local.remove(&user_id);
-                self.submit(Job::Logout { user_id });
+                if !self.stopping {
+                    self.submit(Job::Logout { user_id });
+                }
             }
         } else {
             debug!("connection {} closed: {why}", client.conn.peer);
