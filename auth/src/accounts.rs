@@ -5,12 +5,14 @@
 use argon2::password_hash::phc::PasswordHash;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use argon2::Argon2;
-use fastchat_common::db::DbPool;
+use fastchat_common::db::{DbConn, DbPool};
 use fastchat_common::pool::Completions;
 use fastchat_common::proto::{valid_user_name, ErrorCode};
 use mio::Token;
+use sha2::{Digest, Sha256};
 use std::net::IpAddr;
 use std::sync::OnceLock;
+use std::time::Duration;
 
 /// Shortest password accepted at registration.
 pub const MIN_PASSWORD_CHARS: usize = 8;
@@ -67,18 +69,50 @@ pub enum Job {
         password: String,
         addr: IpAddr,
     },
+    Resume {
+        conn: Token,
+        req: u64,
+        user: String,
+        credential: String,
+        addr: IpAddr,
+    },
+    Logout {
+        conn: Token,
+        req: u64,
+        user: String,
+        credential: String,
+    },
+    ChangePassword {
+        conn: Token,
+        req: u64,
+        user: String,
+        old_password: String,
+        new_password: String,
+        addr: IpAddr,
+    },
 }
 
 impl Job {
     /// Shard key: jobs about one name run in order on one worker.
     pub fn shard(&self) -> u64 {
         let name = match self {
-            Job::Register { user, .. } | Job::Login { user, .. } => user,
+            Job::Register { user, .. }
+            | Job::Login { user, .. }
+            | Job::Resume { user, .. }
+            | Job::Logout { user, .. }
+            | Job::ChangePassword { user, .. } => user,
         };
         name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
             (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
         })
     }
+}
+
+/// A resumption credential handed to the client once, and when it expires (Unix ms).
+#[derive(Debug, Clone)]
+pub struct Credential {
+    pub secret: String,
+    pub expires_ms: u64,
 }
 
 /// Results for the poll loop.
@@ -94,6 +128,18 @@ pub enum Done {
         req: u64,
         user: String,
         user_id: i64,
+        addr: IpAddr,
+        /// Minted for a password login; `None` for a resumption.
+        credential: Option<Credential>,
+    },
+    LoggedOut {
+        conn: Token,
+        req: u64,
+    },
+    PasswordChanged {
+        conn: Token,
+        req: u64,
+        user: String,
         addr: IpAddr,
     },
     Refused {
@@ -127,10 +173,17 @@ fn verify(password: &str, phc: &str) -> bool {
     }
 }
 
-/// Runs one batch of jobs; each job is independent (argon2 dominates, not commits).
-pub fn run_batch(db: &DbPool, done: &Completions<Done>, jobs: Vec<Job>) {
-    let results: Vec<Done> = jobs.into_iter().map(|job| run_job(db, job)).collect();
-    done.send_all(results);
+/// What is kept of a credential: its SHA-256.
+fn credential_hash(credential: &str) -> Vec<u8> {
+    Sha256::digest(credential.as_bytes()).to_vec()
+}
+
+/// A worker of the auth pool.
+pub struct Worker {
+    pub db: DbPool,
+    pub done: Completions<Done>,
+    /// How long resumption credentials stay valid.
+    pub resume_ttl: Duration,
 }
 
 fn store_error(
@@ -149,81 +202,215 @@ fn store_error(
     }
 }
 
-fn run_job(db: &DbPool, job: Job) -> Done {
-    match job {
-        Job::Register {
-            conn,
-            req,
-            user,
-            password,
-            pubkey,
-        } => {
-            let hash = match Argon2::default().hash_password(password.as_bytes()) {
-                Ok(h) => h.to_string(),
-                Err(e) => return store_error(conn, req, None, e),
-            };
-            let mut client = match db.get() {
-                Ok(c) => c,
-                Err(e) => return store_error(conn, req, None, e),
-            };
-            let inserted = client.query_opt(
-                "INSERT INTO users (name, password_hash, pubkey) VALUES ($1, $2, $3)
-                 ON CONFLICT (name) DO NOTHING RETURNING id",
-                &[&user, &hash, &pubkey.trim()],
-            );
-            match inserted {
-                Ok(Some(_)) => Done::Registered { conn, req, user },
-                Ok(None) => Done::Refused {
-                    conn,
-                    req,
-                    code: ErrorCode::NameTaken,
-                    message: format!("the name {user} is taken"),
-                    login: None,
-                },
-                Err(e) => store_error(conn, req, None, e),
-            }
-        }
-        Job::Login {
-            conn,
-            req,
-            user,
-            password,
-            addr,
-        } => {
-            let who = Some((user.clone(), addr));
-            let mut client = match db.get() {
-                Ok(c) => c,
-                Err(e) => return store_error(conn, req, who, e),
-            };
-            let row = match client.query_opt(
-                "SELECT id, password_hash FROM users WHERE name = $1",
-                &[&user],
-            ) {
-                Ok(row) => row,
-                Err(e) => return store_error(conn, req, who, e),
-            };
-            let (user_id, phc): (Option<i64>, String) = match row {
-                Some(r) => (Some(r.get(0)), r.get(1)),
-                None => (None, dummy_hash().to_string()),
-            };
-            match (verify(&password, &phc), user_id) {
-                (true, Some(user_id)) => Done::LoggedIn {
-                    conn,
-                    req,
-                    user,
-                    user_id,
-                    addr,
-                },
-                _ => Done::Refused {
-                    conn,
-                    req,
-                    code: ErrorCode::BadCredentials,
-                    message: "unknown user or wrong password".into(),
-                    login: who,
-                },
-            }
+fn bad_credentials(conn: Token, req: u64, login: Option<(String, IpAddr)>) -> Done {
+    Done::Refused {
+        conn,
+        req,
+        code: ErrorCode::BadCredentials,
+        message: "unknown user or wrong password".into(),
+        login,
+    }
+}
+
+impl Worker {
+    /// Runs one batch; each job is independent (argon2 dominates, not commits).
+    pub fn run_batch(&self, jobs: Vec<Job>) {
+        let results: Vec<Done> = jobs.into_iter().map(|job| self.run_job(job)).collect();
+        self.done.send_all(results);
+    }
+
+    fn run_job(&self, job: Job) -> Done {
+        let (conn, req) = match &job {
+            Job::Register { conn, req, .. }
+            | Job::Login { conn, req, .. }
+            | Job::Resume { conn, req, .. }
+            | Job::Logout { conn, req, .. }
+            | Job::ChangePassword { conn, req, .. } => (*conn, *req),
+        };
+        let who = match &job {
+            Job::Login { user, addr, .. }
+            | Job::Resume { user, addr, .. }
+            | Job::ChangePassword { user, addr, .. } => Some((user.clone(), *addr)),
+            _ => None,
+        };
+        let mut client = match self.db.get() {
+            Ok(c) => c,
+            Err(e) => return store_error(conn, req, who, e),
+        };
+        match self.run_with(&mut client, job) {
+            Ok(done) => done,
+            Err(e) => store_error(conn, req, who, e),
         }
     }
+
+    fn run_with(&self, client: &mut DbConn, job: Job) -> Result<Done, Box<dyn std::error::Error>> {
+        Ok(match job {
+            Job::Register {
+                conn,
+                req,
+                user,
+                password,
+                pubkey,
+            } => {
+                let hash = Argon2::default()
+                    .hash_password(password.as_bytes())
+                    .map_err(|e| e.to_string())?
+                    .to_string();
+                let inserted = client.query_opt(
+                    "INSERT INTO users (name, password_hash, pubkey) VALUES ($1, $2, $3)
+                     ON CONFLICT (name) DO NOTHING RETURNING id",
+                    &[&user, &hash, &pubkey.trim()],
+                )?;
+                match inserted {
+                    Some(_) => Done::Registered { conn, req, user },
+                    None => Done::Refused {
+                        conn,
+                        req,
+                        code: ErrorCode::NameTaken,
+                        message: format!("the name {user} is taken"),
+                        login: None,
+                    },
+                }
+            }
+            Job::Login {
+                conn,
+                req,
+                user,
+                password,
+                addr,
+            } => match check_password(client, &user, &password)? {
+                Some(user_id) => {
+                    let credential = self.mint_credential(client, user_id)?;
+                    Done::LoggedIn {
+                        conn,
+                        req,
+                        user,
+                        user_id,
+                        addr,
+                        credential: Some(credential),
+                    }
+                }
+                None => bad_credentials(conn, req, Some((user, addr))),
+            },
+            Job::Resume {
+                conn,
+                req,
+                user,
+                credential,
+                addr,
+            } => {
+                let row = client.query_opt(
+                    "SELECT u.id FROM users u JOIN resume_credentials r ON r.user_id = u.id
+                     WHERE u.name = $1 AND r.hash = $2 AND r.expires_at > now()",
+                    &[&user, &credential_hash(&credential)],
+                )?;
+                match row {
+                    Some(row) => Done::LoggedIn {
+                        conn,
+                        req,
+                        user,
+                        user_id: row.get(0),
+                        addr,
+                        credential: None,
+                    },
+                    None => Done::Refused {
+                        conn,
+                        req,
+                        code: ErrorCode::BadCredentials,
+                        message: "the resumption credential is unknown, expired or revoked; \
+                                  log in with the password"
+                            .into(),
+                        login: Some((user, addr)),
+                    },
+                }
+            }
+            Job::Logout {
+                conn,
+                req,
+                user,
+                credential,
+            } => {
+                client.execute(
+                    "DELETE FROM resume_credentials r USING users u
+                     WHERE r.user_id = u.id AND u.name = $1 AND r.hash = $2",
+                    &[&user, &credential_hash(&credential)],
+                )?;
+                Done::LoggedOut { conn, req }
+            }
+            Job::ChangePassword {
+                conn,
+                req,
+                user,
+                old_password,
+                new_password,
+                addr,
+            } => match check_password(client, &user, &old_password)? {
+                Some(user_id) => {
+                    let hash = Argon2::default()
+                        .hash_password(new_password.as_bytes())
+                        .map_err(|e| e.to_string())?
+                        .to_string();
+                    let mut tx = client.transaction()?;
+                    tx.execute(
+                        "UPDATE users SET password_hash = $2 WHERE id = $1",
+                        &[&user_id, &hash],
+                    )?;
+                    tx.execute(
+                        "DELETE FROM resume_credentials WHERE user_id = $1",
+                        &[&user_id],
+                    )?;
+                    tx.commit()?;
+                    Done::PasswordChanged {
+                        conn,
+                        req,
+                        user,
+                        addr,
+                    }
+                }
+                None => bad_credentials(conn, req, Some((user, addr))),
+            },
+        })
+    }
+
+    /// Makes a credential, keeps its hash, and drops the user's expired ones.
+    fn mint_credential(
+        &self,
+        client: &mut DbConn,
+        user_id: i64,
+    ) -> Result<Credential, postgres::Error> {
+        let secret = fastchat_common::hex::encode(&rand::random::<[u8; 32]>());
+        let ttl_secs = self.resume_ttl.as_secs_f64();
+        let row = client.query_one(
+            "WITH gone AS (
+                 DELETE FROM resume_credentials WHERE user_id = $1 AND expires_at <= now()
+             )
+             INSERT INTO resume_credentials (user_id, hash, expires_at)
+             VALUES ($1, $2, now() + make_interval(secs => $3))
+             RETURNING (extract(epoch FROM expires_at) * 1000)::int8",
+            &[&user_id, &credential_hash(&secret), &ttl_secs],
+        )?;
+        Ok(Credential {
+            secret,
+            expires_ms: row.get::<_, i64>(0) as u64,
+        })
+    }
+}
+
+/// The user's id if `password` is theirs. Unknown users cost the same argon2 time.
+fn check_password(
+    client: &mut DbConn,
+    user: &str,
+    password: &str,
+) -> Result<Option<i64>, postgres::Error> {
+    let row = client.query_opt(
+        "SELECT id, password_hash FROM users WHERE name = $1",
+        &[&user],
+    )?;
+    let (user_id, phc): (Option<i64>, String) = match row {
+        Some(r) => (Some(r.get(0)), r.get(1)),
+        None => (None, dummy_hash().to_string()),
+    };
+    Ok(user_id.filter(|_| verify(password, &phc)))
 }
 
 #[cfg(test)]

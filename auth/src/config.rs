@@ -64,4 +64,7 @@ pub struct Config {
     /// relay, present its ticket) before it is closed.
     #[arg(long, env = "FASTCHAT_AUTH_DEADLINE_SECS", default_value_t = 10)]
     pub auth_deadline_secs: u64,
+    /// How long a resumption credential stays valid, in seconds.
+    #[arg(long, env = "FASTCHAT_RESUME_TTL_SECS", default_value_t = 7 * 24 * 3600)]
+    pub resume_ttl_secs: u64,
 }

@@ -10,6 +10,8 @@ pub struct RelayEntry {
     pub relay_id: String,
     pub client_addr: String,
     pub static_key: String,
+    /// Where other relays and operator tools reach the relay.
+    pub mesh_addr: String,
     /// Clients the relay last reported, plus tickets sent to it since.
     pub clients: u32,
 }
@@ -60,6 +62,44 @@ impl RelayDirectory {
         Some((*token, entry.clone()))
     }
 
+    /// Every relay in rotation, for the `peers` frame, sorted by id.
+    pub fn peers(&self) -> Vec<fastchat_common::proto::PeerRelay> {
+        let mut out: Vec<_> = self
+            .relays
+            .values()
+            .map(|e| fastchat_common::proto::PeerRelay {
+                relay_id: e.relay_id.clone(),
+                mesh_addr: e.mesh_addr.clone(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.relay_id.cmp(&b.relay_id));
+        out
+    }
+
+    /// The control links of the relays in rotation.
+    pub fn links(&self) -> Vec<Token> {
+        self.relays.keys().copied().collect()
+    }
+
+    /// The directory as JSON, for `stats`.
+    pub fn describe(&self) -> serde_json::Value {
+        let mut relays: Vec<&RelayEntry> = self.relays.values().collect();
+        relays.sort_by(|a, b| a.relay_id.cmp(&b.relay_id));
+        serde_json::Value::Array(
+            relays
+                .into_iter()
+                .map(|e| {
+                    serde_json::json!({
+                        "relay_id": e.relay_id,
+                        "client_addr": e.client_addr,
+                        "mesh_addr": e.mesh_addr,
+                        "clients": e.clients,
+                    })
+                })
+                .collect(),
+        )
+    }
+
     /// The relay on `link`, if it is in rotation.
     pub fn get(&self, link: Token) -> Option<&RelayEntry> {
         self.relays.get(&link)
@@ -75,6 +115,7 @@ mod tests {
             relay_id: id.into(),
             client_addr: "127.0.0.1:1".into(),
             static_key: "00".into(),
+            mesh_addr: "127.0.0.1:2".into(),
             clients,
         }
     }

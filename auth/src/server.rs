@@ -7,7 +7,7 @@
 //! client get its `redirect`.
 //! Relay control link: `AwaitingHello → AwaitingUp → Up` (in rotation while up).
 
-use crate::accounts::{self, Done, Job};
+use crate::accounts::{self, Credential, Done, Job, Worker};
 use crate::config::Config;
 use crate::directory::{RelayDirectory, RelayEntry};
 use crate::ratelimit::LoginLimiter;
@@ -35,6 +35,8 @@ const FIRST_PEER: usize = 3;
 
 /// How long a relay has to confirm a ticket before the login fails over or fails.
 const TICKET_CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a busy server logs a summary line.
+const SUMMARY_INTERVAL: Duration = Duration::from_secs(5);
 /// Requests a client may have in flight at once.
 const MAX_IN_FLIGHT: u32 = 4;
 
@@ -59,6 +61,16 @@ struct PendingRedirect {
     user_id: i64,
     relay: Token,
     deadline: Instant,
+    credential: Option<Credential>,
+}
+
+/// Running totals for `stats` and the periodic summary.
+#[derive(Default, Clone, Copy)]
+struct Counters {
+    registrations: u64,
+    logins: u64,
+    resumes: u64,
+    failed_logins: u64,
 }
 
 /// Addresses the server is listening on, once bound.
@@ -85,6 +97,9 @@ pub struct AuthServer {
     touched: HashSet<Token>,
     scratch: Vec<u8>,
     stop: Arc<AtomicBool>,
+    counters: Counters,
+    last_summary: Counters,
+    last_summary_at: Instant,
 }
 
 fn bind(addr: &str) -> std::io::Result<TcpListener> {
@@ -119,10 +134,14 @@ impl AuthServer {
             relays: relay_listener.local_addr()?,
         };
         let (done, done_rx) = Completions::new(waker.clone());
+        let resume_ttl = Duration::from_secs(cfg.resume_ttl_secs);
         let pool = WorkerPool::start("auth-worker", cfg.workers, 16, |_| {
-            let db = db.clone();
-            let done = done.clone();
-            move |jobs| accounts::run_batch(&db, &done, jobs)
+            let worker = Worker {
+                db: db.clone(),
+                done: done.clone(),
+                resume_ttl,
+            };
+            move |jobs| worker.run_batch(jobs)
         })?;
         let limiter = LoginLimiter::new(
             cfg.login_failures_per_user,
@@ -147,6 +166,9 @@ impl AuthServer {
                 touched: HashSet::new(),
                 scratch: vec![0; 64 * 1024],
                 stop,
+                counters: Counters::default(),
+                last_summary: Counters::default(),
+                last_summary_at: Instant::now(),
             },
             bound,
             waker,
@@ -179,6 +201,9 @@ impl AuthServer {
             if last_sweep.elapsed() >= Duration::from_millis(250) {
                 self.sweep();
                 last_sweep = Instant::now();
+            }
+            if self.last_summary_at.elapsed() >= SUMMARY_INTERVAL {
+                self.summarise();
             }
             self.flush_touched();
         }
@@ -392,16 +417,7 @@ impl AuthServer {
                 }
                 if let Err(wait) = self.limiter.begin(&user, addr, Instant::now()) {
                     info!("login for {user} from {addr} rate limited");
-                    let mut e = ErrorFrame::new(
-                        Some(id),
-                        ErrorCode::RateLimited,
-                        format!(
-                            "too many failed logins; try again in {} s",
-                            wait.as_secs().max(1)
-                        ),
-                    );
-                    e.retry_after_ms = Some(wait.as_millis() as u64);
-                    return self.send_client(token, &AuthToClient::Error(e));
+                    return self.rate_limited(token, id, wait);
                 }
                 *in_flight += 1;
                 let job = Job::Login {
@@ -409,6 +425,99 @@ impl AuthServer {
                     req: id,
                     user,
                     password,
+                    addr,
+                };
+                self.pool.submit(job.shard(), job);
+            }
+            (
+                PeerState::ClientReady { in_flight },
+                ClientToAuth::Resume {
+                    id,
+                    user,
+                    credential,
+                },
+            ) => {
+                if !valid_user_name(&user) || credential.len() > 128 {
+                    return self.reply_error(
+                        token,
+                        id,
+                        ErrorCode::BadCredentials,
+                        "unknown user or bad credential",
+                    );
+                }
+                if let Err(wait) = self.limiter.begin(&user, addr, Instant::now()) {
+                    return self.rate_limited(token, id, wait);
+                }
+                *in_flight += 1;
+                let job = Job::Resume {
+                    conn: token,
+                    req: id,
+                    user,
+                    credential,
+                    addr,
+                };
+                self.pool.submit(job.shard(), job);
+            }
+            (
+                PeerState::ClientReady { in_flight },
+                ClientToAuth::Logout {
+                    id,
+                    user,
+                    credential,
+                },
+            ) => {
+                if !valid_user_name(&user) || credential.len() > 128 {
+                    return self.send_client(token, &AuthToClient::LoggedOut { id });
+                }
+                *in_flight += 1;
+                let job = Job::Logout {
+                    conn: token,
+                    req: id,
+                    user,
+                    credential,
+                };
+                self.pool.submit(job.shard(), job);
+            }
+            (
+                PeerState::ClientReady { in_flight },
+                ClientToAuth::ChangePassword {
+                    id,
+                    user,
+                    old_password,
+                    new_password,
+                },
+            ) => {
+                if new_password.chars().count() < accounts::MIN_PASSWORD_CHARS
+                    || new_password.len() > accounts::MAX_PASSWORD_BYTES
+                {
+                    return self.reply_error(
+                        token,
+                        id,
+                        ErrorCode::WeakPassword,
+                        &format!(
+                            "passwords must be at least {} characters",
+                            accounts::MIN_PASSWORD_CHARS
+                        ),
+                    );
+                }
+                if !valid_user_name(&user) || old_password.len() > accounts::MAX_PASSWORD_BYTES {
+                    return self.reply_error(
+                        token,
+                        id,
+                        ErrorCode::BadCredentials,
+                        "unknown user or wrong password",
+                    );
+                }
+                if let Err(wait) = self.limiter.begin(&user, addr, Instant::now()) {
+                    return self.rate_limited(token, id, wait);
+                }
+                *in_flight += 1;
+                let job = Job::ChangePassword {
+                    conn: token,
+                    req: id,
+                    user,
+                    old_password,
+                    new_password,
                     addr,
                 };
                 self.pool.submit(job.shard(), job);
@@ -423,6 +532,19 @@ impl AuthServer {
             ),
         }
         self.touched.insert(token);
+    }
+
+    fn rate_limited(&mut self, token: Token, id: u64, wait: Duration) {
+        let mut e = ErrorFrame::new(
+            Some(id),
+            ErrorCode::RateLimited,
+            format!(
+                "too many failed logins; try again in {} s",
+                wait.as_secs().max(1)
+            ),
+        );
+        e.retry_after_ms = Some(wait.as_millis() as u64);
+        self.send_client(token, &AuthToClient::Error(e));
     }
 
     fn relay_frame(&mut self, token: Token, frame: RelayToAuth) {
@@ -446,6 +568,7 @@ impl AuthServer {
                     relay_id,
                     client_addr,
                     static_key,
+                    mesh_addr,
                     clients,
                 },
             ) => {
@@ -467,12 +590,18 @@ impl AuthServer {
                         relay_id,
                         client_addr,
                         static_key,
+                        mesh_addr,
                         clients,
                     },
                 );
                 if let Some(old) = stale {
                     self.close(old, "replaced by a newer link of the same relay");
                 }
+                self.broadcast_peers();
+            }
+            (PeerState::RelayAwaitingUp | PeerState::RelayUp, RelayToAuth::StatsRequest { id }) => {
+                let stats = self.stats();
+                peer_conn(&mut self.peers, token).queue(&AuthToRelay::Stats { id, stats });
             }
             (PeerState::RelayUp, RelayToAuth::Load { clients }) => {
                 self.directory.set_load(token, clients);
@@ -508,6 +637,8 @@ impl AuthServer {
             relay_addr: relay.client_addr.clone(),
             relay_key: relay.static_key.clone(),
             ticket: ticket.to_string(),
+            credential_expires_ms: p.credential.as_ref().map(|c| c.expires_ms),
+            credential: p.credential.map(|c| c.secret),
         };
         info!("{} logged in, sent to {}", p.user, relay.relay_id);
         self.send_client(p.client, &frame);
@@ -526,7 +657,14 @@ impl AuthServer {
     }
 
     /// Mints a ticket for the user and pushes it to the least-loaded relay.
-    fn dispatch_ticket(&mut self, client: Token, req: u64, user: String, user_id: i64) {
+    fn dispatch_ticket(
+        &mut self,
+        client: Token,
+        req: u64,
+        user: String,
+        user_id: i64,
+        credential: Option<Credential>,
+    ) {
         let Some((relay, _)) = self.directory.pick_least_loaded() else {
             self.release(client);
             return self.reply_error(client, req, ErrorCode::NoRelay, "no relay is available");
@@ -550,8 +688,60 @@ impl AuthServer {
                 user_id,
                 relay,
                 deadline: Instant::now() + TICKET_CONFIRM_TIMEOUT,
+                credential,
             },
         );
+    }
+
+    /// Tells every relay in rotation the current set of relays.
+    fn broadcast_peers(&mut self) {
+        let relays = self.directory.peers();
+        for token in self.directory.links() {
+            if let Some(peer) = self.peers.get_mut(&token) {
+                peer.conn.queue(&AuthToRelay::Peers {
+                    relays: relays.clone(),
+                });
+                self.touched.insert(token);
+            }
+        }
+    }
+
+    /// The figures `stats` reports.
+    fn stats(&self) -> serde_json::Value {
+        let c = self.counters;
+        serde_json::json!({
+            "server": "auth",
+            "connections": self.peers.len(),
+            "relays": self.directory.describe(),
+            "registrations": c.registrations,
+            "logins": c.logins,
+            "resumes": c.resumes,
+            "failed_logins": c.failed_logins,
+            "pending_tickets": self.pending.len(),
+            "queue_depth": self.pool.queue_depth(),
+        })
+    }
+
+    /// A one-line summary when something happened since the last one.
+    fn summarise(&mut self) {
+        let (now, last) = (self.counters, self.last_summary);
+        let secs = self.last_summary_at.elapsed().as_secs_f64().max(0.001);
+        let moved = now.logins + now.resumes + now.failed_logins + now.registrations
+            != last.logins + last.resumes + last.failed_logins + last.registrations;
+        if moved {
+            info!(
+                "summary: relays {}, connections {}, logins {:.1}/s, resumes {:.1}/s, failed {:.1}/s, registrations {:.1}/s, queue {}",
+                self.directory.links().len(),
+                self.peers.len(),
+                (now.logins - last.logins) as f64 / secs,
+                (now.resumes - last.resumes) as f64 / secs,
+                (now.failed_logins - last.failed_logins) as f64 / secs,
+                (now.registrations - last.registrations) as f64 / secs,
+                self.pool.queue_depth(),
+            );
+        }
+        self.last_summary = now;
+        self.last_summary_at = Instant::now();
     }
 
     fn drain_completions(&mut self) {
@@ -564,6 +754,7 @@ impl AuthServer {
         match done {
             Done::Registered { conn, req, user } => {
                 info!("registered {user}");
+                self.counters.registrations += 1;
                 self.release(conn);
                 self.send_client(conn, &AuthToClient::Registered { id: req, user });
             }
@@ -573,11 +764,34 @@ impl AuthServer {
                 user,
                 user_id,
                 addr,
+                credential,
             } => {
                 self.limiter.succeeded(&user, addr);
-                if self.peers.contains_key(&conn) {
-                    self.dispatch_ticket(conn, req, user, user_id);
+                if credential.is_some() {
+                    self.counters.logins += 1;
+                } else {
+                    self.counters.resumes += 1;
                 }
+                if self.peers.contains_key(&conn) {
+                    self.dispatch_ticket(conn, req, user, user_id, credential);
+                } else {
+                    self.release(conn);
+                }
+            }
+            Done::LoggedOut { conn, req } => {
+                self.release(conn);
+                self.send_client(conn, &AuthToClient::LoggedOut { id: req });
+            }
+            Done::PasswordChanged {
+                conn,
+                req,
+                user,
+                addr,
+            } => {
+                info!("{user} changed their password; resumption credentials revoked");
+                self.limiter.succeeded(&user, addr);
+                self.release(conn);
+                self.send_client(conn, &AuthToClient::PasswordChanged { id: req });
             }
             Done::Refused {
                 conn,
@@ -588,6 +802,7 @@ impl AuthServer {
             } => {
                 if let Some((user, addr)) = login {
                     info!("failed login for {user} from {addr}: {code:?}");
+                    self.counters.failed_logins += 1;
                 }
                 self.release(conn);
                 self.reply_error(conn, req, code, &message);
@@ -646,6 +861,7 @@ impl AuthServer {
         self.touched.remove(&token);
         if let Some(entry) = self.directory.remove(token) {
             warn!("relay {} left rotation: {why}", entry.relay_id);
+            self.broadcast_peers();
             // Logins waiting on that relay go to another one.
             let orphaned: Vec<String> = self
                 .pending
@@ -655,7 +871,7 @@ impl AuthServer {
                 .collect();
             for ticket in orphaned {
                 if let Some(p) = self.pending.remove(&ticket) {
-                    self.dispatch_ticket(p.client, p.req, p.user, p.user_id);
+                    self.dispatch_ticket(p.client, p.req, p.user, p.user_id, p.credential);
                 }
             }
         } else {
@@ -699,6 +915,9 @@ fn frame_name(frame: &ClientToAuth) -> &'static str {
         ClientToAuth::Hello { .. } => "hello",
         ClientToAuth::Register { .. } => "register",
         ClientToAuth::Login { .. } => "login",
+        ClientToAuth::Resume { .. } => "resume",
+        ClientToAuth::Logout { .. } => "logout",
+        ClientToAuth::ChangePassword { .. } => "change_password",
     }
 }
 
@@ -708,5 +927,14 @@ fn relay_frame_name(frame: &RelayToAuth) -> &'static str {
         RelayToAuth::RelayUp { .. } => "relay_up",
         RelayToAuth::Load { .. } => "load",
         RelayToAuth::TicketAccepted { .. } => "ticket_accepted",
+        RelayToAuth::StatsRequest { .. } => "stats_request",
     }
+}
+
+/// The connection behind `token`, which the caller has just seen in the map.
+fn peer_conn(peers: &mut HashMap<Token, Peer>, token: Token) -> &mut Connection {
+    &mut peers
+        .get_mut(&token)
+        .expect("the caller looked this peer up in the same turn")
+        .conn
 }

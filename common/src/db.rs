@@ -14,8 +14,14 @@ pub type DbPool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
 pub type DbConn = r2d2::PooledConnection<PostgresConnectionManager<NoTls>>;
 
 /// The schema, in order: (version, file name, SQL).
-pub const MIGRATIONS: &[(i32, &str, &str)] =
-    &[(1, "0001_init.sql", include_str!("../../sql/0001_init.sql"))];
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "0001_init.sql", include_str!("../../sql/0001_init.sql")),
+    (
+        2,
+        "0002_resume.sql",
+        include_str!("../../sql/0002_resume.sql"),
+    ),
+];
 
 /// Key of the advisory lock held while migrating.
 const MIGRATION_LOCK: i64 = 0x0fa5_7c4a_7000_0001;

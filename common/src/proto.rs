@@ -110,11 +110,32 @@ pub enum ClientToAuth {
         /// The user's RSA public key, SubjectPublicKeyInfo PEM.
         pubkey: String,
     },
-    /// Log in. Reply: `redirect` or `error`.
+    /// Log in. Reply: `redirect` (with a resumption credential) or `error`.
     Login {
         id: u64,
         user: String,
         password: String,
+    },
+    /// Log in again with the resumption credential of an earlier login instead of the
+    /// password (no argon2 on the server). Reply: `redirect` or `error`.
+    Resume {
+        id: u64,
+        user: String,
+        credential: String,
+    },
+    /// Revoke a resumption credential. Reply: `logged_out`.
+    Logout {
+        id: u64,
+        user: String,
+        credential: String,
+    },
+    /// Change the password; revokes every resumption credential of the user.
+    /// Reply: `password_changed` or `error`.
+    ChangePassword {
+        id: u64,
+        user: String,
+        old_password: String,
+        new_password: String,
     },
 }
 
@@ -139,6 +160,20 @@ pub enum AuthToClient {
         relay_key: String,
         /// 128-bit random ticket, hex.
         ticket: String,
+        /// After a password login: a new resumption credential (256-bit random, hex)
+        /// for later `resume` requests, and when it expires (Unix ms).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        credential: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        credential_expires_ms: Option<u64>,
+    },
+    /// The credential is revoked.
+    LoggedOut {
+        id: u64,
+    },
+    /// The password is changed and every resumption credential revoked.
+    PasswordChanged {
+        id: u64,
     },
     Error(ErrorFrame),
 }
@@ -150,14 +185,20 @@ pub enum RelayToAuth {
     Hello {
         version: u32,
     },
-    /// Announces the relay; it enters rotation. Reply: `relay_welcome`.
+    /// Announces the relay; it enters rotation. Reply: `relay_welcome`, then `peers`.
     RelayUp {
         relay_id: String,
         /// Where clients reach the relay.
         client_addr: String,
         /// The relay's static Noise key, hex.
         static_key: String,
+        /// Where other relays (and `stats` requests) reach the relay's mesh port.
+        mesh_addr: String,
         clients: u32,
+    },
+    /// Instead of `relay_up`, from an operator tool: reply `stats`.
+    StatsRequest {
+        id: u64,
     },
     /// The relay's current number of logged-in clients.
     Load {
@@ -184,6 +225,57 @@ pub enum AuthToRelay {
         user: String,
         user_id: i64,
         ttl_ms: u64,
+    },
+    /// Every relay in rotation (the receiver included), sent after `relay_welcome`
+    /// and again whenever the set changes.
+    Peers {
+        relays: Vec<PeerRelay>,
+    },
+    /// The auth server's figures (reply to `stats_request`).
+    Stats {
+        id: u64,
+        stats: serde_json::Value,
+    },
+    Error(ErrorFrame),
+}
+
+/// A relay as the directory lists it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct PeerRelay {
+    pub relay_id: String,
+    pub mesh_addr: String,
+}
+
+/// Relay ↔ relay, on mesh links (Noise `NNpsk0`), both directions. The relay whose id
+/// sorts first opens the link. Operator tools use the same port for `stats_request`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(tag = "t", rename_all = "snake_case")]
+pub enum MeshFrame {
+    Hello {
+        version: u32,
+    },
+    /// Who opened the link.
+    MeshHello {
+        relay_id: String,
+    },
+    /// A message stored for `recipient_id`, who has a session on the receiving relay:
+    /// push it there now. (It stays stored until the recipient acknowledges it.)
+    Deliver {
+        recipient_id: i64,
+        msg_id: i64,
+        from: String,
+        #[serde(default)]
+        group: Option<String>,
+        body: String,
+        ts: u64,
+    },
+    /// Reply: `stats`.
+    StatsRequest {
+        id: u64,
+    },
+    Stats {
+        id: u64,
+        stats: serde_json::Value,
     },
     Error(ErrorFrame),
 }
@@ -369,6 +461,7 @@ mod tests {
             let _ = parse::<ClientToAuth>(&bytes);
             let _ = parse::<RelayToAuth>(&bytes);
             let _ = parse::<AuthToRelay>(&bytes);
+            let _ = parse::<MeshFrame>(&bytes);
         }
 
         #[test]

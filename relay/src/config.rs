@@ -16,6 +16,16 @@ pub struct Config {
     /// Address the auth server hands to clients; defaults to the bound listen address.
     #[arg(long, env = "FASTCHAT_RELAY_PUBLIC_ADDR")]
     pub public_addr: Option<String>,
+    /// Address other relays (and `stats` requests) connect to (Noise NNpsk0).
+    #[arg(
+        long,
+        env = "FASTCHAT_RELAY_MESH_LISTEN",
+        default_value = "127.0.0.1:0"
+    )]
+    pub mesh_listen: String,
+    /// Mesh address announced to the other relays; defaults to the bound mesh address.
+    #[arg(long, env = "FASTCHAT_RELAY_MESH_PUBLIC_ADDR")]
+    pub mesh_public_addr: Option<String>,
     /// The auth server's address for relay control links.
     #[arg(
         long,

@@ -39,6 +39,7 @@ pub struct Announcement<'a> {
     pub relay_id: &'a str,
     pub client_addr: &'a str,
     pub static_key_hex: &'a str,
+    pub mesh_addr: &'a str,
     pub clients: u32,
 }
 
@@ -85,12 +86,22 @@ impl ControlLink {
             relay_id: me.relay_id.to_string(),
             client_addr: me.client_addr.to_string(),
             static_key: me.static_key_hex.to_string(),
+            mesh_addr: me.mesh_addr.to_string(),
             clients: me.clients,
         });
         self.reported_clients = Some(me.clients);
         self.conn = Some(conn);
         self.phase = Phase::Announcing;
         Ok(())
+    }
+
+    /// For `stats`: the link's state.
+    pub fn describe(&self) -> &'static str {
+        match self.phase {
+            Phase::Down => "down",
+            Phase::Announcing => "connecting",
+            Phase::Up => "up",
+        }
     }
 
     /// The auth server welcomed us.

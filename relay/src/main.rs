@@ -7,6 +7,7 @@
 
 mod config;
 mod control;
+mod mesh;
 mod server;
 mod session;
 mod store;
@@ -50,6 +51,7 @@ fn run(cfg: config::Config) -> Result<(), Box<dyn std::error::Error>> {
     })?;
     info!("static key {}", hex::encode(&keypair.public));
     info!("listening for clients on {bound}");
+    info!("listening for relays on {}", server.mesh_addr());
     server.run()?;
     Ok(())
 }

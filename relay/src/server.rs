@@ -7,8 +7,9 @@
 
 use crate::config::Config;
 use crate::control::{Announcement, ControlLink, Phase};
+use crate::mesh::{Mesh, MeshState};
 use crate::session::{Next, Session};
-use crate::store::{Done, Job, Worker};
+use crate::store::{Done, Job, StoreMetrics, Stored, Worker};
 use crate::tickets::{Admission, TicketBook};
 use crossbeam_channel::Receiver;
 use fastchat_common::conn::{Connection, ReadStatus};
@@ -16,7 +17,8 @@ use fastchat_common::db::DbPool;
 use fastchat_common::noise::{Role, StaticKeypair, KEY_LEN};
 use fastchat_common::pool::{Completions, WorkerPool};
 use fastchat_common::proto::{
-    valid_user_name, AuthToRelay, ClientToRelay, ErrorCode, ErrorFrame, RelayToAuth, RelayToClient,
+    valid_user_name, AuthToRelay, ClientToRelay, ErrorCode, ErrorFrame, MeshFrame, RelayToAuth,
+    RelayToClient,
 };
 use fastchat_common::{debug, hex, info, warn, PROTOCOL_VERSION};
 use mio::net::TcpListener;
@@ -30,7 +32,24 @@ use std::time::{Duration, Instant};
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
 const CONTROL: Token = Token(2);
-const FIRST_CLIENT: usize = 3;
+const MESH_LISTENER: Token = Token(3);
+const FIRST_CLIENT: usize = 4;
+
+/// How often a busy relay logs a summary line.
+const SUMMARY_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Running totals for `stats` and the periodic summary.
+#[derive(Default, Clone, Copy)]
+struct Counters {
+    /// `send` frames accepted.
+    received: u64,
+    /// `msg` frames pushed to local sessions.
+    delivered: u64,
+    /// Messages forwarded to other relays.
+    forwarded: u64,
+    /// Messages other relays forwarded to us.
+    arrived: u64,
+}
 
 /// Most ids one `ack` may carry.
 const MAX_ACK_IDS: usize = 10_000;
@@ -68,6 +87,13 @@ pub struct RelayServer {
     db: DbPool,
     /// Set once shutdown has begun: sessions end without per-user presence jobs.
     stopping: bool,
+    mesh_listener: TcpListener,
+    mesh_addr: String,
+    mesh: Mesh,
+    metrics: Arc<StoreMetrics>,
+    counters: Counters,
+    last_summary: (Counters, u64, u64, u64),
+    last_summary_at: Instant,
 }
 
 impl RelayServer {
@@ -92,11 +118,26 @@ impl RelayServer {
             .register(&mut listener, LISTENER, Interest::READABLE)?;
         let bound = listener.local_addr()?;
         let public_addr = cfg.public_addr.clone().unwrap_or_else(|| bound.to_string());
+        let mesh_sockaddr: SocketAddr = cfg.mesh_listen.parse().map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{} is not an IP:port address", cfg.mesh_listen),
+            )
+        })?;
+        let mut mesh_listener = TcpListener::bind(mesh_sockaddr)?;
+        poll.registry()
+            .register(&mut mesh_listener, MESH_LISTENER, Interest::READABLE)?;
+        let mesh_addr = match &cfg.mesh_public_addr {
+            Some(a) => a.clone(),
+            None => mesh_listener.local_addr()?.to_string(),
+        };
         let (done, done_rx) = Completions::new(waker.clone());
+        let metrics = Arc::new(StoreMetrics::default());
         let pool = WorkerPool::start("relay-worker", cfg.workers, cfg.max_batch, |_| {
-            let mut worker = Worker::new(db.clone(), cfg.id.clone(), done.clone());
+            let mut worker = Worker::new(db.clone(), cfg.id.clone(), done.clone(), metrics.clone());
             move |jobs| worker.run_batch(jobs)
         })?;
+        let mesh = Mesh::new(cfg.id.clone());
         let control = ControlLink::new(cfg.auth.clone());
         Ok((
             RelayServer {
@@ -118,6 +159,13 @@ impl RelayServer {
                 stop,
                 db,
                 stopping: false,
+                mesh_listener,
+                mesh_addr,
+                mesh,
+                metrics,
+                counters: Counters::default(),
+                last_summary: (Counters::default(), 0, 0, 0),
+                last_summary_at: Instant::now(),
             },
             bound,
             waker,
@@ -131,6 +179,7 @@ impl RelayServer {
         let mut last_sweep = Instant::now();
         while !self.stop.load(Ordering::Relaxed) {
             self.maybe_connect_control();
+            self.dial_mesh();
             if let Err(e) = self
                 .poll
                 .poll(&mut events, Some(Duration::from_millis(100)))
@@ -143,8 +192,12 @@ impl RelayServer {
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept(),
+                    MESH_LISTENER => self.accept_mesh(),
                     WAKER => {}
                     CONTROL => self.control_ready(event.is_readable() || event.is_error()),
+                    token if self.mesh.links.contains_key(&token) => {
+                        self.mesh_ready(token, event.is_readable() || event.is_error())
+                    }
                     token => self.client_ready(token, event.is_readable()),
                 }
             }
@@ -155,6 +208,9 @@ impl RelayServer {
             }
             self.report_load();
             self.flush_touched();
+            if self.last_summary_at.elapsed() >= SUMMARY_INTERVAL {
+                self.summarise();
+            }
         }
         self.shut_down();
         Ok(())
@@ -163,6 +219,7 @@ impl RelayServer {
     fn shut_down(mut self) {
         info!("stopping: no new connections, finishing the batches in flight");
         let _ = self.poll.registry().deregister(&mut self.listener);
+        let _ = self.poll.registry().deregister(&mut self.mesh_listener);
         self.pool.shutdown();
         self.drain_completions();
         self.flush_touched();
@@ -191,9 +248,14 @@ impl RelayServer {
                     && now.duration_since(c.conn.opened) >= deadline
             })
             .map(|(t, _)| *t)
+            .chain(self.mesh.links.iter().filter_map(|(t, l)| {
+                (matches!(l.state, MeshState::AwaitingHello | MeshState::AwaitingIntro)
+                    && now.duration_since(l.conn.opened) >= deadline)
+                    .then_some(*t)
+            }))
             .collect();
         for token in stalled {
-            self.close(token, "no ticket before the deadline");
+            self.close(token, "no ticket or introduction before the deadline");
         }
     }
 
@@ -209,6 +271,7 @@ impl RelayServer {
             relay_id: &self.cfg.id,
             client_addr: &self.public_addr,
             static_key_hex: &key_hex,
+            mesh_addr: &self.mesh_addr,
             clients: self.clients_count(),
         };
         if let Err(e) = self.control.connect(&self.secret, self.cfg.max_frame, &me) {
@@ -279,6 +342,14 @@ impl RelayServer {
                     conn.queue(&RelayToAuth::TicketAccepted { ticket });
                 }
             }
+            AuthToRelay::Peers { relays } => {
+                let names: Vec<&str> = relays.iter().map(|r| r.relay_id.as_str()).collect();
+                info!("relays in rotation: {names:?}");
+                for token in self.mesh.set_peers(&relays, Instant::now()) {
+                    self.close(token, "relay left the directory");
+                }
+            }
+            AuthToRelay::Stats { .. } => {}
             AuthToRelay::Error(e) => {
                 warn!("auth server refused us: {:?}: {}", e.code, e.message);
                 self.control_down("refused by the auth server");
@@ -321,6 +392,290 @@ impl RelayServer {
             conn.queue(&RelayToAuth::Load { clients });
         }
         self.flush_control();
+    }
+
+    // ----- mesh ---------------------------------------------------------------------
+
+    /// The address other relays reach this one at.
+    pub fn mesh_addr(&self) -> &str {
+        &self.mesh_addr
+    }
+
+    fn accept_mesh(&mut self) {
+        loop {
+            let (stream, addr) = match self.mesh_listener.accept() {
+                Ok(pair) => pair,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    warn!("mesh accept failed: {e}");
+                    return;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let mut conn = match Connection::new(
+                stream,
+                addr,
+                Role::PskResponder(&self.secret),
+                self.cfg.max_frame,
+            ) {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!("cannot start a mesh session with {addr}: {e}");
+                    continue;
+                }
+            };
+            let token = Token(self.next_token);
+            self.next_token += 1;
+            if let Err(e) = conn.update_interest(self.poll.registry(), token) {
+                warn!("cannot register {addr}: {e}");
+                continue;
+            }
+            self.mesh.accepted(token, conn);
+        }
+    }
+
+    /// Dials the relays the mesh wants links to.
+    fn dial_mesh(&mut self) {
+        let now = Instant::now();
+        for (id, addr) in self.mesh.due_dials(now) {
+            let Ok(sockaddr) = addr.parse::<SocketAddr>() else {
+                warn!("relay {id} announced a bad mesh address {addr:?}");
+                self.mesh.dial_failed(&id, now);
+                continue;
+            };
+            let stream = match mio::net::TcpStream::connect(sockaddr) {
+                Ok(s) => s,
+                Err(e) => {
+                    debug!("cannot dial {id} at {addr}: {e}");
+                    self.mesh.dial_failed(&id, now);
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let mut conn = match Connection::new(
+                stream,
+                sockaddr,
+                Role::PskInitiator(&self.secret),
+                self.cfg.max_frame,
+            ) {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!("cannot start a mesh session with {id}: {e}");
+                    self.mesh.dial_failed(&id, now);
+                    continue;
+                }
+            };
+            conn.queue(&MeshFrame::Hello {
+                version: PROTOCOL_VERSION,
+            });
+            conn.queue(&MeshFrame::MeshHello {
+                relay_id: self.cfg.id.clone(),
+            });
+            let token = Token(self.next_token);
+            self.next_token += 1;
+            if conn.flush().is_err() || conn.update_interest(self.poll.registry(), token).is_err() {
+                self.mesh.dial_failed(&id, now);
+                continue;
+            }
+            self.mesh.dialled(token, id, conn);
+        }
+    }
+
+    fn mesh_ready(&mut self, token: Token, readable: bool) {
+        self.touched.insert(token);
+        if !readable {
+            return;
+        }
+        let Some(link) = self.mesh.links.get_mut(&token) else {
+            return;
+        };
+        match link.conn.read_ready(&mut self.scratch) {
+            Ok(ReadStatus::Open) => self.process_mesh_frames(token),
+            Ok(ReadStatus::Eof) => {
+                self.process_mesh_frames(token);
+                self.close(token, "closed by peer");
+            }
+            Err(e) => self.close(token, &e.to_string()),
+        }
+    }
+
+    fn process_mesh_frames(&mut self, token: Token) {
+        loop {
+            let Some(link) = self.mesh.links.get_mut(&token) else {
+                return;
+            };
+            if link.conn.closing {
+                return;
+            }
+            match link.conn.next_message::<MeshFrame>() {
+                None => return,
+                Some(Ok(frame)) => self.mesh_frame(token, frame),
+                Some(Err(e)) => self.fail_mesh(token, e),
+            }
+        }
+    }
+
+    fn fail_mesh(&mut self, token: Token, error: ErrorFrame) {
+        if let Some(link) = self.mesh.links.get_mut(&token) {
+            warn!(
+                "closing mesh connection {}: {:?}: {}",
+                link.conn.peer, error.code, error.message
+            );
+            link.conn.queue(&MeshFrame::Error(error));
+            link.conn.closing = true;
+            self.touched.insert(token);
+        }
+    }
+
+    fn mesh_frame(&mut self, token: Token, frame: MeshFrame) {
+        let Some(link) = self.mesh.links.get_mut(&token) else {
+            return;
+        };
+        self.touched.insert(token);
+        match (&link.state, frame) {
+            (MeshState::AwaitingHello, MeshFrame::Hello { version }) => {
+                if version != PROTOCOL_VERSION {
+                    return self.fail_mesh(
+                        token,
+                        ErrorFrame::new(
+                            None,
+                            ErrorCode::BadVersion,
+                            format!("this relay speaks protocol {PROTOCOL_VERSION}"),
+                        ),
+                    );
+                }
+                match link.dialled.clone() {
+                    // We dialled: our introduction is already sent, the link is up.
+                    Some(id) => {
+                        info!("mesh link to {id} is up");
+                        if let Some(old) = self.mesh.link_up(token, id) {
+                            self.close(old, "replaced by a newer link");
+                        }
+                    }
+                    None => {
+                        link.conn.queue(&MeshFrame::Hello {
+                            version: PROTOCOL_VERSION,
+                        });
+                        link.state = MeshState::AwaitingIntro;
+                    }
+                }
+            }
+            (MeshState::AwaitingIntro, MeshFrame::MeshHello { relay_id }) => {
+                if !valid_relay_id(&relay_id) || relay_id == self.cfg.id {
+                    return self.fail_mesh(
+                        token,
+                        ErrorFrame::new(None, ErrorCode::BadFrame, "bad relay id"),
+                    );
+                }
+                info!("mesh link from {relay_id} is up");
+                if let Some(old) = self.mesh.link_up(token, relay_id) {
+                    self.close(old, "replaced by a newer link");
+                }
+            }
+            (
+                MeshState::AwaitingIntro | MeshState::Admin | MeshState::Up(_),
+                MeshFrame::StatsRequest { id },
+            ) => {
+                if link.state == MeshState::AwaitingIntro {
+                    link.state = MeshState::Admin;
+                }
+                let stats = self.stats();
+                if let Some(link) = self.mesh.links.get_mut(&token) {
+                    link.conn.queue(&MeshFrame::Stats { id, stats });
+                }
+            }
+            (
+                MeshState::Up(_),
+                MeshFrame::Deliver {
+                    recipient_id,
+                    msg_id,
+                    from,
+                    body,
+                    ts,
+                    ..
+                },
+            ) => {
+                self.counters.arrived += 1;
+                self.deliver_local(
+                    recipient_id,
+                    Stored {
+                        msg_id,
+                        from,
+                        body,
+                        ts,
+                    },
+                );
+            }
+            (_, MeshFrame::Error(e)) => {
+                warn!("mesh peer reported {:?}: {}", e.code, e.message);
+                self.close(token, "peer reported an error");
+            }
+            (_, _) => self.fail_mesh(
+                token,
+                ErrorFrame::new(None, ErrorCode::BadState, "frame not allowed now"),
+            ),
+        }
+    }
+
+    // ----- figures ------------------------------------------------------------------
+
+    /// The figures `stats` reports.
+    fn stats(&self) -> serde_json::Value {
+        let m = &self.metrics;
+        let batches = m.batches.load(Ordering::Relaxed);
+        let c = self.counters;
+        serde_json::json!({
+            "server": "relay",
+            "relay_id": self.cfg.id,
+            "client_addr": self.public_addr,
+            "mesh_addr": self.mesh_addr,
+            "clients": self.clients_count(),
+            "connections": self.clients.len(),
+            "auth_link": self.control.describe(),
+            "mesh": self.mesh.describe(),
+            "received": c.received,
+            "delivered": c.delivered,
+            "forwarded": c.forwarded,
+            "arrived": c.arrived,
+            "stored": m.messages_stored.load(Ordering::Relaxed),
+            "batches": batches,
+            "failed_batches": m.failed_batches.load(Ordering::Relaxed),
+            "avg_batch": m.jobs.load(Ordering::Relaxed) as f64 / batches.max(1) as f64,
+            "avg_commit_ms": m.commit_micros.load(Ordering::Relaxed) as f64 / 1000.0 / batches.max(1) as f64,
+            "queue_depth": self.pool.queue_depth(),
+        })
+    }
+
+    /// A one-line summary when something moved since the last one.
+    fn summarise(&mut self) {
+        let m = &self.metrics;
+        let now = (
+            self.counters,
+            m.batches.load(Ordering::Relaxed),
+            m.jobs.load(Ordering::Relaxed),
+            m.commit_micros.load(Ordering::Relaxed),
+        );
+        let (last, last_batches, last_jobs, last_micros) = self.last_summary;
+        let secs = self.last_summary_at.elapsed().as_secs_f64().max(0.001);
+        let moved = now.1 != last_batches
+            || now.0.delivered != last.delivered
+            || now.0.arrived != last.arrived;
+        if moved {
+            let batches = (now.1 - last_batches).max(1) as f64;
+            info!(
+                "summary: clients {}, in {:.0}/s, out {:.0}/s, forwarded {:.0}/s, queue {}, batch {:.1}, commit {:.2} ms, mesh links {}",
+                self.clients_count(),
+                (now.0.received - last.received) as f64 / secs,
+                (now.0.delivered - last.delivered) as f64 / secs,
+                (now.0.forwarded - last.forwarded) as f64 / secs,
+                self.pool.queue_depth(),
+                (now.2 - last_jobs) as f64 / batches,
+                (now.3 - last_micros) as f64 / 1000.0 / batches,
+                self.mesh.links_up(),
+            );
+        }
+        self.last_summary = now;
+        self.last_summary_at = Instant::now();
     }
 
     // ----- clients ------------------------------------------------------------------
@@ -516,6 +871,7 @@ impl RelayServer {
                         format!("there is no user called {to:?}"),
                     );
                 }
+                self.counters.received += 1;
                 self.submit(Job::Send {
                     conn: token,
                     req: id,
@@ -613,6 +969,7 @@ impl RelayServer {
                     return;
                 }
                 let (out, synced) = session.page_arrived(messages, more);
+                self.counters.delivered += out.len() as u64;
                 for m in out {
                     self.send(conn, &deliver(m));
                 }
@@ -644,12 +1001,10 @@ impl RelayServer {
                         ts,
                     },
                 );
-                self.deliver_local(recipient_id, message);
-                if !remote_relays.is_empty() {
-                    debug!(
-                        "message {msg_id} waits for a recipient on {remote_relays:?} (no mesh link)"
-                    );
+                for relay in &remote_relays {
+                    self.forward(relay, recipient_id, &message);
                 }
+                self.deliver_local(recipient_id, message);
             }
             Done::SendFailed {
                 conn,
@@ -687,8 +1042,32 @@ impl RelayServer {
         }
     }
 
+    /// Sends a stored message to the relay where its recipient has a session. Without a
+    /// link it simply waits in the table for the recipient's next login.
+    fn forward(&mut self, relay: &str, recipient_id: i64, m: &Stored) {
+        let Some(token) = self.mesh.route(relay) else {
+            debug!(
+                "no link to {relay}: message {} waits in the store",
+                m.msg_id
+            );
+            return;
+        };
+        if let Some(link) = self.mesh.links.get_mut(&token) {
+            link.conn.queue(&MeshFrame::Deliver {
+                recipient_id,
+                msg_id: m.msg_id,
+                from: m.from.clone(),
+                group: None,
+                body: m.body.clone(),
+                ts: m.ts,
+            });
+            self.touched.insert(token);
+            self.counters.forwarded += 1;
+        }
+    }
+
     /// Pushes a freshly stored message to the recipient's sessions on this relay.
-    fn deliver_local(&mut self, recipient_id: i64, message: crate::store::Stored) {
+    fn deliver_local(&mut self, recipient_id: i64, message: Stored) {
         let Some(tokens) = self.local.get(&recipient_id) else {
             return;
         };
@@ -701,12 +1080,23 @@ impl RelayServer {
                 if let Some(m) = session.live(message.clone()) {
                     conn.queue(&deliver(m));
                     self.touched.insert(token);
+                    self.counters.delivered += 1;
                 }
             }
         }
     }
 
     fn close(&mut self, token: Token, why: &str) {
+        if let Some(mut link) = self.mesh.link_closed(token, Instant::now()) {
+            let _ = link.conn.flush();
+            link.conn.deregister(self.poll.registry());
+            self.touched.remove(&token);
+            match link.state {
+                MeshState::Up(id) => warn!("mesh link to {id} closed: {why}"),
+                _ => debug!("mesh connection {} closed: {why}", link.conn.peer),
+            }
+            return;
+        }
         let Some(mut client) = self.clients.remove(&token) else {
             return;
         };
@@ -737,16 +1127,19 @@ impl RelayServer {
     fn flush_touched(&mut self) {
         let touched: Vec<Token> = self.touched.drain().collect();
         for token in touched {
-            let Some(client) = self.clients.get_mut(&token) else {
-                continue;
+            let conn = match self.clients.get_mut(&token) {
+                Some(client) => &mut client.conn,
+                None => match self.mesh.links.get_mut(&token) {
+                    Some(link) => &mut link.conn,
+                    None => continue,
+                },
             };
-            let result = client
-                .conn
+            let result = conn
                 .flush()
-                .and_then(|()| Ok(client.conn.update_interest(self.poll.registry(), token)?));
+                .and_then(|()| Ok(conn.update_interest(self.poll.registry(), token)?));
             match result {
                 Err(e) => self.close(token, &e.to_string()),
-                Ok(()) if client.conn.closing && client.conn.is_flushed() => {
+                Ok(()) if conn.closing && conn.is_flushed() => {
                     self.close(token, "closed after an error")
                 }
                 Ok(()) => {}
@@ -755,7 +1148,7 @@ impl RelayServer {
     }
 }
 
-fn deliver(m: crate::store::Stored) -> RelayToClient {
+fn deliver(m: Stored) -> RelayToClient {
     RelayToClient::Msg {
         msg_id: m.msg_id,
         from: m.from,
@@ -774,4 +1167,12 @@ fn frame_name(frame: &ClientToRelay) -> &'static str {
         ClientToRelay::Key { .. } => "key",
         ClientToRelay::Ping { .. } => "ping",
     }
+}
+
+/// Relay ids: letters, digits, '_', '.', '-', 1–64 characters.
+fn valid_relay_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
 }

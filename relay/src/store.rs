@@ -11,6 +11,9 @@ use fastchat_common::proto::ErrorCode;
 use fastchat_common::{time, warn};
 use mio::Token;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
 
 /// A stored message as it is delivered.
 #[derive(Debug, Clone)]
@@ -121,17 +124,35 @@ pub struct Worker {
     relay_id: String,
     done: Completions<Done>,
     user_ids: HashMap<String, i64>,
+    metrics: Arc<StoreMetrics>,
+}
+
+/// Figures the workers keep for the relay's summary and `stats`.
+#[derive(Default)]
+pub struct StoreMetrics {
+    pub batches: AtomicU64,
+    pub jobs: AtomicU64,
+    pub messages_stored: AtomicU64,
+    /// Total time spent in committed batches, microseconds.
+    pub commit_micros: AtomicU64,
+    pub failed_batches: AtomicU64,
 }
 
 const USER_CACHE_LIMIT: usize = 100_000;
 
 impl Worker {
-    pub fn new(db: DbPool, relay_id: String, done: Completions<Done>) -> Worker {
+    pub fn new(
+        db: DbPool,
+        relay_id: String,
+        done: Completions<Done>,
+        metrics: Arc<StoreMetrics>,
+    ) -> Worker {
         Worker {
             db,
             relay_id,
             done,
             user_ids: HashMap::new(),
+            metrics,
         }
     }
 
@@ -145,13 +166,26 @@ impl Worker {
                 return self.fail_all(jobs);
             }
         };
+        let started = Instant::now();
         let results = match self.commit_batch(&mut conn, &jobs) {
             Ok(results) => results,
             Err(e) => {
                 warn!("batch of {} jobs failed: {e}", jobs.len());
+                self.metrics.failed_batches.fetch_add(1, Ordering::Relaxed);
                 return self.fail_all(jobs);
             }
         };
+        let m = &self.metrics;
+        m.batches.fetch_add(1, Ordering::Relaxed);
+        m.jobs.fetch_add(jobs.len() as u64, Ordering::Relaxed);
+        m.commit_micros
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        let stored = results
+            .iter()
+            .filter(|r| matches!(r, Done::Sent { .. }))
+            .count();
+        m.messages_stored
+            .fetch_add(stored as u64, Ordering::Relaxed);
         self.done.send_all(results);
     }
 
