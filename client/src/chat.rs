@@ -11,7 +11,9 @@
 use crate::connect::{AuthLink, RelayLink};
 use crate::e2e::{self, ConversationKey, Envelope, Identity, PeerKey, TextPayload};
 use crate::error::ClientError;
-use crate::store::{DeliveryState, HistoryEntry, InboxEntry, PeerEntry, Store, StoreData};
+use crate::store::{
+    DeliveryState, HistoryEntry, InboxEntry, PeerEntry, ResumeCredential, Store, StoreData,
+};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use fastchat_common::proto::{valid_user_name, ClientToRelay, ErrorCode, RelayToClient};
@@ -103,36 +105,162 @@ pub fn register(opts: &Options) -> Result<(), ClientError> {
     Ok(())
 }
 
-/// A logged-in, end-to-end encrypting chat session.
+/// Opens the store, checking the password locally.
+fn open_store(opts: &Options) -> Result<Store, ClientError> {
+    if !Store::exists(&opts.data_dir, &opts.user) {
+        return Err(ClientError::NoIdentity {
+            user: opts.user.clone(),
+            dir: opts.data_dir.clone(),
+        });
+    }
+    Ok(Store::open(&opts.data_dir, &opts.user, &opts.password)?)
+}
+
+/// Revokes this machine's resumption credential at the auth server and forgets it.
+/// Returns whether there was one.
+pub fn logout(opts: &Options) -> Result<bool, ClientError> {
+    let mut store = open_store(opts)?;
+    let Some(saved) = store.data_mut().resume.remove(&opts.server) else {
+        return Ok(false);
+    };
+    let mut auth = AuthLink::connect(&opts.server, &opts.data_dir)?;
+    auth.logout(&opts.user, &saved.credential)?;
+    store.save()?;
+    Ok(true)
+}
+
+/// Changes the password at the auth server (which revokes every resumption credential)
+/// and re-encrypts the local store with the new one.
+pub fn change_password(opts: &Options, new_password: &str) -> Result<(), ClientError> {
+    let mut store = open_store(opts)?;
+    let mut auth = AuthLink::connect(&opts.server, &opts.data_dir)?;
+    auth.change_password(&opts.user, &opts.password, new_password)?;
+    store.data_mut().resume.clear();
+    store.change_password(new_password)?;
+    Ok(())
+}
+
+/// A logged-in, end-to-end encrypting chat session. When its relay goes away it fails
+/// over to another one by itself (see [`Chat::reconnect`]).
 pub struct Chat {
+    opts: Options,
+    receive: bool,
     store: Store,
     identity: Identity,
     relay: RelayLink,
+    failovers: u32,
+}
+
+/// How long a session keeps trying to reach a relay again before giving up.
+pub const FAILOVER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Logs in at the auth server — with the stored resumption credential when there is a
+/// valid one, else with the password — and connects to the relay it picks.
+fn establish(opts: &Options, store: &mut Store, receive: bool) -> Result<RelayLink, ClientError> {
+    let mut auth = AuthLink::connect(&opts.server, &opts.data_dir)?;
+    let now = time::now_ms();
+    let saved = store
+        .data()
+        .resume
+        .get(&opts.server)
+        .filter(|c| c.expires_ms > now + 60_000)
+        .map(|c| c.credential.clone());
+    let redirect = match saved {
+        Some(credential) => match auth.resume(&opts.user, &credential) {
+            Ok(r) => r,
+            Err(ClientError::Refused {
+                code: ErrorCode::BadCredentials,
+                ..
+            }) => {
+                store.data_mut().resume.remove(&opts.server);
+                auth.login(&opts.user, &opts.password)?
+            }
+            Err(e) => return Err(e),
+        },
+        None => auth.login(&opts.user, &opts.password)?,
+    };
+    if let Some((credential, expires_ms)) = redirect.credential.clone() {
+        store.data_mut().resume.insert(
+            opts.server.clone(),
+            ResumeCredential {
+                credential,
+                expires_ms,
+            },
+        );
+        store.save()?;
+    }
+    RelayLink::connect(&redirect, receive)
+}
+
+/// The connection failed, not the request: a new session may succeed.
+fn connection_lost(e: &ClientError) -> bool {
+    matches!(
+        e,
+        ClientError::Link(_) | ClientError::Timeout | ClientError::Unreachable { .. }
+    )
+}
+
+/// Worth another attempt while failing over (a relay may be gone, a ticket may have
+/// expired on the way, the store may be restarting).
+fn worth_retrying(e: &ClientError) -> bool {
+    e.retryable()
+        || matches!(
+            e,
+            ClientError::Refused {
+                code: ErrorCode::BadTicket,
+                ..
+            }
+        )
 }
 
 impl Chat {
     /// Opens the local store with the password, logs in at the auth server and connects
     /// to the relay it picks. `receive: false` makes a send-only session.
     pub fn login(opts: &Options, receive: bool) -> Result<Chat, ClientError> {
-        if !Store::exists(&opts.data_dir, &opts.user) {
-            return Err(ClientError::NoIdentity {
-                user: opts.user.clone(),
-                dir: opts.data_dir.clone(),
-            });
-        }
-        let store = Store::open(&opts.data_dir, &opts.user, &opts.password)?;
+        let store = open_store(opts)?;
         let der = B64
             .decode(&store.data().identity_der)
             .map_err(|e| ClientError::Protocol(format!("stored identity is not base64: {e}")))?;
         let identity = Identity::from_pkcs8_der(&der)?;
-        let mut auth = AuthLink::connect(&opts.server, &opts.data_dir)?;
-        let redirect = auth.login(&opts.user, &opts.password)?;
-        let relay = RelayLink::connect(&redirect, receive)?;
+        let mut store = store;
+        let relay = establish(opts, &mut store, receive)?;
         Ok(Chat {
+            opts: opts.clone(),
+            receive,
             store,
             identity,
             relay,
+            failovers: 0,
         })
+    }
+
+    /// Connects again after the relay link failed: back through the auth server (with
+    /// the resumption credential), with exponential backoff and jitter, until
+    /// [`FAILOVER_TIMEOUT`]. The auth server picks a live relay.
+    pub fn reconnect(&mut self) -> Result<(), ClientError> {
+        self.relay.close();
+        let deadline = Instant::now() + FAILOVER_TIMEOUT;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match establish(&self.opts, &mut self.store, self.receive) {
+                Ok(relay) => {
+                    self.relay = relay;
+                    self.failovers += 1;
+                    return Ok(());
+                }
+                Err(e) if worth_retrying(&e) && Instant::now() + backoff < deadline => {
+                    let jitter = rand::random::<u64>() % (backoff.as_millis() as u64 / 2 + 1);
+                    std::thread::sleep(backoff + Duration::from_millis(jitter));
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// How many times this session has reconnected after losing its relay.
+    pub fn failovers(&self) -> u32 {
+        self.failovers
     }
 
     /// The logged-in user's name.
@@ -152,7 +280,12 @@ impl Chat {
 
     /// Compares the server's key for `peer` with the pin, pinning it on first contact.
     pub fn check_peer_key(&mut self, peer: &str) -> Result<KeyStatus, ClientError> {
-        let server_pem = self.relay.fetch_key(peer)?;
+        let server_pem = loop {
+            match self.relay.fetch_key(peer) {
+                Err(e) if connection_lost(&e) => self.reconnect()?,
+                other => break other?,
+            }
+        };
         PeerKey::from_pem(&server_pem)?;
         match self.store.data().peers.get(peer) {
             Some(pinned) if pinned.pubkey_pem.trim() == server_pem.trim() => {
@@ -275,30 +408,7 @@ impl Chat {
             state: DeliveryState::Pending,
         });
         self.store.save()?;
-        let ids: Vec<u64> = bodies
-            .into_iter()
-            .map(|body| {
-                let id = self.relay.next_id();
-                self.relay.queue(&ClientToRelay::Send {
-                    id,
-                    to: to.to_string(),
-                    body,
-                });
-                id
-            })
-            .collect();
-        self.relay.flush()?;
-        let mut last = None;
-        for id in ids {
-            let reply = self.relay.wait_reply(
-                id,
-                |f| matches!(f, RelayToClient::Sent { id: got, .. } if *got == id),
-            )?;
-            if let RelayToClient::Sent { msg_id, ts, .. } = reply {
-                last = Some(Sent { msg_id, ts });
-            }
-        }
-        let sent = last.ok_or_else(|| ClientError::Protocol("no sent reply".into()))?;
+        let sent = self.deliver(to, &bodies)?;
         if let Some(conv) = self.store.data_mut().conversations.get_mut(to) {
             conv.shared.insert(key.id.clone());
         }
@@ -317,6 +427,65 @@ impl Chat {
         Ok(sent)
     }
 
+    /// Sends the bodies in order until the relay has stored every one, failing over and
+    /// resending what was not acknowledged (the same ciphertext, so the recipient shows
+    /// it once). Returns the last one's receipt.
+    fn deliver(&mut self, to: &str, bodies: &[String]) -> Result<Sent, ClientError> {
+        let mut stored: Vec<Option<Sent>> = vec![None; bodies.len()];
+        let mut store_retries = 0u32;
+        loop {
+            match self.try_deliver(to, bodies, &mut stored) {
+                Ok(()) => {
+                    return stored
+                        .last()
+                        .copied()
+                        .flatten()
+                        .ok_or_else(|| ClientError::Protocol("nothing to send".into()))
+                }
+                Err(e) if connection_lost(&e) => self.reconnect()?,
+                Err(ClientError::Refused {
+                    code: ErrorCode::StoreFailed,
+                    ..
+                }) if store_retries < 5 => {
+                    store_retries += 1;
+                    std::thread::sleep(Duration::from_millis(200 << store_retries));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn try_deliver(
+        &mut self,
+        to: &str,
+        bodies: &[String],
+        stored: &mut [Option<Sent>],
+    ) -> Result<(), ClientError> {
+        let mut waiting = Vec::new();
+        for (i, body) in bodies.iter().enumerate() {
+            if stored[i].is_none() {
+                let id = self.relay.next_id();
+                self.relay.queue(&ClientToRelay::Send {
+                    id,
+                    to: to.to_string(),
+                    body: body.clone(),
+                });
+                waiting.push((i, id));
+            }
+        }
+        self.relay.flush()?;
+        for (i, id) in waiting {
+            let reply = self.relay.wait_reply(
+                id,
+                |f| matches!(f, RelayToClient::Sent { id: got, .. } if *got == id),
+            )?;
+            if let RelayToClient::Sent { msg_id, ts, .. } = reply {
+                stored[i] = Some(Sent { msg_id, ts });
+            }
+        }
+        Ok(())
+    }
+
     fn current_key(&self, peer: &str) -> Option<ConversationKey> {
         let conv = self.store.data().conversations.get(peer)?;
         let id = conv.current.as_ref()?;
@@ -328,7 +497,20 @@ impl Chat {
 
     /// Waits until `deadline` for messages; returns as soon as some arrived (and
     /// whatever else was immediately available). Empty at the deadline.
+    ///
+    /// If the relay goes away, the session fails over and returns no events; the new
+    /// relay delivers whatever was not acknowledged.
     pub fn receive(&mut self, deadline: Instant) -> Result<Vec<Event>, ClientError> {
+        match self.receive_once(deadline) {
+            Err(e) if connection_lost(&e) || worth_retrying(&e) => {
+                self.reconnect()?;
+                Ok(Vec::new())
+            }
+            other => other,
+        }
+    }
+
+    fn receive_once(&mut self, deadline: Instant) -> Result<Vec<Event>, ClientError> {
         let mut frames = Vec::new();
         match self.relay.recv(Some(deadline))? {
             Some(frame) => frames.push(frame),

@@ -38,6 +38,8 @@ pub struct Redirect {
     pub relay_addr: String,
     pub relay_key: Vec<u8>,
     pub ticket: String,
+    /// After a password login: a credential for later `resume`s, and its expiry (ms).
+    pub credential: Option<(String, u64)>,
 }
 
 /// An open connection to the auth server.
@@ -76,6 +78,8 @@ impl AuthLink {
                 }
                 Some(reply @ AuthToClient::Registered { id: got, .. })
                 | Some(reply @ AuthToClient::Redirect { id: got, .. })
+                | Some(reply @ AuthToClient::LoggedOut { id: got })
+                | Some(reply @ AuthToClient::PasswordChanged { id: got })
                     if got == id =>
                 {
                     return Ok(reply)
@@ -93,8 +97,7 @@ impl AuthLink {
         password: &str,
         pubkey: &str,
     ) -> Result<(), ClientError> {
-        let id = self.next_id;
-        self.next_id += 1;
+        let id = self.next_id();
         let frame = ClientToAuth::Register {
             id,
             user: user.to_string(),
@@ -107,31 +110,84 @@ impl AuthLink {
         }
     }
 
-    /// Logs in; the auth server answers with a relay and a ticket.
-    pub fn login(&mut self, user: &str, password: &str) -> Result<Redirect, ClientError> {
+    fn next_id(&mut self) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
+        id
+    }
+
+    /// Logs in; the auth server answers with a relay, a ticket and a resumption
+    /// credential.
+    pub fn login(&mut self, user: &str, password: &str) -> Result<Redirect, ClientError> {
+        let id = self.next_id();
         let frame = ClientToAuth::Login {
             id,
             user: user.to_string(),
             password: password.to_string(),
         };
+        redirect_of(self.request(frame, id)?)
+    }
+
+    /// Logs in again with a resumption credential instead of the password.
+    pub fn resume(&mut self, user: &str, credential: &str) -> Result<Redirect, ClientError> {
+        let id = self.next_id();
+        let frame = ClientToAuth::Resume {
+            id,
+            user: user.to_string(),
+            credential: credential.to_string(),
+        };
+        redirect_of(self.request(frame, id)?)
+    }
+
+    /// Revokes a resumption credential.
+    pub fn logout(&mut self, user: &str, credential: &str) -> Result<(), ClientError> {
+        let id = self.next_id();
+        let frame = ClientToAuth::Logout {
+            id,
+            user: user.to_string(),
+            credential: credential.to_string(),
+        };
         match self.request(frame, id)? {
-            AuthToClient::Redirect {
-                user,
-                relay_addr,
-                relay_key,
-                ticket,
-                ..
-            } => Ok(Redirect {
-                user,
-                relay_addr,
-                relay_key: hex::decode(&relay_key)
-                    .ok_or_else(|| ClientError::Protocol("the relay key is not hex".into()))?,
-                ticket,
-            }),
+            AuthToClient::LoggedOut { .. } => Ok(()),
             other => Err(ClientError::Protocol(format!("{other:?}"))),
         }
+    }
+
+    /// Changes the password; the server revokes every resumption credential.
+    pub fn change_password(&mut self, user: &str, old: &str, new: &str) -> Result<(), ClientError> {
+        let id = self.next_id();
+        let frame = ClientToAuth::ChangePassword {
+            id,
+            user: user.to_string(),
+            old_password: old.to_string(),
+            new_password: new.to_string(),
+        };
+        match self.request(frame, id)? {
+            AuthToClient::PasswordChanged { .. } => Ok(()),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+}
+
+fn redirect_of(reply: AuthToClient) -> Result<Redirect, ClientError> {
+    match reply {
+        AuthToClient::Redirect {
+            user,
+            relay_addr,
+            relay_key,
+            ticket,
+            credential,
+            credential_expires_ms,
+            ..
+        } => Ok(Redirect {
+            user,
+            relay_addr,
+            relay_key: hex::decode(&relay_key)
+                .ok_or_else(|| ClientError::Protocol("the relay key is not hex".into()))?,
+            ticket,
+            credential: credential.map(|c| (c, credential_expires_ms.unwrap_or(0))),
+        }),
+        other => Err(ClientError::Protocol(format!("{other:?}"))),
     }
 }
 

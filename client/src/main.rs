@@ -59,6 +59,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Forget this machine's saved login: the server revokes its resumption credential.
+    Logout,
+    /// Change your password (the server revokes every saved login; the local store is
+    /// re-encrypted). The new password comes from FASTCHAT_NEW_PASSWORD,
+    /// --new-password-file, or a prompt.
+    Passwd {
+        /// Read the new password from the first line of this file.
+        #[arg(long)]
+        new_password_file: Option<PathBuf>,
+    },
     /// Show the safety number of your key and PEER's, to compare out of band.
     Verify {
         peer: String,
@@ -108,11 +118,7 @@ fn options(cli: &Cli, confirm_password: bool) -> Result<Options, ClientError> {
 
 fn password(cli: &Cli, user: &str, confirm: bool) -> Result<String, ClientError> {
     if let Some(path) = &cli.password_file {
-        let text = std::fs::read_to_string(path).map_err(|source| ClientError::Io {
-            path: path.clone(),
-            source,
-        })?;
-        return Ok(text.lines().next().unwrap_or("").to_string());
+        return first_line(path);
     }
     if let Ok(p) = std::env::var("FASTCHAT_PASSWORD") {
         return Ok(p);
@@ -125,6 +131,15 @@ fn password(cli: &Cli, user: &str, confirm: bool) -> Result<String, ClientError>
         }
     }
     Ok(first)
+}
+
+/// The first line of a file (a password file).
+fn first_line(path: &PathBuf) -> Result<String, ClientError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ClientError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(text.lines().next().unwrap_or("").to_string())
 }
 
 /// Reads a line without echo from a terminal, or plainly from a pipe.
@@ -174,6 +189,34 @@ fn run(cli: &Cli, command: &Command) -> Result<(), ClientError> {
             let mut chat = Chat::login(&opts, true)?;
             read(&mut chat, *wait, *json)?;
             chat.close();
+            Ok(())
+        }
+        Command::Logout => {
+            let opts = options(cli, false)?;
+            if chat::logout(&opts)? {
+                println!("Logged out: the saved login of {} is revoked.", opts.user);
+            } else {
+                println!("{} has no saved login here.", opts.user);
+            }
+            Ok(())
+        }
+        Command::Passwd { new_password_file } => {
+            let opts = options(cli, false)?;
+            let new = match (new_password_file, std::env::var("FASTCHAT_NEW_PASSWORD")) {
+                (Some(path), _) => first_line(path)?,
+                (None, Ok(p)) => p,
+                (None, Err(_)) => {
+                    let first = prompt("New password: ")?;
+                    if std::io::stdin().is_terminal()
+                        && prompt("Repeat the new password: ")? != first
+                    {
+                        return Err(ClientError::Usage("the passwords differ".into()));
+                    }
+                    first
+                }
+            };
+            chat::change_password(&opts, &new)?;
+            println!("Password changed; saved logins elsewhere are revoked.");
             Ok(())
         }
         Command::Verify {

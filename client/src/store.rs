@@ -109,10 +109,20 @@ pub struct StoreData {
     pub seen_mids: VecDeque<String>,
     /// Conversation history, oldest first.
     pub history: Vec<HistoryEntry>,
+    /// The resumption credential of the last password login, per auth server.
+    pub resume: BTreeMap<String, ResumeCredential>,
     /// Messages stored (and acknowledged) but not yet decrypted. Keeping the raw
     /// ciphertext first lets the client acknowledge before it decrypts, so nothing it
     /// sends back depends on a decryption.
     pub inbox: Vec<InboxEntry>,
+}
+
+/// A credential that logs in again without the password (see PROTOCOL.md).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ResumeCredential {
+    pub credential: String,
+    /// Unix ms.
+    pub expires_ms: u64,
 }
 
 /// A received message as the relay delivered it, still encrypted.
@@ -410,6 +420,15 @@ impl Store {
         Ok(())
     }
 
+    /// Re-encrypts the store under `new_password` (fresh salt) and saves it.
+    pub fn change_password(&mut self, new_password: &str) -> Result<(), StoreError> {
+        let header = KdfHeader::new_random()?;
+        let key = header.derive_key(new_password)?;
+        self.header = header;
+        self.key = key;
+        self.save()
+    }
+
     /// Where this store lives.
     pub fn path(&self) -> &Path {
         &self.path
@@ -662,6 +681,22 @@ mod tests {
         Store::create(&tmp.0, "alice", "right", sample_data()).unwrap();
         let r = Store::open(&tmp.0, "alice", "wrong");
         assert!(matches!(r, Err(StoreError::WrongPassword)), "{r:?}");
+    }
+
+    #[test]
+    fn change_password_re_encrypts() {
+        let tmp = TempDir::new("chpw");
+        let mut store = Store::create(&tmp.0, "alice", "old", sample_data()).unwrap();
+        let before = fs::read_to_string(store.path()).unwrap();
+        store.change_password("new").unwrap();
+        let after = fs::read_to_string(store.path()).unwrap();
+        assert_ne!(before.lines().next(), after.lines().next(), "fresh salt");
+        assert!(matches!(
+            Store::open(&tmp.0, "alice", "old"),
+            Err(StoreError::WrongPassword)
+        ));
+        let opened = Store::open(&tmp.0, "alice", "new").unwrap();
+        assert_eq!(opened.data().history, sample_data().history);
     }
 
     #[test]

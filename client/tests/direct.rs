@@ -110,7 +110,7 @@ fn servers_only_ever_hold_ciphertext() {
     let got = receive_n(&mut bob, 2, Duration::from_secs(10));
     assert_eq!(got[1].text, marker);
     assert!(!net.dump_database().contains(&marker));
-    let logs = format!("{}\n{}", net.auth.log(), net.relay.as_ref().unwrap().log());
+    let logs = format!("{}\n{}", net.auth.log(), net.relay(0).log());
     assert!(logs.contains("alice"), "logs are captured");
     assert!(!logs.contains(&marker), "marker found in a server log");
     // The client's own store is encrypted too.
@@ -353,9 +353,7 @@ fn relay_stops_gracefully_on_sigterm() {
         .get(0);
     assert_eq!(present, 2, "alice and bob are present on the relay");
     let status = net
-        .relay
-        .as_mut()
-        .unwrap()
+        .relay_mut(0)
         .terminate(Duration::from_secs(15))
         .expect("the relay exits after SIGTERM");
     assert!(status.success(), "clean exit: {status:?}");

@@ -13,16 +13,10 @@ use harness::{receive_n, TestNet};
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
-fn relay_key(net: &TestNet) -> Vec<u8> {
-    let text = std::fs::read_to_string(net.home.join("keys/relay-1.key")).unwrap();
-    let line = text.lines().find(|l| l.starts_with("public ")).unwrap();
-    fastchat_common::hex::decode(&line[7..]).unwrap()
-}
-
 fn relay_link(net: &TestNet) -> Link {
-    let key = relay_key(net);
+    let key = net.relay_key(0);
     Link::connect(
-        &net.relay_addr,
+        &net.relay_addrs[0],
         Role::NkInitiator(&key),
         1 << 20,
         Duration::from_secs(5),
@@ -121,15 +115,18 @@ fn relay_survives_bad_input() {
     // A healthy session stays up through everything below.
     let mut bystander = Chat::login(&net.opts("bob"), true).unwrap();
 
-    garbage_is_dropped(&net.relay_addr, b"\x00\x05hello this is not noise at all");
+    garbage_is_dropped(
+        &net.relay_addrs[0],
+        b"\x00\x05hello this is not noise at all",
+    );
     // A peer that never completes anything is closed at the deadline (3 s in tests).
-    garbage_is_dropped(&net.relay_addr, b"GET / HTTP/1.1\r\n\r\n");
-    garbage_is_dropped(&net.relay_addr, &[0xff; 70_000]);
+    garbage_is_dropped(&net.relay_addrs[0], b"GET / HTTP/1.1\r\n\r\n");
+    garbage_is_dropped(&net.relay_addrs[0], &[0xff; 70_000]);
 
     // A handshake for another key fails.
     let wrong = fastchat_common::noise::StaticKeypair::generate();
     assert!(Link::connect(
-        &net.relay_addr,
+        &net.relay_addrs[0],
         Role::NkInitiator(&wrong.public),
         1 << 20,
         Duration::from_secs(5)

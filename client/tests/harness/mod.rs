@@ -268,6 +268,29 @@ impl ServerProcess {
         }
     }
 
+    /// Waits until `count` log lines contain `needle` (0 returns at once).
+    pub fn wait_for_count(&self, needle: &str, count: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let seen = self
+                .lines
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|l| l.contains(needle))
+                .count();
+            if seen >= count {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "only {seen} of {count} log lines with {needle:?} within {timeout:?}; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Everything logged so far.
     pub fn log(&self) -> String {
         self.lines.lock().unwrap().join("\n")
@@ -316,6 +339,9 @@ pub struct Settings {
     pub login_failures_per_user: u32,
     /// Seconds before a connection that has not said hello (or logged in) is closed.
     pub auth_deadline_secs: u64,
+    /// How many relays to start.
+    pub relays: usize,
+    pub extra_auth_args: Vec<String>,
     pub extra_relay_args: Vec<String>,
 }
 
@@ -325,20 +351,24 @@ impl Default for Settings {
             ticket_ttl_secs: 30,
             login_failures_per_user: 5,
             auth_deadline_secs: 3,
+            relays: 1,
+            extra_auth_args: Vec::new(),
             extra_relay_args: Vec::new(),
         }
     }
 }
 
-/// An auth server and one relay on a fresh database, plus a home for clients.
+/// An auth server and relays on a fresh database, plus a home for clients.
 pub struct TestNet {
     pub db_url: String,
     pub home: PathBuf,
     pub auth: ServerProcess,
     pub auth_addr: String,
     pub auth_relay_addr: String,
-    pub relay: Option<ServerProcess>,
-    pub relay_addr: String,
+    /// Relay i is `relay-{i+1}`; `None` while it is down.
+    pub relays: Vec<Option<ServerProcess>>,
+    /// Client address of each relay (kept across restarts).
+    pub relay_addrs: Vec<String>,
     settings: Settings,
 }
 
@@ -373,38 +403,73 @@ impl TestNet {
                 settings.login_failures_per_user.to_string(),
                 "--auth-deadline-secs".into(),
                 settings.auth_deadline_secs.to_string(),
-            ],
+            ]
+            .into_iter()
+            .chain(settings.extra_auth_args.iter().cloned())
+            .collect::<Vec<String>>(),
             home.join("auth.log"),
         );
         let auth_relay_addr = auth.wait_for("listening for relays on", Duration::from_secs(30));
         let auth_addr = auth.wait_for("listening for clients on", Duration::from_secs(30));
+        let count = settings.relays.max(1);
         let mut net = TestNet {
             db_url,
             home,
             auth,
             auth_addr,
             auth_relay_addr,
-            relay: None,
-            relay_addr: String::new(),
+            relays: (0..count).map(|_| None).collect(),
+            relay_addrs: vec![String::new(); count],
             settings,
         };
-        net.start_relay("127.0.0.1:0");
+        for i in 0..count {
+            net.start_relay(i, "127.0.0.1:0");
+        }
+        // Every relay has its mesh links before the test starts.
+        for i in 0..count {
+            net.relay(i)
+                .wait_for_count("mesh link", count - 1, Duration::from_secs(30));
+        }
         net
     }
 
-    /// Starts the relay (again), listening on `listen`.
-    pub fn start_relay(&mut self, listen: &str) {
+    /// Relay `i`'s process (panics if it is down).
+    pub fn relay(&self, i: usize) -> &ServerProcess {
+        self.relays[i].as_ref().expect("the relay is running")
+    }
+
+    /// Relay `i`'s process, mutably (panics if it is down).
+    pub fn relay_mut(&mut self, i: usize) -> &mut ServerProcess {
+        self.relays[i].as_mut().expect("the relay is running")
+    }
+
+    /// The public key of relay `i`.
+    pub fn relay_key(&self, i: usize) -> Vec<u8> {
+        let path = self.home.join(format!("keys/relay-{}.key", i + 1));
+        let text = std::fs::read_to_string(path).unwrap();
+        let line = text.lines().find(|l| l.starts_with("public ")).unwrap();
+        fastchat_common::hex::decode(&line[7..]).unwrap()
+    }
+
+    /// Starts relay `i` (again), listening for clients on `listen`.
+    pub fn start_relay(&mut self, i: usize, listen: &str) {
+        let id = format!("relay-{}", i + 1);
         let mut args = vec![
             "--id".into(),
-            "relay-1".into(),
+            id.clone(),
             "--listen".into(),
             listen.into(),
+            "--mesh-listen".into(),
+            "127.0.0.1:0".into(),
             "--auth".into(),
             self.auth_relay_addr.clone(),
             "--db-url".into(),
             self.db_url.clone(),
             "--key-file".into(),
-            self.home.join("keys/relay-1.key").display().to_string(),
+            self.home
+                .join(format!("keys/{id}.key"))
+                .display()
+                .to_string(),
             "--secret-file".into(),
             self.home.join("cluster.secret").display().to_string(),
             "--auth-deadline-secs".into(),
@@ -414,25 +479,64 @@ impl TestNet {
         let relay = ServerProcess::spawn(
             &binary("fastchat-relay"),
             &args,
-            self.home.join("relay-1.log"),
+            self.home.join(format!("{id}.log")),
         );
-        self.relay_addr = relay.wait_for("listening for clients on", Duration::from_secs(30));
+        self.relay_addrs[i] = relay.wait_for("listening for clients on", Duration::from_secs(30));
         relay.wait_for("registered with auth server", Duration::from_secs(30));
-        self.relay = Some(relay);
+        self.relays[i] = Some(relay);
     }
 
-    /// SIGKILLs the relay and starts it again on the same address.
-    pub fn kill_and_restart_relay(&mut self) {
-        if let Some(mut r) = self.relay.take() {
+    /// SIGKILLs relay `i`: no goodbye, presence rows left behind.
+    pub fn kill_relay(&mut self, i: usize) {
+        if let Some(mut r) = self.relays[i].take() {
             r.kill();
         }
-        let addr = self.relay_addr.clone();
+    }
+
+    /// Starts relay `i` again on its old client address.
+    pub fn restart_relay(&mut self, i: usize) {
+        let addr = self.relay_addrs[i].clone();
         // The port may linger briefly; retry the bind a few times.
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpListener::bind(&addr).is_err() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
         }
-        self.start_relay(&addr);
+        self.start_relay(i, &addr);
+    }
+
+    /// SIGKILLs relay 0 and starts it again on the same address.
+    pub fn kill_and_restart_relay(&mut self) {
+        self.kill_relay(0);
+        self.restart_relay(0);
+    }
+
+    /// Which relay (index) a session is on, by its client address.
+    pub fn relay_index(&self, addr: &str) -> usize {
+        self.relay_addrs
+            .iter()
+            .position(|a| a == addr)
+            .expect("a relay of this network")
+    }
+
+    /// Asks relay `i` for its stats over its mesh port (with the cluster secret).
+    pub fn relay_stats(&self, i: usize) -> serde_json::Value {
+        let addr = self
+            .relay(i)
+            .wait_for("listening for relays on", Duration::from_secs(1));
+        stats_over(&addr, &self.secret(), |id| {
+            fastchat_common::proto::MeshFrame::StatsRequest { id }
+        })
+    }
+
+    /// Asks the auth server for its stats over its relay port.
+    pub fn auth_stats(&self) -> serde_json::Value {
+        stats_over(&self.auth_relay_addr, &self.secret(), |id| {
+            fastchat_common::proto::RelayToAuth::StatsRequest { id }
+        })
+    }
+
+    fn secret(&self) -> [u8; 32] {
+        fastchat_common::keys::load_secret(&self.home.join("cluster.secret")).unwrap()
     }
 
     /// Client options for `user`, with a data directory of their own.
@@ -514,10 +618,42 @@ impl TestNet {
     }
 }
 
+/// Sends a stats request over a cluster-secret link and returns the `stats` object.
+fn stats_over<T: serde::Serialize>(
+    addr: &str,
+    secret: &[u8; 32],
+    request: impl Fn(u64) -> T,
+) -> serde_json::Value {
+    use fastchat_common::link::Link;
+    use fastchat_common::noise::Role;
+    let mut link = Link::connect(
+        addr,
+        Role::PskInitiator(secret),
+        1 << 20,
+        Duration::from_secs(5),
+    )
+    .expect("connecting for stats");
+    link.queue(&serde_json::json!({"t": "hello", "version": fastchat_common::PROTOCOL_VERSION}));
+    link.queue(&request(1));
+    link.flush().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let frame: serde_json::Value = link
+            .recv(Some(deadline))
+            .expect("reading stats")
+            .expect("stats before the deadline");
+        if frame["t"] == "stats" {
+            return frame["stats"].clone();
+        }
+    }
+}
+
 impl Drop for TestNet {
     fn drop(&mut self) {
-        if let Some(mut r) = self.relay.take() {
-            r.kill();
+        for r in self.relays.iter_mut() {
+            if let Some(mut r) = r.take() {
+                r.kill();
+            }
         }
         self.auth.kill();
         if !std::thread::panicking() {
