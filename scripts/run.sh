@@ -3,7 +3,8 @@
 #
 #   scripts/run.sh [start]        build (release) and start everything; safe to repeat
 #   scripts/run.sh stop           stop the relays, the auth server and PostgreSQL
-#   scripts/run.sh status         what is running, with PIDs and ports
+#   scripts/run.sh status         what is running, with PIDs, ports, clients and links
+#   scripts/run.sh stats [--json] the cluster's figures (clients, messages, batches, links)
 #   scripts/run.sh start-relay N  start relay N alone (no build), e.g. after stop-relay
 #   scripts/run.sh stop-relay N   stop relay N alone, e.g. to demo a relay failing
 #
@@ -12,8 +13,10 @@
 #   FASTCHAT_PG_PORT          private PostgreSQL on 127.0.0.1 [54329]
 #   FASTCHAT_AUTH_PORT        auth server port for clients [7400]
 #   FASTCHAT_AUTH_RELAY_PORT  auth server port for the relays' control links [7401]
-#   FASTCHAT_RELAY_PORT       relay 1's port; relay N listens on this + N - 1 [7410]
-#   RELAYS                    how many relays `start` runs [1]
+#   FASTCHAT_RELAY_PORT       relay 1's port for clients; relay N uses this + N - 1 [7410]
+#   FASTCHAT_RELAY_MESH_PORT  relay 1's port for other relays and stats; relay N uses
+#                             this + N - 1 [7420]
+#   RELAYS                    how many relays `start` runs [2]
 #   FASTCHAT_LOG              server log level: error, warn, info, debug [info]
 #
 # In FASTCHAT_HOME: logs/auth.log, logs/relay-N.log, run/auth.pid, run/relay-N.pid,
@@ -33,7 +36,8 @@ export FASTCHAT_LOG=${FASTCHAT_LOG:-info}
 AUTH_PORT=${FASTCHAT_AUTH_PORT:-7400}
 AUTH_RELAY_PORT=${FASTCHAT_AUTH_RELAY_PORT:-7401}
 RELAY_PORT=${FASTCHAT_RELAY_PORT:-7410}
-RELAYS=${RELAYS:-1}
+RELAY_MESH_PORT=${FASTCHAT_RELAY_MESH_PORT:-7420}
+RELAYS=${RELAYS:-2}
 PG=$ROOT/scripts/pg.sh
 BIN=$ROOT/target/release
 LOGS=$FASTCHAT_HOME/logs
@@ -43,6 +47,7 @@ SECRET=$FASTCHAT_HOME/cluster.secret
 WAIT_SECONDS=30
 
 relay_port() { echo $((RELAY_PORT + $1 - 1)); }
+mesh_port() { echo $((RELAY_MESH_PORT + $1 - 1)); }
 program_of() { case $1 in auth) echo fastchat-auth ;; *) echo fastchat-relay ;; esac }
 
 # PID in run/NAME.pid if that process is alive and still our program: PIDs get reused,
@@ -141,18 +146,21 @@ start_auth() {
 relay_registered() { grep -q 'registered with auth server' <(tail -c "+$(($2 + 1))" "$LOGS/$1.log"); }
 
 start_relay() {
-    local n=$1 name=relay-$1 port pid db_url
+    local n=$1 name=relay-$1 port mport pid db_url
     port=$(relay_port "$n")
+    mport=$(mesh_port "$n")
     if pid=$(live_pid "$name"); then
         say "$name already running (pid $pid, 127.0.0.1:$port)"
         return 0
     fi
     refuse_taken_port "$port"
+    refuse_taken_port "$mport"
     db_url=$("$PG" url)
-    say "starting $name on 127.0.0.1:$port"
+    say "starting $name on 127.0.0.1:$port (mesh: $mport)"
     launch "$name" fastchat-relay \
         FASTCHAT_RELAY_ID="$name" \
         FASTCHAT_RELAY_LISTEN="127.0.0.1:$port" \
+        FASTCHAT_RELAY_MESH_LISTEN="127.0.0.1:$mport" \
         FASTCHAT_AUTH_RELAY_ADDR="127.0.0.1:$AUTH_RELAY_PORT" \
         FASTCHAT_DB_URL="$db_url" \
         FASTCHAT_RELAY_KEY="$KEYS/$name.key" \
@@ -240,11 +248,22 @@ cmd_status() {
     fi
     for name in $(known_relays); do
         if pid=$(live_pid "$name"); then
-            echo "$name: running, pid $pid, 127.0.0.1:$(relay_port "${name#relay-}")"
+            echo "$name: running, pid $pid, 127.0.0.1:$(relay_port "${name#relay-}") (mesh: $(mesh_port "${name#relay-}"))"
         else
             echo "$name: not running (stale PID file)"
         fi
     done
+    if live_pid auth >/dev/null; then
+        echo
+        cluster_stats || true
+    fi
+}
+
+# The cluster's figures, from the running auth server and relays.
+cluster_stats() {
+    [ -x "$BIN/fastchat-auth" ] || die "$BIN/fastchat-auth is missing: run scripts/run.sh first"
+    FASTCHAT_AUTH_RELAY_LISTEN="127.0.0.1:$AUTH_RELAY_PORT" FASTCHAT_SECRET_FILE="$SECRET" \
+        "$BIN/fastchat-auth" stats "$@"
 }
 
 cmd_stop() {
@@ -260,6 +279,10 @@ case "${1:-start}" in
 start) cmd_start ;;
 stop) cmd_stop ;;
 status) cmd_status ;;
+stats)
+    shift
+    cluster_stats "$@"
+    ;;
 start-relay)
     n=$(relay_number "${2:-}" start-relay)
     live_pid auth >/dev/null || die "the auth server is not running; start everything with scripts/run.sh"
@@ -270,5 +293,5 @@ stop-relay)
     n=$(relay_number "${2:-}" stop-relay)
     stop_process "relay-$n"
     ;;
-*) die "usage: scripts/run.sh [start|stop|status|start-relay N|stop-relay N]" ;;
+*) die "usage: scripts/run.sh [start|stop|status|stats [--json]|start-relay N|stop-relay N]" ;;
 esac

@@ -1,6 +1,6 @@
 //! Command-line flags of `fastchat-auth`; each has an environment variable twin.
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
 /// The FastChat auth server: accounts, logins, tickets and the relay directory.
@@ -64,7 +64,21 @@ pub struct Config {
     /// relay, present its ticket) before it is closed.
     #[arg(long, env = "FASTCHAT_AUTH_DEADLINE_SECS", default_value_t = 10)]
     pub auth_deadline_secs: u64,
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// How long a resumption credential stays valid, in seconds.
     #[arg(long, env = "FASTCHAT_RESUME_TTL_SECS", default_value_t = 7 * 24 * 3600)]
     pub resume_ttl_secs: u64,
+}
+
+/// Operator commands (without one, the server runs).
+#[derive(Subcommand, Debug, Clone)]
+pub enum Command {
+    /// Print the running cluster's figures: the auth server's, then each relay's.
+    /// Connects to --relay-listen with the cluster secret.
+    Stats {
+        /// One JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }

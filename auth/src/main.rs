@@ -5,6 +5,7 @@
 //! [`server`] (the poll loop tying them together).
 
 mod accounts;
+mod cluster_stats;
 mod config;
 mod directory;
 mod ratelimit;
@@ -17,6 +18,17 @@ use std::sync::Arc;
 
 fn main() {
     let cfg = config::Config::parse();
+    if let Some(config::Command::Stats { json }) = cfg.command {
+        match cluster_stats::gather(&cfg.relay_listen, &cfg.secret_file) {
+            Ok(stats) if json => println!("{stats}"),
+            Ok(stats) => cluster_stats::print_table(&stats),
+            Err(e) => {
+                eprintln!("fastchat-auth stats: {e}");
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
     fastchat_common::log::init("auth");
     if let Err(e) = run(cfg) {
         error!("{e}");

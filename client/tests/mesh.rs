@@ -242,8 +242,14 @@ fn stale_presence_does_not_lose_messages() {
     });
     register_all(&net, &["alice".into(), "bob".into()]);
     // bob lands on relay-1 (first login), then relay-1 dies without cleaning up.
-    let bob = net.login("bob");
+    let mut bob = net.login("bob");
     assert_eq!(net.relay_index(bob.relay_addr()), 0);
+    // `synced` follows the presence commit.
+    assert_eq!(
+        bob.receive(Instant::now() + Duration::from_secs(10))
+            .unwrap(),
+        vec![Event::Synced]
+    );
     net.kill_relay(0);
     drop(bob);
     let mut db = postgres::Client::connect(&net.db_url, postgres::NoTls).unwrap();
