@@ -92,19 +92,21 @@ pub fn print_table(stats: &Value) {
         }
         let mesh = r["mesh"].as_array().cloned().unwrap_or_default();
         let up = mesh.iter().filter(|m| m["link"] == "up").count();
+        // serde_json's Display ignores widths: format numbers as numbers.
+        let n = |k: &str| r[k].as_u64().unwrap_or(0);
         println!(
             "{:<12} {:>7} {:<10} {:<18} {:>9} {:>9} {:>9} {:>9} {:>6.1} {:>9.2} {:>5}",
             r["relay_id"].as_str().unwrap_or("?"),
-            r["clients"],
+            n("clients"),
             r["auth_link"].as_str().unwrap_or("?"),
             format!("{up}/{} up", mesh.len()),
-            r["received"],
-            r["delivered"],
-            r["forwarded"],
-            r["stored"],
+            n("received"),
+            n("delivered"),
+            n("forwarded"),
+            n("stored"),
             r["avg_batch"].as_f64().unwrap_or(0.0),
             r["avg_commit_ms"].as_f64().unwrap_or(0.0),
-            r["queue_depth"],
+            n("queue_depth"),
         );
     }
 }

@@ -343,7 +343,13 @@ fn relay_stops_gracefully_on_sigterm() {
     let mut net = TestNet::start();
     net.register("alice");
     net.register("bob");
-    let _bob = net.login("bob");
+    let mut bob = net.login("bob");
+    // `synced` follows the presence commit.
+    assert_eq!(
+        bob.receive(std::time::Instant::now() + Duration::from_secs(10))
+            .unwrap(),
+        vec![Event::Synced]
+    );
     let mut alice = Chat::login(&net.opts("alice"), false).unwrap();
     alice.send_text("bob", "before the stop").unwrap();
     let mut db = postgres::Client::connect(&net.db_url, postgres::NoTls).unwrap();
