@@ -16,7 +16,9 @@ use crate::store::{
 };
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use fastchat_common::proto::{valid_user_name, ClientToRelay, ErrorCode, RelayToClient};
+use fastchat_common::proto::{
+    valid_user_name, ClientToRelay, ErrorCode, GroupEvent, RelayToClient,
+};
 use fastchat_common::time;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -37,6 +39,7 @@ pub struct Options {
 pub struct Received {
     pub msg_id: i64,
     pub from: String,
+    pub group_id: Option<i64>,
     pub group: Option<String>,
     pub text: String,
     /// When the relay stored it, unix ms.
@@ -56,8 +59,38 @@ pub enum Event {
         from: String,
         why: String,
     },
+    /// A group membership change.
+    Group(GroupNotice),
     /// Everything that was waiting at login has been delivered.
     Synced,
+}
+
+/// A membership change as members see it, in order with the group's messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupNotice {
+    pub msg_id: i64,
+    pub group_id: i64,
+    pub group: String,
+    pub event: GroupEvent,
+    /// When the relay stored it, unix ms.
+    pub ts: u64,
+}
+
+/// Where a message goes.
+#[derive(Debug, Clone)]
+pub(crate) enum SendTarget {
+    User(String),
+    Group(i64),
+}
+
+/// What opening one stored message gave.
+pub(crate) enum Opened {
+    /// Something to show.
+    Shown(Event),
+    /// Nothing to show (a key, a duplicate).
+    Nothing,
+    /// Not openable yet (its group key has not arrived): keep it and try again later.
+    Held(InboxEntry),
 }
 
 /// A message the relay has stored durably.
@@ -143,12 +176,12 @@ pub fn change_password(opts: &Options, new_password: &str) -> Result<(), ClientE
 /// A logged-in, end-to-end encrypting chat session. When its relay goes away it fails
 /// over to another one by itself (see [`Chat::reconnect`]).
 pub struct Chat {
-    opts: Options,
-    receive: bool,
-    store: Store,
-    identity: Identity,
-    relay: RelayLink,
-    failovers: u32,
+    pub(crate) opts: Options,
+    pub(crate) receive: bool,
+    pub(crate) store: Store,
+    pub(crate) identity: Identity,
+    pub(crate) relay: RelayLink,
+    pub(crate) failovers: u32,
 }
 
 /// How long a session keeps trying to reach a relay again before giving up.
@@ -193,7 +226,7 @@ fn establish(opts: &Options, store: &mut Store, receive: bool) -> Result<RelayLi
 }
 
 /// The connection failed, not the request: a new session may succeed.
-fn connection_lost(e: &ClientError) -> bool {
+pub(crate) fn connection_lost(e: &ClientError) -> bool {
     matches!(
         e,
         ClientError::Link(_) | ClientError::Timeout | ClientError::Unreachable { .. }
@@ -348,6 +381,16 @@ impl Chat {
 
     /// Encrypts `text` for `to` and sends it; returns once the relay has it durably.
     pub fn send_text(&mut self, to: &str, text: &str) -> Result<Sent, ClientError> {
+        self.send_pairwise(to, text, None)
+    }
+
+    /// Sends a pairwise payload (a text, or a group key grant) to `to`.
+    pub(crate) fn send_pairwise(
+        &mut self,
+        to: &str,
+        text: &str,
+        group_key: Option<e2e::GroupKeyGrant>,
+    ) -> Result<Sent, ClientError> {
         if !valid_user_name(to) {
             return Err(ClientError::Refused {
                 code: ErrorCode::UnknownUser,
@@ -389,26 +432,18 @@ impl Chat {
             let offer = e2e::make_offer(&self.identity, self.user(), to, &peer_key, &key)?;
             bodies.push(offer.to_body());
         }
+        let is_text = group_key.is_none();
         let payload = TextPayload {
+            group_key,
             mid: e2e::new_message_id(),
             ts: time::now_ms(),
             text: text.to_string(),
         };
         bodies.push(e2e::seal_text(&key, &payload)?.to_body());
-        let from = self.user().to_string();
-        self.store.data_mut().history.push(HistoryEntry {
-            peer: to.to_string(),
-            group: None,
-            from,
-            text: text.to_string(),
-            ts: payload.ts,
-            msg_id: None,
-            mid: payload.mid.clone(),
-            outgoing: true,
-            state: DeliveryState::Pending,
-        });
-        self.store.save()?;
-        let sent = self.deliver(to, &bodies)?;
+        if is_text {
+            self.record_outgoing(to, None, text, &payload)?;
+        }
+        let sent = self.deliver(&SendTarget::User(to.to_string()), &bodies)?;
         if let Some(conv) = self.store.data_mut().conversations.get_mut(to) {
             conv.shared.insert(key.id.clone());
         }
@@ -427,10 +462,37 @@ impl Chat {
         Ok(sent)
     }
 
+    /// Puts a message we are sending into the history (pending) and saves.
+    pub(crate) fn record_outgoing(
+        &mut self,
+        peer: &str,
+        group: Option<String>,
+        text: &str,
+        payload: &TextPayload,
+    ) -> Result<(), ClientError> {
+        let from = self.user().to_string();
+        self.store.data_mut().history.push(HistoryEntry {
+            peer: peer.to_string(),
+            group,
+            from,
+            text: text.to_string(),
+            ts: payload.ts,
+            msg_id: None,
+            mid: payload.mid.clone(),
+            outgoing: true,
+            state: DeliveryState::Pending,
+        });
+        Ok(self.store.save()?)
+    }
+
     /// Sends the bodies in order until the relay has stored every one, failing over and
     /// resending what was not acknowledged (the same ciphertext, so the recipient shows
     /// it once). Returns the last one's receipt.
-    fn deliver(&mut self, to: &str, bodies: &[String]) -> Result<Sent, ClientError> {
+    pub(crate) fn deliver(
+        &mut self,
+        to: &SendTarget,
+        bodies: &[String],
+    ) -> Result<Sent, ClientError> {
         let mut stored: Vec<Option<Sent>> = vec![None; bodies.len()];
         let mut store_retries = 0u32;
         loop {
@@ -457,7 +519,7 @@ impl Chat {
 
     fn try_deliver(
         &mut self,
-        to: &str,
+        to: &SendTarget,
         bodies: &[String],
         stored: &mut [Option<Sent>],
     ) -> Result<(), ClientError> {
@@ -465,9 +527,14 @@ impl Chat {
         for (i, body) in bodies.iter().enumerate() {
             if stored[i].is_none() {
                 let id = self.relay.next_id();
+                let (to, group_id) = match to {
+                    SendTarget::User(u) => (Some(u.clone()), None),
+                    SendTarget::Group(g) => (None, Some(*g)),
+                };
                 self.relay.queue(&ClientToRelay::Send {
                     id,
-                    to: to.to_string(),
+                    to,
+                    group_id,
                     body: body.clone(),
                 });
                 waiting.push((i, id));
@@ -530,18 +597,22 @@ impl Chat {
                 RelayToClient::Msg {
                     msg_id,
                     from,
+                    group_id,
                     group,
                     body,
                     ts,
+                    event,
                 } => {
                     acks.push(msg_id);
                     if self.store.remember_msg_id(msg_id) {
                         self.store.data_mut().inbox.push(InboxEntry {
                             msg_id,
                             from,
+                            group_id,
                             group,
                             body,
                             ts,
+                            event,
                         });
                     }
                 }
@@ -556,12 +627,7 @@ impl Chat {
             self.relay.queue(&ClientToRelay::Ack { msg_ids: acks });
             self.relay.flush()?;
         }
-        let inbox = std::mem::take(&mut self.store.data_mut().inbox);
-        for entry in inbox {
-            if let Some(event) = self.open(entry)? {
-                events.push(event);
-            }
-        }
+        events.extend(self.open_inbox()?);
         self.store.save()?;
         if synced {
             events.push(Event::Synced);
@@ -569,10 +635,39 @@ impl Chat {
         Ok(events)
     }
 
+    /// Opens everything stored and not yet opened, in order. A group text whose key has
+    /// not arrived is tried again once the rest is open (its key may be further on) and
+    /// otherwise stays in the inbox for a later batch. Then does the group key work the
+    /// batch calls for (see [`Chat::after_events`]).
+    fn open_inbox(&mut self) -> Result<Vec<Event>, ClientError> {
+        let mut events = Vec::new();
+        let mut held = Vec::new();
+        let inbox = std::mem::take(&mut self.store.data_mut().inbox);
+        for entry in inbox {
+            match self.open(entry)? {
+                Opened::Shown(event) => events.push(event),
+                Opened::Nothing => {}
+                Opened::Held(entry) => held.push(entry),
+            }
+        }
+        for entry in held {
+            match self.open(entry)? {
+                Opened::Shown(event) => events.push(event),
+                Opened::Nothing => {}
+                Opened::Held(entry) => self.store.data_mut().inbox.push(entry),
+            }
+        }
+        self.after_events(&events)?;
+        Ok(events)
+    }
+
     /// Decrypts one stored message.
-    fn open(&mut self, m: InboxEntry) -> Result<Option<Event>, ClientError> {
+    fn open(&mut self, m: InboxEntry) -> Result<Opened, ClientError> {
+        if let (Some(event), Some(group_id)) = (m.event.clone(), m.group_id) {
+            return Ok(self.group_event(&m, group_id, event));
+        }
         let undecryptable = |why: String| {
-            Ok(Some(Event::Undecryptable {
+            Ok(Opened::Shown(Event::Undecryptable {
                 msg_id: m.msg_id,
                 from: m.from.clone(),
                 why,
@@ -616,7 +711,7 @@ impl Chat {
                         if conv.current.is_none() {
                             conv.current = Some(key.id);
                         }
-                        Ok(None)
+                        Ok(Opened::Nothing)
                     }
                     Err(e) => undecryptable(format!(
                         "a key offer from {} failed verification against the pinned key: {e}",
@@ -646,7 +741,11 @@ impl Chat {
                     .store
                     .remember_mid(&format!("{}/{}", m.from, payload.mid))
                 {
-                    return Ok(None);
+                    return Ok(Opened::Nothing);
+                }
+                if let Some(grant) = payload.group_key {
+                    self.accept_grant(&m.from, grant)?;
+                    return Ok(Opened::Nothing);
                 }
                 self.store.data_mut().history.push(HistoryEntry {
                     peer: m.from.clone(),
@@ -659,15 +758,22 @@ impl Chat {
                     outgoing: false,
                     state: DeliveryState::Received,
                 });
-                Ok(Some(Event::Message(Received {
+                Ok(Opened::Shown(Event::Message(Received {
                     msg_id: m.msg_id,
                     from: m.from,
-                    group: m.group,
+                    group_id: None,
+                    group: None,
                     text: payload.text,
                     ts: m.ts,
                     mid: payload.mid,
                 })))
             }
+            Envelope::GroupText {
+                group_id,
+                key_id,
+                token,
+                ..
+            } => self.open_group_text(m, group_id, &key_id, &token),
         }
     }
 

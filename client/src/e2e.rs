@@ -270,6 +270,19 @@ pub enum Envelope {
         /// Fernet token of the JSON [`TextPayload`].
         token: String,
     },
+    /// A text for a group, sealed with the group key `key_id` of `epoch`. Open with
+    /// [`open_text`] and that group key.
+    GroupText {
+        /// Envelope version, [`ENVELOPE_VERSION`].
+        v: u32,
+        group_id: i64,
+        /// Id of the group key the token is sealed with.
+        key_id: String,
+        /// The key's epoch (see [`GroupKeyGrant`]).
+        epoch: i32,
+        /// Fernet token of the JSON [`TextPayload`].
+        token: String,
+    },
 }
 
 impl Envelope {
@@ -295,14 +308,18 @@ impl Envelope {
     /// The envelope version (`v`).
     pub fn version(&self) -> u32 {
         match self {
-            Envelope::Offer { v, .. } | Envelope::Text { v, .. } => *v,
+            Envelope::Offer { v, .. }
+            | Envelope::Text { v, .. }
+            | Envelope::GroupText { v, .. } => *v,
         }
     }
 
     /// The conversation key id the envelope refers to.
     pub fn key_id(&self) -> &str {
         match self {
-            Envelope::Offer { key_id, .. } | Envelope::Text { key_id, .. } => key_id,
+            Envelope::Offer { key_id, .. }
+            | Envelope::Text { key_id, .. }
+            | Envelope::GroupText { key_id, .. } => key_id,
         }
     }
 }
@@ -311,12 +328,45 @@ impl Envelope {
 /// 128-bit message id>","ts":<unix ms u64>,"text":"..."}`.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct TextPayload {
+    /// A group key handed over the pairwise channel (then `text` is empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_key: Option<GroupKeyGrant>,
     /// The sender's random message id (32 lowercase hex), for de-duplication.
     pub mid: String,
     /// Sender's clock when written, unix milliseconds.
     pub ts: u64,
     /// The message text.
     pub text: String,
+}
+
+/// A group key as an admin hands it to a member over their pairwise channel:
+/// `{"group_id":7,"key_id":"<16 hex>","epoch":2,"key":"<Fernet key>"}`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct GroupKeyGrant {
+    pub group_id: i64,
+    pub key_id: String,
+    /// The group's key epoch this key was made for (it grows when members leave).
+    pub epoch: i32,
+    pub key: String,
+}
+
+/// Seals a group text with the group key of `epoch`.
+pub fn seal_group_text(
+    key: &ConversationKey,
+    group_id: i64,
+    epoch: i32,
+    payload: &TextPayload,
+) -> Result<Envelope, E2eError> {
+    match seal_text(key, payload)? {
+        Envelope::Text { v, key_id, token } => Ok(Envelope::GroupText {
+            v,
+            group_id,
+            key_id,
+            epoch,
+            token,
+        }),
+        other => Ok(other),
+    }
 }
 
 /// A new random 128-bit message id, as 32 lowercase hex chars.
@@ -683,6 +733,7 @@ mod tests {
     fn text_round_trip() {
         let key = ConversationKey::generate();
         let payload = TextPayload {
+            group_key: None,
             mid: new_message_id(),
             ts: 1_700_000_000_123,
             text: "héllo, wörld \u{1F600}".into(),
@@ -703,6 +754,7 @@ mod tests {
         let key = ConversationKey::generate();
         let other = ConversationKey::generate();
         let payload = TextPayload {
+            group_key: None,
             mid: new_message_id(),
             ts: 1,
             text: "secret".into(),
@@ -726,6 +778,7 @@ mod tests {
     fn token_from_a_fast_clock_still_opens() {
         let key = ConversationKey::generate();
         let payload = TextPayload {
+            group_key: None,
             mid: new_message_id(),
             ts: 2,
             text: "from the future".into(),
@@ -746,6 +799,7 @@ mod tests {
     fn payload_with_bad_message_id_is_refused() {
         let key = ConversationKey::generate();
         let payload = TextPayload {
+            group_key: None,
             mid: "not-hex".into(),
             ts: 3,
             text: "x".into(),
@@ -869,6 +923,7 @@ mod tests {
         assert_eq!(parsed, offer);
 
         let payload = TextPayload {
+            group_key: None,
             mid: "0123456789abcdef0123456789abcdef".into(),
             ts: 5,
             text: "hi".into(),

@@ -6,11 +6,13 @@
 //! - [`pins`]: auth server keys pinned on first use.
 //! - [`connect`]: the auth server and relay connections.
 //! - [`chat`]: end-to-end encrypted sending and receiving on top of them.
+//! - [`groups`]: group membership and group keys.
 //! - [`error`]: the errors a person may see.
 
 pub mod chat;
 pub mod connect;
 pub mod e2e;
 pub mod error;
+pub mod groups;
 pub mod pins;
 pub mod store;

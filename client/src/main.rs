@@ -44,12 +44,18 @@ enum Command {
     /// Send an end-to-end encrypted message; succeeds once the server has stored it.
     Send {
         /// The recipient.
+        #[arg(long, required_unless_present = "group", conflicts_with = "group")]
+        to: Option<String>,
+        /// A group you are in (its name, or #ID when several share a name).
         #[arg(long)]
-        to: String,
+        group: Option<String>,
         /// The message (words are joined with spaces).
         #[arg(required = true, num_args = 1..)]
         text: Vec<String>,
     },
+    /// Groups: create them, manage members, list them.
+    #[command(subcommand)]
+    Group(GroupCommand),
     /// Print the messages waiting for you and acknowledge them.
     Read {
         /// Keep listening for new messages up to this many seconds.
@@ -76,6 +82,25 @@ enum Command {
         #[arg(long)]
         accept_new_key: bool,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum GroupCommand {
+    /// Create a group; you are its admin.
+    Create { name: String },
+    /// Add USER to the group (admins only); they get the group key from you.
+    Add { name: String, user: String },
+    /// Remove USER (admins only); the group key is rotated so they cannot read on.
+    Remove { name: String, user: String },
+    /// Make USER an admin (admins only).
+    Promote { name: String, user: String },
+    /// Leave the group (if you are its last admin, the longest-standing member
+    /// becomes admin).
+    Leave { name: String },
+    /// List the group's members and their roles.
+    Members { name: String },
+    /// List your groups.
+    List,
 }
 
 fn main() -> ExitCode {
@@ -176,12 +201,31 @@ fn run(cli: &Cli, command: &Command) -> Result<(), ClientError> {
             );
             Ok(())
         }
-        Command::Send { to, text } => {
+        Command::Send { to, group, text } => {
             let opts = options(cli, false)?;
             let mut chat = Chat::login(&opts, false)?;
-            let sent = chat.send_text(to, &text.join(" "))?;
+            match (to, group) {
+                (Some(to), _) => {
+                    let sent = chat.send_text(to, &text.join(" "))?;
+                    eprintln!("sent to {to} (message {})", sent.msg_id);
+                }
+                (None, Some(name)) => {
+                    let g = chat.resolve_group(name)?;
+                    chat.send_group(g.group_id, &text.join(" "))?;
+                    eprintln!("sent to {} ({} members)", g.name, g.members);
+                }
+                (None, None) => {
+                    return Err(ClientError::Usage("give --to USER or --group NAME".into()))
+                }
+            }
             chat.close();
-            eprintln!("sent to {to} (message {})", sent.msg_id);
+            Ok(())
+        }
+        Command::Group(command) => {
+            let opts = options(cli, false)?;
+            let mut chat = Chat::login(&opts, false)?;
+            group(&mut chat, command)?;
+            chat.close();
             Ok(())
         }
         Command::Read { wait, json } => {
@@ -283,7 +327,42 @@ fn read(chat: &mut Chat, wait: Option<u64>, json: bool) -> Result<(), ClientErro
                         .to_string()
                     } else {
                         let ts = time::rfc3339(m.ts);
-                        format!("[{} {}] {}: {}", &ts[..10], &ts[11..19], m.from, m.text)
+                        match &m.group {
+                            Some(g) => format!(
+                                "[{} {}] {} @ {g}: {}",
+                                &ts[..10],
+                                &ts[11..19],
+                                m.from,
+                                m.text
+                            ),
+                            None => {
+                                format!("[{} {}] {}: {}", &ts[..10], &ts[11..19], m.from, m.text)
+                            }
+                        }
+                    };
+                    let _ = writeln!(out, "{line}");
+                    let _ = out.flush();
+                }
+                Event::Group(n) => {
+                    let line = if json {
+                        serde_json::json!({
+                            "msg_id": n.msg_id,
+                            "from": n.event.by,
+                            "group": n.group,
+                            "event": n.event.event,
+                            "user": n.event.user,
+                            "by": n.event.by,
+                            "ts": time::rfc3339(n.ts),
+                        })
+                        .to_string()
+                    } else {
+                        let ts = time::rfc3339(n.ts);
+                        format!(
+                            "[{} {}] * {}",
+                            &ts[..10],
+                            &ts[11..19],
+                            fastchat_client::groups::describe(&n.event, &n.group)
+                        )
                     };
                     let _ = writeln!(out, "{line}");
                     let _ = out.flush();
@@ -295,6 +374,62 @@ fn read(chat: &mut Chat, wait: Option<u64>, json: bool) -> Result<(), ClientErro
         }
         if synced && Instant::now() >= until {
             break;
+        }
+    }
+    Ok(())
+}
+
+fn group(chat: &mut Chat, command: &GroupCommand) -> Result<(), ClientError> {
+    let show = |g: &fastchat_common::proto::GroupSummary| {
+        println!(
+            "{} (#{}): {} members, you are {}",
+            g.name, g.group_id, g.members, g.role
+        )
+    };
+    match command {
+        GroupCommand::Create { name } => {
+            let g = chat.group_create(name)?;
+            show(&g);
+        }
+        GroupCommand::Add { name, user } => {
+            let g = chat.resolve_group(name)?;
+            let g = chat.group_add(g.group_id, user)?;
+            println!("added {user}");
+            show(&g);
+        }
+        GroupCommand::Remove { name, user } => {
+            let g = chat.resolve_group(name)?;
+            let g = chat.group_remove(g.group_id, user)?;
+            println!("removed {user}; the group key is rotated");
+            show(&g);
+        }
+        GroupCommand::Promote { name, user } => {
+            let g = chat.resolve_group(name)?;
+            let g = chat.group_promote(g.group_id, user)?;
+            println!("{user} is an admin");
+            show(&g);
+        }
+        GroupCommand::Leave { name } => {
+            let g = chat.resolve_group(name)?;
+            chat.group_leave(g.group_id)?;
+            println!("you left {}", g.name);
+        }
+        GroupCommand::Members { name } => {
+            let g = chat.resolve_group(name)?;
+            let (g, members) = chat.group_members(g.group_id)?;
+            show(&g);
+            for m in members {
+                if m.role == "admin" {
+                    println!("  {} (admin)", m.user);
+                } else {
+                    println!("  {}", m.user);
+                }
+            }
+        }
+        GroupCommand::List => {
+            for g in chat.groups()? {
+                show(&g);
+            }
         }
     }
     Ok(())

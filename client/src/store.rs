@@ -109,6 +109,8 @@ pub struct StoreData {
     pub seen_mids: VecDeque<String>,
     /// Conversation history, oldest first.
     pub history: Vec<HistoryEntry>,
+    /// The groups this user is or was in, by id.
+    pub groups: BTreeMap<i64, GroupState>,
     /// The resumption credential of the last password login, per auth server.
     pub resume: BTreeMap<String, ResumeCredential>,
     /// Messages stored (and acknowledged) but not yet decrypted. Keeping the raw
@@ -125,12 +127,27 @@ pub struct ResumeCredential {
     pub expires_ms: u64,
 }
 
+/// A group as this client last heard of it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct GroupState {
+    pub name: String,
+    /// The group's key epoch (it grows when someone leaves or is removed).
+    pub epoch: i32,
+    /// This user's role: `admin`, `member` or `none` (left or removed).
+    pub role: String,
+}
+
 /// A received message as the relay delivered it, still encrypted.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct InboxEntry {
     pub msg_id: i64,
     pub from: String,
+    #[serde(default)]
+    pub group_id: Option<i64>,
     pub group: Option<String>,
+    /// A group membership event (written by the server; then `body` is empty).
+    #[serde(default)]
+    pub event: Option<fastchat_common::proto::GroupEvent>,
     pub body: String,
     /// When the relay stored it, unix ms.
     pub ts: u64,
@@ -157,6 +174,9 @@ pub struct ConversationKeys {
     /// the next text that uses it.
     #[serde(default)]
     pub shared: BTreeSet<String>,
+    /// For group keys: the epoch each key was made for.
+    #[serde(default)]
+    pub epochs: BTreeMap<String, i32>,
 }
 
 /// One message in the history.
@@ -608,6 +628,7 @@ mod tests {
                 current: Some("00112233445566ff".into()),
                 keys: [("00112233445566ff".to_string(), "k".to_string())].into(),
                 shared: ["00112233445566ff".to_string()].into(),
+                epochs: BTreeMap::new(),
             },
         );
         data.history.push(HistoryEntry {

@@ -21,6 +21,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0002_resume.sql",
         include_str!("../../sql/0002_resume.sql"),
     ),
+    (
+        3,
+        "0003_groups.sql",
+        include_str!("../../sql/0003_groups.sql"),
+    ),
 ];
 
 /// Key of the advisory lock held while migrating.

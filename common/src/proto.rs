@@ -53,6 +53,14 @@ pub enum ErrorCode {
     StoreFailed,
     /// A public key that is not a valid RSA public key in PEM.
     BadKey,
+    /// The sender is not a member of the group (or it does not exist).
+    NotMember,
+    /// Only admins may do that.
+    NotAdmin,
+    /// The user is in the group already.
+    AlreadyMember,
+    /// The group has reached its maximum size.
+    GroupFull,
     /// Anything else on the server side.
     Internal,
 }
@@ -265,9 +273,13 @@ pub enum MeshFrame {
         msg_id: i64,
         from: String,
         #[serde(default)]
+        group_id: Option<i64>,
+        #[serde(default)]
         group: Option<String>,
         body: String,
         ts: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        event: Option<GroupEvent>,
     },
     /// Reply: `stats`.
     StatsRequest {
@@ -295,8 +307,42 @@ pub enum ClientToRelay {
         #[serde(default = "yes")]
         receive: bool,
     },
-    /// Store and route an opaque ciphertext. Reply: `sent` once durable, or `error`.
-    Send { id: u64, to: String, body: String },
+    /// Store and route an opaque ciphertext to a user (`to`) or to every other member
+    /// of a group (`group_id`). Reply: `sent` once durable, or `error`.
+    Send {
+        id: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        to: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        group_id: Option<i64>,
+        body: String,
+    },
+    /// Create a group with the sender as its admin. Reply: `group`.
+    GroupCreate { id: u64, name: String },
+    /// Add a user to a group (admins only). Reply: `group`.
+    GroupAdd {
+        id: u64,
+        group_id: i64,
+        user: String,
+    },
+    /// Remove a member (admins only). Reply: `group`.
+    GroupRemove {
+        id: u64,
+        group_id: i64,
+        user: String,
+    },
+    /// Make a member an admin (admins only). Reply: `group`.
+    GroupPromote {
+        id: u64,
+        group_id: i64,
+        user: String,
+    },
+    /// Leave a group. Reply: `group`.
+    GroupLeave { id: u64, group_id: i64 },
+    /// The sender's groups. Reply: `groups`.
+    GroupList { id: u64 },
+    /// A group's members and roles (members only). Reply: `members`.
+    GroupMembers { id: u64, group_id: i64 },
     /// The client has stored these messages; the relay deletes them.
     Ack { msg_ids: Vec<i64> },
     /// Look up a user's public key. Reply: `key` or `error`.
@@ -331,11 +377,35 @@ pub enum RelayToClient {
     Msg {
         msg_id: i64,
         from: String,
+        /// For a group message or event: the group's id and name.
+        #[serde(default)]
+        group_id: Option<i64>,
         #[serde(default)]
         group: Option<String>,
+        /// The ciphertext (empty for a group event).
         body: String,
         /// Milliseconds since the Unix epoch, when the relay stored it.
         ts: u64,
+        /// A membership change, written by the server (not encrypted: the server knows
+        /// who is in a group).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        event: Option<GroupEvent>,
+    },
+    /// A group after a change (or as created).
+    Group {
+        id: u64,
+        group: GroupSummary,
+    },
+    /// The sender's groups.
+    Groups {
+        id: u64,
+        groups: Vec<GroupSummary>,
+    },
+    /// A group's members.
+    Members {
+        id: u64,
+        group: GroupSummary,
+        members: Vec<GroupMember>,
     },
     /// Everything that was pending at login has been delivered.
     Synced {},
@@ -348,6 +418,44 @@ pub enum RelayToClient {
         id: u64,
     },
     Error(ErrorFrame),
+}
+
+/// A group as its members see it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct GroupSummary {
+    pub group_id: i64,
+    pub name: String,
+    /// The asking user's role: `admin` or `member` (`none` after leaving or removal).
+    pub role: String,
+    pub members: u32,
+    /// The key epoch: bumped whenever someone leaves or is removed, so the remaining
+    /// members' clients rotate the group key.
+    pub epoch: i32,
+}
+
+/// A member and their role.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct GroupMember {
+    pub user: String,
+    pub role: String,
+}
+
+/// What happened in a group: `created`, `added`, `removed`, `promoted` or `left`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct GroupEvent {
+    pub event: String,
+    /// Who was created-with, added, removed, promoted, or who left.
+    pub user: String,
+    /// Who did it (for an automatic promotion when the last admin left: the leaver).
+    pub by: String,
+    /// The group's key epoch after the change.
+    pub epoch: i32,
+}
+
+/// Whether `name` is an acceptable group name: 1–64 characters, no control characters.
+pub fn valid_group_name(name: &str) -> bool {
+    let chars = name.chars().count();
+    (1..=64).contains(&chars) && !name.chars().any(char::is_control) && name.trim() == name
 }
 
 /// Why a frame's JSON could not be read as a protocol type.
@@ -387,7 +495,8 @@ mod tests {
     fn frames_look_as_documented() {
         let f = ClientToRelay::Send {
             id: 7,
-            to: "bob".into(),
+            to: Some("bob".into()),
+            group_id: None,
             body: "x".into(),
         };
         assert_eq!(

@@ -66,6 +66,9 @@ pub struct Config {
     /// Largest message body accepted, in bytes.
     #[arg(long, env = "FASTCHAT_MAX_BODY", default_value_t = 48 * 1024)]
     pub max_body: usize,
+    /// Most members a group may have.
+    #[arg(long, env = "FASTCHAT_MAX_GROUP_SIZE", default_value_t = 256)]
+    pub max_group_size: i64,
     /// Stored messages delivered per page at login; the next page follows once the
     /// client has acknowledged the previous one.
     #[arg(long, env = "FASTCHAT_PAGE_SIZE", default_value_t = 500)]

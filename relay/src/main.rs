@@ -7,6 +7,7 @@
 
 mod config;
 mod control;
+mod groups;
 mod mesh;
 mod server;
 mod session;

@@ -7,9 +7,10 @@
 
 use crate::config::Config;
 use crate::control::{Announcement, ControlLink, Phase};
+use crate::groups::GroupOp;
 use crate::mesh::{Mesh, MeshState};
 use crate::session::{Next, Session};
-use crate::store::{Done, Job, StoreMetrics, Stored, Worker};
+use crate::store::{Done, Job, StoreMetrics, Stored, Target, Worker};
 use crate::tickets::{Admission, TicketBook};
 use crossbeam_channel::Receiver;
 use fastchat_common::conn::{Connection, ReadStatus};
@@ -17,8 +18,8 @@ use fastchat_common::db::DbPool;
 use fastchat_common::noise::{Role, StaticKeypair, KEY_LEN};
 use fastchat_common::pool::{Completions, WorkerPool};
 use fastchat_common::proto::{
-    valid_user_name, AuthToRelay, ClientToRelay, ErrorCode, ErrorFrame, MeshFrame, RelayToAuth,
-    RelayToClient,
+    valid_group_name, valid_user_name, AuthToRelay, ClientToRelay, ErrorCode, ErrorFrame,
+    MeshFrame, RelayToAuth, RelayToClient,
 };
 use fastchat_common::{debug, hex, info, warn, PROTOCOL_VERSION};
 use mio::net::TcpListener;
@@ -134,7 +135,13 @@ impl RelayServer {
         let (done, done_rx) = Completions::new(waker.clone());
         let metrics = Arc::new(StoreMetrics::default());
         let pool = WorkerPool::start("relay-worker", cfg.workers, cfg.max_batch, |_| {
-            let mut worker = Worker::new(db.clone(), cfg.id.clone(), done.clone(), metrics.clone());
+            let mut worker = Worker::new(
+                db.clone(),
+                cfg.id.clone(),
+                done.clone(),
+                metrics.clone(),
+                cfg.max_group_size,
+            );
             move |jobs| worker.run_batch(jobs)
         })?;
         let mesh = Mesh::new(cfg.id.clone());
@@ -590,9 +597,11 @@ impl RelayServer {
                     recipient_id,
                     msg_id,
                     from,
+                    group_id,
+                    group,
                     body,
                     ts,
-                    ..
+                    event,
                 },
             ) => {
                 self.counters.arrived += 1;
@@ -603,6 +612,9 @@ impl RelayServer {
                         from,
                         body,
                         ts,
+                        group_id,
+                        group,
+                        event,
                     },
                 );
             }
@@ -844,7 +856,15 @@ impl RelayServer {
                     );
                 }
             },
-            (ClientState::Ready(session), ClientToRelay::Send { id, to, body }) => {
+            (
+                ClientState::Ready(session),
+                ClientToRelay::Send {
+                    id,
+                    to,
+                    group_id,
+                    body,
+                },
+            ) => {
                 let (sender_id, sender) = (session.user_id, session.user.clone());
                 if body.len() > self.cfg.max_body {
                     let max = self.cfg.max_body;
@@ -863,22 +883,50 @@ impl RelayServer {
                         "bodies may not contain NUL characters".into(),
                     );
                 }
-                if !valid_user_name(&to) {
-                    return self.reply_error(
-                        token,
-                        id,
-                        ErrorCode::UnknownUser,
-                        format!("there is no user called {to:?}"),
-                    );
-                }
+                let target = match (to, group_id) {
+                    (Some(to), None) if valid_user_name(&to) => Target::User(to),
+                    (Some(to), None) => {
+                        return self.reply_error(
+                            token,
+                            id,
+                            ErrorCode::UnknownUser,
+                            format!("there is no user called {to:?}"),
+                        )
+                    }
+                    (None, Some(group_id)) => Target::Group(group_id),
+                    _ => {
+                        return self.reply_error(
+                            token,
+                            id,
+                            ErrorCode::BadFrame,
+                            "a send names either `to` or `group_id`".into(),
+                        )
+                    }
+                };
                 self.counters.received += 1;
                 self.submit(Job::Send {
                     conn: token,
                     req: id,
                     sender_id,
                     sender,
-                    to,
+                    target,
                     body,
+                });
+            }
+            (ClientState::Ready(session), frame) if group_op(&frame).is_some() => {
+                let (user_id, user) = (session.user_id, session.user.clone());
+                let Some((id, op)) = group_op(&frame) else {
+                    return;
+                };
+                if let Err(message) = check_group_op(&op) {
+                    return self.reply_error(token, id, ErrorCode::InvalidName, message);
+                }
+                self.submit(Job::Group {
+                    conn: token,
+                    req: id,
+                    user_id,
+                    user,
+                    op,
                 });
             }
             (ClientState::Ready(session), ClientToRelay::Ack { msg_ids }) => {
@@ -988,11 +1036,10 @@ impl RelayServer {
             Done::Sent {
                 conn,
                 req,
-                recipient_id,
-                message,
-                remote_relays,
+                msg_id,
+                ts,
+                deliveries,
             } => {
-                let (msg_id, ts) = (message.msg_id, message.ts);
                 self.send(
                     conn,
                     &RelayToClient::Sent {
@@ -1001,12 +1048,17 @@ impl RelayServer {
                         ts,
                     },
                 );
-                for relay in &remote_relays {
-                    self.forward(relay, recipient_id, &message);
-                }
-                self.deliver_local(recipient_id, message);
+                self.route(deliveries);
             }
-            Done::SendFailed {
+            Done::Group {
+                conn,
+                reply,
+                deliveries,
+            } => {
+                self.send(conn, &reply);
+                self.route(deliveries);
+            }
+            Done::Failed {
                 conn,
                 req,
                 code,
@@ -1033,12 +1085,16 @@ impl RelayServer {
                     format!("there is no user called {user}"),
                 ),
             },
-            Done::KeyFailed { conn, req } => self.reply_error(
-                conn,
-                req,
-                ErrorCode::StoreFailed,
-                "the key store is unavailable; retry".into(),
-            ),
+        }
+    }
+
+    /// Pushes stored messages to their recipients' sessions, here and on other relays.
+    fn route(&mut self, deliveries: Vec<crate::store::Delivery>) {
+        for d in deliveries {
+            for relay in &d.remote_relays {
+                self.forward(relay, d.recipient_id, &d.message);
+            }
+            self.deliver_local(d.recipient_id, d.message);
         }
     }
 
@@ -1057,9 +1113,11 @@ impl RelayServer {
                 recipient_id,
                 msg_id: m.msg_id,
                 from: m.from.clone(),
-                group: None,
+                group_id: m.group_id,
+                group: m.group.clone(),
                 body: m.body.clone(),
                 ts: m.ts,
+                event: m.event.clone(),
             });
             self.touched.insert(token);
             self.counters.forwarded += 1;
@@ -1152,9 +1210,11 @@ fn deliver(m: Stored) -> RelayToClient {
     RelayToClient::Msg {
         msg_id: m.msg_id,
         from: m.from,
-        group: None,
+        group_id: m.group_id,
+        group: m.group,
         body: m.body,
         ts: m.ts,
+        event: m.event,
     }
 }
 
@@ -1166,6 +1226,48 @@ fn frame_name(frame: &ClientToRelay) -> &'static str {
         ClientToRelay::Ack { .. } => "ack",
         ClientToRelay::Key { .. } => "key",
         ClientToRelay::Ping { .. } => "ping",
+        ClientToRelay::GroupCreate { .. } => "group_create",
+        ClientToRelay::GroupAdd { .. } => "group_add",
+        ClientToRelay::GroupRemove { .. } => "group_remove",
+        ClientToRelay::GroupPromote { .. } => "group_promote",
+        ClientToRelay::GroupLeave { .. } => "group_leave",
+        ClientToRelay::GroupList { .. } => "group_list",
+        ClientToRelay::GroupMembers { .. } => "group_members",
+    }
+}
+
+/// The group operation a frame asks for, with its request id.
+fn group_op(frame: &ClientToRelay) -> Option<(u64, GroupOp)> {
+    Some(match frame.clone() {
+        ClientToRelay::GroupCreate { id, name } => (id, GroupOp::Create { name }),
+        ClientToRelay::GroupAdd { id, group_id, user } => (id, GroupOp::Add { group_id, user }),
+        ClientToRelay::GroupRemove { id, group_id, user } => {
+            (id, GroupOp::Remove { group_id, user })
+        }
+        ClientToRelay::GroupPromote { id, group_id, user } => {
+            (id, GroupOp::Promote { group_id, user })
+        }
+        ClientToRelay::GroupLeave { id, group_id } => (id, GroupOp::Leave { group_id }),
+        ClientToRelay::GroupList { id } => (id, GroupOp::List),
+        ClientToRelay::GroupMembers { id, group_id } => (id, GroupOp::Members { group_id }),
+        _ => return None,
+    })
+}
+
+/// Names in a group operation must be well-formed before they reach the database.
+fn check_group_op(op: &GroupOp) -> Result<(), String> {
+    match op {
+        GroupOp::Create { name } if !valid_group_name(name) => {
+            Err("group names are 1-64 characters without control characters or outer spaces".into())
+        }
+        GroupOp::Add { user, .. }
+        | GroupOp::Remove { user, .. }
+        | GroupOp::Promote { user, .. }
+            if !valid_user_name(user) =>
+        {
+            Err(format!("there is no user called {user:?}"))
+        }
+        _ => Ok(()),
     }
 }
 

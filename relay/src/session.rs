@@ -115,6 +115,9 @@ mod tests {
             from: "a".into(),
             body: String::new(),
             ts: 0,
+            group_id: None,
+            group: None,
+            event: None,
         }
     }
 

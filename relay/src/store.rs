@@ -4,10 +4,14 @@
 //! Ordering rules that make routing race-free (DESIGN.md, "Routing a message"):
 //! a batch commits its message inserts *then* reads the recipients' presence; a login
 //! commits its presence row *then* reads the pending messages.
+//!
+//! Group membership operations run in a transaction of their own, in the batch's order,
+//! so a member added before a group message gets it.
 
+use crate::groups::{self, GroupOp, GroupOutcome};
 use fastchat_common::db::{DbConn, DbPool};
 use fastchat_common::pool::Completions;
-use fastchat_common::proto::ErrorCode;
+use fastchat_common::proto::{ErrorCode, GroupEvent, RelayToClient};
 use fastchat_common::{time, warn};
 use mio::Token;
 use std::collections::HashMap;
@@ -22,6 +26,26 @@ pub struct Stored {
     pub from: String,
     pub body: String,
     pub ts: u64,
+    pub group_id: Option<i64>,
+    pub group: Option<String>,
+    /// A membership event (then `body` is empty).
+    pub event: Option<GroupEvent>,
+}
+
+/// A stored message and where its recipient has sessions.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub recipient_id: i64,
+    pub message: Stored,
+    /// Relays other than this one where the recipient has sessions.
+    pub remote_relays: Vec<String>,
+}
+
+/// Who a message is for.
+#[derive(Debug, Clone)]
+pub enum Target {
+    User(String),
+    Group(i64),
 }
 
 /// Work for the pool. Every job is sharded by the user it acts for.
@@ -46,7 +70,7 @@ pub enum Job {
         req: u64,
         sender_id: i64,
         sender: String,
-        to: String,
+        target: Target,
         body: String,
     },
     /// Delete messages the recipient has stored.
@@ -60,6 +84,14 @@ pub enum Job {
         req: u64,
         user: String,
     },
+    /// A group operation.
+    Group {
+        conn: Token,
+        req: u64,
+        user_id: i64,
+        user: String,
+        op: GroupOp,
+    },
 }
 
 impl Job {
@@ -70,7 +102,8 @@ impl Job {
             | Job::FetchPending { user_id, .. }
             | Job::Ack { user_id, .. }
             | Job::Logout { user_id }
-            | Job::LookupKey { user_id, .. } => *user_id as u64,
+            | Job::LookupKey { user_id, .. }
+            | Job::Group { user_id, .. } => *user_id as u64,
             Job::Send { sender_id, .. } => *sender_id as u64,
         }
     }
@@ -86,20 +119,18 @@ pub enum Done {
         more: bool,
     },
     /// The login could not be recorded; the session must end.
-    LoginFailed {
-        conn: Token,
-    },
-    /// The message is durable; deliver it to local sessions of the recipient.
+    LoginFailed { conn: Token },
+    /// The message is durable (`msg_id`: its id, or for a group message the first
+    /// member's copy); deliver it.
     Sent {
         conn: Token,
         req: u64,
-        recipient_id: i64,
-        message: Stored,
-        /// Relays (other than this one) where the recipient has sessions.
-        remote_relays: Vec<String>,
+        msg_id: i64,
+        ts: u64,
+        deliveries: Vec<Delivery>,
     },
-    /// Nothing was stored.
-    SendFailed {
+    /// A request was refused or failed; nothing was stored.
+    Failed {
         conn: Token,
         req: u64,
         code: ErrorCode,
@@ -111,20 +142,12 @@ pub enum Done {
         user: String,
         pubkey: Option<String>,
     },
-    KeyFailed {
+    /// A group operation's reply and the events it wrote.
+    Group {
         conn: Token,
-        req: u64,
+        reply: RelayToClient,
+        deliveries: Vec<Delivery>,
     },
-}
-
-/// A worker's state: its database pool and a cache of user names to ids (names and
-/// ids never change once created, so the cache never goes stale).
-pub struct Worker {
-    db: DbPool,
-    relay_id: String,
-    done: Completions<Done>,
-    user_ids: HashMap<String, i64>,
-    metrics: Arc<StoreMetrics>,
 }
 
 /// Figures the workers keep for the relay's summary and `stats`.
@@ -138,7 +161,21 @@ pub struct StoreMetrics {
     pub failed_batches: AtomicU64,
 }
 
+/// A worker's state: its database pool and a cache of user names to ids (names and
+/// ids never change once created, so the cache never goes stale).
+pub struct Worker {
+    db: DbPool,
+    relay_id: String,
+    done: Completions<Done>,
+    user_ids: HashMap<String, i64>,
+    metrics: Arc<StoreMetrics>,
+    max_group_size: i64,
+}
+
 const USER_CACHE_LIMIT: usize = 100_000;
+
+/// A message row inserted by this batch: (msg_id, recipient).
+type Inserted = (i64, i64);
 
 impl Worker {
     pub fn new(
@@ -146,6 +183,7 @@ impl Worker {
         relay_id: String,
         done: Completions<Done>,
         metrics: Arc<StoreMetrics>,
+        max_group_size: i64,
     ) -> Worker {
         Worker {
             db,
@@ -153,11 +191,12 @@ impl Worker {
             done,
             user_ids: HashMap::new(),
             metrics,
+            max_group_size,
         }
     }
 
-    /// Runs one batch: one transaction for every write, then the reads that must follow
-    /// the commit.
+    /// Runs one batch: runs of message jobs in one transaction each, group operations
+    /// in their own, in the order they came.
     pub fn run_batch(&mut self, jobs: Vec<Job>) {
         let mut conn = match self.db.get() {
             Ok(c) => c,
@@ -166,8 +205,24 @@ impl Worker {
                 return self.fail_all(jobs);
             }
         };
+        let mut run = Vec::new();
+        for job in jobs {
+            if let Job::Group { .. } = job {
+                self.commit_run(&mut conn, std::mem::take(&mut run));
+                self.run_group_op(&mut conn, job);
+            } else {
+                run.push(job);
+            }
+        }
+        self.commit_run(&mut conn, run);
+    }
+
+    fn commit_run(&mut self, conn: &mut DbConn, jobs: Vec<Job>) {
+        if jobs.is_empty() {
+            return;
+        }
         let started = Instant::now();
-        let results = match self.commit_batch(&mut conn, &jobs) {
+        let results = match self.commit_batch(conn, &jobs) {
             Ok(results) => results,
             Err(e) => {
                 warn!("batch of {} jobs failed: {e}", jobs.len());
@@ -180,13 +235,92 @@ impl Worker {
         m.jobs.fetch_add(jobs.len() as u64, Ordering::Relaxed);
         m.commit_micros
             .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-        let stored = results
+        let stored: usize = results
             .iter()
-            .filter(|r| matches!(r, Done::Sent { .. }))
-            .count();
+            .map(|r| match r {
+                Done::Sent { deliveries, .. } => deliveries.len(),
+                _ => 0,
+            })
+            .sum();
         m.messages_stored
             .fetch_add(stored as u64, Ordering::Relaxed);
         self.done.send_all(results);
+    }
+
+    fn run_group_op(&mut self, conn: &mut DbConn, job: Job) {
+        let Job::Group {
+            conn: token,
+            req,
+            user_id,
+            user,
+            op,
+        } = job
+        else {
+            return;
+        };
+        let outcome = groups::run(conn, user_id, &user, op, req, self.max_group_size);
+        let result = match outcome {
+            Ok(GroupOutcome::Done { reply, events }) => {
+                match self.locate(conn, events.iter().map(|(_, r, _)| *r).collect()) {
+                    Ok(where_is) => Done::Group {
+                        conn: token,
+                        reply,
+                        deliveries: events
+                            .into_iter()
+                            .map(|(msg_id, recipient_id, message)| Delivery {
+                                recipient_id,
+                                remote_relays: where_is
+                                    .get(&recipient_id)
+                                    .cloned()
+                                    .unwrap_or_default(),
+                                message: Stored { msg_id, ..message },
+                            })
+                            .collect(),
+                    },
+                    // Committed; the events reach members at their next login.
+                    Err(_) => Done::Group {
+                        conn: token,
+                        reply,
+                        deliveries: Vec::new(),
+                    },
+                }
+            }
+            Ok(GroupOutcome::Refused(code, message)) => Done::Failed {
+                conn: token,
+                req,
+                code,
+                message,
+            },
+            Err(e) => {
+                warn!("group operation failed: {e}");
+                Done::Failed {
+                    conn: token,
+                    req,
+                    code: ErrorCode::StoreFailed,
+                    message: "the group store is unavailable; nothing changed, retry".into(),
+                }
+            }
+        };
+        self.done.send(result);
+    }
+
+    /// Where each recipient has sessions, other than on this relay.
+    fn locate(
+        &self,
+        conn: &mut DbConn,
+        recipients: Vec<i64>,
+    ) -> Result<HashMap<i64, Vec<String>>, postgres::Error> {
+        let mut where_is: HashMap<i64, Vec<String>> = HashMap::new();
+        if recipients.is_empty() {
+            return Ok(where_is);
+        }
+        for row in conn.query(
+            "SELECT user_id, relay_id FROM presence WHERE user_id = ANY($1) AND relay_id <> $2",
+            &[&recipients, &self.relay_id],
+        )? {
+            where_is.entry(row.get(0)).or_default().push(row.get(1));
+        }
+        Ok(where_is)
     }
 
     fn commit_batch(
@@ -194,14 +328,17 @@ impl Worker {
         conn: &mut DbConn,
         jobs: &[Job],
     ) -> Result<Vec<Done>, postgres::Error> {
-        let mut results = Vec::new();
         let mut tx = conn.transaction()?;
+        let now = time::now_ms();
 
         // Resolve recipient names, from the cache where possible.
         let unknown: Vec<&str> = jobs
             .iter()
             .filter_map(|j| match j {
-                Job::Send { to, .. } if !self.user_ids.contains_key(to) => Some(to.as_str()),
+                Job::Send {
+                    target: Target::User(to),
+                    ..
+                } if !self.user_ids.contains_key(to) => Some(to.as_str()),
                 _ => None,
             })
             .collect();
@@ -217,31 +354,34 @@ impl Worker {
             }
         }
 
-        // Message inserts, ids drawn in order so one sender's messages keep their order.
-        let sends: Vec<(&Job, i64)> = jobs
+        // Direct messages: one multi-row insert, ids drawn in order so one sender's
+        // messages keep their order.
+        let direct: Vec<(&Job, i64)> = jobs
             .iter()
             .filter_map(|j| match j {
-                Job::Send { to, .. } => self.user_ids.get(to).map(|id| (j, *id)),
+                Job::Send {
+                    target: Target::User(to),
+                    ..
+                } => self.user_ids.get(to).map(|id| (j, *id)),
                 _ => None,
             })
             .collect();
-        let now = time::now_ms();
-        let mut inserted: Vec<(i64, i64)> = Vec::new(); // (msg_id, recipient)
-        if !sends.is_empty() {
+        let mut direct_rows: Vec<Inserted> = Vec::new();
+        if !direct.is_empty() {
             let mut ids: Vec<i64> = tx
                 .query(
                     "SELECT nextval(pg_get_serial_sequence('messages', 'id'))
                      FROM generate_series(1, $1::int8)",
-                    &[&(sends.len() as i64)],
+                    &[&(direct.len() as i64)],
                 )?
                 .iter()
                 .map(|r| r.get(0))
                 .collect();
             ids.sort_unstable();
-            let mut recipients = Vec::with_capacity(sends.len());
-            let mut senders = Vec::with_capacity(sends.len());
-            let mut bodies = Vec::with_capacity(sends.len());
-            for (job, recipient) in &sends {
+            let mut recipients = Vec::with_capacity(direct.len());
+            let mut senders = Vec::with_capacity(direct.len());
+            let mut bodies = Vec::with_capacity(direct.len());
+            for (job, recipient) in &direct {
                 if let Job::Send {
                     sender_id, body, ..
                 } = job
@@ -251,13 +391,50 @@ impl Worker {
                     bodies.push(body.as_str());
                 }
             }
-            let stamps = vec![now as i64; sends.len()];
+            let stamps = vec![now as i64; direct.len()];
             tx.execute(
                 "INSERT INTO messages (recipient_id, id, sender_id, body, sent_at_ms)
                  SELECT * FROM unnest($1::int8[], $2::int8[], $3::int8[], $4::text[], $5::int8[])",
                 &[&recipients, &ids, &senders, &bodies, &stamps],
             )?;
-            inserted = ids.into_iter().zip(recipients).collect();
+            direct_rows = ids.into_iter().zip(recipients).collect();
+        }
+
+        // Group messages: one row per other member, in one statement each, only if the
+        // sender is a member.
+        let mut group_rows: Vec<Option<(String, Vec<Inserted>)>> = Vec::new();
+        for job in jobs {
+            if let Job::Send {
+                sender_id,
+                target: Target::Group(group_id),
+                body,
+                ..
+            } = job
+            {
+                let member = tx.query_opt(
+                    "SELECT g.name FROM group_members gm JOIN groups g ON g.id = gm.group_id
+                     WHERE gm.group_id = $1 AND gm.user_id = $2",
+                    &[group_id, sender_id],
+                )?;
+                let Some(row) = member else {
+                    group_rows.push(None);
+                    continue;
+                };
+                let rows = tx.query(
+                    "INSERT INTO messages (recipient_id, id, sender_id, body, sent_at_ms, group_id)
+                     SELECT gm.user_id, nextval(pg_get_serial_sequence('messages', 'id')),
+                            $2, $3, $4, $1
+                     FROM group_members gm
+                     WHERE gm.group_id = $1 AND gm.user_id <> $2
+                     ORDER BY gm.joined_seq
+                     RETURNING id, recipient_id",
+                    &[group_id, sender_id, body, &(now as i64)],
+                )?;
+                group_rows.push(Some((
+                    row.get(0),
+                    rows.iter().map(|r| (r.get(0), r.get(1))).collect(),
+                )));
+            }
         }
 
         // Acknowledged messages: only the acknowledging user's own rows.
@@ -298,51 +475,93 @@ impl Worker {
         tx.commit()?;
 
         // After the commit: where are the recipients?
-        let mut where_is: HashMap<i64, Vec<String>> = HashMap::new();
-        if !inserted.is_empty() {
-            let recipients: Vec<i64> = inserted.iter().map(|(_, r)| *r).collect();
-            for row in conn.query(
-                "SELECT user_id, relay_id FROM presence WHERE user_id = ANY($1) AND relay_id <> $2",
-                &[&recipients, &self.relay_id],
-            )? {
-                where_is.entry(row.get(0)).or_default().push(row.get(1));
-            }
-        }
-        let mut inserted = inserted.into_iter();
+        let recipients: Vec<i64> = direct_rows
+            .iter()
+            .map(|(_, r)| *r)
+            .chain(
+                group_rows
+                    .iter()
+                    .flatten()
+                    .flat_map(|(_, rows)| rows.iter().map(|(_, r)| *r)),
+            )
+            .collect();
+        let where_is = self.locate(conn, recipients)?;
+        let located = |recipient_id: i64, message: Stored| Delivery {
+            recipient_id,
+            remote_relays: where_is.get(&recipient_id).cloned().unwrap_or_default(),
+            message,
+        };
+
+        let mut results = Vec::new();
+        let mut direct_rows = direct_rows.into_iter();
+        let mut group_rows = group_rows.into_iter();
         for job in jobs {
             match job {
                 Job::Send {
                     conn: token,
                     req,
                     sender,
-                    to,
+                    target,
                     body,
                     ..
                 } => {
-                    if !self.user_ids.contains_key(to) {
-                        results.push(Done::SendFailed {
-                            conn: *token,
-                            req: *req,
-                            code: ErrorCode::UnknownUser,
-                            message: format!("there is no user called {to}"),
-                        });
-                        continue;
-                    }
-                    let (msg_id, recipient_id) = inserted
-                        .next()
-                        .expect("one inserted row per send with a known recipient, in order");
-                    results.push(Done::Sent {
-                        conn: *token,
-                        req: *req,
-                        recipient_id,
-                        message: Stored {
-                            msg_id,
-                            from: sender.clone(),
-                            body: body.clone(),
-                            ts: now,
+                    let stored = |msg_id, group_id, group| Stored {
+                        msg_id,
+                        from: sender.clone(),
+                        body: body.clone(),
+                        ts: now,
+                        group_id,
+                        group,
+                        event: None,
+                    };
+                    match target {
+                        Target::User(to) if !self.user_ids.contains_key(to) => {
+                            results.push(Done::Failed {
+                                conn: *token,
+                                req: *req,
+                                code: ErrorCode::UnknownUser,
+                                message: format!("there is no user called {to}"),
+                            });
+                        }
+                        Target::User(_) => {
+                            let (msg_id, recipient_id) = direct_rows
+                                .next()
+                                .expect("one inserted row per send to a known user, in order");
+                            results.push(Done::Sent {
+                                conn: *token,
+                                req: *req,
+                                msg_id,
+                                ts: now,
+                                deliveries: vec![located(recipient_id, stored(msg_id, None, None))],
+                            });
+                        }
+                        Target::Group(group_id) => match group_rows
+                            .next()
+                            .expect("one entry per group send, in order")
+                        {
+                            None => results.push(Done::Failed {
+                                conn: *token,
+                                req: *req,
+                                code: ErrorCode::NotMember,
+                                message: format!("you are not a member of group {group_id}"),
+                            }),
+                            Some((name, rows)) => results.push(Done::Sent {
+                                conn: *token,
+                                req: *req,
+                                msg_id: rows.first().map_or(0, |(id, _)| *id),
+                                ts: now,
+                                deliveries: rows
+                                    .into_iter()
+                                    .map(|(msg_id, r)| {
+                                        located(
+                                            r,
+                                            stored(msg_id, Some(*group_id), Some(name.clone())),
+                                        )
+                                    })
+                                    .collect(),
+                            }),
                         },
-                        remote_relays: where_is.get(&recipient_id).cloned().unwrap_or_default(),
-                    });
+                    }
                 }
                 Job::Login {
                     conn: token,
@@ -382,7 +601,7 @@ impl Worker {
                         pubkey,
                     });
                 }
-                Job::Ack { .. } | Job::Logout { .. } => {}
+                Job::Ack { .. } | Job::Logout { .. } | Job::Group { .. } => {}
             }
         }
         Ok(results)
@@ -391,7 +610,9 @@ impl Worker {
     /// Answers every job of a failed batch: nothing in it was committed.
     fn fail_all(&self, jobs: Vec<Job>) {
         let results = jobs.into_iter().filter_map(|job| match job {
-            Job::Send { conn, req, .. } => Some(Done::SendFailed {
+            Job::Send { conn, req, .. }
+            | Job::LookupKey { conn, req, .. }
+            | Job::Group { conn, req, .. } => Some(Done::Failed {
                 conn,
                 req,
                 code: ErrorCode::StoreFailed,
@@ -400,7 +621,6 @@ impl Worker {
             Job::Login { conn, .. } | Job::FetchPending { conn, .. } => {
                 Some(Done::LoginFailed { conn })
             }
-            Job::LookupKey { conn, req, .. } => Some(Done::KeyFailed { conn, req }),
             // An ack that did not commit is harmless: the message is delivered again.
             Job::Ack { .. } | Job::Logout { .. } => None,
         });
@@ -416,19 +636,33 @@ fn fetch_pending(
     page: i64,
 ) -> Result<Vec<Stored>, postgres::Error> {
     let rows = conn.query(
-        "SELECT m.id, u.name, m.body, m.sent_at_ms
-         FROM messages m JOIN users u ON u.id = m.sender_id
+        "SELECT m.id, u.name, m.body, m.sent_at_ms, m.group_id, g.name, m.system
+         FROM messages m
+         JOIN users u ON u.id = m.sender_id
+         LEFT JOIN groups g ON g.id = m.group_id
          WHERE m.recipient_id = $1 AND m.id > $2
          ORDER BY m.id LIMIT $3",
         &[&user_id, &after, &page],
     )?;
     Ok(rows
         .iter()
-        .map(|r| Stored {
-            msg_id: r.get(0),
-            from: r.get(1),
-            body: r.get(2),
-            ts: r.get::<_, i64>(3) as u64,
+        .map(|r| {
+            let system: bool = r.get(6);
+            let body: String = r.get(2);
+            let event = if system {
+                serde_json::from_str::<GroupEvent>(&body).ok()
+            } else {
+                None
+            };
+            Stored {
+                msg_id: r.get(0),
+                from: r.get(1),
+                body: if system { String::new() } else { body },
+                ts: r.get::<_, i64>(3) as u64,
+                group_id: r.get(4),
+                group: r.get(5),
+                event,
+            }
         })
         .collect())
 }

@@ -1,0 +1,529 @@
+//! Groups on the client: membership requests to the relay, the group keys, and the
+//! group side of receiving.
+//!
+//! Group keys are Fernet keys kept under the conversation `#<group id>`, each with the
+//! group epoch it was made for. The creating admin makes the first; the admin who adds a
+//! member hands them the newest over their pairwise channel (an ordinary end-to-end
+//! message whose payload carries the key); when a member leaves or is removed, an admin
+//! makes a key for the new epoch and hands it to every remaining member — the removing
+//! admin at once, any other admin when it reads the event (so an admin who was offline
+//! does it when it comes online). Grants are accepted only from admins of the group.
+//! Senders use the newest key they hold; old keys stay, to read history.
+
+use crate::chat::{connection_lost, Chat, Event, GroupNotice, Opened, Received, SendTarget, Sent};
+use crate::e2e::{self, ConversationKey, GroupKeyGrant, TextPayload};
+use crate::error::ClientError;
+use crate::store::{DeliveryState, GroupState, HistoryEntry, InboxEntry};
+use fastchat_common::proto::{
+    ClientToRelay, ErrorCode, GroupEvent, GroupMember, GroupSummary, RelayToClient,
+};
+use fastchat_common::time;
+use std::collections::BTreeMap;
+
+/// The conversation under which a group's keys are kept.
+fn conversation(group_id: i64) -> String {
+    format!("#{group_id}")
+}
+
+fn refused(code: ErrorCode, message: String) -> ClientError {
+    ClientError::Refused {
+        code,
+        message,
+        retry_after_ms: None,
+    }
+}
+
+impl Chat {
+    /// Sends a group request and waits for its reply, failing over if the relay goes.
+    fn group_request(
+        &mut self,
+        make: impl Fn(u64) -> ClientToRelay,
+    ) -> Result<RelayToClient, ClientError> {
+        loop {
+            let id = self.relay.next_id();
+            self.relay.queue(&make(id));
+            let result = self.relay.flush().and_then(|()| {
+                self.relay.wait_reply(id, |f| {
+                    matches!(f,
+                        RelayToClient::Group { id: got, .. }
+                        | RelayToClient::Groups { id: got, .. }
+                        | RelayToClient::Members { id: got, .. } if *got == id)
+                })
+            });
+            match result {
+                Err(e) if connection_lost(&e) => self.reconnect()?,
+                other => return other,
+            }
+        }
+    }
+
+    fn expect_group(&mut self, reply: RelayToClient) -> Result<GroupSummary, ClientError> {
+        match reply {
+            RelayToClient::Group { group, .. } => {
+                self.remember_group(&group);
+                self.store.save()?;
+                Ok(group)
+            }
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    fn remember_group(&mut self, g: &GroupSummary) {
+        self.store.data_mut().groups.insert(
+            g.group_id,
+            GroupState {
+                name: g.name.clone(),
+                epoch: g.epoch,
+                role: g.role.clone(),
+            },
+        );
+    }
+
+    /// Creates a group with this user as admin, and its first key.
+    pub fn group_create(&mut self, name: &str) -> Result<GroupSummary, ClientError> {
+        let reply = self.group_request(|id| ClientToRelay::GroupCreate {
+            id,
+            name: name.to_string(),
+        })?;
+        let group = self.expect_group(reply)?;
+        self.new_group_key(group.group_id, group.epoch)?;
+        Ok(group)
+    }
+
+    /// This user's groups.
+    pub fn groups(&mut self) -> Result<Vec<GroupSummary>, ClientError> {
+        match self.group_request(|id| ClientToRelay::GroupList { id })? {
+            RelayToClient::Groups { groups, .. } => {
+                for g in &groups {
+                    self.remember_group(g);
+                }
+                self.store.save()?;
+                Ok(groups)
+            }
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// Finds one of this user's groups by name, or by `#ID`. Unknown and ambiguous
+    /// names are errors that say what to do.
+    pub fn resolve_group(&mut self, name: &str) -> Result<GroupSummary, ClientError> {
+        let groups = self.groups()?;
+        if let Some(id) = name.strip_prefix('#').and_then(|n| n.parse::<i64>().ok()) {
+            return groups
+                .into_iter()
+                .find(|g| g.group_id == id)
+                .ok_or_else(|| {
+                    refused(ErrorCode::NotMember, format!("you are in no group #{id}"))
+                });
+        }
+        let mut matching: Vec<GroupSummary> =
+            groups.into_iter().filter(|g| g.name == name).collect();
+        match matching.len() {
+            0 => Err(refused(
+                ErrorCode::NotMember,
+                format!("you are in no group called {name:?} (see `fastchat group list`)"),
+            )),
+            1 => Ok(matching.remove(0)),
+            _ => {
+                let ids: Vec<String> = matching
+                    .iter()
+                    .map(|g| format!("#{}", g.group_id))
+                    .collect();
+                Err(ClientError::Usage(format!(
+                    "you are in several groups called {name:?}; name one by id: {}",
+                    ids.join(", ")
+                )))
+            }
+        }
+    }
+
+    /// A group's members and their roles.
+    pub fn group_members(
+        &mut self,
+        group_id: i64,
+    ) -> Result<(GroupSummary, Vec<GroupMember>), ClientError> {
+        match self.group_request(|id| ClientToRelay::GroupMembers { id, group_id })? {
+            RelayToClient::Members { group, members, .. } => {
+                self.remember_group(&group);
+                Ok((group, members))
+            }
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// Adds `user` (admins only) and hands them the newest group key.
+    pub fn group_add(&mut self, group_id: i64, user: &str) -> Result<GroupSummary, ClientError> {
+        let reply = self.group_request(|id| ClientToRelay::GroupAdd {
+            id,
+            group_id,
+            user: user.to_string(),
+        })?;
+        let group = self.expect_group(reply)?;
+        match self.newest_group_key(group_id) {
+            Some((key, epoch)) => self.grant(group_id, user, &key, epoch)?,
+            None => {
+                // An admin without a key: make one for the current epoch (everyone gets it).
+                self.rotate(group_id, group.epoch)?;
+            }
+        }
+        Ok(group)
+    }
+
+    /// Removes `user` (admins only) and rotates the key so they cannot read what follows.
+    pub fn group_remove(&mut self, group_id: i64, user: &str) -> Result<GroupSummary, ClientError> {
+        let reply = self.group_request(|id| ClientToRelay::GroupRemove {
+            id,
+            group_id,
+            user: user.to_string(),
+        })?;
+        let group = self.expect_group(reply)?;
+        self.rotate(group_id, group.epoch)?;
+        Ok(group)
+    }
+
+    /// Makes `user` an admin (admins only).
+    pub fn group_promote(
+        &mut self,
+        group_id: i64,
+        user: &str,
+    ) -> Result<GroupSummary, ClientError> {
+        let reply = self.group_request(|id| ClientToRelay::GroupPromote {
+            id,
+            group_id,
+            user: user.to_string(),
+        })?;
+        self.expect_group(reply)
+    }
+
+    /// Leaves the group. Its keys stay, to read the history.
+    pub fn group_leave(&mut self, group_id: i64) -> Result<GroupSummary, ClientError> {
+        let reply = self.group_request(|id| ClientToRelay::GroupLeave { id, group_id })?;
+        self.expect_group(reply)
+    }
+
+    /// Encrypts `text` with the newest group key and sends it to every other member;
+    /// returns once the relay has stored it for all of them.
+    pub fn send_group(&mut self, group_id: i64, text: &str) -> Result<Sent, ClientError> {
+        let state = self.store.data().groups.get(&group_id).cloned();
+        // An admin whose newest key predates the group's epoch rotates first.
+        if let Some(state) = &state {
+            let newest = self.newest_group_key(group_id).map_or(0, |(_, e)| e);
+            if state.role == "admin" && newest < state.epoch {
+                self.rotate(group_id, state.epoch)?;
+            }
+        }
+        let Some((key, epoch)) = self.newest_group_key(group_id) else {
+            return Err(refused(
+                ErrorCode::NotMember,
+                format!(
+                    "no key for group #{group_id} yet: an admin hands it over when they are online"
+                ),
+            ));
+        };
+        let payload = TextPayload {
+            group_key: None,
+            mid: e2e::new_message_id(),
+            ts: time::now_ms(),
+            text: text.to_string(),
+        };
+        let body = e2e::seal_group_text(&key, group_id, epoch, &payload)?.to_body();
+        let name = state.map(|s| s.name);
+        self.record_outgoing(&conversation(group_id), name, text, &payload)?;
+        let sent = self.deliver(&SendTarget::Group(group_id), &[body])?;
+        if let Some(entry) = self
+            .store
+            .data_mut()
+            .history
+            .iter_mut()
+            .rev()
+            .find(|h| h.mid == payload.mid)
+        {
+            entry.msg_id = Some(sent.msg_id);
+            entry.state = DeliveryState::Stored;
+        }
+        self.store.save()?;
+        Ok(sent)
+    }
+
+    /// The newest key held for the group, and its epoch.
+    fn newest_group_key(&self, group_id: i64) -> Option<(ConversationKey, i32)> {
+        let conv = self
+            .store
+            .data()
+            .conversations
+            .get(&conversation(group_id))?;
+        let id = conv.current.as_ref()?;
+        Some((
+            ConversationKey {
+                id: id.clone(),
+                key: conv.keys.get(id)?.clone(),
+            },
+            conv.epochs.get(id).copied().unwrap_or(0),
+        ))
+    }
+
+    /// Keeps a group key; it becomes the one to send with if its epoch is the newest.
+    fn keep_group_key(&mut self, group_id: i64, key: &ConversationKey, epoch: i32) {
+        let conv = self
+            .store
+            .data_mut()
+            .conversations
+            .entry(conversation(group_id))
+            .or_default();
+        conv.keys.insert(key.id.clone(), key.key.clone());
+        conv.epochs.insert(key.id.clone(), epoch);
+        let current_epoch = conv
+            .current
+            .as_ref()
+            .and_then(|id| conv.epochs.get(id))
+            .copied()
+            .unwrap_or(i32::MIN);
+        if epoch >= current_epoch {
+            conv.current = Some(key.id.clone());
+        }
+    }
+
+    /// Makes a key for `epoch` and keeps it (saved before it is handed out).
+    fn new_group_key(&mut self, group_id: i64, epoch: i32) -> Result<ConversationKey, ClientError> {
+        let key = ConversationKey::generate();
+        self.keep_group_key(group_id, &key, epoch);
+        self.store.save()?;
+        Ok(key)
+    }
+
+    /// Hands a group key to `user` over the pairwise channel.
+    fn grant(
+        &mut self,
+        group_id: i64,
+        user: &str,
+        key: &ConversationKey,
+        epoch: i32,
+    ) -> Result<(), ClientError> {
+        let grant = GroupKeyGrant {
+            group_id,
+            key_id: key.id.clone(),
+            epoch,
+            key: key.key.clone(),
+        };
+        self.send_pairwise(user, "", Some(grant))?;
+        Ok(())
+    }
+
+    /// Makes a key for `epoch` and hands it to every other current member.
+    pub fn rotate(&mut self, group_id: i64, epoch: i32) -> Result<(), ClientError> {
+        let (_, members) = self.group_members(group_id)?;
+        let key = self.new_group_key(group_id, epoch)?;
+        let me = self.user().to_string();
+        for m in members.iter().filter(|m| m.user != me) {
+            self.grant(group_id, &m.user, &key, epoch)?;
+        }
+        Ok(())
+    }
+
+    /// A group key from `from`: kept if `from` is an admin of the group right now.
+    pub(crate) fn accept_grant(
+        &mut self,
+        from: &str,
+        grant: GroupKeyGrant,
+    ) -> Result<(), ClientError> {
+        let members = match self.group_members(grant.group_id) {
+            Ok((_, members)) => members,
+            // Not (or no longer) a member: the key is of no use.
+            Err(ClientError::Refused { .. }) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let from_admin = members.iter().any(|m| m.user == from && m.role == "admin");
+        if !from_admin {
+            return Ok(());
+        }
+        let key = ConversationKey {
+            id: grant.key_id,
+            key: grant.key,
+        };
+        // A malformed key would only fail later; check it now.
+        if e2e::seal_text(
+            &key,
+            &TextPayload {
+                group_key: None,
+                mid: e2e::new_message_id(),
+                ts: 0,
+                text: String::new(),
+            },
+        )
+        .is_err()
+        {
+            return Ok(());
+        }
+        self.keep_group_key(grant.group_id, &key, grant.epoch);
+        Ok(())
+    }
+
+    /// A membership event: shown, and remembered.
+    pub(crate) fn group_event(
+        &mut self,
+        m: &InboxEntry,
+        group_id: i64,
+        event: GroupEvent,
+    ) -> Opened {
+        let name = m
+            .group
+            .clone()
+            .or_else(|| {
+                self.store
+                    .data()
+                    .groups
+                    .get(&group_id)
+                    .map(|g| g.name.clone())
+            })
+            .unwrap_or_else(|| format!("#{group_id}"));
+        let me = self.user().to_string();
+        let state = self
+            .store
+            .data_mut()
+            .groups
+            .entry(group_id)
+            .or_insert_with(|| GroupState {
+                name: name.clone(),
+                epoch: event.epoch,
+                role: "member".into(),
+            });
+        state.epoch = state.epoch.max(event.epoch);
+        if event.user == me {
+            match event.event.as_str() {
+                "removed" | "left" => state.role = "none".into(),
+                "promoted" | "created" => state.role = "admin".into(),
+                "added" => state.role = "member".into(),
+                _ => {}
+            }
+        }
+        self.store.data_mut().history.push(HistoryEntry {
+            peer: conversation(group_id),
+            group: Some(name.clone()),
+            from: m.from.clone(),
+            text: describe(&event, &name),
+            ts: m.ts,
+            msg_id: Some(m.msg_id),
+            mid: String::new(),
+            outgoing: false,
+            state: DeliveryState::Received,
+        });
+        Opened::Shown(Event::Group(GroupNotice {
+            msg_id: m.msg_id,
+            group_id,
+            group: name,
+            event,
+            ts: m.ts,
+        }))
+    }
+
+    /// Opens a group text, or holds it until its key arrives.
+    pub(crate) fn open_group_text(
+        &mut self,
+        m: InboxEntry,
+        group_id: i64,
+        key_id: &str,
+        token: &str,
+    ) -> Result<Opened, ClientError> {
+        let key = self
+            .store
+            .data()
+            .conversations
+            .get(&conversation(group_id))
+            .and_then(|c| c.keys.get(key_id))
+            .map(|k| ConversationKey {
+                id: key_id.to_string(),
+                key: k.clone(),
+            });
+        let Some(key) = key else {
+            return Ok(Opened::Held(m));
+        };
+        let payload = match e2e::open_text(&key, token) {
+            Ok(p) => p,
+            Err(e) => {
+                return Ok(Opened::Shown(Event::Undecryptable {
+                    msg_id: m.msg_id,
+                    from: m.from.clone(),
+                    why: e.to_string(),
+                }))
+            }
+        };
+        if !self
+            .store
+            .remember_mid(&format!("{}/{}", m.from, payload.mid))
+        {
+            return Ok(Opened::Nothing);
+        }
+        let name = m.group.clone().or_else(|| {
+            self.store
+                .data()
+                .groups
+                .get(&group_id)
+                .map(|g| g.name.clone())
+        });
+        self.store.data_mut().history.push(HistoryEntry {
+            peer: conversation(group_id),
+            group: name.clone(),
+            from: m.from.clone(),
+            text: payload.text.clone(),
+            ts: payload.ts,
+            msg_id: Some(m.msg_id),
+            mid: payload.mid.clone(),
+            outgoing: false,
+            state: DeliveryState::Received,
+        });
+        Ok(Opened::Shown(Event::Message(Received {
+            msg_id: m.msg_id,
+            from: m.from,
+            group_id: Some(group_id),
+            group: name,
+            text: payload.text,
+            ts: m.ts,
+            mid: payload.mid,
+        })))
+    }
+
+    /// After a batch: for each group where someone left or was removed and our newest
+    /// key is older than the new epoch, an admin (checked with the server) rotates.
+    pub(crate) fn after_events(&mut self, events: &[Event]) -> Result<(), ClientError> {
+        let me = self.user().to_string();
+        let mut due: BTreeMap<i64, i32> = BTreeMap::new();
+        for e in events {
+            if let Event::Group(n) = e {
+                if matches!(n.event.event.as_str(), "removed" | "left") && n.event.user != me {
+                    let epoch = due.entry(n.group_id).or_insert(n.event.epoch);
+                    *epoch = (*epoch).max(n.event.epoch);
+                }
+            }
+        }
+        for (group_id, epoch) in due {
+            let newest = self.newest_group_key(group_id).map_or(0, |(_, e)| e);
+            if newest >= epoch {
+                continue;
+            }
+            let (group, _) = match self.group_members(group_id) {
+                Ok(g) => g,
+                Err(ClientError::Refused { .. }) => continue,
+                Err(e) => return Err(e),
+            };
+            if group.role == "admin" && group.epoch >= epoch {
+                self.rotate(group_id, group.epoch)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A membership event in words.
+pub fn describe(event: &GroupEvent, group: &str) -> String {
+    match event.event.as_str() {
+        "created" => format!("{} created {group}", event.by),
+        "added" => format!("{} added {} to {group}", event.by, event.user),
+        "removed" => format!("{} removed {} from {group}", event.by, event.user),
+        "promoted" if event.by == event.user => {
+            format!("{} is now an admin of {group}", event.user)
+        }
+        "promoted" => format!("{} made {} an admin of {group}", event.by, event.user),
+        "left" => format!("{} left {group}", event.user),
+        other => format!("{group}: {other} {}", event.user),
+    }
+}

@@ -1,0 +1,481 @@
+//! Group membership operations, each in a transaction of its own on a worker.
+//!
+//! The group row is locked (`FOR UPDATE`) for the length of an operation, so two admins
+//! changing one group at once take turns. Every change writes an event row for each
+//! member concerned, in the same transaction, so events reach members in order with the
+//! messages — and only after they are durable.
+
+use crate::store::Stored;
+use fastchat_common::db::DbConn;
+use fastchat_common::proto::{ErrorCode, GroupEvent, GroupMember, GroupSummary, RelayToClient};
+use fastchat_common::time;
+use postgres::Transaction;
+
+/// What a member asked for.
+#[derive(Debug, Clone)]
+pub enum GroupOp {
+    Create { name: String },
+    Add { group_id: i64, user: String },
+    Remove { group_id: i64, user: String },
+    Promote { group_id: i64, user: String },
+    Leave { group_id: i64 },
+    List,
+    Members { group_id: i64 },
+}
+
+/// How an operation ended.
+pub enum GroupOutcome {
+    /// Committed: the reply, and the event rows written (msg_id, recipient, message).
+    Done {
+        reply: RelayToClient,
+        events: Vec<(i64, i64, Stored)>,
+    },
+    /// Refused; nothing changed.
+    Refused(ErrorCode, String),
+}
+
+fn refused(code: ErrorCode, message: impl Into<String>) -> Result<GroupOutcome, postgres::Error> {
+    Ok(GroupOutcome::Refused(code, message.into()))
+}
+
+/// Runs `op` for `actor` in one transaction.
+pub fn run(
+    conn: &mut DbConn,
+    actor_id: i64,
+    actor: &str,
+    op: GroupOp,
+    req: u64,
+    max_size: i64,
+) -> Result<GroupOutcome, postgres::Error> {
+    let mut tx = conn.transaction()?;
+    let outcome = Op {
+        tx: &mut tx,
+        actor_id,
+        actor,
+        req,
+    }
+    .run(op, max_size)?;
+    if let GroupOutcome::Done { .. } = outcome {
+        tx.commit()?;
+    }
+    Ok(outcome)
+}
+
+struct Op<'a, 't> {
+    tx: &'a mut Transaction<'t>,
+    actor_id: i64,
+    actor: &'a str,
+    req: u64,
+}
+
+/// The group as locked for a change: (name, epoch).
+type Locked = (String, i32);
+
+impl Op<'_, '_> {
+    fn run(&mut self, op: GroupOp, max_size: i64) -> Result<GroupOutcome, postgres::Error> {
+        match op {
+            GroupOp::Create { name } => self.create(&name),
+            GroupOp::Add { group_id, user } => self.add(group_id, &user, max_size),
+            GroupOp::Remove { group_id, user } => self.remove(group_id, &user),
+            GroupOp::Promote { group_id, user } => self.promote(group_id, &user),
+            GroupOp::Leave { group_id } => self.leave(group_id),
+            GroupOp::List => self.list(),
+            GroupOp::Members { group_id } => self.members(group_id),
+        }
+    }
+
+    fn lock(&mut self, group_id: i64) -> Result<Option<Locked>, postgres::Error> {
+        Ok(self
+            .tx
+            .query_opt(
+                "SELECT name, epoch FROM groups WHERE id = $1 FOR UPDATE",
+                &[&group_id],
+            )?
+            .map(|r| (r.get(0), r.get(1))))
+    }
+
+    fn role_of(&mut self, group_id: i64, user_id: i64) -> Result<Option<String>, postgres::Error> {
+        Ok(self
+            .tx
+            .query_opt(
+                "SELECT role FROM group_members WHERE group_id = $1 AND user_id = $2",
+                &[&group_id, &user_id],
+            )?
+            .map(|r| r.get(0)))
+    }
+
+    fn user_id_of(&mut self, name: &str) -> Result<Option<i64>, postgres::Error> {
+        Ok(self
+            .tx
+            .query_opt("SELECT id FROM users WHERE name = $1", &[&name])?
+            .map(|r| r.get(0)))
+    }
+
+    fn member_ids(&mut self, group_id: i64) -> Result<Vec<i64>, postgres::Error> {
+        Ok(self
+            .tx
+            .query(
+                "SELECT user_id FROM group_members WHERE group_id = $1 ORDER BY joined_seq",
+                &[&group_id],
+            )?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+    }
+
+    fn summary(&mut self, group_id: i64) -> Result<GroupSummary, postgres::Error> {
+        let row = self.tx.query_one(
+            "SELECT g.name, g.epoch,
+                    (SELECT count(*) FROM group_members WHERE group_id = g.id),
+                    (SELECT role FROM group_members WHERE group_id = g.id AND user_id = $2)
+             FROM groups g WHERE g.id = $1",
+            &[&group_id, &self.actor_id],
+        )?;
+        Ok(GroupSummary {
+            group_id,
+            name: row.get(0),
+            epoch: row.get(1),
+            members: row.get::<_, i64>(2) as u32,
+            role: row
+                .get::<_, Option<String>>(3)
+                .unwrap_or_else(|| "none".into()),
+        })
+    }
+
+    /// The actor must be a member (and an admin if `admin`): the locked group, or the
+    /// refusal. A group that does not exist looks like one the actor is not in.
+    fn require(
+        &mut self,
+        group_id: i64,
+        admin: bool,
+    ) -> Result<Result<Locked, GroupOutcome>, postgres::Error> {
+        let not_member = || {
+            GroupOutcome::Refused(
+                ErrorCode::NotMember,
+                format!("you are not a member of group {group_id}"),
+            )
+        };
+        let Some(locked) = self.lock(group_id)? else {
+            return Ok(Err(not_member()));
+        };
+        match self.role_of(group_id, self.actor_id)?.as_deref() {
+            None => Ok(Err(not_member())),
+            Some("admin") => Ok(Ok(locked)),
+            Some(_) if admin => Ok(Err(GroupOutcome::Refused(
+                ErrorCode::NotAdmin,
+                format!("only admins of {} may do that", locked.0),
+            ))),
+            Some(_) => Ok(Ok(locked)),
+        }
+    }
+
+    /// Writes `event` for each of `recipients`, from the actor.
+    fn emit(
+        &mut self,
+        group_id: i64,
+        name: &str,
+        recipients: &[i64],
+        event: GroupEvent,
+    ) -> Result<Vec<(i64, i64, Stored)>, postgres::Error> {
+        let now = time::now_ms();
+        let body = serde_json::to_string(&event).expect("a GroupEvent serialises to JSON");
+        let rows = self.tx.query(
+            "INSERT INTO messages (recipient_id, id, sender_id, body, sent_at_ms, group_id, system)
+             SELECT r, nextval(pg_get_serial_sequence('messages', 'id')), $2, $3, $4, $5, true
+             FROM unnest($1::int8[]) AS r
+             RETURNING id, recipient_id",
+            &[&recipients, &self.actor_id, &body, &(now as i64), &group_id],
+        )?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let msg_id: i64 = r.get(0);
+                (
+                    msg_id,
+                    r.get(1),
+                    Stored {
+                        msg_id,
+                        from: self.actor.to_string(),
+                        body: String::new(),
+                        ts: now,
+                        group_id: Some(group_id),
+                        group: Some(name.to_string()),
+                        event: Some(event.clone()),
+                    },
+                )
+            })
+            .collect())
+    }
+
+    fn done(
+        &mut self,
+        group_id: i64,
+        events: Vec<(i64, i64, Stored)>,
+    ) -> Result<GroupOutcome, postgres::Error> {
+        let group = self.summary(group_id)?;
+        Ok(GroupOutcome::Done {
+            reply: RelayToClient::Group {
+                id: self.req,
+                group,
+            },
+            events,
+        })
+    }
+
+    fn create(&mut self, name: &str) -> Result<GroupOutcome, postgres::Error> {
+        let group_id: i64 = self
+            .tx
+            .query_one(
+                "INSERT INTO groups (name, created_by) VALUES ($1, $2) RETURNING id",
+                &[&name, &self.actor_id],
+            )?
+            .get(0);
+        self.tx.execute(
+            "INSERT INTO group_members (group_id, user_id, role) VALUES ($1, $2, 'admin')",
+            &[&group_id, &self.actor_id],
+        )?;
+        let event = GroupEvent {
+            event: "created".into(),
+            user: self.actor.to_string(),
+            by: self.actor.to_string(),
+            epoch: 1,
+        };
+        let events = self.emit(group_id, name, &[self.actor_id], event)?;
+        self.done(group_id, events)
+    }
+
+    fn add(
+        &mut self,
+        group_id: i64,
+        user: &str,
+        max_size: i64,
+    ) -> Result<GroupOutcome, postgres::Error> {
+        let (name, epoch) = match self.require(group_id, true)? {
+            Ok(locked) => locked,
+            Err(refusal) => return Ok(refusal),
+        };
+        let Some(user_id) = self.user_id_of(user)? else {
+            return refused(
+                ErrorCode::UnknownUser,
+                format!("there is no user called {user}"),
+            );
+        };
+        if self.role_of(group_id, user_id)?.is_some() {
+            return refused(
+                ErrorCode::AlreadyMember,
+                format!("{user} is already in {name}"),
+            );
+        }
+        let members = self.member_ids(group_id)?;
+        if members.len() as i64 >= max_size {
+            return refused(
+                ErrorCode::GroupFull,
+                format!("{name} is full ({max_size} members)"),
+            );
+        }
+        self.tx.execute(
+            "INSERT INTO group_members (group_id, user_id, role) VALUES ($1, $2, 'member')",
+            &[&group_id, &user_id],
+        )?;
+        let mut recipients = members;
+        recipients.push(user_id);
+        let event = GroupEvent {
+            event: "added".into(),
+            user: user.to_string(),
+            by: self.actor.to_string(),
+            epoch,
+        };
+        let events = self.emit(group_id, &name, &recipients, event)?;
+        self.done(group_id, events)
+    }
+
+    /// Takes `user_id` out and bumps the key epoch; returns the new epoch.
+    fn take_out(&mut self, group_id: i64, user_id: i64) -> Result<i32, postgres::Error> {
+        self.tx.execute(
+            "DELETE FROM group_members WHERE group_id = $1 AND user_id = $2",
+            &[&group_id, &user_id],
+        )?;
+        Ok(self
+            .tx
+            .query_one(
+                "UPDATE groups SET epoch = epoch + 1 WHERE id = $1 RETURNING epoch",
+                &[&group_id],
+            )?
+            .get(0))
+    }
+
+    fn remove(&mut self, group_id: i64, user: &str) -> Result<GroupOutcome, postgres::Error> {
+        let (name, _) = match self.require(group_id, true)? {
+            Ok(locked) => locked,
+            Err(refusal) => return Ok(refusal),
+        };
+        let Some(user_id) = self.user_id_of(user)? else {
+            return refused(
+                ErrorCode::UnknownUser,
+                format!("there is no user called {user}"),
+            );
+        };
+        if user_id == self.actor_id {
+            return refused(ErrorCode::BadState, "to leave a group, use leave");
+        }
+        if self.role_of(group_id, user_id)?.is_none() {
+            return refused(ErrorCode::NotMember, format!("{user} is not in {name}"));
+        }
+        let epoch = self.take_out(group_id, user_id)?;
+        // The remaining members, and the removed one, who learns of it.
+        let mut recipients = self.member_ids(group_id)?;
+        recipients.push(user_id);
+        let event = GroupEvent {
+            event: "removed".into(),
+            user: user.to_string(),
+            by: self.actor.to_string(),
+            epoch,
+        };
+        let events = self.emit(group_id, &name, &recipients, event)?;
+        self.done(group_id, events)
+    }
+
+    fn promote(&mut self, group_id: i64, user: &str) -> Result<GroupOutcome, postgres::Error> {
+        let (name, epoch) = match self.require(group_id, true)? {
+            Ok(locked) => locked,
+            Err(refusal) => return Ok(refusal),
+        };
+        let Some(user_id) = self.user_id_of(user)? else {
+            return refused(
+                ErrorCode::UnknownUser,
+                format!("there is no user called {user}"),
+            );
+        };
+        match self.role_of(group_id, user_id)?.as_deref() {
+            None => return refused(ErrorCode::NotMember, format!("{user} is not in {name}")),
+            Some("admin") => return self.done(group_id, Vec::new()),
+            Some(_) => {}
+        }
+        self.tx.execute(
+            "UPDATE group_members SET role = 'admin' WHERE group_id = $1 AND user_id = $2",
+            &[&group_id, &user_id],
+        )?;
+        let recipients = self.member_ids(group_id)?;
+        let event = GroupEvent {
+            event: "promoted".into(),
+            user: user.to_string(),
+            by: self.actor.to_string(),
+            epoch,
+        };
+        let events = self.emit(group_id, &name, &recipients, event)?;
+        self.done(group_id, events)
+    }
+
+    fn leave(&mut self, group_id: i64) -> Result<GroupOutcome, postgres::Error> {
+        let (name, _) = match self.require(group_id, false)? {
+            Ok(locked) => locked,
+            Err(refusal) => return Ok(refusal),
+        };
+        let epoch = self.take_out(group_id, self.actor_id)?;
+        let remaining = self.member_ids(group_id)?;
+        let mut events = Vec::new();
+        if remaining.is_empty() {
+            self.tx
+                .execute("DELETE FROM groups WHERE id = $1", &[&group_id])?;
+            let group = GroupSummary {
+                group_id,
+                name,
+                role: "none".into(),
+                members: 0,
+                epoch,
+            };
+            return Ok(GroupOutcome::Done {
+                reply: RelayToClient::Group {
+                    id: self.req,
+                    group,
+                },
+                events,
+            });
+        }
+        let left = GroupEvent {
+            event: "left".into(),
+            user: self.actor.to_string(),
+            by: self.actor.to_string(),
+            epoch,
+        };
+        events.extend(self.emit(group_id, &name, &remaining, left)?);
+        // The last admin leaving promotes the longest-standing member.
+        let admins: i64 = self
+            .tx
+            .query_one(
+                "SELECT count(*) FROM group_members WHERE group_id = $1 AND role = 'admin'",
+                &[&group_id],
+            )?
+            .get(0);
+        if admins == 0 {
+            let row = self.tx.query_one(
+                "UPDATE group_members SET role = 'admin'
+                 WHERE group_id = $1 AND user_id = $2
+                 RETURNING (SELECT name FROM users WHERE id = $2)",
+                &[&group_id, &remaining[0]],
+            )?;
+            let promoted = GroupEvent {
+                event: "promoted".into(),
+                user: row.get(0),
+                by: self.actor.to_string(),
+                epoch,
+            };
+            events.extend(self.emit(group_id, &name, &remaining, promoted)?);
+        }
+        self.done(group_id, events)
+    }
+
+    fn list(&mut self) -> Result<GroupOutcome, postgres::Error> {
+        let rows = self.tx.query(
+            "SELECT g.id, g.name, gm.role, g.epoch,
+                    (SELECT count(*) FROM group_members WHERE group_id = g.id)
+             FROM group_members gm JOIN groups g ON g.id = gm.group_id
+             WHERE gm.user_id = $1 ORDER BY g.id",
+            &[&self.actor_id],
+        )?;
+        let groups = rows
+            .iter()
+            .map(|r| GroupSummary {
+                group_id: r.get(0),
+                name: r.get(1),
+                role: r.get(2),
+                epoch: r.get(3),
+                members: r.get::<_, i64>(4) as u32,
+            })
+            .collect();
+        Ok(GroupOutcome::Done {
+            reply: RelayToClient::Groups {
+                id: self.req,
+                groups,
+            },
+            events: Vec::new(),
+        })
+    }
+
+    fn members(&mut self, group_id: i64) -> Result<GroupOutcome, postgres::Error> {
+        if let Err(refusal) = self.require(group_id, false)? {
+            return Ok(refusal);
+        }
+        let rows = self.tx.query(
+            "SELECT u.name, gm.role FROM group_members gm JOIN users u ON u.id = gm.user_id
+             WHERE gm.group_id = $1 ORDER BY gm.joined_seq",
+            &[&group_id],
+        )?;
+        let members = rows
+            .iter()
+            .map(|r| GroupMember {
+                user: r.get(0),
+                role: r.get(1),
+            })
+            .collect();
+        let group = self.summary(group_id)?;
+        Ok(GroupOutcome::Done {
+            reply: RelayToClient::Members {
+                id: self.req,
+                group,
+                members,
+            },
+            events: Vec::new(),
+        })
+    }
+}
