@@ -114,6 +114,13 @@ pub enum KeyStatus {
 /// Creates the account: an RSA identity made here, registered at the auth server, kept
 /// in a new encrypted store. The private key never leaves this machine.
 pub fn register(opts: &Options) -> Result<(), ClientError> {
+    // Checked before the (slow) key generation, and again by `register_with`.
+    check_new_account(opts)?;
+    register_with(opts, &Identity::generate()?)
+}
+
+/// The name is valid and has no account in this data directory yet.
+fn check_new_account(opts: &Options) -> Result<(), ClientError> {
     if !valid_user_name(&opts.user) {
         return Err(ClientError::Usage(
             "user names are 1-32 characters of a-z, 0-9, '_', '.' and '-'".into(),
@@ -126,7 +133,13 @@ pub fn register(opts: &Options) -> Result<(), ClientError> {
             opts.data_dir.display()
         )));
     }
-    let identity = Identity::generate()?;
+    Ok(())
+}
+
+/// Like [`register`] with an identity made elsewhere (the load tester and tests share
+/// one among simulated users: key generation is not what they measure).
+pub fn register_with(opts: &Options, identity: &Identity) -> Result<(), ClientError> {
+    check_new_account(opts)?;
     let mut auth = AuthLink::connect(&opts.server, &opts.data_dir)?;
     auth.register(&opts.user, &opts.password, &identity.public_pem())?;
     let data = StoreData {

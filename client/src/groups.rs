@@ -245,6 +245,11 @@ impl Chat {
         Ok(sent)
     }
 
+    /// The epoch of the newest key held for the group, if any.
+    pub fn group_key_epoch(&self, group_id: i64) -> Option<i32> {
+        self.newest_group_key(group_id).map(|(_, epoch)| epoch)
+    }
+
     /// The newest key held for the group, and its epoch.
     fn newest_group_key(&self, group_id: i64) -> Option<(ConversationKey, i32)> {
         let conv = self

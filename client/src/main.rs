@@ -89,11 +89,23 @@ enum GroupCommand {
     /// Create a group; you are its admin.
     Create { name: String },
     /// Add USER to the group (admins only); they get the group key from you.
-    Add { name: String, user: String },
+    Add {
+        name: String,
+        #[arg(value_name = "USER")]
+        member: String,
+    },
     /// Remove USER (admins only); the group key is rotated so they cannot read on.
-    Remove { name: String, user: String },
+    Remove {
+        name: String,
+        #[arg(value_name = "USER")]
+        member: String,
+    },
     /// Make USER an admin (admins only).
-    Promote { name: String, user: String },
+    Promote {
+        name: String,
+        #[arg(value_name = "USER")]
+        member: String,
+    },
     /// Leave the group (if you are its last admin, the longest-standing member
     /// becomes admin).
     Leave { name: String },
@@ -391,22 +403,22 @@ fn group(chat: &mut Chat, command: &GroupCommand) -> Result<(), ClientError> {
             let g = chat.group_create(name)?;
             show(&g);
         }
-        GroupCommand::Add { name, user } => {
+        GroupCommand::Add { name, member } => {
             let g = chat.resolve_group(name)?;
-            let g = chat.group_add(g.group_id, user)?;
-            println!("added {user}");
+            let g = chat.group_add(g.group_id, member)?;
+            println!("added {member}");
             show(&g);
         }
-        GroupCommand::Remove { name, user } => {
+        GroupCommand::Remove { name, member } => {
             let g = chat.resolve_group(name)?;
-            let g = chat.group_remove(g.group_id, user)?;
-            println!("removed {user}; the group key is rotated");
+            let g = chat.group_remove(g.group_id, member)?;
+            println!("removed {member}; the group key is rotated");
             show(&g);
         }
-        GroupCommand::Promote { name, user } => {
+        GroupCommand::Promote { name, member } => {
             let g = chat.resolve_group(name)?;
-            let g = chat.group_promote(g.group_id, user)?;
-            println!("{user} is an admin");
+            let g = chat.group_promote(g.group_id, member)?;
+            println!("{member} is an admin");
             show(&g);
         }
         GroupCommand::Leave { name } => {
