@@ -302,6 +302,12 @@ impl RelayLink {
         }
     }
 
+    /// The established link and any frames already received, to carry on elsewhere
+    /// (the load tester).
+    pub fn into_link(self) -> (Link, Vec<RelayToClient>) {
+        (self.link, self.stash.into_iter().collect())
+    }
+
     /// Closes the connection.
     pub fn close(&self) {
         self.link.close();

@@ -71,6 +71,21 @@ impl Connection {
         })
     }
 
+    /// Wraps a stream whose handshake was done elsewhere (see
+    /// [`crate::link::Link::into_parts`]).
+    pub fn from_established(stream: TcpStream, peer: SocketAddr, codec: NoiseCodec) -> Connection {
+        Connection {
+            stream,
+            peer,
+            codec,
+            wire_out: Vec::new(),
+            written: 0,
+            closing: false,
+            registered: None,
+            opened: std::time::Instant::now(),
+        }
+    }
+
     /// Whether the handshake is done.
     pub fn is_ready(&self) -> bool {
         self.codec.is_ready()
@@ -132,7 +147,7 @@ impl Connection {
             self.wire_out.clear();
             self.written = 0;
             // Give back the memory a burst needed; idle sockets stay small.
-            if self.wire_out.capacity() > 64 * 1024 {
+            if self.wire_out.capacity() > crate::frame::IDLE_CAPACITY {
                 self.wire_out = Vec::new();
             }
         }

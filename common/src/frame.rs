@@ -9,6 +9,9 @@ use serde::Serialize;
 /// Default maximum frame length (64 KiB), configurable per server.
 pub const DEFAULT_MAX_FRAME: usize = 64 * 1024;
 
+/// Buffer capacity kept on an idle link; more is released once consumed.
+pub const IDLE_CAPACITY: usize = 16 * 1024;
+
 /// Why a byte stream could not be turned into frames.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FrameError {
@@ -64,6 +67,31 @@ impl FrameBuffer {
         self.buf.extend_from_slice(bytes);
     }
 
+    /// Appends up to `max` bytes that `fill` writes into the buffer's tail and reports
+    /// the length of (decryption in place, without a scratch buffer).
+    pub fn extend_with<E>(
+        &mut self,
+        max: usize,
+        fill: impl FnOnce(&mut [u8]) -> Result<usize, E>,
+    ) -> Result<(), E> {
+        if self.start > 0 && self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        }
+        let old = self.buf.len();
+        self.buf.resize(old + max, 0);
+        match fill(&mut self.buf[old..]) {
+            Ok(n) => {
+                self.buf.truncate(old + n.min(max));
+                Ok(())
+            }
+            Err(e) => {
+                self.buf.truncate(old);
+                Err(e)
+            }
+        }
+    }
+
     /// Bytes buffered but not yet returned as frames.
     pub fn buffered(&self) -> usize {
         self.buf.len() - self.start
@@ -95,6 +123,12 @@ impl FrameBuffer {
     /// Moves the unread tail to the front once enough has been consumed, so the buffer
     /// does not grow without bound on a long-lived link.
     fn compact(&mut self) {
+        if self.start == self.buf.len() && self.buf.capacity() > IDLE_CAPACITY {
+            // Everything consumed after a burst: give the memory back.
+            self.buf = Vec::new();
+            self.start = 0;
+            return;
+        }
         if self.start > 0 && self.start >= self.buf.len() / 2 {
             self.buf.drain(..self.start);
             self.start = 0;

@@ -175,6 +175,12 @@ impl Link {
         }
     }
 
+    /// The socket and the Noise session, to carry on elsewhere (the load tester moves
+    /// established links onto mio). Everything written so far has been sent.
+    pub fn into_parts(self) -> (TcpStream, NoiseCodec) {
+        (self.stream, self.codec)
+    }
+
     /// Shuts the socket down in both directions.
     pub fn close(&self) {
         let _ = self.stream.shutdown(std::net::Shutdown::Both);

@@ -138,8 +138,10 @@ pub struct NoiseCodec {
     outbound: Vec<u8>,
     /// The remote static key, kept once the handshake is done.
     remote_static: Option<Vec<u8>>,
-    scratch: Vec<u8>,
 }
+
+/// Handshake messages here are small (an ephemeral key, maybe a static key, tags).
+const HANDSHAKE_BUF: usize = 256;
 
 impl NoiseCodec {
     /// A codec for `role`; if this side speaks first, the first handshake message is
@@ -156,7 +158,6 @@ impl NoiseCodec {
             frames: FrameBuffer::new(max_frame),
             outbound: Vec::new(),
             remote_static: None,
-            scratch: vec![0; MAX_NOISE_MESSAGE],
         };
         codec.advance_handshake(wire_out)?;
         Ok(codec)
@@ -189,15 +190,16 @@ impl NoiseCodec {
             let message = &rest[2..2 + len];
             pos += 2 + len;
             let step = match &mut self.state {
-                State::Handshake(hs) => match hs.read_message(message, &mut self.scratch) {
+                State::Handshake(hs) => match hs.read_message(message, &mut [0u8; HANDSHAKE_BUF]) {
                     Ok(_) => Ok(true),
                     Err(e) => Err(NoiseError::Handshake(e)),
                 },
-                State::Transport(ts) => match ts.read_message(message, &mut self.scratch) {
-                    Ok(n) => {
-                        self.frames.extend(&self.scratch[..n]);
-                        Ok(false)
-                    }
+                // Decrypted straight into the frame buffer: no per-connection scratch.
+                State::Transport(ts) => match self
+                    .frames
+                    .extend_with(message.len(), |buf| ts.read_message(message, buf))
+                {
+                    Ok(()) => Ok(false),
                     Err(e) => Err(NoiseError::Decrypt(e)),
                 },
                 State::Broken => Err(NoiseError::Broken),
@@ -213,6 +215,12 @@ impl NoiseCodec {
             }
         };
         self.inbound.drain(..pos);
+        if self.inbound.is_empty() && self.inbound.capacity() > crate::frame::IDLE_CAPACITY {
+            self.inbound = Vec::new();
+        }
+        if self.outbound.is_empty() && self.outbound.capacity() > crate::frame::IDLE_CAPACITY {
+            self.outbound = Vec::new();
+        }
         result
     }
 
@@ -236,11 +244,12 @@ impl NoiseCodec {
             if !hs.is_my_turn() {
                 return Ok(());
             }
+            let mut buf = [0u8; HANDSHAKE_BUF];
             let n = hs
-                .write_message(&[], &mut self.scratch)
+                .write_message(&[], &mut buf)
                 .map_err(NoiseError::Handshake)?;
             wire_out.extend_from_slice(&(n as u16).to_be_bytes());
-            wire_out.extend_from_slice(&self.scratch[..n]);
+            wire_out.extend_from_slice(&buf[..n]);
         }
     }
 
@@ -271,11 +280,18 @@ impl NoiseCodec {
             return Ok(());
         };
         for chunk in self.outbound.chunks(MAX_PLAINTEXT) {
-            let n = ts
-                .write_message(chunk, &mut self.scratch)
-                .map_err(NoiseError::Other)?;
-            wire_out.extend_from_slice(&(n as u16).to_be_bytes());
-            wire_out.extend_from_slice(&self.scratch[..n]);
+            // Encrypted straight into the output buffer, after its length prefix.
+            let start = wire_out.len();
+            wire_out.resize(start + 2 + chunk.len() + TAG_LEN, 0);
+            let n = match ts.write_message(chunk, &mut wire_out[start + 2..]) {
+                Ok(n) => n,
+                Err(e) => {
+                    wire_out.truncate(start);
+                    return Err(NoiseError::Other(e));
+                }
+            };
+            wire_out.truncate(start + 2 + n);
+            wire_out[start..start + 2].copy_from_slice(&(n as u16).to_be_bytes());
         }
         self.outbound.clear();
         Ok(())

@@ -69,9 +69,9 @@ pub struct Config {
     /// Most members a group may have.
     #[arg(long, env = "FASTCHAT_MAX_GROUP_SIZE", default_value_t = 256)]
     pub max_group_size: i64,
-    /// Stored messages delivered per page at login; the next page follows once the
-    /// client has acknowledged the previous one.
-    #[arg(long, env = "FASTCHAT_PAGE_SIZE", default_value_t = 500)]
+    /// Stored messages delivered per page at login; the next page is fetched once the
+    /// client has acknowledged half of the previous one.
+    #[arg(long, env = "FASTCHAT_PAGE_SIZE", default_value_t = 1000)]
     pub page_size: i64,
     /// Seconds a new connection has to complete its handshake and hello (and, on a
     /// relay, present its ticket) before it is closed.

@@ -831,6 +831,7 @@ impl RelayServer {
                         admission.user,
                         user_id,
                         receive,
+                        self.cfg.page_size as usize,
                     )));
                     // Registered locally before presence commits, so no live message
                     // completing meanwhile can miss this session.

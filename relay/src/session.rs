@@ -34,11 +34,15 @@ pub struct Session {
     more: bool,
     /// Live messages that arrived while the backlog was going out.
     deferred: Vec<Stored>,
+    /// The next page is fetched once this few backlog messages are unacknowledged, so
+    /// it is on its way while the client works through the rest (flow control that
+    /// keeps the pipe full).
+    prefetch_at: usize,
 }
 
 impl Session {
     /// A session whose first backlog page is being fetched.
-    pub fn new(user: String, user_id: i64, receive: bool) -> Session {
+    pub fn new(user: String, user_id: i64, receive: bool, page: usize) -> Session {
         Session {
             user,
             user_id,
@@ -50,6 +54,7 @@ impl Session {
             paged: HashSet::new(),
             more: false,
             deferred: Vec::new(),
+            prefetch_at: page / 2,
         }
     }
 
@@ -97,7 +102,7 @@ impl Session {
         for id in ids {
             self.unacked.remove(id);
         }
-        if self.backlog && self.more && !self.fetching && self.unacked.is_empty() {
+        if self.backlog && self.more && !self.fetching && self.unacked.len() <= self.prefetch_at {
             self.fetching = true;
             return Next::FetchAfter(self.cursor);
         }
@@ -127,7 +132,7 @@ mod tests {
 
     #[test]
     fn pages_then_live_in_order_without_duplicates() {
-        let mut s = Session::new("b".into(), 2, true);
+        let mut s = Session::new("b".into(), 2, true, 0);
         assert!(s.live(m(5)).is_none(), "held while the backlog goes out");
         let (out, done) = s.page_arrived(vec![m(1), m(2)], true);
         assert_eq!((ids(&out), done), (vec![1, 2], false));
@@ -143,7 +148,7 @@ mod tests {
 
     #[test]
     fn send_only_sessions_receive_nothing() {
-        let mut s = Session::new("b".into(), 2, false);
+        let mut s = Session::new("b".into(), 2, false, 0);
         assert!(s.live(m(1)).is_none());
     }
 }

@@ -14,6 +14,7 @@ use fastchat_common::pool::Completions;
 use fastchat_common::proto::{ErrorCode, GroupEvent, RelayToClient};
 use fastchat_common::{time, warn};
 use mio::Token;
+use postgres::Statement;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -150,6 +151,49 @@ pub enum Done {
     },
 }
 
+/// The relay's hot statements, prepared once per connection.
+pub struct Prepared {
+    locate: Statement,
+    names: Statement,
+    ids: Statement,
+    insert: Statement,
+    member: Statement,
+    group_insert: Statement,
+    ack: Statement,
+    presence_in: Statement,
+    presence_out: Statement,
+    key: Statement,
+    pending: Statement,
+}
+
+impl Prepared {
+    fn new(conn: &mut DbConn) -> Result<Prepared, postgres::Error> {
+        Ok(Prepared {
+            locate: conn.prepare(LOCATE)?,
+            names: conn.prepare("SELECT name, id FROM users WHERE name = ANY($1)")?,
+            ids: conn.prepare("SELECT nextval(pg_get_serial_sequence('messages', 'id')) FROM generate_series(1, $1::int8)")?,
+            insert: conn.prepare("INSERT INTO messages (recipient_id, id, sender_id, body, sent_at_ms) SELECT * FROM unnest($1::int8[], $2::int8[], $3::int8[], $4::text[], $5::int8[])")?,
+            member: conn.prepare("SELECT g.name FROM group_members gm JOIN groups g ON g.id = gm.group_id WHERE gm.group_id = $1 AND gm.user_id = $2")?,
+            group_insert: conn.prepare("INSERT INTO messages (recipient_id, id, sender_id, body, sent_at_ms, group_id) SELECT gm.user_id, nextval(pg_get_serial_sequence('messages', 'id')), $2, $3, $4, $1 FROM group_members gm WHERE gm.group_id = $1 AND gm.user_id <> $2 ORDER BY gm.joined_seq RETURNING id, recipient_id")?,
+            ack: conn.prepare("DELETE FROM messages m USING unnest($1::int8[], $2::int8[]) AS a(r, i) WHERE m.recipient_id = a.r AND m.id = a.i")?,
+            presence_in: conn.prepare("INSERT INTO presence (user_id, relay_id) VALUES ($1, $2) ON CONFLICT (user_id, relay_id) DO UPDATE SET since = now()")?,
+            presence_out: conn.prepare("DELETE FROM presence WHERE user_id = $1 AND relay_id = $2")?,
+            key: conn.prepare("SELECT pubkey FROM users WHERE name = $1")?,
+            pending: conn.prepare("SELECT m.id, u.name, m.body, m.sent_at_ms, m.group_id, g.name, m.system FROM messages m JOIN users u ON u.id = m.sender_id LEFT JOIN groups g ON g.id = m.group_id WHERE m.recipient_id = $1 AND m.id > $2 ORDER BY m.id LIMIT $3")?,
+        })
+    }
+}
+
+const LOCATE: &str =
+    "SELECT user_id, relay_id FROM presence WHERE user_id = ANY($1) AND relay_id <> $2";
+
+/// A worker's own connection and its prepared statements, kept across batches and
+/// dropped after any error (the next batch reconnects and prepares again).
+struct Held {
+    conn: DbConn,
+    st: Prepared,
+}
+
 /// Figures the workers keep for the relay's summary and `stats`.
 #[derive(Default)]
 pub struct StoreMetrics {
@@ -170,6 +214,7 @@ pub struct Worker {
     user_ids: HashMap<String, i64>,
     metrics: Arc<StoreMetrics>,
     max_group_size: i64,
+    held: Option<Held>,
 }
 
 const USER_CACHE_LIMIT: usize = 100_000;
@@ -192,42 +237,59 @@ impl Worker {
             user_ids: HashMap::new(),
             metrics,
             max_group_size,
+            held: None,
         }
+    }
+
+    /// The worker's connection, made (and its statements prepared) if there is none.
+    fn connection(&mut self) -> Result<Held, String> {
+        if let Some(held) = self.held.take() {
+            return Ok(held);
+        }
+        let mut conn = self.db.get().map_err(|e| e.to_string())?;
+        let st = Prepared::new(&mut conn).map_err(|e| e.to_string())?;
+        Ok(Held { conn, st })
     }
 
     /// Runs one batch: runs of message jobs in one transaction each, group operations
     /// in their own, in the order they came.
     pub fn run_batch(&mut self, jobs: Vec<Job>) {
-        let mut conn = match self.db.get() {
-            Ok(c) => c,
+        let mut held = match self.connection() {
+            Ok(h) => h,
             Err(e) => {
                 warn!("database unavailable: {e}");
                 return self.fail_all(jobs);
             }
         };
+        let mut healthy = true;
         let mut run = Vec::new();
         for job in jobs {
             if let Job::Group { .. } = job {
-                self.commit_run(&mut conn, std::mem::take(&mut run));
-                self.run_group_op(&mut conn, job);
+                healthy &= self.commit_run(&mut held, std::mem::take(&mut run));
+                healthy &= self.run_group_op(&mut held.conn, job);
             } else {
                 run.push(job);
             }
         }
-        self.commit_run(&mut conn, run);
+        healthy &= self.commit_run(&mut held, run);
+        if healthy {
+            self.held = Some(held);
+        }
     }
 
-    fn commit_run(&mut self, conn: &mut DbConn, jobs: Vec<Job>) {
+    /// Commits a run of message jobs; `false` if the database failed.
+    fn commit_run(&mut self, held: &mut Held, jobs: Vec<Job>) -> bool {
         if jobs.is_empty() {
-            return;
+            return true;
         }
         let started = Instant::now();
-        let results = match self.commit_batch(conn, &jobs) {
+        let results = match self.commit_batch(&mut held.conn, &held.st, &jobs) {
             Ok(results) => results,
             Err(e) => {
                 warn!("batch of {} jobs failed: {e}", jobs.len());
                 self.metrics.failed_batches.fetch_add(1, Ordering::Relaxed);
-                return self.fail_all(jobs);
+                self.fail_all(jobs);
+                return false;
             }
         };
         let m = &self.metrics;
@@ -245,9 +307,11 @@ impl Worker {
         m.messages_stored
             .fetch_add(stored as u64, Ordering::Relaxed);
         self.done.send_all(results);
+        true
     }
 
-    fn run_group_op(&mut self, conn: &mut DbConn, job: Job) {
+    /// Runs one group operation; `false` if the database failed.
+    fn run_group_op(&mut self, conn: &mut DbConn, job: Job) -> bool {
         let Job::Group {
             conn: token,
             req,
@@ -256,12 +320,12 @@ impl Worker {
             op,
         } = job
         else {
-            return;
+            return true;
         };
         let outcome = groups::run(conn, user_id, &user, op, req, self.max_group_size);
         let result = match outcome {
             Ok(GroupOutcome::Done { reply, events }) => {
-                match self.locate(conn, events.iter().map(|(_, r, _)| *r).collect()) {
+                match self.locate_unprepared(conn, events.iter().map(|(_, r, _)| *r).collect()) {
                     Ok(where_is) => Done::Group {
                         conn: token,
                         reply,
@@ -293,31 +357,42 @@ impl Worker {
             },
             Err(e) => {
                 warn!("group operation failed: {e}");
-                Done::Failed {
+                self.done.send(Done::Failed {
                     conn: token,
                     req,
                     code: ErrorCode::StoreFailed,
                     message: "the group store is unavailable; nothing changed, retry".into(),
-                }
+                });
+                return false;
             }
         };
         self.done.send(result);
+        true
+    }
+
+    /// Where each recipient has sessions, other than on this relay (for the rare group
+    /// operations, which run on the same connection without the prepared set at hand).
+    fn locate_unprepared(
+        &self,
+        conn: &mut DbConn,
+        recipients: Vec<i64>,
+    ) -> Result<HashMap<i64, Vec<String>>, postgres::Error> {
+        let st = conn.prepare(LOCATE)?;
+        self.locate(conn, &st, recipients)
     }
 
     /// Where each recipient has sessions, other than on this relay.
     fn locate(
         &self,
         conn: &mut DbConn,
+        locate: &Statement,
         recipients: Vec<i64>,
     ) -> Result<HashMap<i64, Vec<String>>, postgres::Error> {
         let mut where_is: HashMap<i64, Vec<String>> = HashMap::new();
         if recipients.is_empty() {
             return Ok(where_is);
         }
-        for row in conn.query(
-            "SELECT user_id, relay_id FROM presence WHERE user_id = ANY($1) AND relay_id <> $2",
-            &[&recipients, &self.relay_id],
-        )? {
+        for row in conn.query(locate, &[&recipients, &self.relay_id])? {
             where_is.entry(row.get(0)).or_default().push(row.get(1));
         }
         Ok(where_is)
@@ -326,6 +401,7 @@ impl Worker {
     fn commit_batch(
         &mut self,
         conn: &mut DbConn,
+        st: &Prepared,
         jobs: &[Job],
     ) -> Result<Vec<Done>, postgres::Error> {
         let mut tx = conn.transaction()?;
@@ -346,10 +422,7 @@ impl Worker {
             if self.user_ids.len() > USER_CACHE_LIMIT {
                 self.user_ids.clear();
             }
-            for row in tx.query(
-                "SELECT name, id FROM users WHERE name = ANY($1)",
-                &[&unknown],
-            )? {
+            for row in tx.query(&st.names, &[&unknown])? {
                 self.user_ids.insert(row.get(0), row.get(1));
             }
         }
@@ -369,11 +442,7 @@ impl Worker {
         let mut direct_rows: Vec<Inserted> = Vec::new();
         if !direct.is_empty() {
             let mut ids: Vec<i64> = tx
-                .query(
-                    "SELECT nextval(pg_get_serial_sequence('messages', 'id'))
-                     FROM generate_series(1, $1::int8)",
-                    &[&(direct.len() as i64)],
-                )?
+                .query(&st.ids, &[&(direct.len() as i64)])?
                 .iter()
                 .map(|r| r.get(0))
                 .collect();
@@ -392,11 +461,7 @@ impl Worker {
                 }
             }
             let stamps = vec![now as i64; direct.len()];
-            tx.execute(
-                "INSERT INTO messages (recipient_id, id, sender_id, body, sent_at_ms)
-                 SELECT * FROM unnest($1::int8[], $2::int8[], $3::int8[], $4::text[], $5::int8[])",
-                &[&recipients, &ids, &senders, &bodies, &stamps],
-            )?;
+            tx.execute(&st.insert, &[&recipients, &ids, &senders, &bodies, &stamps])?;
             direct_rows = ids.into_iter().zip(recipients).collect();
         }
 
@@ -411,23 +476,13 @@ impl Worker {
                 ..
             } = job
             {
-                let member = tx.query_opt(
-                    "SELECT g.name FROM group_members gm JOIN groups g ON g.id = gm.group_id
-                     WHERE gm.group_id = $1 AND gm.user_id = $2",
-                    &[group_id, sender_id],
-                )?;
+                let member = tx.query_opt(&st.member, &[group_id, sender_id])?;
                 let Some(row) = member else {
                     group_rows.push(None);
                     continue;
                 };
                 let rows = tx.query(
-                    "INSERT INTO messages (recipient_id, id, sender_id, body, sent_at_ms, group_id)
-                     SELECT gm.user_id, nextval(pg_get_serial_sequence('messages', 'id')),
-                            $2, $3, $4, $1
-                     FROM group_members gm
-                     WHERE gm.group_id = $1 AND gm.user_id <> $2
-                     ORDER BY gm.joined_seq
-                     RETURNING id, recipient_id",
+                    &st.group_insert,
                     &[group_id, sender_id, body, &(now as i64)],
                 )?;
                 group_rows.push(Some((
@@ -446,28 +501,17 @@ impl Worker {
             })
             .unzip();
         if !ack_ids.is_empty() {
-            tx.execute(
-                "DELETE FROM messages m USING unnest($1::int8[], $2::int8[]) AS a(r, i)
-                 WHERE m.recipient_id = a.r AND m.id = a.i",
-                &[&ack_users, &ack_ids],
-            )?;
+            tx.execute(&st.ack, &[&ack_users, &ack_ids])?;
         }
 
         // Presence changes, in job order (a logout then a login of one user both apply).
         for job in jobs {
             match job {
                 Job::Login { user_id, .. } => {
-                    tx.execute(
-                        "INSERT INTO presence (user_id, relay_id) VALUES ($1, $2)
-                         ON CONFLICT (user_id, relay_id) DO UPDATE SET since = now()",
-                        &[user_id, &self.relay_id],
-                    )?;
+                    tx.execute(&st.presence_in, &[user_id, &self.relay_id])?;
                 }
                 Job::Logout { user_id } => {
-                    tx.execute(
-                        "DELETE FROM presence WHERE user_id = $1 AND relay_id = $2",
-                        &[user_id, &self.relay_id],
-                    )?;
+                    tx.execute(&st.presence_out, &[user_id, &self.relay_id])?;
                 }
                 _ => {}
             }
@@ -485,7 +529,7 @@ impl Worker {
                     .flat_map(|(_, rows)| rows.iter().map(|(_, r)| *r)),
             )
             .collect();
-        let where_is = self.locate(conn, recipients)?;
+        let where_is = self.locate(conn, &st.locate, recipients)?;
         let located = |recipient_id: i64, message: Stored| Delivery {
             recipient_id,
             remote_relays: where_is.get(&recipient_id).cloned().unwrap_or_default(),
@@ -578,7 +622,7 @@ impl Worker {
                         Job::FetchPending { after, .. } => *after,
                         _ => 0,
                     };
-                    let messages = fetch_pending(conn, *user_id, after, *page)?;
+                    let messages = fetch_pending(conn, &st.pending, *user_id, after, *page)?;
                     results.push(Done::Pending {
                         conn: *token,
                         more: messages.len() as i64 >= *page,
@@ -591,9 +635,7 @@ impl Worker {
                     user,
                     ..
                 } => {
-                    let pubkey = conn
-                        .query_opt("SELECT pubkey FROM users WHERE name = $1", &[user])?
-                        .map(|r| r.get(0));
+                    let pubkey = conn.query_opt(&st.key, &[user])?.map(|r| r.get(0));
                     results.push(Done::Key {
                         conn: *token,
                         req: *req,
@@ -631,19 +673,12 @@ impl Worker {
 /// Pending messages of `user_id` after id `after`, oldest first.
 fn fetch_pending(
     conn: &mut DbConn,
+    pending: &Statement,
     user_id: i64,
     after: i64,
     page: i64,
 ) -> Result<Vec<Stored>, postgres::Error> {
-    let rows = conn.query(
-        "SELECT m.id, u.name, m.body, m.sent_at_ms, m.group_id, g.name, m.system
-         FROM messages m
-         JOIN users u ON u.id = m.sender_id
-         LEFT JOIN groups g ON g.id = m.group_id
-         WHERE m.recipient_id = $1 AND m.id > $2
-         ORDER BY m.id LIMIT $3",
-        &[&user_id, &after, &page],
-    )?;
+    let rows = conn.query(pending, &[&user_id, &after, &page])?;
     Ok(rows
         .iter()
         .map(|r| {

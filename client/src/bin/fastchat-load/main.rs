@@ -1,0 +1,533 @@
+//! `fastchat-load`: drives simulated users through the real protocol, the real Noise
+//! transport and the real end-to-end encryption against a running cluster, and reports
+//! throughput, latency, losses and what the servers spent (CPU, memory).
+//!
+//! Layout: [`setup`] (accounts and sessions), [`driver`] (the mio traffic loop),
+//! [`procstat`] (server CPU and memory from /proc), [`pgceiling`] (PostgreSQL's own
+//! ceiling for the message lifecycle).
+
+mod driver;
+mod pgceiling;
+mod procstat;
+mod setup;
+
+use clap::{Parser, Subcommand};
+use driver::{quantile_ms, Driver, Outcome, Pace, To};
+use fastchat_client::connect::{AuthLink, RelayLink};
+use fastchat_client::e2e::{ConversationKey, Identity};
+use fastchat_client::error::ClientError;
+use fastchat_common::proto::{ClientToRelay, RelayToClient};
+use setup::{Target, User};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+/// Load tester for FastChat.
+#[derive(Parser, Debug)]
+#[command(name = "fastchat-load", version)]
+struct Cli {
+    /// The auth server.
+    #[arg(
+        long,
+        global = true,
+        env = "FASTCHAT_SERVER",
+        default_value = "127.0.0.1:7400"
+    )]
+    server: String,
+    /// The cluster's home (run/*.pid, PostgreSQL's location) for server CPU and memory.
+    #[arg(
+        long,
+        global = true,
+        env = "FASTCHAT_HOME",
+        default_value = ".fastchat"
+    )]
+    home: PathBuf,
+    /// Threads that log simulated users in.
+    #[arg(long, global = true, default_value_t = 8)]
+    setup_threads: usize,
+    /// Only the JSON line, no table.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct Traffic {
+    /// Simulated users (one session each).
+    #[arg(long, default_value_t = 50)]
+    users: usize,
+    /// Seconds of sending.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Open loop: messages per second in all. Without it: closed loop.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Closed loop: messages each sender keeps waiting for `sent`.
+    #[arg(long, default_value_t = 16)]
+    window: usize,
+    /// Plaintext bytes per message.
+    #[arg(long, default_value_t = 200)]
+    size: usize,
+}
+
+#[derive(Subcommand, Debug)]
+enum Scenario {
+    /// Direct messages to random peers.
+    Direct(Traffic),
+    /// Direct messages, each user to the next one (a ring).
+    Ring(Traffic),
+    /// Group fan-out: each group's admin sends to the group.
+    Group {
+        /// Number of groups.
+        #[arg(long, default_value_t = 2)]
+        groups: usize,
+        /// Members per group.
+        #[arg(long, default_value_t = 100)]
+        members: usize,
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        #[arg(long)]
+        rate: Option<f64>,
+        #[arg(long, default_value_t = 4)]
+        window: usize,
+        #[arg(long, default_value_t = 200)]
+        size: usize,
+    },
+    /// Offline drain: messages queued for a user who then logs in and receives them.
+    Drain {
+        /// Messages queued.
+        #[arg(long, default_value_t = 100_000)]
+        messages: u64,
+        #[arg(long, default_value_t = 200)]
+        size: usize,
+    },
+    /// Login storm: sessions opened through resumption credentials, in parallel.
+    Logins {
+        #[arg(long, default_value_t = 100)]
+        users: usize,
+        /// Sessions per user.
+        #[arg(long, default_value_t = 10)]
+        sessions: usize,
+        /// Threads logging in at once.
+        #[arg(long, default_value_t = 32)]
+        threads: usize,
+    },
+    /// Idle connections: hold sessions and report the relays' memory per connection.
+    Idle {
+        #[arg(long, default_value_t = 50)]
+        users: usize,
+        #[arg(long, default_value_t = 100)]
+        sessions: usize,
+        /// Seconds to hold them.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 32)]
+        threads: usize,
+    },
+    /// PostgreSQL's ceiling for the message lifecycle: batched insert, then batched
+    /// delete, of ~200-byte rows, from several connections.
+    PgCeiling {
+        /// PostgreSQL connection string.
+        #[arg(long, env = "FASTCHAT_DB_URL")]
+        db_url: String,
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 4)]
+        threads: usize,
+        #[arg(long, default_value_t = 100)]
+        batch: usize,
+    },
+}
+
+/// One line of results, printed as a table and as JSON.
+struct Report {
+    scenario: String,
+    users: usize,
+    outcome: Outcome,
+    extra: serde_json::Value,
+    servers: Vec<(String, procstat::Sample, procstat::Sample)>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(0) => ExitCode::SUCCESS,
+        Ok(lost) => {
+            eprintln!("fastchat-load: {lost} messages lost");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("fastchat-load: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn shared_key() -> ConversationKey {
+    ConversationKey::generate()
+}
+
+fn run(cli: &Cli) -> Result<u64, Box<dyn std::error::Error>> {
+    if let Scenario::PgCeiling {
+        db_url,
+        seconds,
+        threads,
+        batch,
+    } = &cli.scenario
+    {
+        let rows = pgceiling::run(db_url, *seconds, *threads, *batch)?;
+        let line = serde_json::json!({
+            "scenario": "pg-ceiling", "threads": threads, "batch": batch,
+            "rows_per_s": rows.round(),
+        });
+        if !cli.json {
+            println!("PostgreSQL message lifecycle (insert then delete, batches of {batch}, {threads} connections): {rows:.0} rows/s");
+        }
+        println!("{line}");
+        return Ok(0);
+    }
+    let target = Target {
+        server: cli.server.clone(),
+        data_dir: setup::data_dir(&cli.home),
+    };
+    let procs = procstat::discover(&cli.home);
+    let identity = Identity::generate()?;
+    let pubkey = identity.public_pem();
+    let report = match &cli.scenario {
+        Scenario::Direct(t) | Scenario::Ring(t) => {
+            let ring = matches!(cli.scenario, Scenario::Ring(_));
+            let users = setup::users(&target, t.users, &pubkey, cli.setup_threads)?;
+            let sessions = setup::parallel(users.len(), cli.setup_threads, |i| {
+                setup::session(&target, &users, i)
+            })?;
+            let mut driver = Driver::new(sessions, shared_key(), t.size)?;
+            let n = users.len();
+            let names: Vec<String> = users.iter().map(|u| u.name.clone()).collect();
+            let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+            let senders: Vec<usize> = (0..n).collect();
+            let before = sample(&procs);
+            let outcome = driver.run(
+                &senders,
+                |s| {
+                    let peer = if ring || n < 2 {
+                        (s + 1) % n
+                    } else {
+                        rng ^= rng << 13;
+                        rng ^= rng >> 7;
+                        rng ^= rng << 17;
+                        let p = (rng % (n as u64 - 1)) as usize;
+                        if p >= s {
+                            p + 1
+                        } else {
+                            p
+                        }
+                    };
+                    To::User(names[peer].clone())
+                },
+                pace(t.rate, t.window),
+                t.seconds,
+                Duration::from_secs(20),
+                !cli.json,
+            )?;
+            Report {
+                scenario: if ring { "ring" } else { "direct" }.into(),
+                users: n,
+                extra: serde_json::json!({"pace": pace_name(t.rate, t.window)}),
+                servers: diff(&procs, before),
+                outcome,
+            }
+        }
+        Scenario::Group {
+            groups,
+            members,
+            seconds,
+            rate,
+            window,
+            size,
+        } => {
+            let n = groups * members;
+            let users = setup::users(&target, n, &pubkey, cli.setup_threads)?;
+            let mut group_ids = Vec::new();
+            for g in 0..*groups {
+                group_ids.push(make_group(&target, &users, g * members, *members)?);
+            }
+            let sessions =
+                setup::parallel(n, cli.setup_threads, |i| setup::session(&target, &users, i))?;
+            let mut driver = Driver::new(sessions, shared_key(), *size)?;
+            let senders: Vec<usize> = (0..*groups).map(|g| g * members).collect();
+            let before = sample(&procs);
+            let outcome = driver.run(
+                &senders,
+                |s| To::Group(group_ids[s / members], (*members - 1) as u32),
+                pace(*rate, *window),
+                *seconds,
+                Duration::from_secs(20),
+                !cli.json,
+            )?;
+            Report {
+                scenario: "group".into(),
+                users: n,
+                extra: serde_json::json!({"groups": groups, "members": members, "pace": pace_name(*rate, *window)}),
+                servers: diff(&procs, before),
+                outcome,
+            }
+        }
+        Scenario::Drain { messages, size } => {
+            let users = setup::users(&target, 2, &pubkey, cli.setup_threads)?;
+            let sender = setup::session(&target, &users, 0)?;
+            let key = shared_key();
+            let mut driver = Driver::new(vec![sender], key, *size)?;
+            let recipient = users[1].name.clone();
+            if !cli.json {
+                eprintln!("  queueing {messages} messages for {recipient} (offline)");
+            }
+            let fill = driver.run_limited(
+                &[0],
+                |_| To::User(recipient.clone()),
+                Pace::Closed { window: 256 },
+                *messages,
+                !cli.json,
+            )?;
+            if fill.acked < *messages {
+                return Err(
+                    format!("only {} of {messages} messages were stored", fill.acked).into(),
+                );
+            }
+            let before = sample(&procs);
+            let login = Instant::now();
+            driver.add(setup::session(&target, &users, 1)?)?;
+            let outcome = driver.run(
+                &[],
+                |_| To::User(String::new()),
+                Pace::Quiet,
+                0.0,
+                Duration::from_secs(300),
+                !cli.json,
+            )?;
+            let drain_secs = outcome.seconds;
+            Report {
+                scenario: "drain".into(),
+                users: 2,
+                extra: serde_json::json!({"queued": messages, "login_to_last_ms": (login.elapsed().as_secs_f64() * 1000.0).round(), "drain_seconds": drain_secs}),
+                servers: diff(&procs, before),
+                outcome,
+            }
+        }
+        Scenario::Logins {
+            users: n,
+            sessions,
+            threads,
+        } => {
+            let users = setup::users(&target, *n, &pubkey, cli.setup_threads)?;
+            let total = n * sessions;
+            let before = sample(&procs);
+            let started = Instant::now();
+            let opened =
+                setup::parallel(total, *threads, |i| setup::session(&target, &users, i % n))?;
+            let secs = started.elapsed().as_secs_f64();
+            drop(opened);
+            let outcome = Outcome {
+                seconds: secs,
+                rate: total as f64 / secs,
+                ..Outcome::default()
+            };
+            Report {
+                scenario: "logins".into(),
+                users: *n,
+                extra: serde_json::json!({"sessions": total, "logins_per_s": (total as f64 / secs).round(), "seconds": secs}),
+                servers: diff(&procs, before),
+                outcome,
+            }
+        }
+        Scenario::Idle {
+            users: n,
+            sessions,
+            seconds,
+            threads,
+        } => {
+            let users = setup::users(&target, *n, &pubkey, cli.setup_threads)?;
+            let relays: Vec<&procstat::Proc> = procs
+                .iter()
+                .filter(|p| p.name.starts_with("relay"))
+                .collect();
+            let rss_before: u64 = relays.iter().map(|p| p.sample().rss).sum();
+            let before = sample(&procs);
+            let total = n * sessions;
+            let held =
+                setup::parallel(total, *threads, |i| setup::session(&target, &users, i % n))?;
+            std::thread::sleep(Duration::from_secs_f64(*seconds));
+            let rss_after: u64 = relays.iter().map(|p| p.sample().rss).sum();
+            let per_conn = rss_after.saturating_sub(rss_before) as f64 / total as f64;
+            drop(held);
+            Report {
+                scenario: "idle".into(),
+                users: *n,
+                extra: serde_json::json!({"connections": total, "relay_rss_before_mb": rss_before as f64 / 1e6, "relay_rss_after_mb": rss_after as f64 / 1e6, "relay_bytes_per_connection": per_conn.round()}),
+                servers: diff(&procs, before),
+                outcome: Outcome::default(),
+            }
+        }
+        Scenario::PgCeiling { .. } => unreachable!("handled above"),
+    };
+    print_report(&report, &procs, cli.json);
+    Ok(report.outcome.lost)
+}
+
+fn pace(rate: Option<f64>, window: usize) -> Pace {
+    match rate {
+        Some(rate) => Pace::Open { rate },
+        None => Pace::Closed { window },
+    }
+}
+
+fn pace_name(rate: Option<f64>, window: usize) -> String {
+    match rate {
+        Some(r) => format!("open {r:.0}/s"),
+        None => format!("closed window {window}"),
+    }
+}
+
+fn sample(procs: &[procstat::Proc]) -> Vec<procstat::Sample> {
+    procs.iter().map(procstat::Proc::sample).collect()
+}
+
+fn diff(
+    procs: &[procstat::Proc],
+    before: Vec<procstat::Sample>,
+) -> Vec<(String, procstat::Sample, procstat::Sample)> {
+    procs
+        .iter()
+        .zip(before)
+        .map(|(p, b)| (p.name.clone(), b, p.sample()))
+        .collect()
+}
+
+/// Creates a group of `members` users starting at `first`, with `first` as admin.
+fn make_group(
+    target: &Target,
+    users: &[User],
+    first: usize,
+    members: usize,
+) -> Result<i64, ClientError> {
+    let admin = &users[first];
+    let mut auth = AuthLink::connect(&target.server, &target.data_dir)?;
+    let redirect = auth.resume(&admin.name, &admin.credential)?;
+    let mut relay = RelayLink::connect(&redirect, false)?;
+    let id = relay.next_id();
+    relay.queue(&ClientToRelay::GroupCreate {
+        id,
+        name: format!("load group {first}"),
+    });
+    relay.flush()?;
+    let group_id = match relay.wait_reply(
+        id,
+        |f| matches!(f, RelayToClient::Group { id: got, .. } if *got == id),
+    )? {
+        RelayToClient::Group { group, .. } => group.group_id,
+        other => return Err(ClientError::Protocol(format!("{other:?}"))),
+    };
+    let mut ids = Vec::new();
+    for u in &users[first + 1..first + members] {
+        let id = relay.next_id();
+        relay.queue(&ClientToRelay::GroupAdd {
+            id,
+            group_id,
+            user: u.name.clone(),
+        });
+        ids.push(id);
+    }
+    relay.flush()?;
+    for id in ids {
+        relay.wait_reply(
+            id,
+            |f| matches!(f, RelayToClient::Group { id: got, .. } if *got == id),
+        )?;
+    }
+    relay.close();
+    Ok(group_id)
+}
+
+fn print_report(r: &Report, procs: &[procstat::Proc], json_only: bool) {
+    let o = &r.outcome;
+    let lat = |q: f64| quantile_ms(&o.latencies, q);
+    let relays = procs.iter().filter(|p| p.name.starts_with("relay")).count();
+    let cpu_total: f64 = r
+        .servers
+        .iter()
+        .map(|(_, b, a)| a.cpu_secs - b.cpu_secs)
+        .sum();
+    let cpu_us_per_msg = if o.delivered > 0 {
+        cpu_total * 1e6 / o.delivered as f64
+    } else {
+        0.0
+    };
+    if !json_only {
+        println!(
+            "scenario {}  users {}  relays {}  {}",
+            r.scenario, r.users, relays, r.extra
+        );
+        println!(
+            "{:>10} {:>10} {:>10} {:>6} {:>6} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8}",
+            "sent",
+            "stored",
+            "delivered",
+            "lost",
+            "dups",
+            "msgs/s",
+            "p50 ms",
+            "p90 ms",
+            "p99 ms",
+            "p99.9 ms",
+            "max ms"
+        );
+        println!(
+            "{:>10} {:>10} {:>10} {:>6} {:>6} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2}",
+            o.sent,
+            o.acked,
+            o.delivered,
+            o.lost,
+            o.duplicates,
+            o.rate,
+            lat(0.5),
+            lat(0.9),
+            lat(0.99),
+            lat(0.999),
+            lat(1.0)
+        );
+        for (name, b, a) in &r.servers {
+            println!(
+                "  {:<10} cpu {:>7.2} s   peak rss {:>7.1} MB",
+                name,
+                a.cpu_secs - b.cpu_secs,
+                a.peak_rss as f64 / 1e6
+            );
+        }
+        if o.delivered > 0 {
+            println!("  server cpu per delivered message: {cpu_us_per_msg:.1} µs");
+        }
+    }
+    let servers: Vec<serde_json::Value> = r
+        .servers
+        .iter()
+        .map(|(name, b, a)| {
+            serde_json::json!({"name": name, "cpu_s": ((a.cpu_secs - b.cpu_secs) * 100.0).round() / 100.0, "peak_rss_mb": (a.peak_rss as f64 / 1e5).round() / 10.0})
+        })
+        .collect();
+    let line = serde_json::json!({
+        "scenario": r.scenario,
+        "users": r.users,
+        "relays": relays,
+        "sent": o.acked,
+        "delivered": o.delivered,
+        "lost": o.lost,
+        "duplicates": o.duplicates,
+        "errors": o.errors,
+        "msgs_per_s": o.rate.round(),
+        "latency_ms": {"p50": lat(0.5), "p90": lat(0.9), "p99": lat(0.99), "p99.9": lat(0.999), "max": lat(1.0)},
+        "server_cpu_us_per_msg": (cpu_us_per_msg * 10.0).round() / 10.0,
+        "servers": servers,
+        "details": r.extra,
+    });
+    println!("{line}");
+}
