@@ -1,0 +1,106 @@
+//! Benchmarks of the per-message work both ends do: frame encoding and decoding, JSON
+//! parsing of protocol frames, and Noise sealing and opening.
+//!
+//! `cargo bench -p fastchat-common`
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use fastchat_common::frame::{encode_into, FrameBuffer, DEFAULT_MAX_FRAME};
+use fastchat_common::noise::{NoiseCodec, Role, StaticKeypair};
+use fastchat_common::proto::{parse, ClientToRelay, RelayToClient};
+use std::hint::black_box;
+
+fn msg_frame() -> RelayToClient {
+    RelayToClient::Msg {
+        msg_id: 123_456_789,
+        from: "alice".into(),
+        group_id: None,
+        group: None,
+        body: "x".repeat(360),
+        ts: 1_795_568_656_123,
+        event: None,
+    }
+}
+
+fn frames(c: &mut Criterion) {
+    let mut g = c.benchmark_group("frame");
+    g.throughput(Throughput::Elements(1));
+    let frame = msg_frame();
+    g.bench_function("encode msg (360 B body)", |b| {
+        let mut out = Vec::with_capacity(1024);
+        b.iter(|| {
+            out.clear();
+            encode_into(black_box(&frame), &mut out);
+        })
+    });
+    let mut wire = Vec::new();
+    encode_into(&frame, &mut wire);
+    g.bench_function("decode + parse msg", |b| {
+        let mut fb = FrameBuffer::new(DEFAULT_MAX_FRAME);
+        b.iter(|| {
+            fb.extend(black_box(&wire));
+            let json = fb.next_frame().unwrap().unwrap();
+            black_box(parse::<RelayToClient>(json).unwrap());
+        })
+    });
+    let send = serde_json::to_vec(&ClientToRelay::Send {
+        id: 42,
+        to: Some("bob".into()),
+        group_id: None,
+        body: "x".repeat(360),
+    })
+    .unwrap();
+    g.bench_function("parse send", |b| {
+        b.iter(|| black_box(parse::<ClientToRelay>(black_box(&send)).unwrap()))
+    });
+    g.finish();
+}
+
+fn noise(c: &mut Criterion) {
+    let kp = StaticKeypair::generate();
+    let (mut io, mut ro) = (Vec::new(), Vec::new());
+    let mut client = NoiseCodec::new(Role::NkInitiator(&kp.public), 1 << 20, &mut io).unwrap();
+    let mut server = NoiseCodec::new(Role::NkResponder(&kp), 1 << 20, &mut ro).unwrap();
+    server.receive(&io, &mut ro).unwrap();
+    client.receive(&ro, &mut io).unwrap();
+    assert!(client.is_ready() && server.is_ready());
+    let frame = msg_frame();
+
+    let mut g = c.benchmark_group("noise");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("seal one msg frame", |b| {
+        let mut wire = Vec::with_capacity(2048);
+        b.iter(|| {
+            wire.clear();
+            client.queue(black_box(&frame));
+            client.seal(&mut wire).unwrap();
+        })
+    });
+    g.throughput(Throughput::Elements(100));
+    g.bench_function("seal 100 msg frames coalesced", |b| {
+        let mut wire = Vec::with_capacity(64 * 1024);
+        b.iter(|| {
+            wire.clear();
+            for _ in 0..100 {
+                client.queue(black_box(&frame));
+            }
+            client.seal(&mut wire).unwrap();
+        })
+    });
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("seal + open + parse one msg", |b| {
+        let mut wire = Vec::with_capacity(2048);
+        let mut sink = Vec::new();
+        b.iter(|| {
+            wire.clear();
+            client.queue(&frame);
+            client.seal(&mut wire).unwrap();
+            server.receive(&wire, &mut sink).unwrap();
+            let json = server.next_frame().unwrap().unwrap();
+            black_box(parse::<RelayToClient>(json).unwrap());
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, frames, noise);
+criterion_main!(benches);
