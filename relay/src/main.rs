@@ -1,21 +1,10 @@
-//! `fastchat-relay`: a FastChat relay.
-//!
-//! Layout: [`config`] (flags), [`tickets`] (tickets pushed by the auth server),
-//! [`session`] (per-client delivery state), [`store`] (the worker jobs and their
-//! batched transactions), [`control`] (the link to the auth server), [`server`] (the
-//! poll loop tying them together).
-
-mod config;
-mod control;
-mod groups;
-mod mesh;
-mod server;
-mod session;
-mod store;
-mod tickets;
+//! `fastchat-relay`: a FastChat relay. The work is in the `fastchat_relay` library
+//! (see its crate documentation for the layout); this is flags, keys, the database and
+//! the signal handler.
 
 use clap::Parser;
 use fastchat_common::{error, hex, info};
+use fastchat_relay::{config, server, store};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 

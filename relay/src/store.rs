@@ -175,11 +175,21 @@ impl Prepared {
             insert: conn.prepare("INSERT INTO messages (recipient_id, id, sender_id, body, sent_at_ms) SELECT * FROM unnest($1::int8[], $2::int8[], $3::int8[], $4::text[], $5::int8[])")?,
             member: conn.prepare("SELECT g.name FROM group_members gm JOIN groups g ON g.id = gm.group_id WHERE gm.group_id = $1 AND gm.user_id = $2")?,
             group_insert: conn.prepare("INSERT INTO messages (recipient_id, id, sender_id, body, sent_at_ms, group_id) SELECT gm.user_id, nextval(pg_get_serial_sequence('messages', 'id')), $2, $3, $4, $1 FROM group_members gm WHERE gm.group_id = $1 AND gm.user_id <> $2 ORDER BY gm.joined_seq RETURNING id, recipient_id")?,
-            ack: conn.prepare("DELETE FROM messages m USING unnest($1::int8[], $2::int8[]) AS a(r, i) WHERE m.recipient_id = a.r AND m.id = a.i")?,
+            ack: conn.prepare("DELETE FROM messages WHERE recipient_id = $1 AND id = ANY($2)")?,
             presence_in: conn.prepare("INSERT INTO presence (user_id, relay_id) VALUES ($1, $2) ON CONFLICT (user_id, relay_id) DO UPDATE SET since = now()")?,
             presence_out: conn.prepare("DELETE FROM presence WHERE user_id = $1 AND relay_id = $2")?,
             key: conn.prepare("SELECT pubkey FROM users WHERE name = $1")?,
-            pending: conn.prepare("SELECT m.id, u.name, m.body, m.sent_at_ms, m.group_id, g.name, m.system FROM messages m JOIN users u ON u.id = m.sender_id LEFT JOIN groups g ON g.id = m.group_id WHERE m.recipient_id = $1 AND m.id > $2 ORDER BY m.id LIMIT $3")?,
+            // The page is cut from the recipient's index range first, then joined: a
+            // prepared statement's generic plan cannot see the LIMIT, and joining first
+            // would read the whole backlog for every page.
+            pending: conn.prepare(
+                "SELECT m.id, u.name, m.body, m.sent_at_ms, m.group_id, g.name, m.system
+                 FROM (SELECT * FROM messages WHERE recipient_id = $1 AND id > $2
+                       ORDER BY id LIMIT $3) m
+                 JOIN users u ON u.id = m.sender_id
+                 LEFT JOIN groups g ON g.id = m.group_id
+                 ORDER BY m.id",
+            )?,
         })
     }
 }
@@ -492,16 +502,17 @@ impl Worker {
             }
         }
 
-        // Acknowledged messages: only the acknowledging user's own rows.
-        let (ack_users, ack_ids): (Vec<i64>, Vec<i64>) = jobs
-            .iter()
-            .flat_map(|j| match j {
-                Job::Ack { user_id, msg_ids } => msg_ids.iter().map(|m| (*user_id, *m)).collect(),
-                _ => Vec::new(),
-            })
-            .unzip();
-        if !ack_ids.is_empty() {
-            tx.execute(&st.ack, &[&ack_users, &ack_ids])?;
+        // Acknowledged messages: only the acknowledging user's own rows, one statement
+        // per user (`recipient_id = $1 AND id = ANY($2)` is an index scan even with the
+        // generic plan a prepared statement ends up with).
+        let mut acks: HashMap<i64, Vec<i64>> = HashMap::new();
+        for job in jobs {
+            if let Job::Ack { user_id, msg_ids } = job {
+                acks.entry(*user_id).or_default().extend(msg_ids);
+            }
+        }
+        for (user_id, ids) in &acks {
+            tx.execute(&st.ack, &[user_id, ids])?;
         }
 
         // Presence changes, in job order (a logout then a login of one user both apply).

@@ -75,6 +75,9 @@ pub struct Driver {
     scratch: Vec<u8>,
     /// Stop sending after this many messages.
     limit: u64,
+    /// Marks this driver's messages (the high half of every message id), so messages
+    /// left over from an earlier run are told apart.
+    salt: u64,
     /// Whether a run waits for deliveries (not while filling an offline user's queue).
     await_deliveries: bool,
 }
@@ -101,6 +104,7 @@ impl Driver {
             last_delivery: Instant::now(),
             scratch: vec![0; 256 * 1024],
             limit: u64::MAX,
+            salt: rand::random::<u64>(),
             await_deliveries: true,
         };
         for s in sessions {
@@ -140,7 +144,7 @@ impl Driver {
         self.next_mid += 1;
         let payload = TextPayload {
             group_key: None,
-            mid: format!("{mid:032x}"),
+            mid: format!("{:016x}{mid:016x}", self.salt),
             ts: fastchat_common::time::now_ms(),
             text: format!("{} {}", self.now_us(), self.padding),
         };
@@ -218,9 +222,16 @@ impl Driver {
             return;
         };
         let now = self.now_us();
-        let Ok(mid) = u64::from_str_radix(&payload.mid[16..], 16) else {
+        let (Ok(salt), Ok(mid)) = (
+            u64::from_str_radix(&payload.mid[..16], 16),
+            u64::from_str_radix(&payload.mid[16..], 16),
+        ) else {
             return;
         };
+        if salt != self.salt {
+            // Left over from an earlier run: acknowledged, not counted.
+            return;
+        }
         let user = self.sessions[i].session.user;
         if !self.seen.insert((user, mid)) {
             self.out.duplicates += 1;
@@ -370,6 +381,8 @@ impl Driver {
                 );
             }
         }
+        // Acknowledge what arrived last, so it is not delivered again to a later run.
+        self.flush()?;
         if progress {
             eprintln!();
         }
