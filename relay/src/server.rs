@@ -246,6 +246,11 @@ impl RelayServer {
     fn sweep(&mut self) {
         let now = Instant::now();
         self.tickets.expire(now);
+        for client in self.clients.values_mut() {
+            if let ClientState::Ready(session) = &mut client.state {
+                session.forget_backlog(now);
+            }
+        }
         let deadline = Duration::from_secs(self.cfg.auth_deadline_secs);
         let stalled: Vec<Token> = self
             .clients

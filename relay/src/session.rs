@@ -4,6 +4,10 @@
 
 use crate::store::Stored;
 use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+/// How long ids of the backlog are remembered after it is delivered.
+const RECENTLY_PAGED_FOR: Duration = Duration::from_secs(10);
 
 /// What a session needs next from the store.
 #[derive(Debug, PartialEq, Eq)]
@@ -30,6 +34,11 @@ pub struct Session {
     unacked: HashSet<i64>,
     /// Every backlog id delivered this session, to drop live duplicates at the switch.
     paged: HashSet<i64>,
+    /// After the backlog: the ids it delivered, kept a little longer. A message can be
+    /// in a page and still have its live delivery on the way (its sender's worker
+    /// committed it before the page was read but reports after); those are dropped.
+    recently_paged: HashSet<i64>,
+    backlog_done_at: Option<Instant>,
     /// The last page was full, so more may wait.
     more: bool,
     /// Live messages that arrived while the backlog was going out.
@@ -52,6 +61,8 @@ impl Session {
             cursor: 0,
             unacked: HashSet::new(),
             paged: HashSet::new(),
+            recently_paged: HashSet::new(),
+            backlog_done_at: None,
             more: false,
             deferred: Vec::new(),
             prefetch_at: page / 2,
@@ -79,10 +90,22 @@ impl Session {
 
     fn finish_backlog(&mut self) -> Vec<Stored> {
         self.backlog = false;
+        self.backlog_done_at = Some(Instant::now());
         let paged = std::mem::take(&mut self.paged);
         let mut deferred = std::mem::take(&mut self.deferred);
         deferred.retain(|m| !paged.contains(&m.msg_id));
+        self.recently_paged = paged;
         deferred
+    }
+
+    /// Forgets the backlog's ids once no live delivery of them can still be on the way.
+    pub fn forget_backlog(&mut self, now: Instant) {
+        if let Some(done) = self.backlog_done_at {
+            if now.duration_since(done) >= RECENTLY_PAGED_FOR {
+                self.recently_paged = HashSet::new();
+                self.backlog_done_at = None;
+            }
+        }
     }
 
     /// A live message for this user: `Some` if it should go out now.
@@ -92,6 +115,9 @@ impl Session {
         }
         if self.backlog {
             self.deferred.push(message);
+            return None;
+        }
+        if self.recently_paged.contains(&message.msg_id) {
             return None;
         }
         Some(message)
@@ -144,6 +170,10 @@ mod tests {
         // 5 came in the page and live: sent once. 9 was live only: sent after the page.
         assert_eq!((ids(&out), done), (vec![5, 7, 9], true));
         assert_eq!(ids(&[s.live(m(10)).unwrap()]), vec![10]);
+        // 7 came in the last page; its live delivery, arriving late, is dropped.
+        assert!(s.live(m(7)).is_none());
+        s.forget_backlog(Instant::now() + RECENTLY_PAGED_FOR);
+        assert!(s.live(m(7)).is_some(), "forgotten after a while");
     }
 
     #[test]

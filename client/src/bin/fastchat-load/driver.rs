@@ -69,7 +69,7 @@ pub struct Driver {
     /// Message number → deliveries still expected.
     expected: HashMap<u64, u32>,
     acked: HashSet<u64>,
-    seen: HashSet<(usize, u64)>,
+    seen: HashMap<(usize, u64), i64>,
     out: Outcome,
     last_delivery: Instant,
     scratch: Vec<u8>,
@@ -99,7 +99,7 @@ impl Driver {
             next_mid: 1,
             expected: HashMap::new(),
             acked: HashSet::new(),
-            seen: HashSet::new(),
+            seen: HashMap::new(),
             out: Outcome::default(),
             last_delivery: Instant::now(),
             scratch: vec![0; 256 * 1024],
@@ -193,7 +193,7 @@ impl Driver {
             }
             RelayToClient::Msg { msg_id, body, .. } => {
                 self.sessions[i].acks.push(msg_id);
-                self.delivered(i, &body);
+                self.delivered(i, msg_id, &body);
             }
             RelayToClient::Error(e) => {
                 self.out.errors += 1;
@@ -212,7 +212,7 @@ impl Driver {
         }
     }
 
-    fn delivered(&mut self, i: usize, body: &str) {
+    fn delivered(&mut self, i: usize, msg_id: i64, body: &str) {
         let token = match Envelope::from_body(body) {
             Ok(Envelope::Text { token, .. }) | Ok(Envelope::GroupText { token, .. }) => token,
             _ => return,
@@ -233,9 +233,18 @@ impl Driver {
             return;
         }
         let user = self.sessions[i].session.user;
-        if !self.seen.insert((user, mid)) {
+        if let Some(first) = self.seen.insert((user, mid), msg_id) {
             self.out.duplicates += 1;
+            if std::env::var_os("FASTCHAT_LOAD_DEBUG").is_some() {
+                eprintln!(
+                    "duplicate: user {user} message {mid} (relay ids {first} then {msg_id}) at {} us",
+                    self.now_us()
+                );
+            }
             return;
+        }
+        if std::env::var_os("FASTCHAT_LOAD_DEBUG").is_some() && mid % 50_000 == 0 {
+            eprintln!("sample: user {user} message {mid} relay id {msg_id}");
         }
         self.out.delivered += 1;
         self.last_delivery = Instant::now();
