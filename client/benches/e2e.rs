@@ -11,6 +11,7 @@ fn e2e(c: &mut Criterion) {
     let key = ConversationKey::generate();
     let payload = TextPayload {
         group_key: None,
+        file: None,
         mid: e2e::new_message_id(),
         ts: 1_795_568_656_123,
         text: "x".repeat(200),

@@ -61,6 +61,8 @@ pub enum Event {
     },
     /// A group membership change.
     Group(GroupNotice),
+    /// A file arrived, was checked and saved.
+    File(crate::files::FileReceived),
     /// Everything that was waiting at login has been delivered.
     Synced,
 }
@@ -195,6 +197,8 @@ pub struct Chat {
     pub(crate) identity: Identity,
     pub(crate) relay: RelayLink,
     pub(crate) failovers: u32,
+    /// Where received files are saved.
+    pub(crate) downloads: PathBuf,
 }
 
 /// How long a session keeps trying to reach a relay again before giving up.
@@ -277,6 +281,7 @@ impl Chat {
             identity,
             relay,
             failovers: 0,
+            downloads: opts.data_dir.join(&opts.user).join("downloads"),
         })
     }
 
@@ -404,6 +409,17 @@ impl Chat {
         text: &str,
         group_key: Option<e2e::GroupKeyGrant>,
     ) -> Result<Sent, ClientError> {
+        self.send_pairwise_payload(to, text, group_key, None)
+    }
+
+    /// Sends a pairwise payload: a text, a group key grant or a file announcement.
+    pub(crate) fn send_pairwise_payload(
+        &mut self,
+        to: &str,
+        text: &str,
+        group_key: Option<e2e::GroupKeyGrant>,
+        file: Option<e2e::FileOffer>,
+    ) -> Result<Sent, ClientError> {
         if !valid_user_name(to) {
             return Err(ClientError::Refused {
                 code: ErrorCode::UnknownUser,
@@ -446,15 +462,20 @@ impl Chat {
             bodies.push(offer.to_body());
         }
         let is_text = group_key.is_none();
+        let shown = match &file {
+            Some(f) => format!("[file] {}", f.name),
+            None => text.to_string(),
+        };
         let payload = TextPayload {
             group_key,
+            file,
             mid: e2e::new_message_id(),
             ts: time::now_ms(),
             text: text.to_string(),
         };
         bodies.push(e2e::seal_text(&key, &payload)?.to_body());
         if is_text {
-            self.record_outgoing(to, None, text, &payload)?;
+            self.record_outgoing(to, None, &shown, &payload)?;
         }
         let sent = self.deliver(&SendTarget::User(to.to_string()), &bodies)?;
         if let Some(conv) = self.store.data_mut().conversations.get_mut(to) {
@@ -759,6 +780,9 @@ impl Chat {
                 if let Some(grant) = payload.group_key {
                     self.accept_grant(&m.from, grant)?;
                     return Ok(Opened::Nothing);
+                }
+                if let Some(offer) = payload.file {
+                    return self.receive_file(&m, None, offer);
                 }
                 self.store.data_mut().history.push(HistoryEntry {
                     peer: m.from.clone(),

@@ -331,12 +331,78 @@ pub struct TextPayload {
     /// A group key handed over the pairwise channel (then `text` is empty).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group_key: Option<GroupKeyGrant>,
+    /// A file announced to the recipient(s) (then `text` is empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<FileOffer>,
     /// The sender's random message id (32 lowercase hex), for de-duplication.
     pub mid: String,
     /// Sender's clock when written, unix milliseconds.
     pub ts: u64,
     /// The message text.
     pub text: String,
+}
+
+/// Plaintext bytes per file chunk (the sealed chunk fits a frame comfortably).
+pub const FILE_CHUNK: usize = 32 * 1024;
+
+/// A file as its sender announces it, inside an end-to-end encrypted message:
+/// where the relay keeps it, its name, size and SHA-256, and the key of its chunks.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct FileOffer {
+    pub file_id: i64,
+    pub name: String,
+    pub size: u64,
+    /// Lowercase hex SHA-256 of the whole file.
+    pub sha256: String,
+    /// The Fernet key of the chunks (fresh for every file).
+    pub key: String,
+    /// 32 hex chars: the file's random nonce, inside every chunk.
+    pub nonce: String,
+    pub chunks: u32,
+}
+
+/// Seals chunk `index` of `total`: a Fernet token of `nonce ‖ index ‖ total ‖ data`
+/// (index and total as u32 big-endian), so a chunk from another file, another place or
+/// a shortened file does not open as this one.
+pub fn seal_chunk(
+    key: &str,
+    nonce: &[u8; 16],
+    index: u32,
+    total: u32,
+    data: &[u8],
+) -> Result<String, E2eError> {
+    let fernet = fernet_for(key)?;
+    let mut plain = Vec::with_capacity(24 + data.len());
+    plain.extend_from_slice(nonce);
+    plain.extend_from_slice(&index.to_be_bytes());
+    plain.extend_from_slice(&total.to_be_bytes());
+    plain.extend_from_slice(data);
+    Ok(fernet.encrypt(&plain))
+}
+
+/// Opens chunk `index` of `total` of the file with `nonce`; any mismatch is an error.
+pub fn open_chunk(
+    key: &str,
+    nonce: &[u8; 16],
+    index: u32,
+    total: u32,
+    token: &str,
+) -> Result<Vec<u8>, E2eError> {
+    let fernet = fernet_for(key)?;
+    let plain = fernet_decrypt(&fernet, token).map_err(|_| E2eError::Decrypt)?;
+    if plain.len() < 24
+        || plain[..16] != nonce[..]
+        || plain[16..20] != index.to_be_bytes()
+        || plain[20..24] != total.to_be_bytes()
+    {
+        return Err(E2eError::Decrypt);
+    }
+    Ok(plain[24..].to_vec())
+}
+
+/// A fresh Fernet key for a file.
+pub fn new_file_key() -> String {
+    ConversationKey::generate().key
 }
 
 /// A group key as an admin hands it to a member over their pairwise channel:
@@ -734,6 +800,7 @@ mod tests {
         let key = ConversationKey::generate();
         let payload = TextPayload {
             group_key: None,
+            file: None,
             mid: new_message_id(),
             ts: 1_700_000_000_123,
             text: "héllo, wörld \u{1F600}".into(),
@@ -755,6 +822,7 @@ mod tests {
         let other = ConversationKey::generate();
         let payload = TextPayload {
             group_key: None,
+            file: None,
             mid: new_message_id(),
             ts: 1,
             text: "secret".into(),
@@ -779,6 +847,7 @@ mod tests {
         let key = ConversationKey::generate();
         let payload = TextPayload {
             group_key: None,
+            file: None,
             mid: new_message_id(),
             ts: 2,
             text: "from the future".into(),
@@ -800,6 +869,7 @@ mod tests {
         let key = ConversationKey::generate();
         let payload = TextPayload {
             group_key: None,
+            file: None,
             mid: "not-hex".into(),
             ts: 3,
             text: "x".into(),
@@ -924,6 +994,7 @@ mod tests {
 
         let payload = TextPayload {
             group_key: None,
+            file: None,
             mid: "0123456789abcdef0123456789abcdef".into(),
             ts: 5,
             text: "hi".into(),

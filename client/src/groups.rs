@@ -204,6 +204,16 @@ impl Chat {
     /// Encrypts `text` with the newest group key and sends it to every other member;
     /// returns once the relay has stored it for all of them.
     pub fn send_group(&mut self, group_id: i64, text: &str) -> Result<Sent, ClientError> {
+        self.send_group_payload(group_id, text, None)
+    }
+
+    /// Sends a group payload: a text or a file announcement.
+    pub(crate) fn send_group_payload(
+        &mut self,
+        group_id: i64,
+        text: &str,
+        file: Option<e2e::FileOffer>,
+    ) -> Result<Sent, ClientError> {
         let state = self.store.data().groups.get(&group_id).cloned();
         // An admin whose newest key predates the group's epoch rotates first.
         if let Some(state) = &state {
@@ -220,15 +230,20 @@ impl Chat {
                 ),
             ));
         };
+        let shown = match &file {
+            Some(f) => format!("[file] {}", f.name),
+            None => text.to_string(),
+        };
         let payload = TextPayload {
             group_key: None,
+            file,
             mid: e2e::new_message_id(),
             ts: time::now_ms(),
             text: text.to_string(),
         };
         let body = e2e::seal_group_text(&key, group_id, epoch, &payload)?.to_body();
         let name = state.map(|s| s.name);
-        self.record_outgoing(&conversation(group_id), name, text, &payload)?;
+        self.record_outgoing(&conversation(group_id), name, &shown, &payload)?;
         let sent = self.deliver(&SendTarget::Group(group_id), &[body])?;
         if let Some(entry) = self
             .store
@@ -350,6 +365,7 @@ impl Chat {
             &key,
             &TextPayload {
                 group_key: None,
+                file: None,
                 mid: e2e::new_message_id(),
                 ts: 0,
                 text: String::new(),
@@ -465,6 +481,9 @@ impl Chat {
                 .get(&group_id)
                 .map(|g| g.name.clone())
         });
+        if let Some(offer) = payload.file {
+            return self.receive_file(&m, name, offer);
+        }
         self.store.data_mut().history.push(HistoryEntry {
             peer: conversation(group_id),
             group: name.clone(),

@@ -7,12 +7,14 @@
 //! - [`connect`]: the auth server and relay connections.
 //! - [`chat`]: end-to-end encrypted sending and receiving on top of them.
 //! - [`groups`]: group membership and group keys.
+//! - [`files`]: end-to-end encrypted file transfer.
 //! - [`error`]: the errors a person may see.
 
 pub mod chat;
 pub mod connect;
 pub mod e2e;
 pub mod error;
+pub mod files;
 pub mod groups;
 pub mod pins;
 pub mod store;

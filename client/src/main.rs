@@ -49,8 +49,11 @@ enum Command {
         /// A group you are in (its name, or #ID when several share a name).
         #[arg(long)]
         group: Option<String>,
+        /// Send this file instead of a text (end-to-end encrypted, in chunks).
+        #[arg(long, value_name = "PATH", conflicts_with = "text")]
+        file: Option<PathBuf>,
         /// The message (words are joined with spaces).
-        #[arg(required = true, num_args = 1..)]
+        #[arg(required_unless_present = "file", num_args = 1..)]
         text: Vec<String>,
     },
     /// Groups: create them, manage members, list them.
@@ -64,6 +67,9 @@ enum Command {
         /// One JSON object per line instead of text.
         #[arg(long)]
         json: bool,
+        /// Where received files are saved [default: DATA_DIR/USER/downloads].
+        #[arg(long, value_name = "DIR")]
+        downloads: Option<PathBuf>,
     },
     /// Forget this machine's saved login: the server revokes its resumption credential.
     Logout,
@@ -213,7 +219,31 @@ fn run(cli: &Cli, command: &Command) -> Result<(), ClientError> {
             );
             Ok(())
         }
-        Command::Send { to, group, text } => {
+        Command::Send {
+            to,
+            group,
+            file: Some(path),
+            ..
+        } => {
+            let opts = options(cli, false)?;
+            let mut chat = Chat::login(&opts, false)?;
+            let group_id = match group {
+                Some(name) => Some(chat.resolve_group(name)?.group_id),
+                None => None,
+            };
+            let sent = chat.send_file(to.as_deref(), group_id, path, None)?;
+            eprintln!(
+                "sent {} ({} bytes in {} chunks)",
+                path.display(),
+                sent.size,
+                sent.chunks
+            );
+            chat.close();
+            Ok(())
+        }
+        Command::Send {
+            to, group, text, ..
+        } => {
             let opts = options(cli, false)?;
             let mut chat = Chat::login(&opts, false)?;
             match (to, group) {
@@ -240,9 +270,16 @@ fn run(cli: &Cli, command: &Command) -> Result<(), ClientError> {
             chat.close();
             Ok(())
         }
-        Command::Read { wait, json } => {
+        Command::Read {
+            wait,
+            json,
+            downloads,
+        } => {
             let opts = options(cli, false)?;
             let mut chat = Chat::login(&opts, true)?;
+            if let Some(dir) = downloads {
+                chat.set_downloads(dir.clone());
+            }
             read(&mut chat, *wait, *json)?;
             chat.close();
             Ok(())
@@ -374,6 +411,36 @@ fn read(chat: &mut Chat, wait: Option<u64>, json: bool) -> Result<(), ClientErro
                             &ts[..10],
                             &ts[11..19],
                             fastchat_client::groups::describe(&n.event, &n.group)
+                        )
+                    };
+                    let _ = writeln!(out, "{line}");
+                    let _ = out.flush();
+                }
+                Event::File(f) => {
+                    let line = if json {
+                        serde_json::json!({
+                            "msg_id": f.msg_id,
+                            "from": f.from,
+                            "group": f.group,
+                            "file": {
+                                "name": f.name,
+                                "size": f.size,
+                                "path": f.path,
+                                "sha256": f.sha256,
+                            },
+                            "ts": time::rfc3339(f.ts),
+                        })
+                        .to_string()
+                    } else {
+                        let ts = time::rfc3339(f.ts);
+                        format!(
+                            "[{} {}] {} sent a file: {} ({} bytes), saved as {}",
+                            &ts[..10],
+                            &ts[11..19],
+                            f.from,
+                            f.name,
+                            f.size,
+                            f.path.display()
                         )
                     };
                     let _ = writeln!(out, "{line}");

@@ -26,6 +26,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0003_groups.sql",
         include_str!("../../sql/0003_groups.sql"),
     ),
+    (
+        4,
+        "0004_files.sql",
+        include_str!("../../sql/0004_files.sql"),
+    ),
 ];
 
 /// Key of the advisory lock held while migrating.

@@ -343,6 +343,38 @@ pub enum ClientToRelay {
     GroupList { id: u64 },
     /// A group's members and roles (members only). Reply: `members`.
     GroupMembers { id: u64, group_id: i64 },
+    /// Start an upload of `chunks` encrypted chunks for a user or a group's other
+    /// members. Reply: `file_ready`, or `error` (`too_large`, `rate_limited`, ...).
+    FileBegin {
+        id: u64,
+        size: u64,
+        chunks: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        to: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        group_id: Option<i64>,
+    },
+    /// One encrypted chunk (a Fernet token). Reply: `file_put_ok` once durable.
+    FilePut {
+        id: u64,
+        file_id: i64,
+        index: u32,
+        data: String,
+    },
+    /// How many chunks of an upload are stored (they are always the first ones).
+    /// Reply: `file_status`.
+    FileStatus { id: u64, file_id: i64 },
+    /// Up to `count` chunks from `from` on (recipients and the uploader). Reply:
+    /// `file_chunk` frames, then `file_end`.
+    FileGet {
+        id: u64,
+        file_id: i64,
+        from: u32,
+        count: u32,
+    },
+    /// The client has the file (or rejected it); the relay deletes it once every
+    /// recipient is done.
+    FileDone { file_id: i64 },
     /// The client has stored these messages; the relay deletes them.
     Ack { msg_ids: Vec<i64> },
     /// Look up a user's public key. Reply: `key` or `error`.
@@ -390,6 +422,36 @@ pub enum RelayToClient {
         /// who is in a group).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         event: Option<GroupEvent>,
+    },
+    /// An upload may start.
+    FileReady {
+        id: u64,
+        file_id: i64,
+    },
+    /// A chunk is stored.
+    FilePutOk {
+        id: u64,
+        file_id: i64,
+        index: u32,
+    },
+    /// The first `stored` chunks of the file are stored.
+    FileStatus {
+        id: u64,
+        file_id: i64,
+        stored: u32,
+    },
+    /// A chunk of a download.
+    FileChunk {
+        id: u64,
+        file_id: i64,
+        index: u32,
+        data: String,
+    },
+    /// The end of the chunks answering `file_get` `id` (`sent` of them).
+    FileEnd {
+        id: u64,
+        file_id: i64,
+        sent: u32,
     },
     /// A group after a change (or as created).
     Group {

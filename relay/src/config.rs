@@ -66,6 +66,15 @@ pub struct Config {
     /// Largest message body accepted, in bytes.
     #[arg(long, env = "FASTCHAT_MAX_BODY", default_value_t = 48 * 1024)]
     pub max_body: usize,
+    /// Largest file accepted, in bytes.
+    #[arg(long, env = "FASTCHAT_MAX_FILE_SIZE", default_value_t = 100 * 1024 * 1024)]
+    pub max_file_size: u64,
+    /// Files a user may start uploading per minute.
+    #[arg(long, env = "FASTCHAT_UPLOADS_PER_MINUTE", default_value_t = 30)]
+    pub uploads_per_minute: u32,
+    /// Seconds a file is kept for recipients who have not downloaded it.
+    #[arg(long, env = "FASTCHAT_FILE_RETENTION_SECS", default_value_t = 7 * 24 * 3600)]
+    pub file_retention_secs: u64,
     /// Most members a group may have.
     #[arg(long, env = "FASTCHAT_MAX_GROUP_SIZE", default_value_t = 256)]
     pub max_group_size: i64,

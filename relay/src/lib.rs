@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod control;
+pub mod files;
 pub mod groups;
 pub mod mesh;
 pub mod server;

@@ -7,6 +7,7 @@
 
 use crate::config::Config;
 use crate::control::{Announcement, ControlLink, Phase};
+use crate::files::FileOp;
 use crate::groups::GroupOp;
 use crate::mesh::{Mesh, MeshState};
 use crate::session::{Next, Session};
@@ -86,6 +87,10 @@ pub struct RelayServer {
     scratch: Vec<u8>,
     stop: Arc<AtomicBool>,
     db: DbPool,
+    /// Uploads started per user in the current minute: (window start, count).
+    uploads: HashMap<i64, (Instant, u32)>,
+    /// When the file retention sweep last ran.
+    last_file_sweep: Instant,
     /// Set once shutdown has begun: sessions end without per-user presence jobs.
     stopping: bool,
     mesh_listener: TcpListener,
@@ -165,6 +170,8 @@ impl RelayServer {
                 scratch: vec![0; 64 * 1024],
                 stop,
                 db,
+                uploads: HashMap::new(),
+                last_file_sweep: Instant::now(),
                 stopping: false,
                 mesh_listener,
                 mesh_addr,
@@ -246,6 +253,19 @@ impl RelayServer {
     fn sweep(&mut self) {
         let now = Instant::now();
         self.tickets.expire(now);
+        self.uploads
+            .retain(|_, (start, _)| now.duration_since(*start) < Duration::from_secs(60));
+        if now.duration_since(self.last_file_sweep) >= Duration::from_secs(60) {
+            self.last_file_sweep = now;
+            self.submit(Job::File {
+                conn: LISTENER,
+                req: 0,
+                user_id: 0,
+                op: FileOp::Expire {
+                    retention_secs: self.cfg.file_retention_secs,
+                },
+            });
+        }
         for client in self.clients.values_mut() {
             if let ClientState::Ready(session) = &mut client.state {
                 session.forget_backlog(now);
@@ -919,6 +939,21 @@ impl RelayServer {
                     body,
                 });
             }
+            (ClientState::Ready(session), frame) if file_op(&frame).is_some() => {
+                let user_id = session.user_id;
+                let Some((id, op)) = file_op(&frame) else {
+                    return;
+                };
+                if let Err((code, message)) = self.check_file_op(user_id, &op) {
+                    return self.reply_error(token, id, code, message);
+                }
+                self.submit(Job::File {
+                    conn: token,
+                    req: id,
+                    user_id,
+                    op,
+                });
+            }
             (ClientState::Ready(session), frame) if group_op(&frame).is_some() => {
                 let (user_id, user) = (session.user_id, session.user.clone());
                 let Some((id, op)) = group_op(&frame) else {
@@ -991,6 +1026,60 @@ impl RelayServer {
         }
     }
 
+    /// Limits on file operations, checked before any database work.
+    fn check_file_op(&mut self, user_id: i64, op: &FileOp) -> Result<(), (ErrorCode, String)> {
+        match op {
+            FileOp::Begin {
+                size,
+                chunks,
+                target,
+            } => {
+                if *size > self.cfg.max_file_size {
+                    return Err((
+                        ErrorCode::TooLarge,
+                        format!(
+                            "files are limited to {} MiB",
+                            self.cfg.max_file_size / (1024 * 1024)
+                        ),
+                    ));
+                }
+                // Chunks of at least 1 KiB: a bound on rows per file.
+                if u64::from(*chunks) > size / 1024 + 1 {
+                    return Err((ErrorCode::BadFrame, "too many chunks for the size".into()));
+                }
+                if let Target::User(to) = target {
+                    if !valid_user_name(to) {
+                        return Err((
+                            ErrorCode::UnknownUser,
+                            format!("there is no user called {to:?}"),
+                        ));
+                    }
+                }
+                let now = Instant::now();
+                let window = self.uploads.entry(user_id).or_insert((now, 0));
+                if now.duration_since(window.0) >= Duration::from_secs(60) {
+                    *window = (now, 0);
+                }
+                if window.1 >= self.cfg.uploads_per_minute {
+                    return Err((
+                        ErrorCode::RateLimited,
+                        format!(
+                            "at most {} files per minute; try again shortly",
+                            self.cfg.uploads_per_minute
+                        ),
+                    ));
+                }
+                window.1 += 1;
+                Ok(())
+            }
+            FileOp::Put { data, .. } if data.contains('\0') => Err((
+                ErrorCode::BadFrame,
+                "chunks may not contain NUL characters".into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     fn submit(&mut self, job: Job) {
         let shard = job.shard();
         if !self.pool.submit(shard, job) {
@@ -1055,6 +1144,11 @@ impl RelayServer {
                     },
                 );
                 self.route(deliveries);
+            }
+            Done::Frames { conn, frames } => {
+                for frame in &frames {
+                    self.send(conn, frame);
+                }
             }
             Done::Group {
                 conn,
@@ -1239,7 +1333,69 @@ fn frame_name(frame: &ClientToRelay) -> &'static str {
         ClientToRelay::GroupLeave { .. } => "group_leave",
         ClientToRelay::GroupList { .. } => "group_list",
         ClientToRelay::GroupMembers { .. } => "group_members",
+        ClientToRelay::FileBegin { .. } => "file_begin",
+        ClientToRelay::FilePut { .. } => "file_put",
+        ClientToRelay::FileStatus { .. } => "file_status",
+        ClientToRelay::FileGet { .. } => "file_get",
+        ClientToRelay::FileDone { .. } => "file_done",
     }
+}
+
+/// The file operation a frame asks for, with its request id (0 for `file_done`,
+/// which has no reply).
+fn file_op(frame: &ClientToRelay) -> Option<(u64, FileOp)> {
+    Some(match frame.clone() {
+        ClientToRelay::FileBegin {
+            id,
+            size,
+            chunks,
+            to,
+            group_id,
+        } => {
+            let target = match (to, group_id) {
+                (Some(to), None) => Target::User(to),
+                (None, Some(g)) => Target::Group(g),
+                _ => Target::User(String::new()),
+            };
+            (
+                id,
+                FileOp::Begin {
+                    size,
+                    chunks,
+                    target,
+                },
+            )
+        }
+        ClientToRelay::FilePut {
+            id,
+            file_id,
+            index,
+            data,
+        } => (
+            id,
+            FileOp::Put {
+                file_id,
+                index,
+                data,
+            },
+        ),
+        ClientToRelay::FileStatus { id, file_id } => (id, FileOp::Status { file_id }),
+        ClientToRelay::FileGet {
+            id,
+            file_id,
+            from,
+            count,
+        } => (
+            id,
+            FileOp::Get {
+                file_id,
+                from,
+                count,
+            },
+        ),
+        ClientToRelay::FileDone { file_id } => (0, FileOp::Done { file_id }),
+        _ => return None,
+    })
 }
 
 /// The group operation a frame asks for, with its request id.

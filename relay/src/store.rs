@@ -8,6 +8,7 @@
 //! Group membership operations run in a transaction of their own, in the batch's order,
 //! so a member added before a group message gets it.
 
+use crate::files::{self, FileOp};
 use crate::groups::{self, GroupOp, GroupOutcome};
 use fastchat_common::db::{DbConn, DbPool};
 use fastchat_common::pool::Completions;
@@ -85,6 +86,13 @@ pub enum Job {
         req: u64,
         user: String,
     },
+    /// A file operation.
+    File {
+        conn: Token,
+        req: u64,
+        user_id: i64,
+        op: FileOp,
+    },
     /// A group operation.
     Group {
         conn: Token,
@@ -104,6 +112,7 @@ impl Job {
             | Job::Ack { user_id, .. }
             | Job::Logout { user_id }
             | Job::LookupKey { user_id, .. }
+            | Job::File { user_id, .. }
             | Job::Group { user_id, .. } => *user_id as u64,
             Job::Send { sender_id, .. } => *sender_id as u64,
         }
@@ -142,6 +151,11 @@ pub enum Done {
         req: u64,
         user: String,
         pubkey: Option<String>,
+    },
+    /// Frames answering a request (file operations).
+    Frames {
+        conn: Token,
+        frames: Vec<RelayToClient>,
     },
     /// A group operation's reply and the events it wrote.
     Group {
@@ -277,6 +291,9 @@ impl Worker {
             if let Job::Group { .. } = job {
                 healthy &= self.commit_run(&mut held, std::mem::take(&mut run));
                 healthy &= self.run_group_op(&mut held.conn, job);
+            } else if let Job::File { .. } = job {
+                healthy &= self.commit_run(&mut held, std::mem::take(&mut run));
+                healthy &= self.run_file_op(&mut held.conn, job);
             } else {
                 run.push(job);
             }
@@ -318,6 +335,51 @@ impl Worker {
             .fetch_add(stored as u64, Ordering::Relaxed);
         self.done.send_all(results);
         true
+    }
+
+    /// Runs one file operation; `false` if the database failed.
+    fn run_file_op(&mut self, conn: &mut DbConn, job: Job) -> bool {
+        let Job::File {
+            conn: token,
+            req,
+            user_id,
+            op,
+        } = job
+        else {
+            return true;
+        };
+        let (result, healthy) = match files::run(conn, user_id, op, req) {
+            Ok(Ok(frames)) => (
+                Done::Frames {
+                    conn: token,
+                    frames,
+                },
+                true,
+            ),
+            Ok(Err((code, message))) => (
+                Done::Failed {
+                    conn: token,
+                    req,
+                    code,
+                    message,
+                },
+                true,
+            ),
+            Err(e) => {
+                warn!("file operation failed: {e}");
+                (
+                    Done::Failed {
+                        conn: token,
+                        req,
+                        code: ErrorCode::StoreFailed,
+                        message: "the file store is unavailable; retry".into(),
+                    },
+                    false,
+                )
+            }
+        };
+        self.done.send(result);
+        healthy
     }
 
     /// Runs one group operation; `false` if the database failed.
@@ -654,7 +716,7 @@ impl Worker {
                         pubkey,
                     });
                 }
-                Job::Ack { .. } | Job::Logout { .. } | Job::Group { .. } => {}
+                Job::Ack { .. } | Job::Logout { .. } | Job::Group { .. } | Job::File { .. } => {}
             }
         }
         Ok(results)
@@ -665,6 +727,7 @@ impl Worker {
         let results = jobs.into_iter().filter_map(|job| match job {
             Job::Send { conn, req, .. }
             | Job::LookupKey { conn, req, .. }
+            | Job::File { conn, req, .. }
             | Job::Group { conn, req, .. } => Some(Done::Failed {
                 conn,
                 req,

@@ -144,6 +144,7 @@ impl Driver {
         self.next_mid += 1;
         let payload = TextPayload {
             group_key: None,
+            file: None,
             mid: format!("{:016x}{mid:016x}", self.salt),
             ts: fastchat_common::time::now_ms(),
             text: format!("{} {}", self.now_us(), self.padding),

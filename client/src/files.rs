@@ -1,0 +1,488 @@
+//! Files on the client: encrypt a file in authenticated chunks with a fresh key, upload
+//! them (resuming after a failover from what the relay has stored), announce the file
+//! with an ordinary end-to-end message; on the receiving side download the chunks in
+//! windows (resuming from the partial file), check size and SHA-256, and save the file
+//! under a safe, new name in the downloads directory.
+
+use crate::chat::{connection_lost, Chat, Event, Opened};
+use crate::e2e::{self, FileOffer, FILE_CHUNK};
+use crate::error::ClientError;
+use crate::store::InboxEntry;
+use fastchat_common::hex;
+use fastchat_common::proto::{ClientToRelay, ErrorCode, RelayToClient};
+use rsa::sha2::{Digest, Sha256};
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+/// Chunks in flight while uploading, and asked for at once while downloading.
+const WINDOW: u32 = 16;
+
+/// A file that arrived and was saved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileReceived {
+    pub msg_id: i64,
+    pub from: String,
+    pub group: Option<String>,
+    /// The name the sender gave.
+    pub name: String,
+    pub size: u64,
+    /// Where it was saved (inside the downloads directory).
+    pub path: PathBuf,
+    pub sha256: String,
+    /// When the relay stored the announcement, unix ms.
+    pub ts: u64,
+}
+
+/// What sending a file did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileSent {
+    pub file_id: i64,
+    pub size: u64,
+    pub chunks: u32,
+    /// Chunks put on the wire, counting resends after a failover.
+    pub chunks_uploaded: u32,
+}
+
+fn io_err(path: &Path) -> impl Fn(std::io::Error) -> ClientError + '_ {
+    move |source| ClientError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A file name that is safe to create inside a directory: the last path component of
+/// what the sender said, without control characters, never `.`/`..`/empty, at most
+/// 120 bytes.
+pub fn safe_name(name: &str) -> String {
+    let last = name.rsplit(['/', '\\']).next().unwrap_or("");
+    let mut clean: String = last.chars().filter(|c| !c.is_control()).collect();
+    clean = clean.trim().trim_start_matches('.').to_string();
+    while clean.len() > 120 {
+        clean.pop();
+    }
+    if clean.is_empty() {
+        "file".into()
+    } else {
+        clean
+    }
+}
+
+/// `dir/name`, or `dir/stem (n).ext` for the first n that does not exist.
+fn unused_path(dir: &Path, name: &str) -> PathBuf {
+    let candidate = dir.join(name);
+    if !candidate.exists() {
+        return candidate;
+    }
+    let (stem, ext) = match name.rfind('.') {
+        Some(i) if i > 0 => (&name[..i], &name[i..]),
+        _ => (name, ""),
+    };
+    (1..)
+        .map(|n| dir.join(format!("{stem} ({n}){ext}")))
+        .find(|p| !p.exists())
+        .expect("some numbered name is free")
+}
+
+fn sha256_of(path: &Path) -> Result<(String, u64), ClientError> {
+    let mut file = File::open(path).map_err(io_err(path))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut size = 0u64;
+    loop {
+        let n = file.read(&mut buf).map_err(io_err(path))?;
+        if n == 0 {
+            break;
+        }
+        size += n as u64;
+        hasher.update(&buf[..n]);
+    }
+    Ok((hex::encode(&hasher.finalize()), size))
+}
+
+fn nonce_of(offer: &FileOffer) -> Option<[u8; 16]> {
+    let bytes = hex::decode(&offer.nonce)?;
+    bytes.try_into().ok()
+}
+
+impl Chat {
+    /// Sets where received files are saved.
+    pub fn set_downloads(&mut self, dir: PathBuf) {
+        self.downloads = dir;
+    }
+
+    /// Sends the file at `path` to a user (`to`) or a group (`group_id`), under `name`
+    /// (default: the file's own name). Returns once every chunk is stored and the
+    /// announcement is sent.
+    pub fn send_file(
+        &mut self,
+        to: Option<&str>,
+        group_id: Option<i64>,
+        path: &Path,
+        name: Option<&str>,
+    ) -> Result<FileSent, ClientError> {
+        let (sha256, size) = sha256_of(path)?;
+        let chunks = size.div_ceil(FILE_CHUNK as u64) as u32;
+        let key = e2e::new_file_key();
+        let nonce: [u8; 16] = rand::random();
+        let reply = self.file_request(|id| ClientToRelay::FileBegin {
+            id,
+            size,
+            chunks,
+            to: to.map(str::to_string),
+            group_id,
+        })?;
+        let RelayToClient::FileReady { file_id, .. } = reply else {
+            return Err(ClientError::Protocol(format!("{reply:?}")));
+        };
+        let uploaded = self.upload(file_id, path, &key, &nonce, chunks)?;
+        let name = name.map(str::to_string).unwrap_or_else(|| {
+            path.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "file".into())
+        });
+        let offer = FileOffer {
+            file_id,
+            name,
+            size,
+            sha256,
+            key,
+            nonce: hex::encode(&nonce),
+            chunks,
+        };
+        match (to, group_id) {
+            (Some(to), _) => {
+                self.send_pairwise_payload(to, "", None, Some(offer))?;
+            }
+            (None, Some(group_id)) => {
+                self.send_group_payload(group_id, "", Some(offer))?;
+            }
+            (None, None) => return Err(ClientError::Usage("a file needs a recipient".into())),
+        }
+        Ok(FileSent {
+            file_id,
+            size,
+            chunks,
+            chunks_uploaded: uploaded,
+        })
+    }
+
+    /// Sends a file request and waits for its reply, failing over if the relay goes.
+    fn file_request(
+        &mut self,
+        make: impl Fn(u64) -> ClientToRelay,
+    ) -> Result<RelayToClient, ClientError> {
+        loop {
+            let id = self.relay.next_id();
+            self.relay.queue(&make(id));
+            let result = self.relay.flush().and_then(|()| {
+                self.relay.wait_reply(id, |f| {
+                    matches!(f,
+                        RelayToClient::FileReady { id: got, .. }
+                        | RelayToClient::FileStatus { id: got, .. } if *got == id)
+                })
+            });
+            match result {
+                Err(e) if connection_lost(&e) => self.reconnect()?,
+                other => return other,
+            }
+        }
+    }
+
+    /// Uploads chunks with a window; after a failover asks what is stored and goes on
+    /// from there. Returns how many chunks were put on the wire.
+    fn upload(
+        &mut self,
+        file_id: i64,
+        path: &Path,
+        key: &str,
+        nonce: &[u8; 16],
+        chunks: u32,
+    ) -> Result<u32, ClientError> {
+        let mut file = File::open(path).map_err(io_err(path))?;
+        let mut buf = vec![0u8; FILE_CHUNK];
+        let mut uploaded = 0u32;
+        let mut acked = 0u32;
+        loop {
+            match self.upload_from(
+                &mut file,
+                path,
+                &mut buf,
+                file_id,
+                key,
+                nonce,
+                chunks,
+                &mut acked,
+                &mut uploaded,
+            ) {
+                Ok(()) => return Ok(uploaded),
+                Err(e) if connection_lost(&e) => {
+                    self.reconnect()?;
+                    let reply =
+                        self.file_request(|id| ClientToRelay::FileStatus { id, file_id })?;
+                    if let RelayToClient::FileStatus { stored, .. } = reply {
+                        acked = stored.min(chunks);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn upload_from(
+        &mut self,
+        file: &mut File,
+        path: &Path,
+        buf: &mut [u8],
+        file_id: i64,
+        key: &str,
+        nonce: &[u8; 16],
+        chunks: u32,
+        acked: &mut u32,
+        uploaded: &mut u32,
+    ) -> Result<(), ClientError> {
+        let mut in_flight: std::collections::VecDeque<u64> = Default::default();
+        let mut next = *acked;
+        while *acked < chunks {
+            while next < chunks && next - *acked < WINDOW {
+                file.seek(SeekFrom::Start(u64::from(next) * FILE_CHUNK as u64))
+                    .map_err(io_err(path))?;
+                let mut filled = 0;
+                while filled < buf.len() {
+                    let n = file.read(&mut buf[filled..]).map_err(io_err(path))?;
+                    if n == 0 {
+                        break;
+                    }
+                    filled += n;
+                }
+                let data = e2e::seal_chunk(key, nonce, next, chunks, &buf[..filled])?;
+                let id = self.relay.next_id();
+                self.relay.queue(&ClientToRelay::FilePut {
+                    id,
+                    file_id,
+                    index: next,
+                    data,
+                });
+                in_flight.push_back(id);
+                next += 1;
+                *uploaded += 1;
+            }
+            self.relay.flush()?;
+            let Some(id) = in_flight.pop_front() else {
+                break;
+            };
+            self.relay.wait_reply(
+                id,
+                |f| matches!(f, RelayToClient::FilePutOk { id: got, .. } if *got == id),
+            )?;
+            *acked += 1;
+        }
+        Ok(())
+    }
+
+    /// A file announcement arrived: download, check and save it.
+    pub(crate) fn receive_file(
+        &mut self,
+        m: &InboxEntry,
+        group: Option<String>,
+        offer: FileOffer,
+    ) -> Result<Opened, ClientError> {
+        let rejected = |why: String| {
+            Opened::Shown(Event::Undecryptable {
+                msg_id: m.msg_id,
+                from: m.from.clone(),
+                why,
+            })
+        };
+        let Some(nonce) = nonce_of(&offer) else {
+            return Ok(rejected(
+                "a file announcement with a malformed nonce".into(),
+            ));
+        };
+        let partial_dir = self.downloads.join(".partial");
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&partial_dir)
+            .map_err(io_err(&partial_dir))?;
+        let partial = partial_dir.join(format!("{}.part", offer.file_id));
+        let outcome = loop {
+            match self.download(&offer, &nonce, &partial) {
+                Err(e) if connection_lost(&e) => self.reconnect()?,
+                other => break other,
+            }
+        };
+        let checked = match outcome {
+            Ok(()) => match sha256_of(&partial) {
+                Ok((sha, size)) if sha == offer.sha256 && size == offer.size => Ok(()),
+                Ok(_) => Err("its size or SHA-256 does not match the announcement".to_string()),
+                Err(e) => Err(e.to_string()),
+            },
+            Err(ClientError::E2e(_)) => {
+                Err("a chunk failed authentication (altered, reordered or truncated)".into())
+            }
+            Err(ClientError::Refused { message, .. }) => Err(message),
+            Err(e) => return Err(e),
+        };
+        // Either way the relay may let go of it now.
+        self.relay.queue(&ClientToRelay::FileDone {
+            file_id: offer.file_id,
+        });
+        self.relay.flush()?;
+        if let Err(why) = checked {
+            let _ = fs::remove_file(&partial);
+            return Ok(rejected(format!("file {:?} rejected: {why}", offer.name)));
+        }
+        let name = safe_name(&offer.name);
+        let path = loop {
+            let target = unused_path(&self.downloads, &name);
+            // A hard link never replaces an existing file.
+            match fs::hard_link(&partial, &target) {
+                Ok(()) => break target,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(io_err(&target)(e)),
+            }
+        };
+        let _ = fs::remove_file(&partial);
+        Ok(Opened::Shown(Event::File(FileReceived {
+            msg_id: m.msg_id,
+            from: m.from.clone(),
+            group,
+            name: offer.name,
+            size: offer.size,
+            path,
+            sha256: offer.sha256,
+            ts: m.ts,
+        })))
+    }
+
+    /// Downloads the chunks not yet in `partial`, appending them.
+    fn download(
+        &mut self,
+        offer: &FileOffer,
+        nonce: &[u8; 16],
+        partial: &Path,
+    ) -> Result<(), ClientError> {
+        let mut out = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(partial)
+            .map_err(io_err(partial))?;
+        let len = out.metadata().map_err(io_err(partial))?.len();
+        let mut have = (len / FILE_CHUNK as u64) as u32;
+        if len % FILE_CHUNK as u64 != 0 && u64::from(have) + 1 < u64::from(offer.chunks) {
+            // A torn last write: drop the partial chunk and fetch it again.
+            out.set_len(u64::from(have) * FILE_CHUNK as u64)
+                .map_err(io_err(partial))?;
+        } else if len % FILE_CHUNK as u64 != 0 {
+            have += 1;
+        }
+        while have < offer.chunks {
+            let id = self.relay.next_id();
+            self.relay.queue(&ClientToRelay::FileGet {
+                id,
+                file_id: offer.file_id,
+                from: have,
+                count: WINDOW,
+            });
+            self.relay.flush()?;
+            loop {
+                let frame = self.relay.wait_reply(id, |f| {
+                    matches!(f,
+                        RelayToClient::FileChunk { id: got, .. }
+                        | RelayToClient::FileEnd { id: got, .. } if *got == id)
+                })?;
+                match frame {
+                    RelayToClient::FileChunk { index, data, .. } => {
+                        if index != have {
+                            return Err(ClientError::E2e(e2e::E2eError::Decrypt));
+                        }
+                        let plain = e2e::open_chunk(&offer.key, nonce, index, offer.chunks, &data)?;
+                        out.write_all(&plain).map_err(io_err(partial))?;
+                        have += 1;
+                    }
+                    RelayToClient::FileEnd { sent, .. } => {
+                        if sent == 0 && have < offer.chunks {
+                            return Err(ClientError::Refused {
+                                code: ErrorCode::NotMember,
+                                message: "the file is incomplete on the server or has expired"
+                                    .into(),
+                                retry_after_ms: None,
+                            });
+                        }
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            out.flush().map_err(io_err(partial))?;
+        }
+        out.sync_all().map_err(io_err(partial))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_stay_inside_the_directory() {
+        assert_eq!(safe_name("../../etc/passwd"), "passwd");
+        assert_eq!(safe_name("/etc/shadow"), "shadow");
+        assert_eq!(safe_name("..\\..\\win.ini"), "win.ini");
+        assert_eq!(safe_name(".."), "file");
+        assert_eq!(safe_name(""), "file");
+        assert_eq!(safe_name("a/"), "file");
+        assert_eq!(safe_name(".hidden"), "hidden");
+        assert_eq!(safe_name("ok name.txt"), "ok name.txt");
+        assert_eq!(safe_name("bell\u{7}.txt"), "bell.txt");
+        assert!(safe_name(&"x".repeat(500)).len() <= 120);
+    }
+
+    #[test]
+    fn numbered_names_never_overwrite() {
+        let dir = std::env::temp_dir().join(format!("fastchat-names-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("a.txt"), "1").unwrap();
+        assert_eq!(unused_path(&dir, "a.txt"), dir.join("a (1).txt"));
+        fs::write(dir.join("a (1).txt"), "2").unwrap();
+        assert_eq!(unused_path(&dir, "a.txt"), dir.join("a (2).txt"));
+        assert_eq!(unused_path(&dir, "b"), dir.join("b"));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn chunks_are_bound_to_file_place_and_length() {
+        let key = e2e::new_file_key();
+        let nonce = [7u8; 16];
+        let token = e2e::seal_chunk(&key, &nonce, 3, 10, b"data").unwrap();
+        assert_eq!(
+            e2e::open_chunk(&key, &nonce, 3, 10, &token).unwrap(),
+            b"data"
+        );
+        assert!(
+            e2e::open_chunk(&key, &nonce, 4, 10, &token).is_err(),
+            "reordered"
+        );
+        assert!(
+            e2e::open_chunk(&key, &nonce, 3, 9, &token).is_err(),
+            "truncated file"
+        );
+        assert!(
+            e2e::open_chunk(&key, &[8u8; 16], 3, 10, &token).is_err(),
+            "other file"
+        );
+        let mut altered = token.into_bytes();
+        altered[40] ^= 1;
+        let altered = String::from_utf8(altered).unwrap();
+        assert!(
+            e2e::open_chunk(&key, &nonce, 3, 10, &altered).is_err(),
+            "altered"
+        );
+    }
+}
