@@ -199,6 +199,8 @@ pub struct Chat {
     pub(crate) failovers: u32,
     /// Where received files are saved.
     pub(crate) downloads: PathBuf,
+    /// Outstanding `file_get` requests: request id → file id.
+    pub(crate) file_requests: std::collections::HashMap<u64, i64>,
 }
 
 /// How long a session keeps trying to reach a relay again before giving up.
@@ -274,7 +276,7 @@ impl Chat {
         let identity = Identity::from_pkcs8_der(&der)?;
         let mut store = store;
         let relay = establish(opts, &mut store, receive)?;
-        Ok(Chat {
+        Chat {
             opts: opts.clone(),
             receive,
             store,
@@ -282,7 +284,17 @@ impl Chat {
             relay,
             failovers: 0,
             downloads: opts.data_dir.join(&opts.user).join("downloads"),
-        })
+            file_requests: std::collections::HashMap::new(),
+        }
+        .resuming_downloads()
+    }
+
+    /// Picks up downloads an earlier run did not finish (receiving sessions only).
+    fn resuming_downloads(mut self) -> Result<Chat, ClientError> {
+        if self.receive {
+            self.resume_downloads()?;
+        }
+        Ok(self)
     }
 
     /// Connects again after the relay link failed: back through the auth server (with
@@ -297,6 +309,9 @@ impl Chat {
                 Ok(relay) => {
                     self.relay = relay;
                     self.failovers += 1;
+                    if self.receive {
+                        self.resume_downloads()?;
+                    }
                     return Ok(());
                 }
                 Err(e) if worth_retrying(&e) && Instant::now() + backoff < deadline => {
@@ -651,7 +666,19 @@ impl Chat {
                     }
                 }
                 RelayToClient::Synced {} => synced = true,
+                RelayToClient::Error(e)
+                    if e.id.is_some_and(|id| self.file_requests.contains_key(&id)) =>
+                {
+                    if let Some(event) = self.file_frame(RelayToClient::Error(e))? {
+                        events.push(event);
+                    }
+                }
                 RelayToClient::Error(e) => return Err(ClientError::from_frame(e)),
+                frame @ (RelayToClient::FileChunk { .. } | RelayToClient::FileEnd { .. }) => {
+                    if let Some(event) = self.file_frame(frame)? {
+                        events.push(event);
+                    }
+                }
                 _ => {}
             }
         }

@@ -9,8 +9,9 @@ use crate::e2e::{self, FileOffer, FILE_CHUNK};
 use crate::error::ClientError;
 use crate::store::InboxEntry;
 use fastchat_common::hex;
-use fastchat_common::proto::{ClientToRelay, ErrorCode, RelayToClient};
+use fastchat_common::proto::{ClientToRelay, RelayToClient};
 use rsa::sha2::{Digest, Sha256};
+use serde::{Deserialize, Serialize};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -282,147 +283,274 @@ impl Chat {
         Ok(())
     }
 
-    /// A file announcement arrived: download, check and save it.
+    /// A file announcement arrived: the download starts and goes on inside
+    /// [`Chat::receive`], a window at a time, between other messages.
     pub(crate) fn receive_file(
         &mut self,
         m: &InboxEntry,
         group: Option<String>,
         offer: FileOffer,
     ) -> Result<Opened, ClientError> {
-        let rejected = |why: String| {
-            Opened::Shown(Event::Undecryptable {
+        if nonce_of(&offer).is_none() {
+            return Ok(Opened::Shown(Event::Undecryptable {
                 msg_id: m.msg_id,
                 from: m.from.clone(),
-                why,
-            })
-        };
-        let Some(nonce) = nonce_of(&offer) else {
-            return Ok(rejected(
-                "a file announcement with a malformed nonce".into(),
-            ));
-        };
-        let partial_dir = self.downloads.join(".partial");
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&partial_dir)
-            .map_err(io_err(&partial_dir))?;
-        let partial = partial_dir.join(format!("{}.part", offer.file_id));
-        let outcome = loop {
-            match self.download(&offer, &nonce, &partial) {
-                Err(e) if connection_lost(&e) => self.reconnect()?,
-                other => break other,
-            }
-        };
-        let checked = match outcome {
-            Ok(()) => match sha256_of(&partial) {
-                Ok((sha, size)) if sha == offer.sha256 && size == offer.size => Ok(()),
-                Ok(_) => Err("its size or SHA-256 does not match the announcement".to_string()),
-                Err(e) => Err(e.to_string()),
-            },
-            Err(ClientError::E2e(_)) => {
-                Err("a chunk failed authentication (altered, reordered or truncated)".into())
-            }
-            Err(ClientError::Refused { message, .. }) => Err(message),
-            Err(e) => return Err(e),
-        };
-        // Either way the relay may let go of it now.
-        self.relay.queue(&ClientToRelay::FileDone {
-            file_id: offer.file_id,
-        });
-        self.relay.flush()?;
-        if let Err(why) = checked {
-            let _ = fs::remove_file(&partial);
-            return Ok(rejected(format!("file {:?} rejected: {why}", offer.name)));
+                why: "a file announcement with a malformed nonce".into(),
+            }));
         }
-        let name = safe_name(&offer.name);
-        let path = loop {
-            let target = unused_path(&self.downloads, &name);
-            // A hard link never replaces an existing file.
-            match fs::hard_link(&partial, &target) {
-                Ok(()) => break target,
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(io_err(&target)(e)),
-            }
-        };
-        let _ = fs::remove_file(&partial);
-        Ok(Opened::Shown(Event::File(FileReceived {
-            msg_id: m.msg_id,
-            from: m.from.clone(),
-            group,
-            name: offer.name,
-            size: offer.size,
-            path,
-            sha256: offer.sha256,
-            ts: m.ts,
-        })))
+        let file_id = offer.file_id;
+        let downloads = &mut self.store.data_mut().downloads;
+        if !downloads.iter().any(|d| d.offer.file_id == file_id) {
+            downloads.push(PendingDownload {
+                offer,
+                msg_id: m.msg_id,
+                from: m.from.clone(),
+                group,
+                ts: m.ts,
+            });
+        }
+        self.store.save()?;
+        self.request_window(file_id)?;
+        Ok(Opened::Nothing)
     }
 
-    /// Downloads the chunks not yet in `partial`, appending them.
-    fn download(
-        &mut self,
-        offer: &FileOffer,
-        nonce: &[u8; 16],
-        partial: &Path,
-    ) -> Result<(), ClientError> {
-        let mut out = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(partial)
-            .map_err(io_err(partial))?;
-        let len = out.metadata().map_err(io_err(partial))?.len();
-        let mut have = (len / FILE_CHUNK as u64) as u32;
-        if len % FILE_CHUNK as u64 != 0 && u64::from(have) + 1 < u64::from(offer.chunks) {
-            // A torn last write: drop the partial chunk and fetch it again.
-            out.set_len(u64::from(have) * FILE_CHUNK as u64)
-                .map_err(io_err(partial))?;
-        } else if len % FILE_CHUNK as u64 != 0 {
-            have += 1;
+    /// Downloads not finished yet.
+    pub fn downloads_in_progress(&self) -> usize {
+        self.store.data().downloads.len()
+    }
+
+    /// Asks again for every unfinished download (after a failover or a restart).
+    pub(crate) fn resume_downloads(&mut self) -> Result<(), ClientError> {
+        self.file_requests.clear();
+        let ids: Vec<i64> = self
+            .store
+            .data()
+            .downloads
+            .iter()
+            .map(|d| d.offer.file_id)
+            .collect();
+        for file_id in ids {
+            self.request_window(file_id)?;
         }
-        while have < offer.chunks {
-            let id = self.relay.next_id();
-            self.relay.queue(&ClientToRelay::FileGet {
-                id,
-                file_id: offer.file_id,
-                from: have,
-                count: WINDOW,
-            });
-            self.relay.flush()?;
-            loop {
-                let frame = self.relay.wait_reply(id, |f| {
-                    matches!(f,
-                        RelayToClient::FileChunk { id: got, .. }
-                        | RelayToClient::FileEnd { id: got, .. } if *got == id)
-                })?;
-                match frame {
-                    RelayToClient::FileChunk { index, data, .. } => {
-                        if index != have {
-                            return Err(ClientError::E2e(e2e::E2eError::Decrypt));
-                        }
-                        let plain = e2e::open_chunk(&offer.key, nonce, index, offer.chunks, &data)?;
-                        out.write_all(&plain).map_err(io_err(partial))?;
-                        have += 1;
-                    }
-                    RelayToClient::FileEnd { sent, .. } => {
-                        if sent == 0 && have < offer.chunks {
-                            return Err(ClientError::Refused {
-                                code: ErrorCode::NotMember,
-                                message: "the file is incomplete on the server or has expired"
-                                    .into(),
-                                retry_after_ms: None,
-                            });
-                        }
-                        break;
-                    }
-                    _ => {}
-                }
-            }
-            out.flush().map_err(io_err(partial))?;
-        }
-        out.sync_all().map_err(io_err(partial))?;
         Ok(())
     }
+
+    fn partial_path(&self, file_id: i64) -> PathBuf {
+        self.downloads
+            .join(".partial")
+            .join(format!("{file_id}.part"))
+    }
+
+    /// Chunks already in the partial file (a torn last chunk is cut off).
+    fn chunks_held(&self, file_id: i64) -> Result<u32, ClientError> {
+        let path = self.partial_path(file_id);
+        let len = match fs::metadata(&path) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        let whole = len / FILE_CHUNK as u64;
+        let offer_chunks = self.pending(file_id).map_or(0, |d| d.offer.chunks);
+        if len % FILE_CHUNK as u64 == 0 {
+            return Ok(whole as u32);
+        }
+        if whole + 1 == u64::from(offer_chunks) {
+            // Only the last chunk may be short.
+            return Ok(offer_chunks);
+        }
+        let file = OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        file.set_len(whole * FILE_CHUNK as u64)
+            .map_err(io_err(&path))?;
+        Ok(whole as u32)
+    }
+
+    fn pending(&self, file_id: i64) -> Option<&PendingDownload> {
+        self.store
+            .data()
+            .downloads
+            .iter()
+            .find(|d| d.offer.file_id == file_id)
+    }
+
+    /// Asks for the next window of chunks of a download.
+    fn request_window(&mut self, file_id: i64) -> Result<(), ClientError> {
+        let from = self.chunks_held(file_id)?;
+        let id = self.relay.next_id();
+        self.file_requests.insert(id, file_id);
+        self.relay.queue(&ClientToRelay::FileGet {
+            id,
+            file_id,
+            from,
+            count: WINDOW,
+        });
+        self.relay.flush()
+    }
+
+    /// A chunk or the end of a window: written, and the next window asked for, or the
+    /// download finished.
+    pub(crate) fn file_frame(
+        &mut self,
+        frame: RelayToClient,
+    ) -> Result<Option<Event>, ClientError> {
+        match frame {
+            RelayToClient::FileChunk {
+                id,
+                file_id,
+                index,
+                data,
+            } => {
+                if self.file_requests.get(&id) != Some(&file_id) {
+                    return Ok(None);
+                }
+                let Some(pending) = self.pending(file_id).cloned() else {
+                    return Ok(None);
+                };
+                let nonce = nonce_of(&pending.offer).unwrap_or_default();
+                if index != self.chunks_held(file_id)? {
+                    return self.finish_download(file_id, Err("a chunk came out of order".into()));
+                }
+                let plain =
+                    match e2e::open_chunk(
+                        &pending.offer.key,
+                        &nonce,
+                        index,
+                        pending.offer.chunks,
+                        &data,
+                    ) {
+                        Ok(p) => p,
+                        Err(_) => return self.finish_download(
+                            file_id,
+                            Err(
+                                "a chunk failed authentication (altered, reordered or truncated)"
+                                    .into(),
+                            ),
+                        ),
+                    };
+                let path = self.partial_path(file_id);
+                if let Some(dir) = path.parent() {
+                    fs::DirBuilder::new()
+                        .recursive(true)
+                        .mode(0o700)
+                        .create(dir)
+                        .map_err(io_err(dir))?;
+                }
+                let mut out = OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .mode(0o600)
+                    .open(&path)
+                    .map_err(io_err(&path))?;
+                out.write_all(&plain).map_err(io_err(&path))?;
+                Ok(None)
+            }
+            RelayToClient::FileEnd { id, file_id, sent } => {
+                if self.file_requests.remove(&id) != Some(file_id) {
+                    return Ok(None);
+                }
+                let Some(chunks) = self.pending(file_id).map(|d| d.offer.chunks) else {
+                    return Ok(None);
+                };
+                let held = self.chunks_held(file_id)?;
+                if held >= chunks {
+                    self.finish_download(file_id, Ok(()))
+                } else if sent == 0 {
+                    self.finish_download(
+                        file_id,
+                        Err("the file is incomplete on the server or has expired".into()),
+                    )
+                } else {
+                    self.request_window(file_id)?;
+                    Ok(None)
+                }
+            }
+            RelayToClient::Error(e)
+                if e.id.is_some_and(|id| self.file_requests.contains_key(&id)) =>
+            {
+                let file_id = self
+                    .file_requests
+                    .remove(&e.id.unwrap_or_default())
+                    .unwrap_or_default();
+                self.finish_download(file_id, Err(e.message))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Checks and saves a complete download, or discards a failed one; either way tells
+    /// the relay this client is done with the file.
+    fn finish_download(
+        &mut self,
+        file_id: i64,
+        outcome: Result<(), String>,
+    ) -> Result<Option<Event>, ClientError> {
+        let Some(pos) = self
+            .store
+            .data()
+            .downloads
+            .iter()
+            .position(|d| d.offer.file_id == file_id)
+        else {
+            return Ok(None);
+        };
+        let pending = self.store.data_mut().downloads.remove(pos);
+        self.file_requests.retain(|_, f| *f != file_id);
+        let partial = self.partial_path(file_id);
+        let checked = outcome.and_then(|()| match sha256_of(&partial) {
+            Ok((sha, size)) if sha == pending.offer.sha256 && size == pending.offer.size => Ok(()),
+            Ok(_) => Err("its size or SHA-256 does not match the announcement".to_string()),
+            Err(e) => Err(e.to_string()),
+        });
+        self.relay.queue(&ClientToRelay::FileDone { file_id });
+        self.relay.flush()?;
+        let event = match checked {
+            Err(why) => {
+                let _ = fs::remove_file(&partial);
+                Event::Undecryptable {
+                    msg_id: pending.msg_id,
+                    from: pending.from.clone(),
+                    why: format!("file {:?} rejected: {why}", pending.offer.name),
+                }
+            }
+            Ok(()) => {
+                let name = safe_name(&pending.offer.name);
+                let path = loop {
+                    let target = unused_path(&self.downloads, &name);
+                    // A hard link never replaces an existing file.
+                    match fs::hard_link(&partial, &target) {
+                        Ok(()) => break target,
+                        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                        Err(e) => return Err(io_err(&target)(e)),
+                    }
+                };
+                let _ = fs::remove_file(&partial);
+                Event::File(FileReceived {
+                    msg_id: pending.msg_id,
+                    from: pending.from,
+                    group: pending.group,
+                    name: pending.offer.name,
+                    size: pending.offer.size,
+                    path,
+                    sha256: pending.offer.sha256,
+                    ts: pending.ts,
+                })
+            }
+        };
+        self.store.save()?;
+        Ok(Some(event))
+    }
+}
+
+/// A download in progress, kept in the store so it resumes after a restart.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct PendingDownload {
+    pub offer: FileOffer,
+    pub msg_id: i64,
+    pub from: String,
+    pub group: Option<String>,
+    pub ts: u64,
 }
 
 #[cfg(test)]

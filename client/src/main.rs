@@ -352,7 +352,11 @@ fn read(chat: &mut Chat, wait: Option<u64>, json: bool) -> Result<(), ClientErro
     let mut synced = false;
     let stdout = std::io::stdout();
     loop {
-        let deadline = if synced {
+        // Files still downloading keep `read` going (up to an hour).
+        let downloading = chat.downloads_in_progress() > 0;
+        let deadline = if downloading {
+            (start + Duration::from_secs(3600)).max(until)
+        } else if synced {
             until
         } else {
             backlog_deadline.max(until)
@@ -451,7 +455,7 @@ fn read(chat: &mut Chat, wait: Option<u64>, json: bool) -> Result<(), ClientErro
                 }
             }
         }
-        if synced && Instant::now() >= until {
+        if synced && Instant::now() >= until && chat.downloads_in_progress() == 0 {
             break;
         }
     }

@@ -109,6 +109,8 @@ pub struct StoreData {
     pub seen_mids: VecDeque<String>,
     /// Conversation history, oldest first.
     pub history: Vec<HistoryEntry>,
+    /// Downloads not finished yet.
+    pub downloads: Vec<crate::files::PendingDownload>,
     /// The groups this user is or was in, by id.
     pub groups: BTreeMap<i64, GroupState>,
     /// The resumption credential of the last password login, per auth server.

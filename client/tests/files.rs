@@ -303,3 +303,40 @@ fn a_download_broken_by_a_relay_kill_resumes_after_failover() {
         "bob's session failed over mid-download"
     );
 }
+
+#[test]
+fn texts_are_shown_while_a_large_file_is_still_downloading() {
+    let net = TestNet::start();
+    register(&net, &["alice", "bob"]);
+    let src = random_file(&net.home.join("src"), "large.bin", 8 * 1024 * 1024);
+    let mut alice = Chat::login(&net.opts("alice"), false).unwrap();
+    let mut bob = net.login("bob");
+    alice.send_file(Some("bob"), None, &src, None).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut order = Vec::new();
+    let mut sent_text = false;
+    while !order.iter().any(|e: &String| e == "file") {
+        assert!(Instant::now() < deadline, "{order:?}");
+        for e in bob
+            .receive(Instant::now() + Duration::from_millis(50))
+            .unwrap()
+        {
+            match e {
+                Event::Message(m) => order.push(m.text),
+                Event::File(_) => order.push("file".into()),
+                _ => {}
+            }
+        }
+        // Once bob is downloading, alice writes.
+        if !sent_text && bob.downloads_in_progress() > 0 {
+            alice.send_text("bob", "while the file moves").unwrap();
+            sent_text = true;
+        }
+    }
+    assert!(sent_text);
+    assert_eq!(
+        order,
+        vec!["while the file moves".to_string(), "file".to_string()],
+        "the text is shown before the file has finished"
+    );
+}
