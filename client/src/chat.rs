@@ -496,19 +496,46 @@ impl Chat {
         if let Some(conv) = self.store.data_mut().conversations.get_mut(to) {
             conv.shared.insert(key.id.clone());
         }
+        self.record_stored(&payload.mid, sent)?;
+        Ok(sent)
+    }
+
+    /// The relay has stored a message we sent: its history entry says so, and saves.
+    pub(crate) fn record_stored(&mut self, mid: &str, sent: Sent) -> Result<(), ClientError> {
         if let Some(entry) = self
             .store
             .data_mut()
             .history
             .iter_mut()
             .rev()
-            .find(|h| h.mid == payload.mid)
+            .find(|h| h.mid == mid)
         {
             entry.msg_id = Some(sent.msg_id);
             entry.state = DeliveryState::Stored;
         }
-        self.store.save()?;
-        Ok(sent)
+        Ok(self.store.save()?)
+    }
+
+    /// Sends a request and waits for the reply `is_reply` recognises (or an error naming
+    /// the request), failing over if the relay goes; the request is sent again on the
+    /// new session.
+    pub(crate) fn request(
+        &mut self,
+        make: impl Fn(u64) -> ClientToRelay,
+        is_reply: impl Fn(&RelayToClient, u64) -> bool,
+    ) -> Result<RelayToClient, ClientError> {
+        loop {
+            let id = self.relay.next_id();
+            self.relay.queue(&make(id));
+            let result = self
+                .relay
+                .flush()
+                .and_then(|()| self.relay.wait_reply(id, |f| is_reply(f, id)));
+            match result {
+                Err(e) if connection_lost(&e) => self.reconnect()?,
+                other => return other,
+            }
+        }
     }
 
     /// Puts a message we are sending into the history (pending) and saves.

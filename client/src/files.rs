@@ -174,21 +174,11 @@ impl Chat {
         &mut self,
         make: impl Fn(u64) -> ClientToRelay,
     ) -> Result<RelayToClient, ClientError> {
-        loop {
-            let id = self.relay.next_id();
-            self.relay.queue(&make(id));
-            let result = self.relay.flush().and_then(|()| {
-                self.relay.wait_reply(id, |f| {
-                    matches!(f,
-                        RelayToClient::FileReady { id: got, .. }
-                        | RelayToClient::FileStatus { id: got, .. } if *got == id)
-                })
-            });
-            match result {
-                Err(e) if connection_lost(&e) => self.reconnect()?,
-                other => return other,
-            }
-        }
+        self.request(make, |f, id| {
+            matches!(f,
+                RelayToClient::FileReady { id: got, .. }
+                | RelayToClient::FileStatus { id: got, .. } if *got == id)
+        })
     }
 
     /// Uploads chunks with a window; after a failover asks what is stored and goes on

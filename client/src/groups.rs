@@ -10,7 +10,7 @@
 //! does it when it comes online). Grants are accepted only from admins of the group.
 //! Senders use the newest key they hold; old keys stay, to read history.
 
-use crate::chat::{connection_lost, Chat, Event, GroupNotice, Opened, Received, SendTarget, Sent};
+use crate::chat::{Chat, Event, GroupNotice, Opened, Received, SendTarget, Sent};
 use crate::e2e::{self, ConversationKey, GroupKeyGrant, TextPayload};
 use crate::error::ClientError;
 use crate::store::{DeliveryState, GroupState, HistoryEntry, InboxEntry};
@@ -39,22 +39,12 @@ impl Chat {
         &mut self,
         make: impl Fn(u64) -> ClientToRelay,
     ) -> Result<RelayToClient, ClientError> {
-        loop {
-            let id = self.relay.next_id();
-            self.relay.queue(&make(id));
-            let result = self.relay.flush().and_then(|()| {
-                self.relay.wait_reply(id, |f| {
-                    matches!(f,
-                        RelayToClient::Group { id: got, .. }
-                        | RelayToClient::Groups { id: got, .. }
-                        | RelayToClient::Members { id: got, .. } if *got == id)
-                })
-            });
-            match result {
-                Err(e) if connection_lost(&e) => self.reconnect()?,
-                other => return other,
-            }
-        }
+        self.request(make, |f, id| {
+            matches!(f,
+                RelayToClient::Group { id: got, .. }
+                | RelayToClient::Groups { id: got, .. }
+                | RelayToClient::Members { id: got, .. } if *got == id)
+        })
     }
 
     fn expect_group(&mut self, reply: RelayToClient) -> Result<GroupSummary, ClientError> {
@@ -245,18 +235,7 @@ impl Chat {
         let name = state.map(|s| s.name);
         self.record_outgoing(&conversation(group_id), name, &shown, &payload)?;
         let sent = self.deliver(&SendTarget::Group(group_id), &[body])?;
-        if let Some(entry) = self
-            .store
-            .data_mut()
-            .history
-            .iter_mut()
-            .rev()
-            .find(|h| h.mid == payload.mid)
-        {
-            entry.msg_id = Some(sent.msg_id);
-            entry.state = DeliveryState::Stored;
-        }
-        self.store.save()?;
+        self.record_stored(&payload.mid, sent)?;
         Ok(sent)
     }
 
