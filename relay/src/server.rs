@@ -87,6 +87,8 @@ pub struct RelayServer {
     scratch: Vec<u8>,
     stop: Arc<AtomicBool>,
     db: DbPool,
+    /// Authenticated sessions (kept as a count: it is read every poll turn).
+    ready_sessions: u32,
     /// Uploads started per user in the current minute: (window start, count).
     uploads: HashMap<i64, (Instant, u32)>,
     /// When the file retention sweep last ran.
@@ -170,6 +172,7 @@ impl RelayServer {
                 scratch: vec![0; 64 * 1024],
                 stop,
                 db,
+                ready_sessions: 0,
                 uploads: HashMap::new(),
                 last_file_sweep: Instant::now(),
                 stopping: false,
@@ -404,10 +407,7 @@ impl RelayServer {
     }
 
     fn clients_count(&self) -> u32 {
-        self.clients
-            .values()
-            .filter(|c| matches!(c.state, ClientState::Ready(_)))
-            .count() as u32
+        self.ready_sessions
     }
 
     /// Tells the auth server the client count when it changed.
@@ -583,6 +583,7 @@ impl RelayServer {
                         if let Some(old) = self.mesh.link_up(token, id) {
                             self.close(old, "replaced by a newer link");
                         }
+                        self.catch_up_all();
                     }
                     None => {
                         link.conn.queue(&MeshFrame::Hello {
@@ -603,6 +604,7 @@ impl RelayServer {
                 if let Some(old) = self.mesh.link_up(token, relay_id) {
                     self.close(old, "replaced by a newer link");
                 }
+                self.catch_up_all();
             }
             (
                 MeshState::AwaitingIntro | MeshState::Admin | MeshState::Up(_),
@@ -861,6 +863,7 @@ impl RelayServer {
                     // Registered locally before presence commits, so no live message
                     // completing meanwhile can miss this session.
                     self.local.entry(user_id).or_default().push(token);
+                    self.ready_sessions += 1;
                     self.submit(Job::Login {
                         conn: token,
                         user_id,
@@ -1120,6 +1123,22 @@ impl RelayServer {
                     self.send(conn, &RelayToClient::Synced {});
                 }
             }
+            Done::CatchUp { conn, messages } => {
+                let Some(Client {
+                    state: ClientState::Ready(session),
+                    ..
+                }) = self.clients.get(&conn)
+                else {
+                    return;
+                };
+                if !session.receive || session.in_backlog() {
+                    return;
+                }
+                self.counters.delivered += messages.len() as u64;
+                for m in messages {
+                    self.send(conn, &deliver(m));
+                }
+            }
             Done::LoginFailed { conn } => self.fail(
                 conn,
                 ErrorFrame::new(
@@ -1188,6 +1207,36 @@ impl RelayServer {
         }
     }
 
+    /// Every live session re-reads what is stored for it: messages another relay
+    /// committed but could not forward (it died, or the link was down) arrive now
+    /// rather than at the next login. Clients drop what they already have.
+    fn catch_up_all(&mut self) {
+        if self.stopping {
+            return;
+        }
+        let sessions: Vec<(Token, i64)> = self
+            .clients
+            .iter()
+            .filter_map(|(t, c)| match &c.state {
+                ClientState::Ready(s) if s.receive && !s.in_backlog() => Some((*t, s.user_id)),
+                _ => None,
+            })
+            .collect();
+        if !sessions.is_empty() {
+            info!(
+                "catching up {} sessions after a mesh change",
+                sessions.len()
+            );
+        }
+        for (conn, user_id) in sessions {
+            self.submit(Job::CatchUp {
+                conn,
+                user_id,
+                limit: self.cfg.page_size,
+            });
+        }
+    }
+
     /// Pushes stored messages to their recipients' sessions, here and on other relays.
     fn route(&mut self, deliveries: Vec<crate::store::Delivery>) {
         for d in deliveries {
@@ -1250,7 +1299,10 @@ impl RelayServer {
             link.conn.deregister(self.poll.registry());
             self.touched.remove(&token);
             match link.state {
-                MeshState::Up(id) => warn!("mesh link to {id} closed: {why}"),
+                MeshState::Up(id) => {
+                    warn!("mesh link to {id} closed: {why}");
+                    self.catch_up_all();
+                }
                 _ => debug!("mesh connection {} closed: {why}", link.conn.peer),
             }
             return;
@@ -1262,6 +1314,7 @@ impl RelayServer {
         client.conn.deregister(self.poll.registry());
         self.touched.remove(&token);
         if let ClientState::Ready(session) = client.state {
+            self.ready_sessions = self.ready_sessions.saturating_sub(1);
             info!("{} disconnected: {why}", session.user);
             let user_id = session.user_id;
             let now_empty = match self.local.get_mut(&user_id) {

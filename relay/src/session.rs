@@ -108,6 +108,11 @@ impl Session {
         }
     }
 
+    /// Whether the stored backlog is still going out.
+    pub fn in_backlog(&self) -> bool {
+        self.backlog
+    }
+
     /// A live message for this user: `Some` if it should go out now.
     pub fn live(&mut self, message: Stored) -> Option<Stored> {
         if !self.receive {

@@ -75,6 +75,13 @@ pub enum Job {
         target: Target,
         body: String,
     },
+    /// Re-read what is stored for a live session: after a mesh link went down or
+    /// came back, a message another relay committed may never have been forwarded.
+    CatchUp {
+        conn: Token,
+        user_id: i64,
+        limit: i64,
+    },
     /// Delete messages the recipient has stored.
     Ack { user_id: i64, msg_ids: Vec<i64> },
     /// The user's last session on this relay ended.
@@ -109,6 +116,7 @@ impl Job {
         match self {
             Job::Login { user_id, .. }
             | Job::FetchPending { user_id, .. }
+            | Job::CatchUp { user_id, .. }
             | Job::Ack { user_id, .. }
             | Job::Logout { user_id }
             | Job::LookupKey { user_id, .. }
@@ -128,6 +136,8 @@ pub enum Done {
         messages: Vec<Stored>,
         more: bool,
     },
+    /// What is stored for a live session (delivered again; clients drop what they have).
+    CatchUp { conn: Token, messages: Vec<Stored> },
     /// The login could not be recorded; the session must end.
     LoginFailed { conn: Token },
     /// The message is durable (`msg_id`: its id, or for a group message the first
@@ -702,6 +712,17 @@ impl Worker {
                         messages,
                     });
                 }
+                Job::CatchUp {
+                    conn: token,
+                    user_id,
+                    limit,
+                } => {
+                    let messages = fetch_pending(conn, &st.pending, *user_id, 0, *limit)?;
+                    results.push(Done::CatchUp {
+                        conn: *token,
+                        messages,
+                    });
+                }
                 Job::LookupKey {
                     conn: token,
                     req,
@@ -737,6 +758,8 @@ impl Worker {
             Job::Login { conn, .. } | Job::FetchPending { conn, .. } => {
                 Some(Done::LoginFailed { conn })
             }
+            // The next mesh change or login catches up instead.
+            Job::CatchUp { .. } => None,
             // An ack that did not commit is harmless: the message is delivered again.
             Job::Ack { .. } | Job::Logout { .. } => None,
         });
