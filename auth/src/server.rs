@@ -12,7 +12,7 @@ use crate::config::Config;
 use crate::directory::{RelayDirectory, RelayEntry};
 use crate::ratelimit::LoginLimiter;
 use crossbeam_channel::Receiver;
-use fastchat_common::conn::{Connection, ReadStatus};
+use fastchat_common::conn::{accept_pending, Connection, ReadStatus};
 use fastchat_common::db::DbPool;
 use fastchat_common::noise::{Role, StaticKeypair, KEY_LEN};
 use fastchat_common::pool::{Completions, WorkerPool};
@@ -232,44 +232,30 @@ impl AuthServer {
     }
 
     fn accept(&mut self, clients: bool) {
-        loop {
-            let listener = if clients {
-                &self.client_listener
+        let accepted = if clients {
+            accept_pending(
+                &self.client_listener,
+                || Role::NxResponder(&self.keypair),
+                self.cfg.max_frame,
+            )
+        } else {
+            accept_pending(
+                &self.relay_listener,
+                || Role::PskResponder(&self.secret),
+                self.cfg.max_frame,
+            )
+        };
+        for conn in accepted {
+            let state = if clients {
+                PeerState::ClientAwaitingHello
             } else {
-                &self.relay_listener
-            };
-            let (stream, addr) = match listener.accept() {
-                Ok(pair) => pair,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
-                Err(e) => {
-                    warn!("accept failed: {e}");
-                    return;
-                }
-            };
-            let _ = stream.set_nodelay(true);
-            let (role, state) = if clients {
-                (
-                    Role::NxResponder(&self.keypair),
-                    PeerState::ClientAwaitingHello,
-                )
-            } else {
-                (
-                    Role::PskResponder(&self.secret),
-                    PeerState::RelayAwaitingHello,
-                )
-            };
-            let conn = match Connection::new(stream, addr, role, self.cfg.max_frame) {
-                Ok(c) => c,
-                Err(e) => {
-                    warn!("cannot start a session with {addr}: {e}");
-                    continue;
-                }
+                PeerState::RelayAwaitingHello
             };
             let token = Token(self.next_token);
             self.next_token += 1;
             let mut peer = Peer { conn, state };
             if let Err(e) = peer.conn.update_interest(self.poll.registry(), token) {
-                warn!("cannot register {addr}: {e}");
+                warn!("cannot register {}: {e}", peer.conn.peer);
                 continue;
             }
             self.peers.insert(token, peer);
@@ -885,16 +871,10 @@ impl AuthServer {
             let Some(peer) = self.peers.get_mut(&token) else {
                 continue;
             };
-            let result = peer
-                .conn
-                .flush()
-                .and_then(|()| Ok(peer.conn.update_interest(self.poll.registry(), token)?));
-            match result {
+            match peer.conn.flush_and_rearm(self.poll.registry(), token) {
                 Err(e) => self.close(token, &e.to_string()),
-                Ok(()) if peer.conn.closing && peer.conn.is_flushed() => {
-                    self.close(token, "closed after an error")
-                }
-                Ok(()) => {}
+                Ok(true) => self.close(token, "closed after an error"),
+                Ok(false) => {}
             }
         }
     }

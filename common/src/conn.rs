@@ -15,6 +15,32 @@ use serde::Serialize;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 
+/// Accepts every connection waiting on `listener` (until `WouldBlock`), sets
+/// TCP_NODELAY, and starts a Noise session as `role()` on each. Failures are logged and
+/// skipped; the caller registers what it gets.
+pub fn accept_pending<'k>(
+    listener: &mio::net::TcpListener,
+    role: impl Fn() -> Role<'k>,
+    max_frame: usize,
+) -> Vec<Connection> {
+    let mut accepted = Vec::new();
+    loop {
+        let (stream, addr) = match listener.accept() {
+            Ok(pair) => pair,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return accepted,
+            Err(e) => {
+                crate::warn!("accept failed: {e}");
+                return accepted;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        match Connection::new(stream, addr, role(), max_frame) {
+            Ok(conn) => accepted.push(conn),
+            Err(e) => crate::warn!("cannot start a session with {addr}: {e}"),
+        }
+    }
+}
+
 /// What a read turn found.
 #[derive(Debug, PartialEq, Eq)]
 pub enum ReadStatus {
@@ -174,6 +200,18 @@ impl Connection {
         }
         self.registered = Some(wanted);
         Ok(())
+    }
+
+    /// Writes what is queued and re-arms the poll interest; `Ok(true)` when the
+    /// connection should close now (it was closing and everything is written).
+    pub fn flush_and_rearm(
+        &mut self,
+        registry: &Registry,
+        token: Token,
+    ) -> Result<bool, ConnError> {
+        self.flush()?;
+        self.update_interest(registry, token)?;
+        Ok(self.closing && self.is_flushed())
     }
 
     /// Removes the socket from the poll.

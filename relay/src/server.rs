@@ -14,7 +14,7 @@ use crate::session::{Next, Session};
 use crate::store::{Done, Job, StoreMetrics, Stored, Target, Worker};
 use crate::tickets::{Admission, TicketBook};
 use crossbeam_channel::Receiver;
-use fastchat_common::conn::{Connection, ReadStatus};
+use fastchat_common::conn::{accept_pending, Connection, ReadStatus};
 use fastchat_common::db::DbPool;
 use fastchat_common::noise::{Role, StaticKeypair, KEY_LEN};
 use fastchat_common::pool::{Completions, WorkerPool};
@@ -434,32 +434,16 @@ impl RelayServer {
     }
 
     fn accept_mesh(&mut self) {
-        loop {
-            let (stream, addr) = match self.mesh_listener.accept() {
-                Ok(pair) => pair,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
-                Err(e) => {
-                    warn!("mesh accept failed: {e}");
-                    return;
-                }
-            };
-            let _ = stream.set_nodelay(true);
-            let mut conn = match Connection::new(
-                stream,
-                addr,
-                Role::PskResponder(&self.secret),
-                self.cfg.max_frame,
-            ) {
-                Ok(c) => c,
-                Err(e) => {
-                    warn!("cannot start a mesh session with {addr}: {e}");
-                    continue;
-                }
-            };
+        let accepted = accept_pending(
+            &self.mesh_listener,
+            || Role::PskResponder(&self.secret),
+            self.cfg.max_frame,
+        );
+        for mut conn in accepted {
             let token = Token(self.next_token);
             self.next_token += 1;
             if let Err(e) = conn.update_interest(self.poll.registry(), token) {
-                warn!("cannot register {addr}: {e}");
+                warn!("cannot register {}: {e}", conn.peer);
                 continue;
             }
             self.mesh.accepted(token, conn);
@@ -720,28 +704,12 @@ impl RelayServer {
     // ----- clients ------------------------------------------------------------------
 
     fn accept(&mut self) {
-        loop {
-            let (stream, addr) = match self.listener.accept() {
-                Ok(pair) => pair,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
-                Err(e) => {
-                    warn!("accept failed: {e}");
-                    return;
-                }
-            };
-            let _ = stream.set_nodelay(true);
-            let conn = match Connection::new(
-                stream,
-                addr,
-                Role::NkResponder(&self.keypair),
-                self.cfg.max_frame,
-            ) {
-                Ok(c) => c,
-                Err(e) => {
-                    warn!("cannot start a session with {addr}: {e}");
-                    continue;
-                }
-            };
+        let accepted = accept_pending(
+            &self.listener,
+            || Role::NkResponder(&self.keypair),
+            self.cfg.max_frame,
+        );
+        for conn in accepted {
             let token = Token(self.next_token);
             self.next_token += 1;
             let mut client = Client {
@@ -749,7 +717,7 @@ impl RelayServer {
                 state: ClientState::AwaitingHello,
             };
             if let Err(e) = client.conn.update_interest(self.poll.registry(), token) {
-                warn!("cannot register {addr}: {e}");
+                warn!("cannot register {}: {e}", client.conn.peer);
                 continue;
             }
             self.clients.insert(token, client);
@@ -1345,15 +1313,10 @@ impl RelayServer {
                     None => continue,
                 },
             };
-            let result = conn
-                .flush()
-                .and_then(|()| Ok(conn.update_interest(self.poll.registry(), token)?));
-            match result {
+            match conn.flush_and_rearm(self.poll.registry(), token) {
                 Err(e) => self.close(token, &e.to_string()),
-                Ok(()) if conn.closing && conn.is_flushed() => {
-                    self.close(token, "closed after an error")
-                }
-                Ok(()) => {}
+                Ok(true) => self.close(token, "closed after an error"),
+                Ok(false) => {}
             }
         }
     }
