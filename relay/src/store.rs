@@ -179,7 +179,6 @@ pub enum Done {
 pub struct Prepared {
     locate: Statement,
     names: Statement,
-    ids: Statement,
     insert: Statement,
     member: Statement,
     group_insert: Statement,
@@ -195,8 +194,14 @@ impl Prepared {
         Ok(Prepared {
             locate: conn.prepare(LOCATE)?,
             names: conn.prepare("SELECT name, id FROM users WHERE name = ANY($1)")?,
-            ids: conn.prepare("SELECT nextval(pg_get_serial_sequence('messages', 'id')) FROM generate_series(1, $1::int8)")?,
-            insert: conn.prepare("INSERT INTO messages (recipient_id, id, sender_id, body, sent_at_ms) SELECT * FROM unnest($1::int8[], $2::int8[], $3::int8[], $4::text[], $5::int8[])")?,
+            insert: conn.prepare(
+                "INSERT INTO messages (recipient_id, id, sender_id, body, sent_at_ms)
+                 SELECT r, nextval('messages_id_seq'), s, b, t
+                 FROM unnest($1::int8[], $2::int8[], $3::text[], $4::int8[])
+                      WITH ORDINALITY AS x(r, s, b, t, o)
+                 ORDER BY o
+                 RETURNING id",
+            )?,
             member: conn.prepare("SELECT g.name FROM group_members gm JOIN groups g ON g.id = gm.group_id WHERE gm.group_id = $1 AND gm.user_id = $2")?,
             group_insert: conn.prepare("INSERT INTO messages (recipient_id, id, sender_id, body, sent_at_ms, group_id) SELECT gm.user_id, nextval(pg_get_serial_sequence('messages', 'id')), $2, $3, $4, $1 FROM group_members gm WHERE gm.group_id = $1 AND gm.user_id <> $2 ORDER BY gm.joined_seq RETURNING id, recipient_id")?,
             ack: conn.prepare("DELETE FROM messages WHERE recipient_id = $1 AND id = ANY($2)")?,
@@ -523,12 +528,6 @@ impl Worker {
             .collect();
         let mut direct_rows: Vec<Inserted> = Vec::new();
         if !direct.is_empty() {
-            let mut ids: Vec<i64> = tx
-                .query(&st.ids, &[&(direct.len() as i64)])?
-                .iter()
-                .map(|r| r.get(0))
-                .collect();
-            ids.sort_unstable();
             let mut recipients = Vec::with_capacity(direct.len());
             let mut senders = Vec::with_capacity(direct.len());
             let mut bodies = Vec::with_capacity(direct.len());
@@ -543,7 +542,14 @@ impl Worker {
                 }
             }
             let stamps = vec![now as i64; direct.len()];
-            tx.execute(&st.insert, &[&recipients, &ids, &senders, &bodies, &stamps])?;
+            // Ids are drawn as unnest produces the rows, in input order, so sorted they
+            // line up with the input: one sender's messages keep their order.
+            let mut ids: Vec<i64> = tx
+                .query(&st.insert, &[&recipients, &senders, &bodies, &stamps])?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            ids.sort_unstable();
             direct_rows = ids.into_iter().zip(recipients).collect();
         }
 
