@@ -1,5 +1,6 @@
-//! `fastchat`: the FastChat client. Subcommands for scripts (`register`, `send`,
-//! `read`, `verify`); the terminal UI arrives in a later version.
+//! `fastchat`: the FastChat client. Subcommands for people and scripts (`register`,
+//! `send`, `read`, `group`, `verify`, `logout`, `passwd`); without one it prints help
+//! (the terminal UI arrives in a later version).
 
 use clap::{Parser, Subcommand};
 use fastchat_client::chat::{self, Chat, Event, KeyStatus, Options};
