@@ -730,12 +730,21 @@ impl Chat {
     fn open_inbox(&mut self) -> Result<Vec<Event>, ClientError> {
         let mut events = Vec::new();
         let mut held = Vec::new();
-        let inbox = std::mem::take(&mut self.store.data_mut().inbox);
-        for entry in inbox {
-            match self.open(entry)? {
-                Opened::Shown(event) => events.push(event),
-                Opened::Nothing => {}
-                Opened::Held(entry) => held.push(entry),
+        let mut inbox = std::mem::take(&mut self.store.data_mut().inbox).into_iter();
+        while let Some(entry) = inbox.next() {
+            match self.open(entry.clone()) {
+                Ok(Opened::Shown(event)) => events.push(event),
+                Ok(Opened::Nothing) => {}
+                Ok(Opened::Held(entry)) => held.push(entry),
+                Err(e) => {
+                    // Acknowledged but not opened: keep it, and the rest, for next time.
+                    let data = self.store.data_mut();
+                    data.inbox.extend(held);
+                    data.inbox.push(entry);
+                    data.inbox.extend(inbox);
+                    self.store.save()?;
+                    return Err(e);
+                }
             }
         }
         for entry in held {

@@ -376,7 +376,11 @@ impl Chat {
             from,
             count: WINDOW,
         });
-        self.relay.flush()
+        match self.relay.flush() {
+            // The download is in the store: the reconnect that follows asks again.
+            Err(e) if connection_lost(&e) => Ok(()),
+            other => other,
+        }
     }
 
     /// A chunk or the end of a window: written, and the next window asked for, or the
