@@ -12,8 +12,8 @@ mod ratelimit;
 mod server;
 
 use clap::Parser;
-use fastchat_common::{error, hex, info};
-use std::sync::atomic::{AtomicBool, Ordering};
+use fastchat_common::{error, info, startup};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 fn main() {
@@ -37,24 +37,16 @@ fn main() {
 }
 
 fn run(cfg: config::Config) -> Result<(), Box<dyn std::error::Error>> {
-    let secret = fastchat_common::keys::load_secret(&cfg.secret_file)?;
-    let (keypair, created) = fastchat_common::keys::load_or_create_keypair(&cfg.key_file)?;
-    if created {
-        info!("generated a new static key at {}", cfg.key_file.display());
-    }
-    let db = fastchat_common::db::connect(&cfg.db_url, cfg.workers as u32 + 1)?;
-    let applied = fastchat_common::db::migrate(&mut *db.get()?)?;
-    if !applied.is_empty() {
-        info!("applied migrations {applied:?}");
-    }
+    let base = startup::prepare(
+        &cfg.secret_file,
+        &cfg.key_file,
+        &cfg.db_url,
+        cfg.workers as u32 + 1,
+    )?;
     let stop = Arc::new(AtomicBool::new(false));
     let (server, bound, waker) =
-        server::AuthServer::new(cfg, db, keypair.clone(), secret, stop.clone())?;
-    ctrlc::set_handler(move || {
-        stop.store(true, Ordering::Relaxed);
-        let _ = waker.wake();
-    })?;
-    info!("static key {}", hex::encode(&keypair.public));
+        server::AuthServer::new(cfg, base.db, base.keypair, base.secret, stop.clone())?;
+    startup::stop_on_signal(stop, waker)?;
     info!("listening for relays on {}", bound.relays);
     info!("listening for clients on {}", bound.clients);
     server.run()?;

@@ -847,26 +847,8 @@ impl Chat {
                 if let Some(offer) = payload.file {
                     return self.receive_file(&m, None, offer);
                 }
-                self.store.data_mut().history.push(HistoryEntry {
-                    peer: m.from.clone(),
-                    group: m.group.clone(),
-                    from: m.from.clone(),
-                    text: payload.text.clone(),
-                    ts: payload.ts,
-                    msg_id: Some(m.msg_id),
-                    mid: payload.mid.clone(),
-                    outgoing: false,
-                    state: DeliveryState::Received,
-                });
-                Ok(Opened::Shown(Event::Message(Received {
-                    msg_id: m.msg_id,
-                    from: m.from,
-                    group_id: None,
-                    group: None,
-                    text: payload.text,
-                    ts: m.ts,
-                    mid: payload.mid,
-                })))
+                let peer = m.from.clone();
+                Ok(self.show_received(m, peer, None, None, payload))
             }
             Envelope::GroupText {
                 group_id,
@@ -875,6 +857,38 @@ impl Chat {
                 ..
             } => self.open_group_text(m, group_id, &key_id, &token),
         }
+    }
+
+    /// A received text goes into the history (under `peer`: the sender, or the group's
+    /// conversation) and out as an event.
+    pub(crate) fn show_received(
+        &mut self,
+        m: InboxEntry,
+        peer: String,
+        group_id: Option<i64>,
+        group: Option<String>,
+        payload: TextPayload,
+    ) -> Opened {
+        self.store.data_mut().history.push(HistoryEntry {
+            peer,
+            group: group.clone(),
+            from: m.from.clone(),
+            text: payload.text.clone(),
+            ts: payload.ts,
+            msg_id: Some(m.msg_id),
+            mid: payload.mid.clone(),
+            outgoing: false,
+            state: DeliveryState::Received,
+        });
+        Opened::Shown(Event::Message(Received {
+            msg_id: m.msg_id,
+            from: m.from,
+            group_id,
+            group,
+            text: payload.text,
+            ts: m.ts,
+            mid: payload.mid,
+        }))
     }
 
     /// Ends the session.

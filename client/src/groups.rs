@@ -10,7 +10,7 @@
 //! does it when it comes online). Grants are accepted only from admins of the group.
 //! Senders use the newest key they hold; old keys stay, to read history.
 
-use crate::chat::{Chat, Event, GroupNotice, Opened, Received, SendTarget, Sent};
+use crate::chat::{Chat, Event, GroupNotice, Opened, SendTarget, Sent};
 use crate::e2e::{self, ConversationKey, GroupKeyGrant, TextPayload};
 use crate::error::ClientError;
 use crate::store::{DeliveryState, GroupState, HistoryEntry, InboxEntry};
@@ -463,26 +463,7 @@ impl Chat {
         if let Some(offer) = payload.file {
             return self.receive_file(&m, name, offer);
         }
-        self.store.data_mut().history.push(HistoryEntry {
-            peer: conversation(group_id),
-            group: name.clone(),
-            from: m.from.clone(),
-            text: payload.text.clone(),
-            ts: payload.ts,
-            msg_id: Some(m.msg_id),
-            mid: payload.mid.clone(),
-            outgoing: false,
-            state: DeliveryState::Received,
-        });
-        Ok(Opened::Shown(Event::Message(Received {
-            msg_id: m.msg_id,
-            from: m.from,
-            group_id: Some(group_id),
-            group: name,
-            text: payload.text,
-            ts: m.ts,
-            mid: payload.mid,
-        })))
+        Ok(self.show_received(m, conversation(group_id), Some(group_id), name, payload))
     }
 
     /// After a batch: for each group where someone left or was removed and our newest

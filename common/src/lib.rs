@@ -10,6 +10,7 @@
 //! - [`pool`]: the fixed worker pool with batching that servers feed over channels.
 //! - [`db`]: the PostgreSQL connection pool and schema migrations.
 //! - [`keys`]: server static keys and the cluster secret on disk.
+//! - [`startup`]: keys, database and signal handling as both servers start.
 //! - [`log`], [`time`], [`hex`]: small helpers without extra dependencies.
 
 pub mod conn;
@@ -22,6 +23,7 @@ pub mod log;
 pub mod noise;
 pub mod pool;
 pub mod proto;
+pub mod startup;
 pub mod time;
 
 /// Version stated by the first frame on every link.

@@ -3,9 +3,9 @@
 //! the signal handler.
 
 use clap::Parser;
-use fastchat_common::{error, hex, info};
+use fastchat_common::{error, info, startup};
 use fastchat_relay::{config, server, store};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 fn main() {
@@ -18,28 +18,20 @@ fn main() {
 }
 
 fn run(cfg: config::Config) -> Result<(), Box<dyn std::error::Error>> {
-    let secret = fastchat_common::keys::load_secret(&cfg.secret_file)?;
-    let (keypair, created) = fastchat_common::keys::load_or_create_keypair(&cfg.key_file)?;
-    if created {
-        info!("generated a new static key at {}", cfg.key_file.display());
-    }
-    let db = fastchat_common::db::connect(&cfg.db_url, cfg.workers as u32 + 1)?;
-    let applied = fastchat_common::db::migrate(&mut *db.get()?)?;
-    if !applied.is_empty() {
-        info!("applied migrations {applied:?}");
-    }
-    let cleared = store::clear_stale_presence(&db, &cfg.id)?;
+    let base = startup::prepare(
+        &cfg.secret_file,
+        &cfg.key_file,
+        &cfg.db_url,
+        cfg.workers as u32 + 1,
+    )?;
+    let cleared = store::clear_stale_presence(&base.db, &cfg.id)?;
     if cleared > 0 {
         info!("cleared {cleared} stale presence rows of a previous run");
     }
     let stop = Arc::new(AtomicBool::new(false));
     let (server, bound, waker) =
-        server::RelayServer::new(cfg, db, keypair.clone(), secret, stop.clone())?;
-    ctrlc::set_handler(move || {
-        stop.store(true, Ordering::Relaxed);
-        let _ = waker.wake();
-    })?;
-    info!("static key {}", hex::encode(&keypair.public));
+        server::RelayServer::new(cfg, base.db, base.keypair, base.secret, stop.clone())?;
+    startup::stop_on_signal(stop, waker)?;
     info!("listening for clients on {bound}");
     info!("listening for relays on {}", server.mesh_addr());
     server.run()?;
