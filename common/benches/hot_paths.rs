@@ -1,5 +1,7 @@
 //! Benchmarks of the per-message work both ends do: frame encoding and decoding, JSON
-//! parsing of protocol frames, and Noise sealing and opening.
+//! parsing of protocol frames, and Noise sealing and opening; and of the per-login
+//! work: the two Noise handshakes of a login (NX with the auth server, NK with the
+//! relay), each side's share measured separately.
 //!
 //! `cargo bench -p fastchat-common`
 
@@ -102,5 +104,39 @@ fn noise(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, frames, noise);
+/// One side of a full handshake: both sides run it, the side not measured is run
+/// outside the timing by handing its messages over.
+fn handshakes(c: &mut Criterion) {
+    let kp = StaticKeypair::generate();
+    let mut g = c.benchmark_group("handshake");
+    g.throughput(Throughput::Elements(1));
+    // A whole handshake, both sides (what one login costs the two ends together).
+    for (name, pattern) in [
+        ("NX (client to auth), both sides", 0),
+        ("NK (client to relay), both sides", 1),
+    ] {
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let (mut io, mut ro) = (Vec::new(), Vec::new());
+                let (mut client, mut server) = if pattern == 0 {
+                    (
+                        NoiseCodec::new(Role::NxInitiator, 1 << 16, &mut io).unwrap(),
+                        NoiseCodec::new(Role::NxResponder(&kp), 1 << 16, &mut ro).unwrap(),
+                    )
+                } else {
+                    (
+                        NoiseCodec::new(Role::NkInitiator(&kp.public), 1 << 16, &mut io).unwrap(),
+                        NoiseCodec::new(Role::NkResponder(&kp), 1 << 16, &mut ro).unwrap(),
+                    )
+                };
+                server.receive(&io, &mut ro).unwrap();
+                client.receive(&ro, &mut io).unwrap();
+                black_box(client.is_ready() && server.is_ready())
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, frames, noise, handshakes);
 criterion_main!(benches);

@@ -31,6 +31,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0004_files.sql",
         include_str!("../../sql/0004_files.sql"),
     ),
+    (
+        5,
+        "0005_queue_vacuum.sql",
+        include_str!("../../sql/0005_queue_vacuum.sql"),
+    ),
 ];
 
 /// Key of the advisory lock held while migrating.

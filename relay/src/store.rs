@@ -15,7 +15,7 @@ use fastchat_common::pool::Completions;
 use fastchat_common::proto::{ErrorCode, GroupEvent, RelayToClient};
 use fastchat_common::{time, warn};
 use mio::Token;
-use postgres::Statement;
+use postgres::{GenericClient, Statement};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -179,10 +179,9 @@ pub enum Done {
 pub struct Prepared {
     locate: Statement,
     names: Statement,
-    insert: Statement,
+    store: Statement,
     member: Statement,
     group_insert: Statement,
-    ack: Statement,
     presence_in: Statement,
     presence_out: Statement,
     key: Statement,
@@ -194,8 +193,21 @@ impl Prepared {
         Ok(Prepared {
             locate: conn.prepare(LOCATE)?,
             names: conn.prepare("SELECT name, id FROM users WHERE name = ANY($1)")?,
-            insert: conn.prepare(
-                "INSERT INTO messages (recipient_id, id, sender_id, body, sent_at_ms)
+            // The batch's direct messages and acknowledgements in one statement (one
+            // round trip, and its own transaction when the batch has nothing else).
+            // Acknowledgements delete exact (recipient, id) pairs with a plan shape no
+            // plan choice can change: one primary-key probe per pair inside a
+            // subquery, then a TID scan (a join with `unnest` let a generic plan, or
+            // stale statistics, scan the whole table). Ids are drawn as unnest
+            // produces the rows, in input order.
+            store: conn.prepare(
+                "WITH acked AS (
+                     DELETE FROM messages WHERE ctid = ANY (ARRAY(
+                         SELECT (SELECT m.ctid FROM messages m
+                                 WHERE m.recipient_id = a.r AND m.id = a.i)
+                         FROM unnest($5::int8[], $6::int8[]) AS a(r, i)))
+                 )
+                 INSERT INTO messages (recipient_id, id, sender_id, body, sent_at_ms)
                  SELECT r, nextval('messages_id_seq'), s, b, t
                  FROM unnest($1::int8[], $2::int8[], $3::text[], $4::int8[])
                       WITH ORDINALITY AS x(r, s, b, t, o)
@@ -204,7 +216,6 @@ impl Prepared {
             )?,
             member: conn.prepare("SELECT g.name FROM group_members gm JOIN groups g ON g.id = gm.group_id WHERE gm.group_id = $1 AND gm.user_id = $2")?,
             group_insert: conn.prepare("INSERT INTO messages (recipient_id, id, sender_id, body, sent_at_ms, group_id) SELECT gm.user_id, nextval(pg_get_serial_sequence('messages', 'id')), $2, $3, $4, $1 FROM group_members gm WHERE gm.group_id = $1 AND gm.user_id <> $2 ORDER BY gm.joined_seq RETURNING id, recipient_id")?,
-            ack: conn.prepare("DELETE FROM messages WHERE recipient_id = $1 AND id = ANY($2)")?,
             presence_in: conn.prepare("INSERT INTO presence (user_id, relay_id) VALUES ($1, $2) ON CONFLICT (user_id, relay_id) DO UPDATE SET since = now()")?,
             presence_out: conn.prepare("DELETE FROM presence WHERE user_id = $1 AND relay_id = $2")?,
             key: conn.prepare("SELECT pubkey FROM users WHERE name = $1")?,
@@ -260,6 +271,9 @@ const USER_CACHE_LIMIT: usize = 100_000;
 
 /// A message row inserted by this batch: (msg_id, recipient).
 type Inserted = (i64, i64);
+
+/// A group message's rows: the group's name and one row per other member.
+type GroupRows = (String, Vec<Inserted>);
 
 impl Worker {
     pub fn new(
@@ -491,7 +505,6 @@ impl Worker {
         st: &Prepared,
         jobs: &[Job],
     ) -> Result<Vec<Done>, postgres::Error> {
-        let mut tx = conn.transaction()?;
         let now = time::now_ms();
 
         // Resolve recipient names, from the cache where possible.
@@ -509,103 +522,44 @@ impl Worker {
             if self.user_ids.len() > USER_CACHE_LIMIT {
                 self.user_ids.clear();
             }
-            for row in tx.query(&st.names, &[&unknown])? {
+            for row in conn.query(&st.names, &[&unknown])? {
                 self.user_ids.insert(row.get(0), row.get(1));
             }
         }
 
-        // Direct messages: one multi-row insert, ids drawn in order so one sender's
-        // messages keep their order.
-        let direct: Vec<(&Job, i64)> = jobs
-            .iter()
-            .filter_map(|j| match j {
+        // The usual batch is only direct messages and acknowledgements: one statement,
+        // its own transaction. Anything else joins them in an explicit transaction.
+        let only_direct = jobs.iter().all(|j| {
+            matches!(
+                j,
                 Job::Send {
-                    target: Target::User(to),
+                    target: Target::User(_),
                     ..
-                } => self.user_ids.get(to).map(|id| (j, *id)),
-                _ => None,
-            })
-            .collect();
-        let mut direct_rows: Vec<Inserted> = Vec::new();
-        if !direct.is_empty() {
-            let mut recipients = Vec::with_capacity(direct.len());
-            let mut senders = Vec::with_capacity(direct.len());
-            let mut bodies = Vec::with_capacity(direct.len());
-            for (job, recipient) in &direct {
-                if let Job::Send {
-                    sender_id, body, ..
-                } = job
-                {
-                    recipients.push(*recipient);
-                    senders.push(*sender_id);
-                    bodies.push(body.as_str());
+                } | Job::Ack { .. }
+            )
+        });
+        let (direct_rows, group_rows) = if only_direct {
+            (self.store_direct(&mut **conn, st, jobs, now)?, Vec::new())
+        } else {
+            let mut tx = conn.transaction()?;
+            let direct_rows = self.store_direct(&mut tx, st, jobs, now)?;
+            let group_rows = store_group(&mut tx, st, jobs, now)?;
+            // Presence changes, in job order (a logout then a login of one user both
+            // apply).
+            for job in jobs {
+                match job {
+                    Job::Login { user_id, .. } => {
+                        tx.execute(&st.presence_in, &[user_id, &self.relay_id])?;
+                    }
+                    Job::Logout { user_id } => {
+                        tx.execute(&st.presence_out, &[user_id, &self.relay_id])?;
+                    }
+                    _ => {}
                 }
             }
-            let stamps = vec![now as i64; direct.len()];
-            // Ids are drawn as unnest produces the rows, in input order, so sorted they
-            // line up with the input: one sender's messages keep their order.
-            let mut ids: Vec<i64> = tx
-                .query(&st.insert, &[&recipients, &senders, &bodies, &stamps])?
-                .iter()
-                .map(|r| r.get(0))
-                .collect();
-            ids.sort_unstable();
-            direct_rows = ids.into_iter().zip(recipients).collect();
-        }
-
-        // Group messages: one row per other member, in one statement each, only if the
-        // sender is a member.
-        let mut group_rows: Vec<Option<(String, Vec<Inserted>)>> = Vec::new();
-        for job in jobs {
-            if let Job::Send {
-                sender_id,
-                target: Target::Group(group_id),
-                body,
-                ..
-            } = job
-            {
-                let member = tx.query_opt(&st.member, &[group_id, sender_id])?;
-                let Some(row) = member else {
-                    group_rows.push(None);
-                    continue;
-                };
-                let rows = tx.query(
-                    &st.group_insert,
-                    &[group_id, sender_id, body, &(now as i64)],
-                )?;
-                group_rows.push(Some((
-                    row.get(0),
-                    rows.iter().map(|r| (r.get(0), r.get(1))).collect(),
-                )));
-            }
-        }
-
-        // Acknowledged messages: only the acknowledging user's own rows, one statement
-        // per user (`recipient_id = $1 AND id = ANY($2)` is an index scan even with the
-        // generic plan a prepared statement ends up with).
-        let mut acks: HashMap<i64, Vec<i64>> = HashMap::new();
-        for job in jobs {
-            if let Job::Ack { user_id, msg_ids } = job {
-                acks.entry(*user_id).or_default().extend(msg_ids);
-            }
-        }
-        for (user_id, ids) in &acks {
-            tx.execute(&st.ack, &[user_id, ids])?;
-        }
-
-        // Presence changes, in job order (a logout then a login of one user both apply).
-        for job in jobs {
-            match job {
-                Job::Login { user_id, .. } => {
-                    tx.execute(&st.presence_in, &[user_id, &self.relay_id])?;
-                }
-                Job::Logout { user_id } => {
-                    tx.execute(&st.presence_out, &[user_id, &self.relay_id])?;
-                }
-                _ => {}
-            }
-        }
-        tx.commit()?;
+            tx.commit()?;
+            (direct_rows, group_rows)
+        };
 
         // After the commit: where are the recipients?
         let recipients: Vec<i64> = direct_rows
@@ -749,6 +703,67 @@ impl Worker {
         Ok(results)
     }
 
+    /// Inserts the batch's direct messages (ids drawn in order, so one sender's
+    /// messages keep their order) and deletes its acknowledged messages, in one
+    /// statement. Returns (msg_id, recipient) per send to a known user, in job order.
+    fn store_direct(
+        &self,
+        db: &mut impl GenericClient,
+        st: &Prepared,
+        jobs: &[Job],
+        now: u64,
+    ) -> Result<Vec<Inserted>, postgres::Error> {
+        let mut recipients = Vec::new();
+        let mut senders = Vec::new();
+        let mut bodies = Vec::new();
+        // Acknowledgements: only the acknowledging user's own rows (exact pairs).
+        let mut ack_users: Vec<i64> = Vec::new();
+        let mut ack_ids: Vec<i64> = Vec::new();
+        for job in jobs {
+            match job {
+                Job::Send {
+                    sender_id,
+                    target: Target::User(to),
+                    body,
+                    ..
+                } => {
+                    if let Some(recipient) = self.user_ids.get(to) {
+                        recipients.push(*recipient);
+                        senders.push(*sender_id);
+                        bodies.push(body.as_str());
+                    }
+                }
+                Job::Ack { user_id, msg_ids } => {
+                    ack_users.extend(std::iter::repeat_n(*user_id, msg_ids.len()));
+                    ack_ids.extend(msg_ids);
+                }
+                _ => {}
+            }
+        }
+        if recipients.is_empty() && ack_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let stamps = vec![now as i64; recipients.len()];
+        let mut ids: Vec<i64> = db
+            .query(
+                &st.store,
+                &[
+                    &recipients,
+                    &senders,
+                    &bodies,
+                    &stamps,
+                    &ack_users,
+                    &ack_ids,
+                ],
+            )?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        // Drawn in input order, so sorted they line up with the input.
+        ids.sort_unstable();
+        Ok(ids.into_iter().zip(recipients).collect())
+    }
+
     /// Answers every job of a failed batch: nothing in it was committed.
     fn fail_all(&self, jobs: Vec<Job>) {
         let results = jobs.into_iter().filter_map(|job| match job {
@@ -771,6 +786,41 @@ impl Worker {
         });
         self.done.send_all(results.collect::<Vec<_>>());
     }
+}
+
+/// Stores the batch's group messages: one row per other member, one statement per
+/// message, only if the sender is a member. One entry per group send, in job order:
+/// the group's name and the rows, or `None` for a sender who is not a member.
+fn store_group(
+    tx: &mut postgres::Transaction<'_>,
+    st: &Prepared,
+    jobs: &[Job],
+    now: u64,
+) -> Result<Vec<Option<GroupRows>>, postgres::Error> {
+    let mut group_rows = Vec::new();
+    for job in jobs {
+        if let Job::Send {
+            sender_id,
+            target: Target::Group(group_id),
+            body,
+            ..
+        } = job
+        {
+            let Some(member) = tx.query_opt(&st.member, &[group_id, sender_id])? else {
+                group_rows.push(None);
+                continue;
+            };
+            let rows = tx.query(
+                &st.group_insert,
+                &[group_id, sender_id, body, &(now as i64)],
+            )?;
+            group_rows.push(Some((
+                member.get(0),
+                rows.iter().map(|r| (r.get(0), r.get(1))).collect(),
+            )));
+        }
+    }
+    Ok(group_rows)
 }
 
 /// Pending messages of `user_id` after id `after`, oldest first.
