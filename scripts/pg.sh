@@ -144,9 +144,16 @@ start() {
         say "starting PostgreSQL on 127.0.0.1:$PORT (log: $LOG)"
         # The server inherits our log fd: postgres may be unable to open a path in HOME_DIR.
         echo "--- pg.sh start $(date -u +%FT%TZ)" >>"$LOG"
-        # autovacuum looks at each database every 5 s instead of every minute: the
-        # messages queue makes dead rows by the tens of thousands per second.
-        if ! as_pg_user "$BIN/pg_ctl" -D "$DATA" -o "-p $PORT -c autovacuum_naptime=5s" \
+        # Tuned for a message queue (durability untouched: fsync and synchronous
+        # commits stay on). autovacuum looks at each database every 5 s instead of
+        # every minute, since the queue makes dead rows by the tens of thousands per
+        # second. Checkpoints come every ~2 GB of WAL (or 15 minutes), not every
+        # ~0.5 GB (under a minute of full load): each one is followed by a burst of
+        # full-page images in the WAL. The buffer cache holds the hot queue pages.
+        # See BENCHMARKS.md.
+        local tuning="-c autovacuum_naptime=5s -c max_wal_size=4GB -c checkpoint_timeout=15min"
+        tuning+=" -c shared_buffers=512MB"
+        if ! as_pg_user "$BIN/pg_ctl" -D "$DATA" -o "-p $PORT $tuning" \
             -w -t 60 start >>"$LOG" 2>&1; then
             tail -n 20 "$LOG" >&2
             die "PostgreSQL did not start (log: $LOG)"

@@ -3,10 +3,12 @@
 //! throughput, latency, losses and what the servers spent (CPU, memory).
 //!
 //! Layout: [`setup`] (accounts and sessions), [`driver`] (the mio traffic loop),
-//! [`procstat`] (server CPU and memory from /proc), [`pgceiling`] (PostgreSQL's own
-//! ceiling for the message lifecycle).
+//! [`hold`] (idle sessions held by child processes), [`procstat`] (server CPU and
+//! memory from /proc), [`pgceiling`] (PostgreSQL's own ceiling for the message
+//! lifecycle).
 
 mod driver;
+mod hold;
 mod pgceiling;
 mod procstat;
 mod setup;
@@ -114,14 +116,34 @@ enum Scenario {
         threads: usize,
     },
     /// Idle connections: hold sessions and report the relays' memory per connection.
+    /// The sessions are spread over child processes (see `--per-process`), since one
+    /// process may hold only as many sockets as its descriptor limit allows.
     Idle {
         #[arg(long, default_value_t = 50)]
         users: usize,
+        /// Sessions per user.
         #[arg(long, default_value_t = 100)]
         sessions: usize,
         /// Seconds to hold them.
         #[arg(long, default_value_t = 5.0)]
         seconds: f64,
+        /// Threads (in each process) logging sessions in.
+        #[arg(long, default_value_t = 32)]
+        threads: usize,
+        /// Most sessions one process holds; more are spread over more processes.
+        #[arg(long, default_value_t = 8_000)]
+        per_process: usize,
+    },
+    /// (Used by `idle`.) Opens `count` sessions, starting at session `from`, prints
+    /// `ready`, and holds them until standard input closes.
+    #[command(hide = true)]
+    Hold {
+        #[arg(long)]
+        users: usize,
+        #[arg(long)]
+        from: usize,
+        #[arg(long)]
+        count: usize,
         #[arg(long, default_value_t = 32)]
         threads: usize,
     },
@@ -345,8 +367,10 @@ fn run(cli: &Cli) -> Result<u64, Box<dyn std::error::Error>> {
             sessions,
             seconds,
             threads,
+            per_process,
         } => {
-            let users = setup::users(&target, *n, &pubkey, cli.setup_threads)?;
+            // Accounts first, so the holding processes only log in.
+            setup::users(&target, *n, &pubkey, cli.setup_threads)?;
             let relays: Vec<&procstat::Proc> = procs
                 .iter()
                 .filter(|p| p.name.starts_with("relay"))
@@ -354,19 +378,32 @@ fn run(cli: &Cli) -> Result<u64, Box<dyn std::error::Error>> {
             let rss_before: u64 = relays.iter().map(|p| p.sample().rss).sum();
             let before = sample(&procs);
             let total = n * sessions;
-            let held =
-                setup::parallel(total, *threads, |i| setup::session(&target, &users, i % n))?;
+            let held = hold::spread(cli, *n, total, *threads, (*per_process).max(1))?;
             std::thread::sleep(Duration::from_secs_f64(*seconds));
             let rss_after: u64 = relays.iter().map(|p| p.sample().rss).sum();
             let per_conn = rss_after.saturating_sub(rss_before) as f64 / total as f64;
-            drop(held);
+            let processes = held.len();
+            hold::release(held)?;
             Report {
                 scenario: "idle".into(),
                 users: *n,
-                extra: serde_json::json!({"connections": total, "relay_rss_before_mb": rss_before as f64 / 1e6, "relay_rss_after_mb": rss_after as f64 / 1e6, "relay_bytes_per_connection": per_conn.round()}),
+                extra: serde_json::json!({"connections": total, "processes": processes, "relay_rss_before_mb": rss_before as f64 / 1e6, "relay_rss_after_mb": rss_after as f64 / 1e6, "relay_bytes_per_connection": per_conn.round()}),
                 servers: diff(&procs, before),
                 outcome: Outcome::default(),
             }
+        }
+        Scenario::Hold {
+            users: n,
+            from,
+            count,
+            threads,
+        } => {
+            let users = setup::users(&target, *n, &pubkey, cli.setup_threads)?;
+            let held = setup::parallel(*count, *threads, |i| {
+                setup::session(&target, &users, (from + i) % n)
+            })?;
+            hold::serve(held)?;
+            return Ok(0);
         }
         Scenario::PgCeiling { .. } => unreachable!("handled above"),
     };
