@@ -5,7 +5,8 @@
 #                               e.g. scripts/test.sh -- relay_failover
 #
 # Integration tests start their own private PostgreSQL clusters (this script starts
-# none) from FASTCHAT_PG_BIN, and spawn the debug server binaries from target/debug.
+# none) from FASTCHAT_PG_BIN, and spawn the debug server binaries from target/debug;
+# the terminal UI test needs tmux (installed here if missing).
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -28,6 +29,8 @@ cargo clippy --all-targets -- -D warnings
 FASTCHAT_PG_BIN=$(pg_bin_dir)
 export FASTCHAT_PG_BIN
 say "PostgreSQL for tests: $FASTCHAT_PG_BIN"
+# The terminal UI's end-to-end test drives two UIs in tmux.
+ensure_tmux
 
 say "building debug binaries for the integration tests"
 cargo build --bins

@@ -17,7 +17,7 @@ use crate::store::{
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use fastchat_common::proto::{
-    valid_user_name, ClientToRelay, ErrorCode, GroupEvent, RelayToClient,
+    valid_user_name, ClientToRelay, ErrorCode, ErrorFrame, GroupEvent, RelayToClient,
 };
 use fastchat_common::time;
 use std::path::PathBuf;
@@ -57,12 +57,25 @@ pub enum Event {
     Undecryptable {
         msg_id: i64,
         from: String,
+        /// The group it was sent to, if it was a group message.
+        group_id: Option<i64>,
         why: String,
+        /// The server now serves a different key for `from` than the pinned one (checked
+        /// when a direct message from `from` does not open): the likely reason.
+        key_changed: bool,
     },
     /// A group membership change.
     Group(GroupNotice),
     /// A file arrived, was checked and saved.
     File(crate::files::FileReceived),
+    /// The recipient's device has stored messages we sent (a delivery receipt came
+    /// from `peer`): their history entries, named by our message ids (`mid`), are now
+    /// [`DeliveryState::Delivered`].
+    Delivered { peer: String, mids: Vec<String> },
+    /// Messages we sent earlier that were still pending (a failed send) were sent
+    /// again and are stored now: their history entries, by our message ids (`mid`), are
+    /// [`DeliveryState::Stored`].
+    Stored { mids: Vec<String> },
     /// Everything that was waiting at login has been delivered.
     Synced,
 }
@@ -101,6 +114,21 @@ pub struct Sent {
     pub msg_id: i64,
     pub ts: u64,
 }
+
+/// What a session reports while it works, for a terminal UI (see
+/// [`Chat::set_progress_hook`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Progress {
+    /// The relay link failed; connecting again (through the auth server).
+    Reconnecting,
+    /// Connected again, to this relay.
+    Reconnected { relay: String },
+    /// A file upload stored `done` of `total` chunks.
+    Upload { done: u32, total: u32 },
+}
+
+/// Called with each [`Progress`] report, on the thread that uses the [`Chat`].
+pub type ProgressHook = Box<dyn FnMut(Progress) + Send>;
 
 /// Whether the server's key for a peer matches the pinned one.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -201,6 +229,13 @@ pub struct Chat {
     pub(crate) downloads: PathBuf,
     /// Outstanding `file_get` requests: request id → file id.
     pub(crate) file_requests: std::collections::HashMap<u64, i64>,
+    /// Request ids of receipts sent and not yet answered: their replies (or refusals)
+    /// are dropped, a receipt is only a hint.
+    pub(crate) receipt_requests: std::collections::HashSet<u64>,
+    /// Texts opened that still owe a receipt: (sender, group, their mid).
+    pub(crate) receipts_due: Vec<(String, Option<i64>, String)>,
+    /// Told about reconnects and upload progress, if set.
+    pub(crate) progress: Option<ProgressHook>,
 }
 
 /// How long a session keeps trying to reach a relay again before giving up.
@@ -285,14 +320,20 @@ impl Chat {
             failovers: 0,
             downloads: opts.data_dir.join(&opts.user).join("downloads"),
             file_requests: std::collections::HashMap::new(),
+            receipt_requests: std::collections::HashSet::new(),
+            receipts_due: Vec::new(),
+            progress: None,
         }
         .resuming_downloads()
     }
 
-    /// Picks up downloads an earlier run did not finish (receiving sessions only).
+    /// Picks up downloads an earlier run did not finish and sends again what is still
+    /// pending (receiving sessions only: a send-only session is a script's one-shot).
     fn resuming_downloads(mut self) -> Result<Chat, ClientError> {
         if self.receive {
             self.resume_downloads()?;
+            // Best effort: what fails stays pending for the next try.
+            let _ = self.resend_pending();
         }
         Ok(self)
     }
@@ -302,13 +343,19 @@ impl Chat {
     /// [`FAILOVER_TIMEOUT`]. The auth server picks a live relay.
     pub fn reconnect(&mut self) -> Result<(), ClientError> {
         self.relay.close();
+        self.report(Progress::Reconnecting);
         let deadline = Instant::now() + FAILOVER_TIMEOUT;
         let mut backoff = Duration::from_millis(100);
         loop {
             match establish(&self.opts, &mut self.store, self.receive) {
                 Ok(relay) => {
                     self.relay = relay;
+                    // Request ids start again on the new link: the old link's
+                    // unanswered receipts must not swallow new replies.
+                    self.receipt_requests.clear();
                     self.failovers += 1;
+                    let relay = self.relay.relay_addr.clone();
+                    self.report(Progress::Reconnected { relay });
                     if self.receive {
                         self.resume_downloads()?;
                     }
@@ -322,6 +369,30 @@ impl Chat {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Sets the hook told about reconnects and upload progress (a UI's status line).
+    pub fn set_progress_hook(&mut self, hook: ProgressHook) {
+        self.progress = Some(hook);
+    }
+
+    /// Tells the progress hook, if there is one.
+    pub(crate) fn report(&mut self, progress: Progress) {
+        if let Some(hook) = self.progress.as_mut() {
+            hook(progress);
+        }
+    }
+
+    /// Marks the pinned key of `peer` as verified (the user compared safety numbers).
+    pub fn mark_verified(&mut self, peer: &str) -> Result<(), ClientError> {
+        let entry = self
+            .store
+            .data_mut()
+            .peers
+            .get_mut(peer)
+            .ok_or_else(|| ClientError::Usage(format!("no key pinned for {peer} yet")))?;
+        entry.verified = true;
+        Ok(self.store.save()?)
     }
 
     /// How many times this session has reconnected after losing its relay.
@@ -353,23 +424,47 @@ impl Chat {
             }
         };
         PeerKey::from_pem(&server_pem)?;
-        match self.store.data().peers.get(peer) {
+        // What was seen is remembered (`key_changed`), so a warning outlives the session.
+        match self.store.data_mut().peers.get_mut(peer) {
             Some(pinned) if pinned.pubkey_pem.trim() == server_pem.trim() => {
+                if pinned.key_changed {
+                    pinned.key_changed = false;
+                    self.store.save()?;
+                }
                 Ok(KeyStatus::Unchanged)
             }
-            Some(_) => Ok(KeyStatus::Changed { server_pem }),
+            Some(pinned) => {
+                if !pinned.key_changed {
+                    pinned.key_changed = true;
+                    self.store.save()?;
+                }
+                Ok(KeyStatus::Changed { server_pem })
+            }
             None => {
                 self.store.data_mut().peers.insert(
                     peer.to_string(),
                     PeerEntry {
                         pubkey_pem: server_pem,
                         verified: false,
+                        key_changed: false,
                     },
                 );
                 self.store.save()?;
                 Ok(KeyStatus::NewlyPinned)
             }
         }
+    }
+
+    /// Peers whose key the server was last seen to have changed (not accepted yet): a
+    /// UI raises its warning for them at start.
+    pub fn changed_keys(&self) -> Vec<String> {
+        self.store
+            .data()
+            .peers
+            .iter()
+            .filter(|(_, p)| p.key_changed)
+            .map(|(name, _)| name.clone())
+            .collect()
     }
 
     /// Pins the key the server serves now for `peer`, replacing a changed one.
@@ -380,11 +475,15 @@ impl Chat {
             PeerEntry {
                 pubkey_pem: server_pem,
                 verified: false,
+                key_changed: false,
             },
         );
-        // Keys wrapped for the old identity must not be used for new messages.
+        // Keys wrapped for the old identity must not be used for new messages, nor
+        // for receipts: the new identity holds none of them. (They stay, to read old
+        // messages.)
         if let Some(conv) = data.conversations.get_mut(peer) {
             conv.current = None;
+            conv.shared.clear();
         }
         Ok(self.store.save()?)
     }
@@ -435,6 +534,25 @@ impl Chat {
         group_key: Option<e2e::GroupKeyGrant>,
         file: Option<e2e::FileOffer>,
     ) -> Result<Sent, ClientError> {
+        let record = group_key.is_none();
+        let payload = TextPayload {
+            group_key,
+            file,
+            mid: e2e::new_message_id(),
+            ts: time::now_ms(),
+            text: text.to_string(),
+        };
+        self.send_sealed_pairwise(to, payload, record)
+    }
+
+    /// Seals `payload` for `to` (offering a conversation key first if needed) and
+    /// sends it; `record` puts it into the history first (pending).
+    fn send_sealed_pairwise(
+        &mut self,
+        to: &str,
+        payload: TextPayload,
+        record: bool,
+    ) -> Result<Sent, ClientError> {
         if !valid_user_name(to) {
             return Err(ClientError::Refused {
                 code: ErrorCode::UnknownUser,
@@ -476,20 +594,12 @@ impl Chat {
             let offer = e2e::make_offer(&self.identity, self.user(), to, &peer_key, &key)?;
             bodies.push(offer.to_body());
         }
-        let is_text = group_key.is_none();
-        let shown = match &file {
-            Some(f) => format!("[file] {}", f.name),
-            None => text.to_string(),
-        };
-        let payload = TextPayload {
-            group_key,
-            file,
-            mid: e2e::new_message_id(),
-            ts: time::now_ms(),
-            text: text.to_string(),
-        };
         bodies.push(e2e::seal_text(&key, &payload)?.to_body());
-        if is_text {
+        if record {
+            let shown = match &payload.file {
+                Some(f) => format!("[file] {}", f.name),
+                None => payload.text.clone(),
+            };
             self.record_outgoing(to, None, &shown, &payload)?;
         }
         let sent = self.deliver(&SendTarget::User(to.to_string()), &bodies)?;
@@ -511,9 +621,53 @@ impl Chat {
             .find(|h| h.mid == mid)
         {
             entry.msg_id = Some(sent.msg_id);
-            entry.state = DeliveryState::Stored;
+            if entry.state == DeliveryState::Pending {
+                entry.state = DeliveryState::Stored;
+            }
         }
         Ok(self.store.save()?)
+    }
+
+    /// Sends again my messages still pending in the history — a send that failed, or a
+    /// crash before the relay answered — oldest first, each with its original `mid` (and
+    /// time), so a recipient that already has one drops the copy. Direct messages go to
+    /// their peer, group messages to their group. A pending file announcement is not
+    /// resent (it is not kept; the file must be sent again). A message refused for good
+    /// (an unknown user, a changed key, no longer a member) stays pending and is tried
+    /// at the next login; a lost connection stops the round. Returns the `mid`s now
+    /// stored. Runs at login (receiving sessions) and after a reconnect in
+    /// [`Chat::receive`]; a UI may call it any time (`/retry`).
+    pub fn resend_pending(&mut self) -> Result<Vec<String>, ClientError> {
+        let pending: Vec<HistoryEntry> = self
+            .store
+            .data()
+            .history
+            .iter()
+            .filter(|h| h.outgoing && h.state == DeliveryState::Pending && !h.file)
+            .cloned()
+            .collect();
+        let mut stored = Vec::new();
+        for h in pending {
+            let payload = TextPayload {
+                group_key: None,
+                file: None,
+                mid: h.mid.clone(),
+                ts: h.ts,
+                text: h.text.clone(),
+            };
+            let group = h.peer.strip_prefix('#').and_then(|g| g.parse::<i64>().ok());
+            let result = match group {
+                Some(group_id) => self.send_sealed_group(group_id, payload, false),
+                None => self.send_sealed_pairwise(&h.peer, payload, false),
+            };
+            match result {
+                // The send marked the entry stored.
+                Ok(_) => stored.push(h.mid),
+                Err(e) if connection_lost(&e) => return Err(e),
+                Err(_) => {}
+            }
+        }
+        Ok(stored)
     }
 
     /// Sends a request and waits for the reply `is_reply` recognises (or an error naming
@@ -557,6 +711,7 @@ impl Chat {
             mid: payload.mid.clone(),
             outgoing: true,
             state: DeliveryState::Pending,
+            file: payload.file.is_some(),
         });
         Ok(self.store.save()?)
     }
@@ -647,7 +802,13 @@ impl Chat {
         match self.receive_once(deadline) {
             Err(e) if connection_lost(&e) || worth_retrying(&e) => {
                 self.reconnect()?;
-                Ok(Vec::new())
+                // What a failed send left pending goes now (best effort).
+                let mids = self.resend_pending().unwrap_or_default();
+                Ok(if mids.is_empty() {
+                    Vec::new()
+                } else {
+                    vec![Event::Stored { mids }]
+                })
             }
             other => other,
         }
@@ -693,6 +854,9 @@ impl Chat {
                     }
                 }
                 RelayToClient::Synced {} => synced = true,
+                RelayToClient::Sent { id, .. }
+                | RelayToClient::Error(ErrorFrame { id: Some(id), .. })
+                    if self.receipt_requests.remove(&id) => {}
                 RelayToClient::Error(e)
                     if e.id.is_some_and(|id| self.file_requests.contains_key(&id)) =>
                 {
@@ -717,6 +881,10 @@ impl Chat {
         }
         events.extend(self.open_inbox()?);
         self.store.save()?;
+        // Receipts for the texts that opened (they are named by the mids inside).
+        // Best effort, and never at the cost of this batch's events: a link that
+        // failed under the receipts shows (and is reconnected) at the next read.
+        let _ = self.send_receipts();
         if synced {
             events.push(Event::Synced);
         }
@@ -754,8 +922,39 @@ impl Chat {
                 Opened::Held(entry) => self.store.data_mut().inbox.push(entry),
             }
         }
+        self.check_keys_of_unopened(&mut events);
         self.after_events(&events)?;
         Ok(events)
+    }
+
+    /// A direct message that did not open may mean the peer's key changed (a new
+    /// install, or someone in the middle): compare the server's key with the pin, once
+    /// per peer per batch, and say so in the event. Only public keys are compared; no
+    /// decryption result is sent anywhere.
+    fn check_keys_of_unopened(&mut self, events: &mut [Event]) {
+        let mut checked: std::collections::BTreeMap<String, bool> = Default::default();
+        for event in events.iter_mut() {
+            if let Event::Undecryptable {
+                from,
+                group_id: None,
+                key_changed,
+                ..
+            } = event
+            {
+                if !valid_user_name(from) || *from == self.relay.user {
+                    continue;
+                }
+                let changed = match checked.get(from.as_str()) {
+                    Some(c) => *c,
+                    None => {
+                        let c = matches!(self.check_peer_key(from), Ok(KeyStatus::Changed { .. }));
+                        checked.insert(from.clone(), c);
+                        c
+                    }
+                };
+                *key_changed = changed;
+            }
+        }
     }
 
     /// Decrypts one stored message.
@@ -767,7 +966,9 @@ impl Chat {
             Ok(Opened::Shown(Event::Undecryptable {
                 msg_id: m.msg_id,
                 from: m.from.clone(),
+                group_id: m.group_id,
                 why,
+                key_changed: false,
             }))
         };
         let envelope = match Envelope::from_body(&m.body) {
@@ -834,6 +1035,11 @@ impl Chat {
                     Ok(p) => p,
                     Err(e) => return undecryptable(e.to_string()),
                 };
+                // Opened: a text owes a receipt, a duplicate too (receipts are
+                // idempotent); a group key grant does not (nothing to mark).
+                if payload.group_key.is_none() {
+                    self.owe_receipt(&m.from, None, &payload.mid);
+                }
                 if !self
                     .store
                     .remember_mid(&format!("{}/{}", m.from, payload.mid))
@@ -845,7 +1051,8 @@ impl Chat {
                     return Ok(Opened::Nothing);
                 }
                 if let Some(offer) = payload.file {
-                    return self.receive_file(&m, None, offer);
+                    let mid = payload.mid.clone();
+                    return self.receive_file(&m, None, &mid, offer);
                 }
                 let peer = m.from.clone();
                 Ok(self.show_received(m, peer, None, None, payload))
@@ -856,6 +1063,7 @@ impl Chat {
                 token,
                 ..
             } => self.open_group_text(m, group_id, &key_id, &token),
+            Envelope::Receipt { key_id, token, .. } => Ok(self.open_receipt(&m, &key_id, &token)),
         }
     }
 
@@ -879,6 +1087,7 @@ impl Chat {
             mid: payload.mid.clone(),
             outgoing: false,
             state: DeliveryState::Received,
+            file: false,
         });
         Opened::Shown(Event::Message(Received {
             msg_id: m.msg_id,

@@ -283,6 +283,17 @@ pub enum Envelope {
         /// Fernet token of the JSON [`TextPayload`].
         token: String,
     },
+    /// A delivery receipt sealed with the conversation key `key_id` shared with the
+    /// recipient. Open with [`open_receipt`]. The type is visible (not the contents), so
+    /// a client can tell, without decrypting, that it must not receipt a receipt.
+    Receipt {
+        /// Envelope version, [`ENVELOPE_VERSION`].
+        v: u32,
+        /// Id of the conversation key the token is sealed with.
+        key_id: String,
+        /// Fernet token of the JSON [`ReceiptPayload`].
+        token: String,
+    },
 }
 
 impl Envelope {
@@ -310,7 +321,8 @@ impl Envelope {
         match self {
             Envelope::Offer { v, .. }
             | Envelope::Text { v, .. }
-            | Envelope::GroupText { v, .. } => *v,
+            | Envelope::GroupText { v, .. }
+            | Envelope::Receipt { v, .. } => *v,
         }
     }
 
@@ -319,7 +331,8 @@ impl Envelope {
         match self {
             Envelope::Offer { key_id, .. }
             | Envelope::Text { key_id, .. }
-            | Envelope::GroupText { key_id, .. } => key_id,
+            | Envelope::GroupText { key_id, .. }
+            | Envelope::Receipt { key_id, .. } => key_id,
         }
     }
 }
@@ -521,24 +534,77 @@ pub fn open_offer(
 
 /// Seals a text with a conversation key into an [`Envelope::Text`].
 pub fn seal_text(key: &ConversationKey, payload: &TextPayload) -> Result<Envelope, E2eError> {
-    check_key_id(&key.id)?;
     check_message_id(&payload.mid)?;
-    let fernet = fernet_for(&key.key)?;
-    let json = serde_json::to_vec(payload)
-        .map_err(|e| E2eError::BadPayload(format!("cannot encode text payload: {e}")))?;
     Ok(Envelope::Text {
         v: ENVELOPE_VERSION,
         key_id: key.id.clone(),
-        token: fernet.encrypt(&json),
+        token: seal_json(key, payload, "text")?,
     })
+}
+
+/// Encrypts a payload's JSON with a conversation key: the Fernet token.
+fn seal_json<T: Serialize>(
+    key: &ConversationKey,
+    payload: &T,
+    what: &str,
+) -> Result<String, E2eError> {
+    check_key_id(&key.id)?;
+    let fernet = fernet_for(&key.key)?;
+    let json = serde_json::to_vec(payload)
+        .map_err(|e| E2eError::BadPayload(format!("cannot encode {what} payload: {e}")))?;
+    Ok(fernet.encrypt(&json))
+}
+
+/// Decrypts a Fernet token made with a conversation key and parses its JSON payload.
+fn open_json<T: serde::de::DeserializeOwned>(
+    key: &ConversationKey,
+    token: &str,
+    what: &str,
+) -> Result<T, E2eError> {
+    let fernet = fernet_for(&key.key)?;
+    let plain = fernet_decrypt(&fernet, token).map_err(|_| E2eError::Decrypt)?;
+    serde_json::from_slice(&plain)
+        .map_err(|e| E2eError::BadPayload(format!("{what} payload is not valid JSON: {e}")))
 }
 
 /// Opens a text token sealed with `key`.
 pub fn open_text(key: &ConversationKey, token: &str) -> Result<TextPayload, E2eError> {
-    let fernet = fernet_for(&key.key)?;
-    let plain = fernet_decrypt(&fernet, token).map_err(|_| E2eError::Decrypt)?;
-    let payload: TextPayload = serde_json::from_slice(&plain)
-        .map_err(|e| E2eError::BadPayload(format!("text payload is not valid JSON: {e}")))?;
+    let payload: TextPayload = open_json(key, token, "text")?;
+    check_message_id(&payload.mid)?;
+    Ok(payload)
+}
+
+/// Plaintext inside a receipt token (JSON): which of the recipient's messages the
+/// sender of the receipt has stored on its device, named by their sender message ids.
+///
+/// `{"mid":"<32 hex>","ts":1795568656123,"mids":["<32 hex>"]}`
+///
+/// Server message ids are deliberately not used: the relay chooses them, so a receipt
+/// naming them would let a relay mark a message it dropped as delivered.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ReceiptPayload {
+    /// The receipt's own random message id (32 lowercase hex).
+    pub mid: String,
+    /// Sender's clock when written, unix milliseconds.
+    pub ts: u64,
+    /// Sender message ids (`mid`) of the texts stored, direct and group alike.
+    #[serde(default)]
+    pub mids: Vec<String>,
+}
+
+/// Seals a receipt with a conversation key into an [`Envelope::Receipt`].
+pub fn seal_receipt(key: &ConversationKey, payload: &ReceiptPayload) -> Result<Envelope, E2eError> {
+    check_message_id(&payload.mid)?;
+    Ok(Envelope::Receipt {
+        v: ENVELOPE_VERSION,
+        key_id: key.id.clone(),
+        token: seal_json(key, payload, "receipt")?,
+    })
+}
+
+/// Opens a receipt token sealed with `key`.
+pub fn open_receipt(key: &ConversationKey, token: &str) -> Result<ReceiptPayload, E2eError> {
+    let payload: ReceiptPayload = open_json(key, token, "receipt")?;
     check_message_id(&payload.mid)?;
     Ok(payload)
 }
@@ -793,6 +859,31 @@ mod tests {
         let key = ConversationKey::generate();
         let r = make_offer(alice, "alice\nbob", "bob", bob.peer_key(), &key);
         assert!(matches!(r, Err(E2eError::BadPayload(_))), "{r:?}");
+    }
+
+    #[test]
+    fn receipt_round_trip_and_envelope_type() {
+        let key = ConversationKey::generate();
+        let payload = ReceiptPayload {
+            mid: new_message_id(),
+            ts: 1_700_000_000_123,
+            mids: vec![new_message_id()],
+        };
+        let env = seal_receipt(&key, &payload).unwrap();
+        let body = env.to_body();
+        assert!(
+            body.starts_with(r#"{"type":"receipt","v":1,"key_id":""#),
+            "{body}"
+        );
+        let Envelope::Receipt { token, .. } = Envelope::from_body(&body).unwrap() else {
+            panic!("expected a receipt: {body}");
+        };
+        assert_eq!(open_receipt(&key, &token).unwrap(), payload);
+        let other = ConversationKey::generate();
+        assert!(matches!(
+            open_receipt(&other, &token),
+            Err(E2eError::Decrypt)
+        ));
     }
 
     #[test]

@@ -7,7 +7,7 @@
 use crate::chat::{connection_lost, Chat, Event, Opened};
 use crate::e2e::{self, FileOffer, FILE_CHUNK};
 use crate::error::ClientError;
-use crate::store::InboxEntry;
+use crate::store::{DeliveryState, HistoryEntry, InboxEntry};
 use fastchat_common::hex;
 use fastchat_common::proto::{ClientToRelay, RelayToClient};
 use rsa::sha2::{Digest, Sha256};
@@ -25,6 +25,8 @@ const WINDOW: u32 = 16;
 pub struct FileReceived {
     pub msg_id: i64,
     pub from: String,
+    /// The group it was sent to, if any (names are not unique: this is the key).
+    pub group_id: Option<i64>,
     pub group: Option<String>,
     /// The name the sender gave.
     pub name: String,
@@ -34,6 +36,18 @@ pub struct FileReceived {
     pub sha256: String,
     /// When the relay stored the announcement, unix ms.
     pub ts: u64,
+}
+
+impl FileReceived {
+    /// The file in words, as the history keeps it and the UI shows it.
+    pub fn describe(&self) -> String {
+        format!(
+            "file {} ({} bytes) saved to {}",
+            self.name,
+            self.size,
+            self.path.display()
+        )
+    }
 }
 
 /// What sending a file did.
@@ -269,6 +283,10 @@ impl Chat {
                 |f| matches!(f, RelayToClient::FilePutOk { id: got, .. } if *got == id),
             )?;
             *acked += 1;
+            self.report(crate::chat::Progress::Upload {
+                done: *acked,
+                total: chunks,
+            });
         }
         Ok(())
     }
@@ -279,13 +297,16 @@ impl Chat {
         &mut self,
         m: &InboxEntry,
         group: Option<String>,
+        mid: &str,
         offer: FileOffer,
     ) -> Result<Opened, ClientError> {
         if nonce_of(&offer).is_none() {
             return Ok(Opened::Shown(Event::Undecryptable {
                 msg_id: m.msg_id,
                 from: m.from.clone(),
+                group_id: m.group_id,
                 why: "a file announcement with a malformed nonce".into(),
+                key_changed: false,
             }));
         }
         let file_id = offer.file_id;
@@ -295,8 +316,10 @@ impl Chat {
                 offer,
                 msg_id: m.msg_id,
                 from: m.from.clone(),
+                group_id: m.group_id,
                 group,
                 ts: m.ts,
+                mid: mid.to_string(),
             });
         }
         self.store.save()?;
@@ -505,7 +528,9 @@ impl Chat {
                 Event::Undecryptable {
                     msg_id: pending.msg_id,
                     from: pending.from.clone(),
+                    group_id: pending.group_id,
                     why: format!("file {:?} rejected: {why}", pending.offer.name),
+                    key_changed: false,
                 }
             }
             Ok(()) => {
@@ -520,16 +545,40 @@ impl Chat {
                     }
                 };
                 let _ = fs::remove_file(&partial);
-                Event::File(FileReceived {
+                let file = FileReceived {
                     msg_id: pending.msg_id,
                     from: pending.from,
+                    group_id: pending.group_id,
                     group: pending.group,
                     name: pending.offer.name,
                     size: pending.offer.size,
                     path,
                     sha256: pending.offer.sha256,
                     ts: pending.ts,
-                })
+                };
+                // Into the history, so the file is still listed after a restart.
+                let peer = match file.group_id {
+                    Some(g) => crate::groups::conversation(g),
+                    None => file.from.clone(),
+                };
+                let mid = if pending.mid.is_empty() {
+                    format!("file-{file_id}")
+                } else {
+                    pending.mid
+                };
+                self.store.data_mut().history.push(HistoryEntry {
+                    peer,
+                    group: file.group.clone(),
+                    from: file.from.clone(),
+                    text: file.describe(),
+                    ts: file.ts,
+                    msg_id: Some(file.msg_id),
+                    mid,
+                    outgoing: false,
+                    state: DeliveryState::Received,
+                    file: false,
+                });
+                Event::File(file)
             }
         };
         self.store.save()?;
@@ -543,8 +592,14 @@ pub struct PendingDownload {
     pub offer: FileOffer,
     pub msg_id: i64,
     pub from: String,
+    /// The group it was sent to, if any.
+    #[serde(default)]
+    pub group_id: Option<i64>,
     pub group: Option<String>,
     pub ts: u64,
+    /// The announcement's sender message id (for the history entry).
+    #[serde(default)]
+    pub mid: String,
 }
 
 #[cfg(test)]

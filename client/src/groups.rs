@@ -20,8 +20,8 @@ use fastchat_common::proto::{
 use fastchat_common::time;
 use std::collections::BTreeMap;
 
-/// The conversation under which a group's keys are kept.
-fn conversation(group_id: i64) -> String {
+/// The conversation under which a group's keys (and history) are kept.
+pub(crate) fn conversation(group_id: i64) -> String {
     format!("#{group_id}")
 }
 
@@ -65,6 +65,7 @@ impl Chat {
                 name: g.name.clone(),
                 epoch: g.epoch,
                 role: g.role.clone(),
+                members: Some(g.members),
             },
         );
     }
@@ -204,6 +205,24 @@ impl Chat {
         text: &str,
         file: Option<e2e::FileOffer>,
     ) -> Result<Sent, ClientError> {
+        let payload = TextPayload {
+            group_key: None,
+            file,
+            mid: e2e::new_message_id(),
+            ts: time::now_ms(),
+            text: text.to_string(),
+        };
+        self.send_sealed_group(group_id, payload, true)
+    }
+
+    /// Seals `payload` with the newest group key and sends it; `record` puts it into
+    /// the history first (pending).
+    pub(crate) fn send_sealed_group(
+        &mut self,
+        group_id: i64,
+        payload: TextPayload,
+        record: bool,
+    ) -> Result<Sent, ClientError> {
         let state = self.store.data().groups.get(&group_id).cloned();
         // An admin whose newest key predates the group's epoch rotates first.
         if let Some(state) = &state {
@@ -220,20 +239,15 @@ impl Chat {
                 ),
             ));
         };
-        let shown = match &file {
-            Some(f) => format!("[file] {}", f.name),
-            None => text.to_string(),
-        };
-        let payload = TextPayload {
-            group_key: None,
-            file,
-            mid: e2e::new_message_id(),
-            ts: time::now_ms(),
-            text: text.to_string(),
-        };
         let body = e2e::seal_group_text(&key, group_id, epoch, &payload)?.to_body();
-        let name = state.map(|s| s.name);
-        self.record_outgoing(&conversation(group_id), name, &shown, &payload)?;
+        if record {
+            let shown = match &payload.file {
+                Some(f) => format!("[file] {}", f.name),
+                None => payload.text.clone(),
+            };
+            let name = state.map(|s| s.name);
+            self.record_outgoing(&conversation(group_id), name, &shown, &payload)?;
+        }
         let sent = self.deliver(&SendTarget::Group(group_id), &[body])?;
         self.record_stored(&payload.mid, sent)?;
         Ok(sent)
@@ -386,8 +400,15 @@ impl Chat {
                 name: name.clone(),
                 epoch: event.epoch,
                 role: "member".into(),
+                members: None,
             });
         state.epoch = state.epoch.max(event.epoch);
+        // Keep the member count (known from a summary) in step with the events.
+        state.members = state.members.map(|n| match event.event.as_str() {
+            "added" => n.saturating_add(1),
+            "removed" | "left" => n.saturating_sub(1),
+            _ => n,
+        });
         if event.user == me {
             match event.event.as_str() {
                 "removed" | "left" => state.role = "none".into(),
@@ -406,6 +427,7 @@ impl Chat {
             mid: String::new(),
             outgoing: false,
             state: DeliveryState::Received,
+            file: false,
         });
         Opened::Shown(Event::Group(GroupNotice {
             msg_id: m.msg_id,
@@ -443,10 +465,14 @@ impl Chat {
                 return Ok(Opened::Shown(Event::Undecryptable {
                     msg_id: m.msg_id,
                     from: m.from.clone(),
+                    group_id: Some(group_id),
                     why: e.to_string(),
+                    key_changed: false,
                 }))
             }
         };
+        // Opened: owed a receipt, a duplicate too (receipts are idempotent).
+        self.owe_receipt(&m.from, Some(group_id), &payload.mid);
         if !self
             .store
             .remember_mid(&format!("{}/{}", m.from, payload.mid))
@@ -461,7 +487,7 @@ impl Chat {
                 .map(|g| g.name.clone())
         });
         if let Some(offer) = payload.file {
-            return self.receive_file(&m, name, offer);
+            return self.receive_file(&m, name, &payload.mid, offer);
         }
         Ok(self.show_received(m, conversation(group_id), Some(group_id), name, payload))
     }

@@ -8,6 +8,8 @@
 //! - [`chat`]: end-to-end encrypted sending and receiving on top of them.
 //! - [`groups`]: group membership and group keys.
 //! - [`files`]: end-to-end encrypted file transfer.
+//! - [`receipts`]: delivery receipts (pending → stored → delivered).
+//! - [`ui`]: the terminal UI of `fastchat` (screen model, rendering, terminal, backend).
 //! - [`error`]: the errors a person may see.
 
 pub mod chat;
@@ -17,4 +19,6 @@ pub mod error;
 pub mod files;
 pub mod groups;
 pub mod pins;
+pub mod receipts;
 pub mod store;
+pub mod ui;

@@ -1,6 +1,8 @@
-//! `fastchat`: the FastChat client. Subcommands for people and scripts (`register`,
-//! `send`, `read`, `group`, `verify`, `logout`, `passwd`); without one it prints help
-//! (the terminal UI arrives in a later version).
+//! `fastchat`: the FastChat client. Without a subcommand it opens the terminal UI
+//! (see `fastchat_client::ui`): it logs in first — asking for the user and password
+//! when flags and environment do not give them, offering to register an account that
+//! does not exist here — then takes over the terminal. Subcommands are for people and
+//! scripts: `register`, `send`, `read`, `group`, `verify`, `logout`, `passwd`.
 
 use clap::{Parser, Subcommand};
 use fastchat_client::chat::{self, Chat, Event, KeyStatus, Options};
@@ -12,6 +14,9 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 /// FastChat: end-to-end encrypted chat in the terminal.
+///
+/// Without a subcommand, opens the terminal UI (type /help there). The subcommands
+/// are for scripts.
 #[derive(Parser, Debug)]
 #[command(name = "fastchat", version)]
 struct Cli {
@@ -34,6 +39,18 @@ struct Cli {
     /// else a prompt).
     #[arg(long, global = true)]
     password_file: Option<PathBuf>,
+    /// Terminal UI: do not ring the bell for messages in other conversations.
+    /// FASTCHAT_NO_BELL=1 (or true, yes, on) does the same; 0, false, no, off or empty
+    /// leave the bell on.
+    #[arg(
+        long,
+        env = "FASTCHAT_NO_BELL",
+        value_parser = clap::builder::FalseyValueParser::new()
+    )]
+    no_bell: bool,
+    /// Terminal UI: where received files are saved [default: DATA_DIR/USER/downloads].
+    #[arg(long, value_name = "DIR")]
+    downloads: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -124,12 +141,11 @@ enum GroupCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let Some(command) = cli.command.as_ref() else {
-        use clap::CommandFactory;
-        let _ = Cli::command().print_help();
-        return ExitCode::SUCCESS;
+    let result = match cli.command.as_ref() {
+        Some(command) => run(&cli, command),
+        None => terminal_ui(&cli),
     };
-    match run(&cli, command) {
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("fastchat: {e}");
@@ -143,14 +159,7 @@ fn options(cli: &Cli, confirm_password: bool) -> Result<Options, ClientError> {
         .user
         .clone()
         .ok_or_else(|| ClientError::Usage("give --user NAME or set FASTCHAT_USER".into()))?;
-    let data_dir = match &cli.data_dir {
-        Some(d) => d.clone(),
-        None => {
-            let home = std::env::var_os("HOME")
-                .ok_or_else(|| ClientError::Usage("HOME is not set; give --data-dir DIR".into()))?;
-            PathBuf::from(home).join(".local/share/fastchat")
-        }
-    };
+    let data_dir = data_dir(cli)?;
     let password = password(cli, &user, confirm_password)?;
     Ok(Options {
         server: cli.server.clone(),
@@ -158,6 +167,149 @@ fn options(cli: &Cli, confirm_password: bool) -> Result<Options, ClientError> {
         user,
         password,
     })
+}
+
+fn data_dir(cli: &Cli) -> Result<PathBuf, ClientError> {
+    Ok(match &cli.data_dir {
+        Some(d) => d.clone(),
+        None => {
+            let home = std::env::var_os("HOME")
+                .ok_or_else(|| ClientError::Usage("HOME is not set; give --data-dir DIR".into()))?;
+            PathBuf::from(home).join(".local/share/fastchat")
+        }
+    })
+}
+
+/// Reads a line with echo from the terminal (a user name, a yes/no answer).
+fn ask(label: &str) -> Result<String, ClientError> {
+    let mut err = std::io::stderr();
+    let _ = write!(err, "{label}");
+    let _ = err.flush();
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .map_err(|source| ClientError::Io {
+            path: PathBuf::from("<stdin>"),
+            source,
+        })?;
+    Ok(line.trim().to_string())
+}
+
+/// A login failure as one clear line for a person at the terminal.
+fn login_failure(e: ClientError, opts: &Options) -> ClientError {
+    use fastchat_client::store::StoreError;
+    use fastchat_common::proto::ErrorCode;
+    let say = |s: String| ClientError::Usage(s);
+    match e {
+        ClientError::Store(StoreError::WrongPassword) => say(format!(
+            "wrong password for {} (the local store does not open with it)",
+            opts.user
+        )),
+        ClientError::Refused {
+            code: ErrorCode::BadCredentials,
+            ..
+        } => say(format!(
+            "wrong password: the server refused the login of {}",
+            opts.user
+        )),
+        ClientError::Unreachable { addr, why } => say(format!(
+            "cannot reach the FastChat server at {addr} ({why}); is it running? \
+             (choose another with --server or FASTCHAT_SERVER)"
+        )),
+        other => other,
+    }
+}
+
+/// How many times the terminal UI asks for a password that does not open the account.
+const PASSWORD_TRIES: u32 = 3;
+
+/// The login failed because of the password (locally or at the server).
+fn wrong_password(e: &ClientError) -> bool {
+    use fastchat_client::store::StoreError;
+    use fastchat_common::proto::ErrorCode;
+    matches!(
+        e,
+        ClientError::Store(StoreError::WrongPassword)
+            | ClientError::Refused {
+                code: ErrorCode::BadCredentials,
+                ..
+            }
+    )
+}
+
+/// The password came from the prompt (not a file or the environment), so asking again
+/// makes sense.
+fn prompted(cli: &Cli) -> bool {
+    cli.password_file.is_none()
+        && std::env::var_os("FASTCHAT_PASSWORD").is_none()
+        && std::io::stdin().is_terminal()
+}
+
+/// The terminal UI: log in (or register) with normal prompts, then take the terminal.
+fn terminal_ui(cli: &Cli) -> Result<(), ClientError> {
+    if !std::io::stdin().is_terminal() || !std::io::stdout().is_terminal() {
+        return Err(ClientError::Usage(
+            "the terminal UI needs a terminal; for scripts use the subcommands \
+             (register, send, read, group, verify; see fastchat --help)"
+                .into(),
+        ));
+    }
+    let user = match &cli.user {
+        Some(u) => u.clone(),
+        None => ask("User: ")?,
+    };
+    if !fastchat_common::proto::valid_user_name(&user) {
+        return Err(ClientError::Usage(
+            "user names are 1-32 characters of a-z, 0-9, '_', '.' and '-'".into(),
+        ));
+    }
+    let data_dir = data_dir(cli)?;
+    let exists = fastchat_client::store::Store::exists(&data_dir, &user);
+    if !exists {
+        let answer = ask(&format!(
+            "No account {user} in {}. Register it? [y/N] ",
+            data_dir.display()
+        ))?;
+        if !matches!(answer.to_ascii_lowercase().as_str(), "y" | "yes") {
+            return Err(ClientError::Usage(
+                "not registered; give --user with an account you have, or --data-dir where it lives"
+                    .into(),
+            ));
+        }
+    }
+    let opts = Options {
+        server: cli.server.clone(),
+        password: password(cli, &user, !exists)?,
+        data_dir,
+        user,
+    };
+    if !exists {
+        eprintln!("Making your key pair and registering {}…", opts.user);
+        chat::register(&opts).map_err(|e| login_failure(e, &opts))?;
+    }
+    eprintln!("Logging in as {} at {}…", opts.user, opts.server);
+    let mut opts = opts;
+    let mut tries = 1;
+    let mut session = loop {
+        match Chat::login(&opts, true) {
+            Ok(session) => break session,
+            // A mistyped password at the prompt: ask again, like login(1) does.
+            Err(e) if wrong_password(&e) && prompted(cli) && tries < PASSWORD_TRIES => {
+                eprintln!("{}", login_failure(e, &opts));
+                tries += 1;
+                opts.password = prompt(&format!("Password for {}: ", opts.user))?;
+            }
+            Err(e) => return Err(login_failure(e, &opts)),
+        }
+    };
+    if let Some(dir) = &cli.downloads {
+        session.set_downloads(dir.clone());
+    }
+    fastchat_client::ui::run(
+        session,
+        fastchat_client::ui::Settings { bell: !cli.no_bell },
+    )
 }
 
 fn password(cli: &Cli, user: &str, confirm: bool) -> Result<String, ClientError> {
@@ -451,8 +603,23 @@ fn read(chat: &mut Chat, wait: Option<u64>, json: bool) -> Result<(), ClientErro
                     let _ = writeln!(out, "{line}");
                     let _ = out.flush();
                 }
-                Event::Undecryptable { msg_id, from, why } => {
+                // Receipts and resends are for the terminal UI's delivery marks, not
+                // for `read`.
+                Event::Delivered { .. } | Event::Stored { .. } => {}
+                Event::Undecryptable {
+                    msg_id,
+                    from,
+                    why,
+                    key_changed,
+                    ..
+                } => {
                     eprintln!("warning: message {msg_id} from {from} could not be opened: {why}");
+                    if key_changed {
+                        eprintln!(
+                            "warning: the server now serves a DIFFERENT key for {from} than the \
+                             one pinned; compare safety numbers: fastchat verify {from}"
+                        );
+                    }
                 }
             }
         }

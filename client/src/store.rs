@@ -137,6 +137,11 @@ pub struct GroupState {
     pub epoch: i32,
     /// This user's role: `admin`, `member` or `none` (left or removed).
     pub role: String,
+    /// How many members the group had when last heard (a summary from the relay, then
+    /// counted along with membership events); `None` until then. Decides whether
+    /// group messages get delivery receipts (see the receipts module).
+    #[serde(default)]
+    pub members: Option<u32>,
 }
 
 /// A received message as the relay delivered it, still encrypted.
@@ -162,6 +167,12 @@ pub struct PeerEntry {
     pub pubkey_pem: String,
     /// Whether the user compared safety numbers out of band (`verify PEER`).
     pub verified: bool,
+    /// The server was last seen serving a different key for this peer than the pinned
+    /// one, and the user has not accepted it yet: kept here so the warning survives a
+    /// restart. Cleared when the server serves the pinned key again or the new key is
+    /// accepted.
+    #[serde(default)]
+    pub key_changed: bool,
 }
 
 /// The keys of one conversation.
@@ -202,6 +213,11 @@ pub struct HistoryEntry {
     pub outgoing: bool,
     /// Delivery progress (outgoing) or `Received` (incoming).
     pub state: DeliveryState,
+    /// A file announcement (its text is only the file's name): an outgoing one left
+    /// pending is not resent at login (the announcement itself is not kept; send the
+    /// file again).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub file: bool,
 }
 
 /// Delivery progress of a message, as the sender's UI shows it.
@@ -622,6 +638,7 @@ mod tests {
             PeerEntry {
                 pubkey_pem: "-----BEGIN PUBLIC KEY-----\n...".into(),
                 verified: true,
+                key_changed: false,
             },
         );
         data.conversations.insert(
@@ -643,6 +660,7 @@ mod tests {
             mid: "0123456789abcdef0123456789abcdef".into(),
             outgoing: true,
             state: DeliveryState::Delivered,
+            file: false,
         });
         data
     }

@@ -369,3 +369,73 @@ fn relay_stops_gracefully_on_sigterm() {
         .get(0);
     assert_eq!(present, 0, "a stopping relay clears its presence rows");
 }
+
+/// A message from a peer whose key the server changed does not open; the client then
+/// compares the server's key with the pin, says so in the event, and remembers it
+/// across a restart (the terminal UI raises its warning from that at start).
+#[test]
+fn an_unopenable_message_from_a_changed_key_is_flagged_and_remembered() {
+    use base64::Engine;
+    let net = TestNet::start();
+    net.register("alice");
+    net.register("bob");
+    let mut alice = net.login("alice");
+    alice.send_text("bob", "hi bob").unwrap();
+    assert!(alice.changed_keys().is_empty());
+
+    // Bob "reinstalls": a new identity, which the server now serves for him.
+    let other = fastchat_client::e2e::Identity::generate().unwrap();
+    let mut db = postgres::Client::connect(&net.db_url, postgres::NoTls).unwrap();
+    db.execute(
+        "UPDATE users SET pubkey = $1 WHERE name = 'bob'",
+        &[&other.public_pem()],
+    )
+    .unwrap();
+    let mut new_bob = net.opts("bob");
+    new_bob.data_dir = net.home.join("bob-reinstalled");
+    std::fs::create_dir_all(&new_bob.data_dir).unwrap();
+    fastchat_client::store::Store::create(
+        &new_bob.data_dir,
+        "bob",
+        &new_bob.password,
+        fastchat_client::store::StoreData {
+            user: "bob".into(),
+            identity_der: base64::engine::general_purpose::STANDARD.encode(other.to_pkcs8_der()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut bob = Chat::login(&new_bob, false).unwrap();
+    bob.send_text("alice", "it is me, new phone").unwrap();
+    bob.close();
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut flagged = false;
+    while !flagged && std::time::Instant::now() < deadline {
+        for e in alice.receive(deadline).unwrap() {
+            match e {
+                Event::Undecryptable {
+                    from, key_changed, ..
+                } => {
+                    assert_eq!(from, "bob");
+                    flagged |= key_changed;
+                }
+                Event::Message(m) => panic!("opened with a changed key: {m:?}"),
+                _ => {}
+            }
+        }
+    }
+    assert!(flagged, "the failure names the key change");
+    assert_eq!(alice.changed_keys(), ["bob"]);
+    alice.close();
+    let mut alice = Chat::login(&net.opts("alice"), false).unwrap();
+    assert_eq!(alice.changed_keys(), ["bob"], "remembered across a restart");
+    // Accepting the new key clears it.
+    let fastchat_client::chat::KeyStatus::Changed { server_pem } =
+        alice.check_peer_key("bob").unwrap()
+    else {
+        panic!("the key is still changed");
+    };
+    alice.accept_new_key("bob", server_pem).unwrap();
+    assert!(alice.changed_keys().is_empty());
+}

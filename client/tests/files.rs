@@ -128,6 +128,7 @@ fn a_group_of_three_each_get_the_file_once() {
         let got = receive_files(c, 1);
         let f = file_of(&got[0]);
         assert_eq!(f.group.as_deref(), Some("trio"));
+        assert_eq!(f.group_id, Some(gid));
         assert_eq!(
             std::fs::read(&f.path).unwrap(),
             std::fs::read(&src).unwrap()
@@ -144,6 +145,29 @@ fn a_group_of_three_each_get_the_file_once() {
         .filter(|e| e.path().is_file())
         .collect();
     assert_eq!(saved.len(), 1);
+
+    // After a restart the file is still listed, in the group's conversation (found by
+    // group id, not by its name), as the terminal UI loads it.
+    let path = saved[0].path();
+    bob.close();
+    let bob = Chat::login(&net.opts("bob"), false).unwrap();
+    let mut model = fastchat_client::ui::model::Model::new("bob", "relay");
+    model.load(&bob.store().data().history, &bob.store().data().groups);
+    let conv = model
+        .get(&format!("#{gid}"))
+        .expect("the group's conversation");
+    assert_eq!(conv.title, "#trio");
+    let want = format!("file notes.txt (100000 bytes) saved to {}", path.display());
+    assert!(
+        conv.lines.iter().any(|l| l.text == want
+            && matches!(&l.kind, fastchat_client::ui::model::LineKind::Message { from, .. } if from == "alice")),
+        "{:#?}",
+        conv.lines
+    );
+    assert!(
+        model.get("#trio").is_none(),
+        "no conversation made up from the name"
+    );
 }
 
 #[test]

@@ -608,11 +608,27 @@ impl TestNet {
         dump
     }
 
-    /// Rows in `messages`.
+    /// Rows in `messages`, not counting delivery receipts (those wait for senders who
+    /// may never read again; see [`TestNet::stored_receipts`]).
     pub fn stored_messages(&self) -> i64 {
         let mut client = postgres::Client::connect(&self.db_url, postgres::NoTls).unwrap();
         client
-            .query_one("SELECT count(*) FROM messages", &[])
+            .query_one(
+                "SELECT count(*) FROM messages WHERE position('\"type\":\"receipt\"' in body) = 0",
+                &[],
+            )
+            .unwrap()
+            .get(0)
+    }
+
+    /// Delivery receipts in `messages` (their envelope type is visible to the server).
+    pub fn stored_receipts(&self) -> i64 {
+        let mut client = postgres::Client::connect(&self.db_url, postgres::NoTls).unwrap();
+        client
+            .query_one(
+                "SELECT count(*) FROM messages WHERE position('\"type\":\"receipt\"' in body) > 0",
+                &[],
+            )
             .unwrap()
             .get(0)
     }

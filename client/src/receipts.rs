@@ -1,0 +1,294 @@
+//! Delivery receipts: after a receive batch is stored, acknowledged and opened, the
+//! client tells each sender, end to end encrypted, which of their messages it now holds;
+//! a sender that gets a receipt marks those history entries
+//! [`DeliveryState::Delivered`]. Receipts are ordinary `send` frames to the server,
+//! sealed as an [`crate::e2e::Envelope::Receipt`] (PROTOCOL.md §7.7).
+//!
+//! - Messages are named only by the sender's message id (`mid`), the random 128-bit id
+//!   inside the authenticated ciphertext — never by the server's `msg_id`, which the
+//!   (untrusted) relay chooses and could point at a message it dropped. So receipts
+//!   are written after the batch is opened, for the texts that opened (duplicates
+//!   included: a receipt is idempotent, and a resent message needs one too). Grants of
+//!   group keys, offers, receipts and messages that did not open get none.
+//! - A receipt is only RSA-free Fernet work, and the RSA decryption of an offer runs only
+//!   after the offer's RSA-PSS signature verified against the pinned key, so a server
+//!   cannot use receipts (or their timing) as an oracle for RSA ciphertexts of its own.
+//! - The sender marks delivered only its own outgoing entries named in the receipt:
+//!   direct entries whose peer is the receipt's sender, and group entries (a group's
+//!   member list is not always known here, and a mid is unguessable: only members saw
+//!   it). Group texts get receipts only in groups of at most [`MAX_GROUP_FOR_RECEIPTS`]
+//!   members, so a big group does not multiply its traffic.
+//! - Receipts are best effort: one per peer per batch (split past [`MAX_MIDS`]), sealed
+//!   with a conversation key both sides hold, not resent after a failover, their
+//!   replies (`sent` or `error`) dropped. A receipt that cannot be sent (no shared key
+//!   yet) is skipped: the message simply stays "stored".
+
+use crate::chat::{Chat, Event, Opened};
+use crate::e2e::{self, ConversationKey, ReceiptPayload};
+use crate::error::ClientError;
+use crate::store::{DeliveryState, HistoryEntry, InboxEntry};
+use fastchat_common::proto::ClientToRelay;
+use fastchat_common::time;
+use std::collections::{BTreeMap, HashSet};
+
+/// Most message ids in one receipt, so a receipt stays far below the body limit. A
+/// receipt naming more is refused whole (it costs the receiver a history scan).
+pub const MAX_MIDS: usize = 256;
+
+/// Group texts get receipts only in groups of at most this many members (everyone would
+/// otherwise send the sender a pairwise receipt for every message).
+pub const MAX_GROUP_FOR_RECEIPTS: u32 = 32;
+
+impl Chat {
+    /// Notes an opened text that owes its sender a receipt (`group`: the group it was
+    /// sent to, if any).
+    pub(crate) fn owe_receipt(&mut self, from: &str, group: Option<i64>, mid: &str) {
+        self.receipts_due
+            .push((from.to_string(), group, mid.to_string()));
+    }
+
+    /// Whether texts of `group_id` get receipts: it is small enough. The member count
+    /// is asked once when not known (then kept, and counted along with events).
+    fn receipts_in_group(&mut self, group_id: i64) -> bool {
+        let known = self
+            .store
+            .data()
+            .groups
+            .get(&group_id)
+            .and_then(|g| g.members);
+        let members = match known {
+            Some(n) => Some(n),
+            None => self.group_members(group_id).ok().map(|(g, _)| g.members),
+        };
+        members.is_some_and(|n| n <= MAX_GROUP_FOR_RECEIPTS)
+    }
+
+    /// Sends the receipts the texts opened so far owe. Replies are not waited for;
+    /// `receive` drops them.
+    pub(crate) fn send_receipts(&mut self) -> Result<(), ClientError> {
+        let due = std::mem::take(&mut self.receipts_due);
+        if due.is_empty() {
+            return Ok(());
+        }
+        let me = self.user().to_string();
+        let mut groups: BTreeMap<i64, bool> = BTreeMap::new();
+        let mut by_peer: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (peer, group, mid) in due {
+            if peer == me {
+                continue;
+            }
+            if let Some(g) = group {
+                let wanted = match groups.get(&g) {
+                    Some(w) => *w,
+                    None => {
+                        let w = self.receipts_in_group(g);
+                        groups.insert(g, w);
+                        w
+                    }
+                };
+                if !wanted {
+                    continue;
+                }
+            }
+            let mids = by_peer.entry(peer).or_default();
+            if !mids.contains(&mid) {
+                mids.push(mid);
+            }
+        }
+        let mut queued = false;
+        for (peer, mids) in by_peer {
+            let Some(key) = self.receipt_key(&peer) else {
+                continue;
+            };
+            for chunk in mids.chunks(MAX_MIDS) {
+                let payload = ReceiptPayload {
+                    mid: e2e::new_message_id(),
+                    ts: time::now_ms(),
+                    mids: chunk.to_vec(),
+                };
+                let body = e2e::seal_receipt(&key, &payload)?.to_body();
+                let id = self.relay.next_id();
+                self.relay.queue(&ClientToRelay::Send {
+                    id,
+                    to: Some(peer.clone()),
+                    group_id: None,
+                    body,
+                });
+                self.receipt_requests.insert(id);
+                queued = true;
+            }
+        }
+        if queued {
+            self.relay.flush()?;
+        }
+        Ok(())
+    }
+
+    /// A conversation key `peer` is known to hold: the current one if shared, else the
+    /// shared one with the greatest id (ids are random, so that is an arbitrary one of
+    /// them; any works, the peer holds them all). "Shared" means the peer offered it or
+    /// the relay stored our offer of it; accepting a changed key for the peer forgets
+    /// them all (its new identity holds none), so no receipt goes until a key is
+    /// shared again.
+    fn receipt_key(&self, peer: &str) -> Option<ConversationKey> {
+        let conv = self.store.data().conversations.get(peer)?;
+        let id = conv
+            .current
+            .as_ref()
+            .filter(|id| conv.shared.contains(*id))
+            .or_else(|| {
+                conv.shared
+                    .iter()
+                    .rev()
+                    .find(|id| conv.keys.contains_key(*id))
+            })?;
+        Some(ConversationKey {
+            id: id.clone(),
+            key: conv.keys.get(id)?.clone(),
+        })
+    }
+
+    /// A receipt from `m.from`: the messages it names move to delivered. A receipt that
+    /// does not open, or names more than [`MAX_MIDS`] messages, is dropped quietly (it
+    /// would only ever be a hint). Receipts are idempotent, so they do not take places
+    /// in the duplicate-detection window of real messages.
+    pub(crate) fn open_receipt(&mut self, m: &InboxEntry, key_id: &str, token: &str) -> Opened {
+        let key = self
+            .store
+            .data()
+            .conversations
+            .get(&m.from)
+            .and_then(|c| c.keys.get(key_id))
+            .map(|k| ConversationKey {
+                id: key_id.to_string(),
+                key: k.clone(),
+            });
+        let Some(Ok(receipt)) = key.map(|key| e2e::open_receipt(&key, token)) else {
+            return Opened::Nothing;
+        };
+        let delivered = mark_delivered(&mut self.store.data_mut().history, &m.from, &receipt.mids);
+        if delivered.is_empty() {
+            return Opened::Nothing;
+        }
+        Opened::Shown(Event::Delivered {
+            peer: m.from.clone(),
+            mids: delivered,
+        })
+    }
+}
+
+/// Marks delivered my outgoing entries of `history` that a receipt from `from` names
+/// by `mid`: direct entries only if their peer is `from`, group entries (conversation
+/// `#<id>`) from anyone. A receipt naming more than [`MAX_MIDS`] is refused whole. Scans
+/// from the newest entry and stops once every named one is found. Returns the mids
+/// newly marked, oldest first.
+fn mark_delivered(history: &mut [HistoryEntry], from: &str, mids: &[String]) -> Vec<String> {
+    if mids.len() > MAX_MIDS {
+        return Vec::new();
+    }
+    let mut named: HashSet<&str> = mids.iter().map(String::as_str).collect();
+    let mut delivered = Vec::new();
+    for entry in history.iter_mut().rev() {
+        if named.is_empty() {
+            break;
+        }
+        if !entry.outgoing {
+            continue;
+        }
+        // Group conversations are `#<group id>` (see the groups module); a direct
+        // entry only counts if its peer sent the receipt.
+        let from_recipient = entry.peer.starts_with('#') || entry.peer == from;
+        if from_recipient
+            && named.remove(entry.mid.as_str())
+            && entry.state != DeliveryState::Delivered
+        {
+            entry.state = DeliveryState::Delivered;
+            delivered.push(entry.mid.clone());
+        }
+    }
+    delivered.reverse();
+    delivered
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(peer: &str, mid: &str, outgoing: bool) -> HistoryEntry {
+        HistoryEntry {
+            peer: peer.into(),
+            group: None,
+            from: if outgoing {
+                "alice".into()
+            } else {
+                peer.into()
+            },
+            text: "hi".into(),
+            ts: 1,
+            msg_id: Some(7),
+            mid: mid.into(),
+            outgoing,
+            state: if outgoing {
+                DeliveryState::Stored
+            } else {
+                DeliveryState::Received
+            },
+            file: false,
+        }
+    }
+
+    fn states(h: &[HistoryEntry]) -> Vec<DeliveryState> {
+        h.iter().map(|e| e.state).collect()
+    }
+
+    #[test]
+    fn only_the_recipient_can_mark_a_direct_message() {
+        let mut h = vec![entry("bob", "m1", true), entry("carol", "m2", true)];
+        // Carol names bob's message: nothing happens.
+        assert!(mark_delivered(&mut h, "carol", &["m1".into()]).is_empty());
+        assert_eq!(states(&h), [DeliveryState::Stored, DeliveryState::Stored]);
+        // Bob names it (and carol's, which he cannot have): only his is marked.
+        assert_eq!(
+            mark_delivered(&mut h, "bob", &["m2".into(), "m1".into()]),
+            ["m1"]
+        );
+        assert_eq!(
+            states(&h),
+            [DeliveryState::Delivered, DeliveryState::Stored]
+        );
+        // Again: idempotent, nothing new.
+        assert!(mark_delivered(&mut h, "bob", &["m1".into()]).is_empty());
+    }
+
+    #[test]
+    fn group_messages_are_marked_by_any_member_and_incoming_never() {
+        let mut h = vec![
+            entry("#4", "g1", true),
+            entry("#4", "g2", false),
+            entry("bob", "b1", false),
+        ];
+        assert_eq!(
+            mark_delivered(&mut h, "dave", &["g1".into(), "g2".into(), "b1".into()]),
+            ["g1"]
+        );
+        assert_eq!(
+            states(&h),
+            [
+                DeliveryState::Delivered,
+                DeliveryState::Received,
+                DeliveryState::Received
+            ]
+        );
+    }
+
+    #[test]
+    fn oversized_receipts_are_refused_whole() {
+        let mut h = vec![entry("bob", "m1", true)];
+        let mut mids: Vec<String> = (0..MAX_MIDS).map(|i| format!("x{i}")).collect();
+        mids.push("m1".into());
+        assert!(mark_delivered(&mut h, "bob", &mids).is_empty());
+        assert_eq!(states(&h), [DeliveryState::Stored]);
+        mids.remove(0);
+        assert_eq!(mark_delivered(&mut h, "bob", &mids), ["m1"]);
+    }
+}

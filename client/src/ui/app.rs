@@ -1,0 +1,562 @@
+//! The UI's main loop: it owns the [`Model`], turns keys into edits and requests,
+//! backend updates into model changes, and redraws only when something changed: after
+//! a key, an update, or a resize (the size is checked every 200 ms). Ctrl-L clears and
+//! redraws everything. On quit it waits (up to [`QUIT_WAIT`]) for the backend to finish
+//! what was asked before — requests run in order, so a send typed just before quitting
+//! completes — with the screen still up, saying so in the status line.
+
+use super::backend::{self, Request, Update};
+use super::commands::{self, Command, HELP};
+use super::keys::{self, Action};
+use super::model::{info_line, message_line, warning_line, Connection, Model, STATUS};
+use super::render::render;
+use super::term::Terminal;
+use crate::chat::{Chat, Event, Progress};
+use crate::error::ClientError;
+use crossbeam_channel::{select, Receiver, Sender};
+use fastchat_common::proto::valid_user_name;
+use fastchat_common::time;
+use std::path::PathBuf;
+use std::time::Duration;
+use termion::input::TermRead;
+
+/// How long quitting waits for a send in flight before giving up on it (it stays
+/// pending in the history and is sent again at the next login).
+pub const QUIT_WAIT: Duration = Duration::from_secs(10);
+
+/// How the UI behaves.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Ring the terminal bell for messages in conversations not open.
+    pub bell: bool,
+}
+
+/// The local time zone's offset from UTC now, in seconds.
+fn utc_offset_s() -> i64 {
+    let now = (time::now_ms() / 1000) as libc::time_t;
+    // SAFETY: localtime_r writes into the tm we own; both pointers are valid.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    if unsafe { libc::localtime_r(&now, &mut tm) }.is_null() {
+        return 0;
+    }
+    tm.tm_gmtoff
+}
+
+/// Runs the terminal UI with a logged-in session until the user quits.
+pub fn run(chat: Chat, settings: Settings) -> Result<(), ClientError> {
+    let mut model = Model::new(chat.user(), chat.relay_addr());
+    model.load(&chat.store().data().history, &chat.store().data().groups);
+    let now = time::now_ms();
+    let status = model
+        .get(STATUS)
+        .map(|c| c.title.clone())
+        .unwrap_or_default();
+    model.push(
+        STATUS,
+        &status,
+        None,
+        info_line(
+            &format!(
+                "logged in as {} on {}. /msg USER starts a chat, /help lists the commands.",
+                chat.user(),
+                chat.relay_addr()
+            ),
+            now,
+        ),
+    );
+    // Key changes seen before (by this or an earlier session) and not accepted yet.
+    let changed_keys = chat.changed_keys();
+    let (requests, updates, backend) = backend::spawn(chat);
+    let keys = spawn_key_reader();
+    let (quit_tx, quit_rx) = crossbeam_channel::bounded::<()>(1);
+    // SIGTERM / SIGHUP (Ctrl-C is a key in raw mode): leave cleanly.
+    let _ = ctrlc::set_handler(move || {
+        let _ = quit_tx.try_send(());
+    });
+    let io = |source| ClientError::Io {
+        path: PathBuf::from("<terminal>"),
+        source,
+    };
+    let mut term = Terminal::enter().map_err(io)?;
+    let offset = utc_offset_s();
+    let mut size = Terminal::size();
+    let mut app = App {
+        model,
+        requests,
+        bell: settings.bell,
+        ring: false,
+        quit: false,
+        clear: false,
+    };
+    for peer in changed_keys {
+        app.key_warning(&peer);
+    }
+    let mut dirty = true;
+    loop {
+        if dirty {
+            if std::mem::take(&mut app.clear) {
+                term.invalidate();
+            }
+            draw(&mut app, &mut term, size, offset).map_err(io)?;
+            dirty = false;
+        }
+        select! {
+            recv(keys) -> key => {
+                dirty = true;
+                match key {
+                    Ok(key) => app.key(key),
+                    Err(_) => app.quit = true,
+                }
+            },
+            recv(updates) -> update => {
+                dirty = true;
+                match update {
+                    Ok(update) => app.update(update),
+                    Err(_) => app.quit = true,
+                }
+            },
+            recv(quit_rx) -> _ => app.quit = true,
+            default(Duration::from_millis(200)) => {}
+        }
+        // Take whatever else is waiting before drawing again.
+        while let Ok(update) = updates.try_recv() {
+            app.update(update);
+            dirty = true;
+        }
+        let now = Terminal::size();
+        if now != size {
+            size = now;
+            dirty = true;
+        }
+        if app.quit {
+            break;
+        }
+    }
+    // Requests run in order: the backend ends after whatever was asked before.
+    let _ = app.requests.send(Request::Quit);
+    let deadline = std::time::Instant::now() + QUIT_WAIT;
+    if !backend.is_finished() {
+        app.model.note = Some("sending… (quitting when done)".into());
+        let _ = draw(&mut app, &mut term, size, offset);
+    }
+    while !backend.is_finished() && std::time::Instant::now() < deadline {
+        // Keep the status current (a reconnect, an upload's progress).
+        if let Ok(update) = updates.recv_timeout(Duration::from_millis(50)) {
+            app.update(update);
+            app.model.note = Some("sending… (quitting when done)".into());
+            let _ = draw(&mut app, &mut term, size, offset);
+        }
+    }
+    if backend.is_finished() {
+        let _ = backend.join();
+    }
+    drop(term);
+    Ok(())
+}
+
+/// Renders the model for a terminal of `size` and puts it on the screen.
+fn draw(
+    app: &mut App,
+    term: &mut Terminal,
+    size: (usize, usize),
+    offset: i64,
+) -> std::io::Result<()> {
+    let screen = render(&app.model, size.0, size.1, offset);
+    app.model.page = screen.page;
+    app.model.scroll = app.model.scroll.min(screen.max_scroll);
+    term.draw(&screen)?;
+    if std::mem::take(&mut app.ring) {
+        term.bell();
+    }
+    Ok(())
+}
+
+/// Reads keys on their own thread (reading blocks).
+fn spawn_key_reader() -> Receiver<termion::event::Key> {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    std::thread::spawn(move || {
+        for key in std::io::stdin().keys() {
+            match key {
+                Ok(key) => {
+                    if tx.send(key).is_err() {
+                        return;
+                    }
+                }
+                Err(_) => return,
+            }
+        }
+    });
+    rx
+}
+
+/// The UI's state between events.
+struct App {
+    model: Model,
+    requests: Sender<Request>,
+    bell: bool,
+    /// Ring the bell after the next draw.
+    ring: bool,
+    quit: bool,
+    /// Clear the whole terminal before the next draw (Ctrl-L).
+    clear: bool,
+}
+
+impl App {
+    fn key(&mut self, key: termion::event::Key) {
+        let Some(action) = keys::action(key) else {
+            return;
+        };
+        let input = &mut self.model.input;
+        match action {
+            Action::Insert(c) => input.insert(c),
+            Action::Backspace => input.backspace(),
+            Action::Delete => input.delete(),
+            Action::Left => input.left(),
+            Action::Right => input.right(),
+            Action::Home => input.home(),
+            Action::End => input.end(),
+            Action::DeleteWord => input.delete_word(),
+            Action::DeleteToStart => input.delete_to_start(),
+            Action::RecallOlder => input.recall_older(),
+            Action::RecallNewer => input.recall_newer(),
+            Action::NextConversation => self.model.cycle(1),
+            Action::PreviousConversation => self.model.cycle(-1),
+            Action::Jump(i) => self.model.jump(i),
+            Action::PageUp => self.model.page_up(),
+            Action::PageDown => self.model.page_down(),
+            Action::Redraw => self.clear = true,
+            Action::Quit => self.quit = true,
+            Action::Submit => {
+                let line = self.model.input.take();
+                if !line.trim().is_empty() {
+                    self.submit(&line);
+                }
+            }
+        }
+    }
+
+    fn request(&mut self, request: Request) {
+        if self.requests.send(request).is_err() {
+            self.model.connection = Connection::Offline("the session ended".into());
+        }
+    }
+
+    fn submit(&mut self, line: &str) {
+        let now = time::now_ms();
+        let command = match commands::parse(line) {
+            Ok(c) => c,
+            Err(e) => {
+                self.model.info(&e, now);
+                return;
+            }
+        };
+        match command {
+            Command::Say(text) => self.say(text),
+            Command::Msg { user, text } => {
+                if !valid_user_name(&user) {
+                    self.model.info(
+                        &format!("{user:?} is not a user name (1-32 of a-z, 0-9, _ . -)"),
+                        now,
+                    );
+                    return;
+                }
+                self.model.conversation(&user, &user, None);
+                self.model.select(&user);
+                self.request(Request::Open { peer: user });
+                if let Some(text) = text {
+                    self.say(text);
+                }
+            }
+            Command::File { path } => {
+                let conv = self.model.selected().clone();
+                if conv.id == STATUS {
+                    self.model
+                        .info("open a chat first (/msg USER), then /file PATH", now);
+                    return;
+                }
+                let path = expand_home(&path);
+                if !path.is_file() {
+                    self.model
+                        .info(&format!("no file at {}", path.display()), now);
+                    return;
+                }
+                let name = path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let local = self
+                    .model
+                    .outgoing(&conv.id, &format!("[file] {name}"), now);
+                let (to, group_id) = match conv.group_id {
+                    Some(g) => (None, Some(g)),
+                    None => (Some(conv.id.clone()), None),
+                };
+                self.model.note = Some(format!("sending {name}…"));
+                self.request(Request::SendFile {
+                    local,
+                    to,
+                    group_id,
+                    path,
+                });
+            }
+            Command::Group(command) => {
+                let open_group = self.model.selected().group_id;
+                self.request(Request::Group {
+                    open_group,
+                    command,
+                });
+            }
+            Command::Verify { user, .. } | Command::AcceptKey { user }
+                if !valid_user_name(&user) =>
+            {
+                self.model.info(
+                    &format!("{user:?} is not a user name (1-32 of a-z, 0-9, _ . -)"),
+                    now,
+                );
+            }
+            Command::Retry => self.request(Request::Retry),
+            Command::Verify { user, confirm } => {
+                self.model.conversation(&user, &user, None);
+                self.model.select(&user);
+                self.request(Request::Verify {
+                    peer: user,
+                    confirm,
+                });
+            }
+            Command::AcceptKey { user } => self.request(Request::AcceptKey { peer: user }),
+            Command::Help => {
+                for line in HELP {
+                    self.model.info(line, now);
+                }
+            }
+            Command::Quit => self.quit = true,
+        }
+    }
+
+    /// A message for the open conversation.
+    fn say(&mut self, text: String) {
+        let now = time::now_ms();
+        let conv = self.model.selected().clone();
+        if conv.id == STATUS {
+            self.model
+                .info("this is the status window: open a chat with /msg USER", now);
+            return;
+        }
+        let local = self.model.outgoing(&conv.id, &text, now);
+        match conv.group_id {
+            Some(group_id) => self.request(Request::SendGroup {
+                local,
+                group_id,
+                text,
+            }),
+            None => self.request(Request::SendText {
+                local,
+                to: conv.id,
+                text,
+            }),
+        }
+    }
+
+    fn push(&mut self, conv: &str, title: &str, group_id: Option<i64>, line: super::model::Line) {
+        if self.model.push(conv, title, group_id, line) && self.bell {
+            self.ring = true;
+        }
+    }
+
+    /// The conversation of `conv` (`None`: the open one).
+    fn target(&self, conv: Option<String>) -> (String, String) {
+        match conv {
+            Some(id) => {
+                let title = self
+                    .model
+                    .get(&id)
+                    .map_or_else(|| id.clone(), |c| c.title.clone());
+                (id, title)
+            }
+            None => (
+                self.model.selected().id.clone(),
+                self.model.selected().title.clone(),
+            ),
+        }
+    }
+
+    fn key_warning(&mut self, peer: &str) {
+        self.model.conversation(peer, peer, None);
+        self.model.set_key_warning(peer, true);
+        let text = format!(
+            "WARNING: the server now serves a DIFFERENT key for {peer} than the one you pinned.\n\
+             Someone may be intercepting your messages. Nothing is sent to {peer} until you decide.\n\
+             Compare safety numbers with {peer} in person: /verify {peer}\n\
+             If {peer} really has a new key: /accept-key {peer}"
+        );
+        self.push(peer, peer, None, warning_line(&text, time::now_ms()));
+        if self.bell {
+            self.ring = true;
+        }
+    }
+
+    fn update(&mut self, update: Update) {
+        let now = time::now_ms();
+        match update {
+            Update::Event(event) => self.event(event),
+            Update::Sent { local, mid } => self.model.stored(local, mid),
+            Update::SendFailed {
+                local,
+                conv,
+                mid,
+                error,
+                key_changed,
+            } => {
+                self.model.failed(local, mid.clone());
+                self.model.note = None;
+                let (id, title) = self.target(Some(conv));
+                let retry = if mid.is_some() {
+                    " (it is sent again when the connection is back, at the next login, or now with /retry)"
+                } else {
+                    ""
+                };
+                self.push(
+                    &id,
+                    &title,
+                    None,
+                    warning_line(&format!("✗ not sent: {error}{retry}"), now),
+                );
+                if let Some(peer) = key_changed {
+                    self.key_warning(&peer);
+                }
+            }
+            Update::Info { conv, text } => {
+                let (id, title) = self.target(conv);
+                self.model.push(&id, &title, None, info_line(&text, now));
+            }
+            Update::Warning { conv, text } => {
+                let (id, title) = self.target(conv);
+                self.push(&id, &title, None, warning_line(&text, now));
+            }
+            Update::KeyChanged { peer } => {
+                if !self.model.get(&peer).is_some_and(|c| c.key_warning) {
+                    self.key_warning(&peer);
+                }
+            }
+            Update::KeyAccepted { peer } => self.model.set_key_warning(&peer, false),
+            Update::GroupOpened {
+                group_id,
+                name,
+                open,
+            } => {
+                let id = format!("#{group_id}");
+                self.model
+                    .conversation(&id, &format!("#{name}"), Some(group_id));
+                if open {
+                    self.model.select(&id);
+                }
+            }
+            Update::Progress(Progress::Reconnecting) => {
+                self.model.connection = Connection::Reconnecting;
+            }
+            Update::Progress(Progress::Reconnected { relay }) | Update::Online { relay } => {
+                self.model.connection = Connection::Connected;
+                self.model.relay = relay;
+            }
+            Update::Progress(Progress::Upload { done, total }) => {
+                self.model.note = (done < total).then(|| {
+                    format!(
+                        "sending file: {}%",
+                        u64::from(done) * 100 / u64::from(total)
+                    )
+                });
+            }
+            Update::Offline(why) => self.model.connection = Connection::Offline(why),
+        }
+    }
+
+    fn event(&mut self, event: Event) {
+        match event {
+            Event::Message(m) => {
+                let (id, title) = match (m.group_id, &m.group) {
+                    (Some(g), name) => (
+                        format!("#{g}"),
+                        format!("#{}", name.clone().unwrap_or_else(|| g.to_string())),
+                    ),
+                    (None, _) => (m.from.clone(), m.from.clone()),
+                };
+                let group_id = m.group_id;
+                self.push(&id, &title, group_id, message_line(&m.from, &m.text, m.ts));
+            }
+            Event::File(f) => {
+                let (id, title) = match f.group_id {
+                    Some(g) => {
+                        let id = format!("#{g}");
+                        let title = self.model.get(&id).map_or_else(
+                            || format!("#{}", f.group.clone().unwrap_or_else(|| g.to_string())),
+                            |c| c.title.clone(),
+                        );
+                        (id, title)
+                    }
+                    None => (f.from.clone(), f.from.clone()),
+                };
+                self.push(
+                    &id,
+                    &title,
+                    f.group_id,
+                    message_line(&f.from, &f.describe(), f.ts),
+                );
+            }
+            Event::Group(n) => {
+                let id = format!("#{}", n.group_id);
+                let text = crate::groups::describe(&n.event, &n.group);
+                self.push(
+                    &id,
+                    &format!("#{}", n.group),
+                    Some(n.group_id),
+                    info_line(&text, n.ts),
+                );
+            }
+            Event::Undecryptable {
+                msg_id,
+                from,
+                group_id,
+                why,
+                key_changed,
+            } => {
+                // A group message goes to its group, not the sender's direct chat.
+                let (id, title) = match group_id {
+                    Some(g) => {
+                        let id = format!("#{g}");
+                        let title = self
+                            .model
+                            .get(&id)
+                            .map_or_else(|| id.clone(), |c| c.title.clone());
+                        (id, title)
+                    }
+                    None => (from.clone(), from.clone()),
+                };
+                self.push(
+                    &id,
+                    &title,
+                    group_id,
+                    warning_line(
+                        &format!("a message from {from} (#{msg_id}) could not be opened: {why}"),
+                        time::now_ms(),
+                    ),
+                );
+                if key_changed && !self.model.get(&from).is_some_and(|c| c.key_warning) {
+                    self.key_warning(&from);
+                }
+            }
+            Event::Stored { mids } => self.model.stored_mids(&mids),
+            Event::Delivered { mids, .. } => {
+                self.model.delivered(&mids);
+            }
+            Event::Synced => {}
+        }
+    }
+}
+
+/// `~/x` → `$HOME/x`.
+fn expand_home(path: &str) -> PathBuf {
+    match (path.strip_prefix("~/"), std::env::var_os("HOME")) {
+        (Some(rest), Some(home)) => PathBuf::from(home).join(rest),
+        _ => PathBuf::from(path),
+    }
+}

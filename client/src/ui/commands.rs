@@ -1,0 +1,228 @@
+//! Slash commands typed on the input line, parsed into [`Command`]s with errors that say
+//! how to use them. A line that does not start with `/` is a message; `//` sends a
+//! line that starts with a slash.
+
+/// What a line of input asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// A message for the open conversation.
+    Say(String),
+    /// `/msg USER [TEXT]`: open (or start) a chat, and send TEXT if given.
+    Msg { user: String, text: Option<String> },
+    /// `/file PATH`: send a file to the open conversation.
+    File { path: String },
+    /// `/group …`.
+    Group(GroupCommand),
+    /// `/verify USER [yes]`: show the safety number; `yes` marks the key verified.
+    Verify { user: String, confirm: bool },
+    /// `/accept-key USER`: trust the new key the server serves for USER.
+    AcceptKey { user: String },
+    /// `/retry`: send again my messages that failed (still pending).
+    Retry,
+    /// `/help`.
+    Help,
+    /// `/quit`.
+    Quit,
+}
+
+/// `/group` subcommands. `group` is a group's name or `#ID`; `None` means the open
+/// conversation's group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupCommand {
+    Create { name: String },
+    Add { group: Option<String>, user: String },
+    Remove { group: Option<String>, user: String },
+    Promote { group: Option<String>, user: String },
+    Leave { group: Option<String> },
+    Members { group: Option<String> },
+    List,
+}
+
+/// The help text, one command per line.
+pub const HELP: &[&str] = &[
+    "/msg USER [TEXT]         open a chat with USER (and send TEXT)",
+    "/file PATH               send a file to the open chat",
+    "/group create NAME       create a group (you are its admin)",
+    "/group add [GROUP] USER  add USER (admins); GROUP defaults to the open one",
+    "/group remove [GROUP] USER / promote [GROUP] USER",
+    "/group leave [GROUP] / members [GROUP] / list",
+    "/verify USER [yes]       show the safety number; `yes` marks the key verified",
+    "/accept-key USER         trust USER's new key after a key-change warning",
+    "/retry                   send again messages that failed (✗); also done on reconnect and login",
+    "/help   /quit",
+    "Keys: Tab/Shift-Tab or Ctrl-N/Ctrl-P switch chats, Alt-1..9 jump, PgUp/PgDn scroll,",
+    "Up/Down recall sent lines, Ctrl-W/Ctrl-U delete a word/to the start, Ctrl-L redraws,",
+    "Ctrl-C quits (after a send in flight has finished).",
+];
+
+/// Parses one input line. Errors are one sentence for the user.
+pub fn parse(line: &str) -> Result<Command, String> {
+    if let Some(rest) = line.strip_prefix("//") {
+        return Ok(Command::Say(format!("/{rest}")));
+    }
+    let Some(rest) = line.strip_prefix('/') else {
+        return Ok(Command::Say(line.to_string()));
+    };
+    let (name, args) = match rest.split_once(' ') {
+        Some((name, args)) => (name, args.trim()),
+        None => (rest, ""),
+    };
+    let words: Vec<&str> = args.split_whitespace().collect();
+    match name {
+        "msg" | "query" => match args.split_once(' ') {
+            _ if words.is_empty() => Err("usage: /msg USER [TEXT]".into()),
+            Some((user, text)) if !text.trim().is_empty() => Ok(Command::Msg {
+                user: user.to_string(),
+                text: Some(text.trim_start().to_string()),
+            }),
+            _ => Ok(Command::Msg {
+                user: words[0].to_string(),
+                text: None,
+            }),
+        },
+        "file" if !args.is_empty() => Ok(Command::File {
+            path: args.to_string(),
+        }),
+        "file" => Err("usage: /file PATH".into()),
+        "group" => parse_group(&words).map(Command::Group),
+        "verify" => match words[..] {
+            [user] => Ok(Command::Verify {
+                user: user.into(),
+                confirm: false,
+            }),
+            [user, "yes"] => Ok(Command::Verify {
+                user: user.into(),
+                confirm: true,
+            }),
+            _ => Err("usage: /verify USER, then /verify USER yes once the numbers match".into()),
+        },
+        "accept-key" => match words[..] {
+            [user] => Ok(Command::AcceptKey { user: user.into() }),
+            _ => Err("usage: /accept-key USER".into()),
+        },
+        "retry" if words.is_empty() => Ok(Command::Retry),
+        "retry" => Err("usage: /retry".into()),
+        "help" | "h" | "?" => Ok(Command::Help),
+        "quit" | "exit" | "q" => Ok(Command::Quit),
+        other => Err(format!(
+            "unknown command /{other}; /help lists the commands (// sends a line starting with /)"
+        )),
+    }
+}
+
+fn parse_group(words: &[&str]) -> Result<GroupCommand, String> {
+    let one_user = |rest: &[&str], usage: &str| -> Result<(Option<String>, String), String> {
+        match rest {
+            [user] => Ok((None, user.to_string())),
+            [group, user] => Ok((Some(group.to_string()), user.to_string())),
+            _ => Err(format!("usage: /group {usage} [GROUP] USER")),
+        }
+    };
+    let group_only = |rest: &[&str], usage: &str| -> Result<Option<String>, String> {
+        match rest {
+            [] => Ok(None),
+            [group] => Ok(Some(group.to_string())),
+            _ => Err(format!("usage: /group {usage} [GROUP]")),
+        }
+    };
+    match words {
+        ["create", name] => Ok(GroupCommand::Create {
+            name: name.to_string(),
+        }),
+        ["create", ..] => Err("usage: /group create NAME".into()),
+        ["add", rest @ ..] => {
+            one_user(rest, "add").map(|(group, user)| GroupCommand::Add { group, user })
+        }
+        ["remove", rest @ ..] => {
+            one_user(rest, "remove").map(|(group, user)| GroupCommand::Remove { group, user })
+        }
+        ["promote", rest @ ..] => {
+            one_user(rest, "promote").map(|(group, user)| GroupCommand::Promote { group, user })
+        }
+        ["leave", rest @ ..] => {
+            group_only(rest, "leave").map(|group| GroupCommand::Leave { group })
+        }
+        ["members", rest @ ..] => {
+            group_only(rest, "members").map(|group| GroupCommand::Members { group })
+        }
+        ["list"] => Ok(GroupCommand::List),
+        _ => Err("usage: /group create|add|remove|promote|leave|members|list …".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_lines_are_messages() {
+        assert_eq!(parse("hi there"), Ok(Command::Say("hi there".into())));
+        assert_eq!(parse("//etc"), Ok(Command::Say("/etc".into())));
+    }
+
+    #[test]
+    fn msg_with_and_without_text() {
+        assert_eq!(
+            parse("/msg bob"),
+            Ok(Command::Msg {
+                user: "bob".into(),
+                text: None
+            })
+        );
+        assert_eq!(
+            parse("/msg bob hello  there"),
+            Ok(Command::Msg {
+                user: "bob".into(),
+                text: Some("hello  there".into())
+            })
+        );
+        assert!(parse("/msg").unwrap_err().contains("usage"));
+    }
+
+    #[test]
+    fn group_commands_default_to_the_open_group() {
+        assert_eq!(
+            parse("/group add carol"),
+            Ok(Command::Group(GroupCommand::Add {
+                group: None,
+                user: "carol".into()
+            }))
+        );
+        assert_eq!(
+            parse("/group remove crew carol"),
+            Ok(Command::Group(GroupCommand::Remove {
+                group: Some("crew".into()),
+                user: "carol".into()
+            }))
+        );
+        assert_eq!(
+            parse("/group members"),
+            Ok(Command::Group(GroupCommand::Members { group: None }))
+        );
+        assert!(parse("/group").unwrap_err().contains("create|add"));
+        assert!(parse("/group create").unwrap_err().contains("NAME"));
+    }
+
+    #[test]
+    fn verify_file_and_unknown() {
+        assert_eq!(
+            parse("/verify bob yes"),
+            Ok(Command::Verify {
+                user: "bob".into(),
+                confirm: true
+            })
+        );
+        assert_eq!(
+            parse("/file /tmp/a b.txt"),
+            Ok(Command::File {
+                path: "/tmp/a b.txt".into()
+            })
+        );
+        assert_eq!(parse("/quit"), Ok(Command::Quit));
+        let e = parse("/frobnicate").unwrap_err();
+        assert!(
+            e.contains("unknown command /frobnicate") && e.contains("/help"),
+            "{e}"
+        );
+    }
+}
