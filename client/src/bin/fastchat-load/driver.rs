@@ -69,6 +69,9 @@ pub struct Driver {
     /// Message number → deliveries still expected.
     expected: HashMap<u64, u32>,
     acked: HashSet<u64>,
+    /// How many stored (acknowledged) messages still expect deliveries: kept as a
+    /// count, since it is read every poll turn.
+    awaiting: usize,
     seen: HashMap<(usize, u64), i64>,
     out: Outcome,
     last_delivery: Instant,
@@ -99,6 +102,7 @@ impl Driver {
             next_mid: 1,
             expected: HashMap::new(),
             acked: HashSet::new(),
+            awaiting: 0,
             seen: HashMap::new(),
             out: Outcome::default(),
             last_delivery: Instant::now(),
@@ -190,6 +194,10 @@ impl Driver {
                 if let Some(mid) = sess.requests.remove(&id) {
                     self.acked.insert(mid);
                     self.out.acked += 1;
+                    // (Its deliveries may all have arrived before `sent` did.)
+                    if self.expected.contains_key(&mid) {
+                        self.awaiting += 1;
+                    }
                 }
             }
             RelayToClient::Msg { msg_id, body, .. } => {
@@ -263,6 +271,9 @@ impl Driver {
             *left = left.saturating_sub(1);
             if *left == 0 {
                 self.expected.remove(&mid);
+                if self.acked.contains(&mid) {
+                    self.awaiting -= 1;
+                }
             }
         }
     }
@@ -442,10 +453,7 @@ impl Driver {
     /// messages the relay has stored.
     fn outstanding(&self) -> usize {
         let deliveries = if self.await_deliveries {
-            self.expected
-                .iter()
-                .filter(|(mid, _)| self.acked.contains(mid))
-                .count()
+            self.awaiting
         } else {
             0
         };
