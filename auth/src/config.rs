@@ -24,6 +24,10 @@ pub struct Config {
         default_value = "host=127.0.0.1 port=54329 user=fastchat dbname=fastchat"
     )]
     pub db_url: String,
+    /// Milliseconds a worker waits for a database connection before it answers
+    /// `store_failed` (while PostgreSQL is down); also the connect timeout.
+    #[arg(long, env = "FASTCHAT_DB_TIMEOUT_MS", default_value_t = fastchat_common::db::DEFAULT_TIMEOUT_MS)]
+    pub db_timeout_ms: u64,
     /// The server's static Noise key pair; created (mode 0600) if missing.
     #[arg(
         long,
@@ -64,6 +68,10 @@ pub struct Config {
     /// relay, present its ticket) before it is closed.
     #[arg(long, env = "FASTCHAT_AUTH_DEADLINE_SECS", default_value_t = 10)]
     pub auth_deadline_secs: u64,
+    /// Most client connections held at once; more are closed as they arrive
+    /// [default: the process's descriptor limit less 256].
+    #[arg(long, env = "FASTCHAT_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
     #[command(subcommand)]
     pub command: Option<Command>,
     /// How long a resumption credential stays valid, in seconds.

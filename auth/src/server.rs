@@ -100,6 +100,10 @@ pub struct AuthServer {
     counters: Counters,
     last_summary: Counters,
     last_summary_at: Instant,
+    /// The most connections (clients and relays) held at once.
+    max_connections: usize,
+    /// When the server last warned that it was full.
+    full_warned_at: Option<Instant>,
 }
 
 fn bind(addr: &str) -> std::io::Result<TcpListener> {
@@ -150,7 +154,6 @@ impl AuthServer {
         );
         Ok((
             AuthServer {
-                cfg,
                 poll,
                 client_listener,
                 relay_listener,
@@ -169,6 +172,11 @@ impl AuthServer {
                 counters: Counters::default(),
                 last_summary: Counters::default(),
                 last_summary_at: Instant::now(),
+                max_connections: cfg
+                    .max_connections
+                    .unwrap_or_else(fastchat_common::limits::default_max_connections),
+                full_warned_at: None,
+                cfg,
             },
             bound,
             waker,
@@ -232,20 +240,35 @@ impl AuthServer {
     }
 
     fn accept(&mut self, clients: bool) {
+        let room = self.max_connections.saturating_sub(self.peers.len());
         let accepted = if clients {
             accept_pending(
                 &self.client_listener,
                 || Role::NxResponder(&self.keypair),
                 self.cfg.max_frame,
+                room,
             )
         } else {
             accept_pending(
                 &self.relay_listener,
                 || Role::PskResponder(&self.secret),
                 self.cfg.max_frame,
+                room,
             )
         };
-        for conn in accepted {
+        if accepted.refused > 0
+            && self
+                .full_warned_at
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
+        {
+            self.full_warned_at = Some(Instant::now());
+            warn!(
+                "full ({} connections, limit {}): closing new connections at once",
+                self.peers.len(),
+                self.max_connections
+            );
+        }
+        for conn in accepted.connections {
             let state = if clients {
                 PeerState::ClientAwaitingHello
             } else {

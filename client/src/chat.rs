@@ -794,7 +794,9 @@ impl Chat {
     }
 
     /// Waits until `deadline` for messages; returns as soon as some arrived (and
-    /// whatever else was immediately available). Empty at the deadline.
+    /// whatever else was immediately available). Empty at the deadline — or earlier,
+    /// after at most [`crate::connect::KEEPALIVE`], when it pings the relay: call it
+    /// in a loop.
     ///
     /// If the relay goes away, the session fails over and returns no events; the new
     /// relay delivers whatever was not acknowledged.
@@ -815,6 +817,10 @@ impl Chat {
     }
 
     fn receive_once(&mut self, deadline: Instant) -> Result<Vec<Event>, ClientError> {
+        // A session that only listens still speaks up now and then (idle timeout):
+        // no wait here outlasts the keepalive interval (callers loop to their deadline).
+        self.relay.keep_alive()?;
+        let deadline = deadline.min(Instant::now() + crate::connect::KEEPALIVE);
         let mut frames = Vec::new();
         match self.relay.recv(Some(deadline))? {
             Some(frame) => frames.push(frame),

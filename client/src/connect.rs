@@ -200,7 +200,13 @@ pub struct RelayLink {
     next_id: u64,
     /// Frames that arrived while waiting for a specific reply.
     stash: VecDeque<RelayToClient>,
+    /// When something was last sent (see [`RelayLink::keep_alive`]).
+    last_sent: Instant,
 }
+
+/// A session says something at least this often, so the relay's idle timeout (300 s by
+/// default) never closes a live one.
+pub const KEEPALIVE: Duration = Duration::from_secs(60);
 
 impl RelayLink {
     /// Connects to the relay of `redirect` and presents the ticket. A `receive: false`
@@ -228,6 +234,7 @@ impl RelayLink {
                         relay_addr: redirect.relay_addr.clone(),
                         next_id: 1,
                         stash: VecDeque::new(),
+                        last_sent: Instant::now(),
                     })
                 }
                 Some(RelayToClient::Error(e)) => return Err(ClientError::from_frame(e)),
@@ -251,7 +258,20 @@ impl RelayLink {
 
     /// Sends everything queued.
     pub fn flush(&mut self) -> Result<(), ClientError> {
-        Ok(self.link.flush()?)
+        self.link.flush()?;
+        self.last_sent = Instant::now();
+        Ok(())
+    }
+
+    /// Sends a `ping` if nothing has been sent for [`KEEPALIVE`] (its `pong` is
+    /// ignored where it arrives).
+    pub fn keep_alive(&mut self) -> Result<(), ClientError> {
+        if self.last_sent.elapsed() >= KEEPALIVE {
+            let id = self.next_id();
+            self.queue(&ClientToRelay::Ping { id });
+            self.flush()?;
+        }
+        Ok(())
     }
 
     /// The next frame from the relay (stashed ones first); `None` at the deadline.

@@ -16,14 +16,16 @@ use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 
 /// Accepts every connection waiting on `listener` (until `WouldBlock`), sets
-/// TCP_NODELAY, and starts a Noise session as `role()` on each. Failures are logged and
-/// skipped; the caller registers what it gets.
+/// TCP_NODELAY, and starts a Noise session as `role()` on each — at most `room` of
+/// them; the rest are closed at once. Failures are logged and skipped; the caller
+/// registers what it gets.
 pub fn accept_pending<'k>(
     listener: &mio::net::TcpListener,
     role: impl Fn() -> Role<'k>,
     max_frame: usize,
-) -> Vec<Connection> {
-    let mut accepted = Vec::new();
+    room: usize,
+) -> Accepted {
+    let mut accepted = Accepted::default();
     loop {
         let (stream, addr) = match listener.accept() {
             Ok(pair) => pair,
@@ -33,12 +35,26 @@ pub fn accept_pending<'k>(
                 return accepted;
             }
         };
+        if accepted.connections.len() >= room {
+            // Full: closed at once (dropped), so the client hears it and tries
+            // elsewhere instead of waiting in the listen queue.
+            accepted.refused += 1;
+            continue;
+        }
         let _ = stream.set_nodelay(true);
         match Connection::new(stream, addr, role(), max_frame) {
-            Ok(conn) => accepted.push(conn),
+            Ok(conn) => accepted.connections.push(conn),
             Err(e) => crate::warn!("cannot start a session with {addr}: {e}"),
         }
     }
+}
+
+/// What [`accept_pending`] took: the new connections, and how many it closed at once
+/// because the server was full.
+#[derive(Default)]
+pub struct Accepted {
+    pub connections: Vec<Connection>,
+    pub refused: usize,
 }
 
 /// What a read turn found.
@@ -72,6 +88,11 @@ pub struct Connection {
     registered: Option<Interest>,
     /// When the connection was accepted or opened (for handshake and login deadlines).
     pub opened: std::time::Instant,
+    /// When bytes last arrived (for idle timeouts).
+    pub last_read: std::time::Instant,
+    /// When the peer last took output (or there was none waiting): how long a reader
+    /// has been stuck.
+    last_drained: std::time::Instant,
 }
 
 impl Connection {
@@ -94,6 +115,8 @@ impl Connection {
             closing: false,
             registered: None,
             opened: std::time::Instant::now(),
+            last_read: std::time::Instant::now(),
+            last_drained: std::time::Instant::now(),
         })
     }
 
@@ -109,6 +132,8 @@ impl Connection {
             closing: false,
             registered: None,
             opened: std::time::Instant::now(),
+            last_read: std::time::Instant::now(),
+            last_drained: std::time::Instant::now(),
         }
     }
 
@@ -123,7 +148,10 @@ impl Connection {
         loop {
             match self.stream.read(scratch) {
                 Ok(0) => return Ok(ReadStatus::Eof),
-                Ok(n) => self.codec.receive(&scratch[..n], &mut self.wire_out)?,
+                Ok(n) => {
+                    self.last_read = std::time::Instant::now();
+                    self.codec.receive(&scratch[..n], &mut self.wire_out)?
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(ReadStatus::Open),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e.into()),
@@ -154,11 +182,17 @@ impl Connection {
 
     /// Seals queued frames and writes as much as the socket takes.
     pub fn flush(&mut self) -> Result<(), ConnError> {
+        if self.written == self.wire_out.len() {
+            self.last_drained = std::time::Instant::now();
+        }
         self.codec.seal(&mut self.wire_out)?;
         while self.written < self.wire_out.len() {
             match self.stream.write(&self.wire_out[self.written..]) {
                 Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
-                Ok(n) => self.written += n,
+                Ok(n) => {
+                    self.written += n;
+                    self.last_drained = std::time::Instant::now();
+                }
                 Err(e)
                     if e.kind() == io::ErrorKind::WouldBlock
                         || e.kind() == io::ErrorKind::NotConnected =>
@@ -178,6 +212,21 @@ impl Connection {
             }
         }
         Ok(())
+    }
+
+    /// Encrypted bytes waiting for the peer to read them (after a flush: what the
+    /// kernel would not take).
+    pub fn pending_output(&self) -> usize {
+        self.wire_out.len() - self.written
+    }
+
+    /// How long output has been waiting without the peer taking any of it.
+    pub fn stalled_for(&self) -> std::time::Duration {
+        if self.pending_output() == 0 {
+            std::time::Duration::ZERO
+        } else {
+            self.last_drained.elapsed()
+        }
     }
 
     /// Whether everything queued has been written.

@@ -8,6 +8,7 @@
 //! - [`link`]: a blocking Noise link over `std::net::TcpStream` (clients, tests).
 //! - [`conn`]: a non-blocking server connection for a mio poll loop.
 //! - [`pool`]: the fixed worker pool with batching that servers feed over channels.
+//! - [`limits`]: connection caps and token buckets for what strangers can cost.
 //! - [`db`]: the PostgreSQL connection pool and schema migrations.
 //! - [`keys`]: server static keys and the cluster secret on disk.
 //! - [`startup`]: keys, database and signal handling as both servers start.
@@ -18,6 +19,7 @@ pub mod db;
 pub mod frame;
 pub mod hex;
 pub mod keys;
+pub mod limits;
 pub mod link;
 pub mod log;
 pub mod noise;

@@ -40,6 +40,10 @@ pub struct Config {
         default_value = "host=127.0.0.1 port=54329 user=fastchat dbname=fastchat"
     )]
     pub db_url: String,
+    /// Milliseconds a worker waits for a database connection before it answers
+    /// `store_failed` (while PostgreSQL is down); also the connect timeout.
+    #[arg(long, env = "FASTCHAT_DB_TIMEOUT_MS", default_value_t = fastchat_common::db::DEFAULT_TIMEOUT_MS)]
+    pub db_timeout_ms: u64,
     /// The relay's static Noise key pair; created (mode 0600) if missing.
     #[arg(
         long,
@@ -86,4 +90,27 @@ pub struct Config {
     /// relay, present its ticket) before it is closed.
     #[arg(long, env = "FASTCHAT_AUTH_DEADLINE_SECS", default_value_t = 10)]
     pub auth_deadline_secs: u64,
+    /// Most client connections held at once; more are closed as they arrive
+    /// [default: the process's descriptor limit less 256].
+    #[arg(long, env = "FASTCHAT_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Seconds a logged-in session may stay silent (clients send a `ping` every 60 s
+    /// when they have nothing else to say) before it is closed; 0: never.
+    #[arg(long, env = "FASTCHAT_IDLE_TIMEOUT_SECS", default_value_t = 300)]
+    pub idle_timeout_secs: u64,
+    /// Bytes a session may leave unread: a client with more than this waiting that
+    /// has taken none of it for `--output-stall-secs` is closed (it stopped reading);
+    /// its undelivered messages stay stored for its next login.
+    #[arg(long, env = "FASTCHAT_MAX_OUTPUT_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_output_bytes: usize,
+    /// Seconds a client may take none of its waiting output (see `--max-output-bytes`).
+    #[arg(long, env = "FASTCHAT_OUTPUT_STALL_SECS", default_value_t = 10)]
+    pub output_stall_secs: u64,
+    /// Messages a user may send per second, on average (all their sessions on this
+    /// relay together); over it, sends get a `rate_limited` error with a retry time.
+    #[arg(long, env = "FASTCHAT_SEND_RATE", default_value_t = 2000.0)]
+    pub send_rate: f64,
+    /// Messages a user may send in a burst above the rate.
+    #[arg(long, env = "FASTCHAT_SEND_BURST", default_value_t = 4000.0)]
+    pub send_burst: f64,
 }

@@ -16,6 +16,7 @@ use crate::tickets::{Admission, TicketBook};
 use crossbeam_channel::Receiver;
 use fastchat_common::conn::{accept_pending, Connection, ReadStatus};
 use fastchat_common::db::DbPool;
+use fastchat_common::limits::Bucket;
 use fastchat_common::noise::{Role, StaticKeypair, KEY_LEN};
 use fastchat_common::pool::{Completions, WorkerPool};
 use fastchat_common::proto::{
@@ -91,6 +92,12 @@ pub struct RelayServer {
     ready_sessions: u32,
     /// Uploads started per user in the current minute: (window start, count).
     uploads: HashMap<i64, (Instant, u32)>,
+    /// Send budgets of users who sent lately (full buckets are forgotten).
+    send_budgets: HashMap<i64, Bucket>,
+    /// The most client connections held at once.
+    max_connections: usize,
+    /// Connections closed at accept because the relay was full, since the last summary.
+    refused: usize,
     /// When the file retention sweep last ran.
     last_file_sweep: Instant,
     /// Set once shutdown has begun: sessions end without per-user presence jobs.
@@ -151,6 +158,9 @@ impl RelayServer {
             );
             move |jobs| worker.run_batch(jobs)
         })?;
+        let max_connections = cfg
+            .max_connections
+            .unwrap_or_else(fastchat_common::limits::default_max_connections);
         let mesh = Mesh::new(cfg.id.clone());
         let control = ControlLink::new(cfg.auth.clone());
         Ok((
@@ -174,6 +184,9 @@ impl RelayServer {
                 db,
                 ready_sessions: 0,
                 uploads: HashMap::new(),
+                send_budgets: HashMap::new(),
+                max_connections,
+                refused: 0,
                 last_file_sweep: Instant::now(),
                 stopping: false,
                 mesh_listener,
@@ -273,6 +286,38 @@ impl RelayServer {
             if let ClientState::Ready(session) = &mut client.state {
                 session.forget_backlog(now);
             }
+        }
+        let (rate, burst) = (self.cfg.send_rate, self.cfg.send_burst);
+        self.send_budgets
+            .retain(|_, budget| !budget.is_full(rate, burst, now));
+        if self.cfg.idle_timeout_secs > 0 {
+            let idle = Duration::from_secs(self.cfg.idle_timeout_secs);
+            let silent: Vec<Token> = self
+                .clients
+                .iter()
+                .filter(|(_, c)| {
+                    matches!(c.state, ClientState::Ready(_))
+                        && now.duration_since(c.conn.last_read) >= idle
+                })
+                .map(|(t, _)| *t)
+                .collect();
+            for token in silent {
+                self.close(token, "silent for longer than the idle timeout");
+            }
+        }
+        // Clients that stopped reading: what they have not acknowledged stays stored
+        // and comes at their next login. (Mesh links are never cut for this.)
+        let stall = Duration::from_secs(self.cfg.output_stall_secs);
+        let stuck: Vec<Token> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| {
+                c.conn.pending_output() > self.cfg.max_output_bytes && c.conn.stalled_for() >= stall
+            })
+            .map(|(t, _)| *t)
+            .collect();
+        for token in stuck {
+            self.close(token, "not reading: too much output waiting");
         }
         let deadline = Duration::from_secs(self.cfg.auth_deadline_secs);
         let stalled: Vec<Token> = self
@@ -434,12 +479,17 @@ impl RelayServer {
     }
 
     fn accept_mesh(&mut self) {
+        // Mesh connections count against the same descriptor budget.
+        let room = self
+            .max_connections
+            .saturating_sub(self.clients.len() + self.mesh.links.len());
         let accepted = accept_pending(
             &self.mesh_listener,
             || Role::PskResponder(&self.secret),
             self.cfg.max_frame,
+            room,
         );
-        for mut conn in accepted {
+        for mut conn in accepted.connections {
             let token = Token(self.next_token);
             self.next_token += 1;
             if let Err(e) = conn.update_interest(self.poll.registry(), token) {
@@ -697,6 +747,13 @@ impl RelayServer {
                 self.mesh.links_up(),
             );
         }
+        if self.refused > 0 {
+            warn!(
+                "full: closed {} new connections at once in the last {secs:.0} s (limit {})",
+                std::mem::take(&mut self.refused),
+                self.max_connections
+            );
+        }
         self.last_summary = now;
         self.last_summary_at = Instant::now();
     }
@@ -708,8 +765,19 @@ impl RelayServer {
             &self.listener,
             || Role::NkResponder(&self.keypair),
             self.cfg.max_frame,
+            self.max_connections
+                .saturating_sub(self.clients.len() + self.mesh.links.len()),
         );
-        for conn in accepted {
+        if accepted.refused > 0 {
+            if self.refused == 0 {
+                warn!(
+                    "full ({} connections): closing new connections at once",
+                    self.clients.len()
+                );
+            }
+            self.refused += accepted.refused;
+        }
+        for conn in accepted.connections {
             let token = Token(self.next_token);
             self.next_token += 1;
             let mut client = Client {
@@ -863,6 +931,21 @@ impl RelayServer {
                 },
             ) => {
                 let (sender_id, sender) = (session.user_id, session.user.clone());
+                let now = Instant::now();
+                let (rate, burst) = (self.cfg.send_rate, self.cfg.send_burst);
+                let budget = self
+                    .send_budgets
+                    .entry(sender_id)
+                    .or_insert_with(|| Bucket::full(burst, now));
+                if let Err(wait_ms) = budget.take(rate, burst, now) {
+                    let mut error = ErrorFrame::new(
+                        Some(id),
+                        ErrorCode::RateLimited,
+                        format!("sending too fast (at most {rate} messages a second); nothing was stored, retry later"),
+                    );
+                    error.retry_after_ms = Some(wait_ms.min(3_600_000));
+                    return self.send(token, &RelayToClient::Error(error));
+                }
                 if body.len() > self.cfg.max_body {
                     let max = self.cfg.max_body;
                     return self.reply_error(

@@ -103,6 +103,9 @@ enum Scenario {
         messages: u64,
         #[arg(long, default_value_t = 200)]
         size: usize,
+        /// Users filling the queue (each stays within the relays' send rate).
+        #[arg(long, default_value_t = 50)]
+        senders: usize,
     },
     /// Login storm: sessions opened through resumption credentials, in parallel.
     Logins {
@@ -295,19 +298,28 @@ fn run(cli: &Cli) -> Result<u64, Box<dyn std::error::Error>> {
                 outcome,
             }
         }
-        Scenario::Drain { messages, size } => {
-            let users = setup::users(&target, 2, &pubkey, cli.setup_threads)?;
-            let sender = setup::session(&target, &users, 0)?;
+        Scenario::Drain {
+            messages,
+            size,
+            senders,
+        } => {
+            // Many senders fill the queue, each within the relays' per-user send rate.
+            let senders = (*senders).max(1);
+            let users = setup::users(&target, senders + 1, &pubkey, cli.setup_threads)?;
+            let sessions = setup::parallel(senders, cli.setup_threads, |i| {
+                setup::session(&target, &users, i)
+            })?;
             let key = shared_key();
-            let mut driver = Driver::new(vec![sender], key, *size)?;
-            let recipient = users[1].name.clone();
+            let mut driver = Driver::new(sessions, key, *size)?;
+            let recipient = users[senders].name.clone();
             if !cli.json {
-                eprintln!("  queueing {messages} messages for {recipient} (offline)");
+                eprintln!("  queueing {messages} messages for {recipient} (offline) from {senders} senders");
             }
+            let from: Vec<usize> = (0..senders).collect();
             let fill = driver.run_limited(
-                &[0],
+                &from,
                 |_| To::User(recipient.clone()),
-                Pace::Closed { window: 256 },
+                Pace::Closed { window: 64 },
                 *messages,
                 !cli.json,
             )?;
@@ -318,7 +330,7 @@ fn run(cli: &Cli) -> Result<u64, Box<dyn std::error::Error>> {
             }
             let before = sample(&procs);
             let login = Instant::now();
-            driver.add(setup::session(&target, &users, 1)?)?;
+            driver.add(setup::session(&target, &users, senders)?)?;
             let outcome = driver.run(
                 &[],
                 |_| To::User(String::new()),
@@ -330,8 +342,8 @@ fn run(cli: &Cli) -> Result<u64, Box<dyn std::error::Error>> {
             let drain_secs = outcome.seconds;
             Report {
                 scenario: "drain".into(),
-                users: 2,
-                extra: serde_json::json!({"queued": messages, "login_to_last_ms": (login.elapsed().as_secs_f64() * 1000.0).round(), "drain_seconds": drain_secs}),
+                users: senders + 1,
+                extra: serde_json::json!({"queued": messages, "senders": senders, "login_to_last_ms": (login.elapsed().as_secs_f64() * 1000.0).round(), "drain_seconds": drain_secs}),
                 servers: diff(&procs, before),
                 outcome,
             }
