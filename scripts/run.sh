@@ -6,7 +6,9 @@
 #   scripts/run.sh status         what is running, with PIDs, ports, clients and links
 #   scripts/run.sh stats [--json] the cluster's figures (clients, messages, batches, links)
 #   scripts/run.sh start-relay N  start relay N alone (no build), e.g. after stop-relay
-#   scripts/run.sh stop-relay N   stop relay N alone, e.g. to demo a relay failing
+#   scripts/run.sh stop-relay N   stop relay N alone (SIGTERM: a graceful stop)
+#   scripts/run.sh kill-relay N   SIGKILL relay N (a crash), e.g. to demo failover
+#   scripts/run.sh stop-auth      stop the auth server alone; start-auth starts it again
 #
 # Environment (defaults in brackets):
 #   FASTCHAT_HOME             state: database, keys, logs, PID files [<repo>/.fastchat]
@@ -17,6 +19,7 @@
 #   FASTCHAT_RELAY_MESH_PORT  relay 1's port for other relays and stats; relay N uses
 #                             this + N - 1 [7420]
 #   RELAYS                    how many relays `start` runs [2]
+#   FASTCHAT_PROFILE          which build to run, release or debug [release]
 #   FASTCHAT_LOG              server log level: error, warn, info, debug [info]
 #
 # In FASTCHAT_HOME: logs/auth.log, logs/relay-N.log, run/auth.pid, run/relay-N.pid,
@@ -39,7 +42,12 @@ RELAY_PORT=${FASTCHAT_RELAY_PORT:-7410}
 RELAY_MESH_PORT=${FASTCHAT_RELAY_MESH_PORT:-7420}
 RELAYS=${RELAYS:-2}
 PG=$ROOT/scripts/pg.sh
-BIN=$ROOT/target/release
+PROFILE=${FASTCHAT_PROFILE:-release}
+case $PROFILE in
+release | debug) ;;
+*) die "FASTCHAT_PROFILE must be release or debug, got '$PROFILE'" ;;
+esac
+BIN=$ROOT/target/$PROFILE
 LOGS=$FASTCHAT_HOME/logs
 RUN=$FASTCHAT_HOME/run
 KEYS=$FASTCHAT_HOME/keys
@@ -228,8 +236,12 @@ EOF
 cmd_start() {
     [[ $RELAYS =~ ^[0-9]+$ ]] || die "RELAYS must be a number, got '$RELAYS'"
     "$PG" start
-    say "building release binaries"
-    (cd "$ROOT" && cargo build --release --bins)
+    say "building $PROFILE binaries"
+    if [ "$PROFILE" = release ]; then
+        (cd "$ROOT" && cargo build --release --bins)
+    else
+        (cd "$ROOT" && cargo build --bins)
+    fi
     prepare_home
     start_auth
     for ((n = 1; n <= RELAYS; n++)); do
@@ -293,5 +305,20 @@ stop-relay)
     n=$(relay_number "${2:-}" stop-relay)
     stop_process "relay-$n"
     ;;
-*) die "usage: scripts/run.sh [start|stop|status|stats [--json]|start-relay N|stop-relay N]" ;;
+kill-relay)
+    n=$(relay_number "${2:-}" kill-relay)
+    if pid=$(live_pid "relay-$n"); then
+        say "killing relay-$n (pid $pid)"
+        kill -KILL "$pid"
+    else
+        say "relay-$n not running"
+    fi
+    rm -f "$RUN/relay-$n.pid"
+    ;;
+start-auth)
+    prepare_home
+    start_auth
+    ;;
+stop-auth) stop_process auth ;;
+*) die "usage: scripts/run.sh [start|stop|status|stats [--json]|start-relay N|stop-relay N|kill-relay N|start-auth|stop-auth]" ;;
 esac

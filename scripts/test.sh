@@ -36,4 +36,8 @@ say "building debug binaries for the integration tests"
 cargo build --bins
 say "running tests"
 cargo test --workspace "$@"
+if [ $# -eq 0 ]; then
+    say "chaos test (short): servers fail while people chat; nothing may be lost or shown twice"
+    scripts/chaos.sh --short
+fi
 say "all checks passed"

@@ -3,10 +3,12 @@
 //! throughput, latency, losses and what the servers spent (CPU, memory).
 //!
 //! Layout: [`setup`] (accounts and sessions), [`driver`] (the mio traffic loop),
-//! [`hold`] (idle sessions held by child processes), [`procstat`] (server CPU and
+//! [`hold`] (idle sessions held by child processes), [`chaos`] (people on the client
+//! library through server faults, and the audit), [`procstat`] (server CPU and
 //! memory from /proc), [`pgceiling`] (PostgreSQL's own ceiling for the message
 //! lifecycle).
 
+mod chaos;
 mod driver;
 mod hold;
 mod pgceiling;
@@ -150,6 +152,23 @@ enum Scenario {
         #[arg(long, default_value_t = 32)]
         threads: usize,
     },
+    /// Chaos: people on the real client library (failover, resends, local store)
+    /// sending direct and group messages at a steady pace while `scripts/chaos.sh`
+    /// breaks servers; then an audit: every message reported `sent` shown exactly once
+    /// to each recipient. Exits non-zero on a loss or a duplicate.
+    Chaos {
+        #[arg(long, default_value_t = 100)]
+        users: usize,
+        /// Seconds of sending.
+        #[arg(long, default_value_t = 120.0)]
+        seconds: f64,
+        /// Messages per second, each person.
+        #[arg(long, default_value_t = 1.0)]
+        rate: f64,
+        /// Seconds to wait for the last deliveries after sending stops.
+        #[arg(long, default_value_t = 90.0)]
+        drain: f64,
+    },
     /// PostgreSQL's ceiling for the message lifecycle: batched insert, then batched
     /// delete, of ~200-byte rows, from several connections.
     PgCeiling {
@@ -179,7 +198,7 @@ fn main() -> ExitCode {
     match run(&cli) {
         Ok(0) => ExitCode::SUCCESS,
         Ok(lost) => {
-            eprintln!("fastchat-load: {lost} messages lost");
+            eprintln!("fastchat-load: {lost} messages lost (or, for chaos, lost or shown twice)");
             ExitCode::FAILURE
         }
         Err(e) => {
@@ -211,6 +230,43 @@ fn run(cli: &Cli) -> Result<u64, Box<dyn std::error::Error>> {
         }
         println!("{line}");
         return Ok(0);
+    }
+    if let Scenario::Chaos {
+        users,
+        seconds,
+        rate,
+        drain,
+    } = &cli.scenario
+    {
+        let audit = chaos::run(&chaos::Plan {
+            server: cli.server.clone(),
+            data_dir: cli.home.join("chaos"),
+            users: *users,
+            seconds: *seconds,
+            rate: *rate,
+            drain: *drain,
+            setup_threads: cli.setup_threads,
+            progress: !cli.json,
+        })?;
+        if !cli.json {
+            println!(
+                "chaos: {} people; sent {} (failed {}); deliveries expected {}, shown {}; lost {}; shown twice {}; shown without a confirmed send {}; failovers {}",
+                users, audit.sent, audit.failed_sends, audit.expected, audit.shown, audit.lost, audit.duplicates, audit.unconfirmed, audit.failovers
+            );
+        }
+        println!(
+            "{}",
+            serde_json::json!({
+                "scenario": "chaos", "users": users, "sent": audit.sent,
+                "failed_sends": audit.failed_sends, "expected": audit.expected,
+                "shown": audit.shown, "lost": audit.lost, "duplicates": audit.duplicates,
+                "unconfirmed": audit.unconfirmed, "failovers": audit.failovers,
+            })
+        );
+        if audit.sent == 0 {
+            return Err("nothing was sent: the audit would prove nothing".into());
+        }
+        return Ok((audit.lost + audit.duplicates) as u64);
     }
     let target = Target {
         server: cli.server.clone(),
@@ -417,7 +473,7 @@ fn run(cli: &Cli) -> Result<u64, Box<dyn std::error::Error>> {
             hold::serve(held)?;
             return Ok(0);
         }
-        Scenario::PgCeiling { .. } => unreachable!("handled above"),
+        Scenario::PgCeiling { .. } | Scenario::Chaos { .. } => unreachable!("handled above"),
     };
     print_report(&report, &procs, cli.json);
     Ok(report.outcome.lost)
