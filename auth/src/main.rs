@@ -15,6 +15,7 @@ use clap::Parser;
 use fastchat_common::{error, info, startup};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
+use std::time::Duration;
 
 fn main() {
     let cfg = config::Config::parse();
@@ -42,6 +43,7 @@ fn run(cfg: config::Config) -> Result<(), Box<dyn std::error::Error>> {
         &cfg.key_file,
         &cfg.db_url,
         cfg.workers as u32 + 1,
+        Duration::from_millis(cfg.db_timeout_ms),
     )?;
     let stop = Arc::new(AtomicBool::new(false));
     let (server, bound, waker) =

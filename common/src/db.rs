@@ -57,17 +57,42 @@ pub enum DbError {
     Query(#[from] postgres::Error),
 }
 
+/// The default of `--db-timeout-ms`: how long a worker waits for a database connection
+/// before it answers `store_failed`.
+pub const DEFAULT_TIMEOUT_MS: u64 = 2000;
+
+/// How long a server waits at start for its first database connection (PostgreSQL may
+/// be starting alongside it).
+pub const STARTUP_WAIT: Duration = Duration::from_secs(10);
+
 /// Opens a pool of at most `size` connections to `url` (libpq key=value or URI form)
-/// and checks that one connection can be made.
-pub fn connect(url: &str, size: u32) -> Result<DbPool, DbError> {
-    let config: postgres::Config = url.parse().map_err(DbError::Url)?;
+/// and checks, waiting up to [`STARTUP_WAIT`], that one connection can be made.
+///
+/// `timeout` bounds every later wait for a connection: while PostgreSQL is down a
+/// worker's `get()` fails after `timeout` (and its batch is answered `store_failed`)
+/// instead of blocking for long. The pool keeps reconnecting in the background, at
+/// least every `timeout / 2`, so the first batch after PostgreSQL returns succeeds.
+/// Unless the URL sets its own `connect_timeout`, `timeout` also bounds each
+/// connection attempt (an unreachable host must not tie up the pool's helper threads).
+pub fn connect(url: &str, size: u32, timeout: Duration) -> Result<DbPool, DbError> {
+    let mut config: postgres::Config = url.parse().map_err(DbError::Url)?;
+    let timeout = timeout.max(Duration::from_millis(100));
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(timeout);
+    }
     let manager = PostgresConnectionManager::new(config, NoTls);
-    r2d2::Pool::builder()
+    let pool = r2d2::Pool::builder()
         .max_size(size.max(1))
         .min_idle(Some(1))
-        .connection_timeout(Duration::from_secs(10))
-        .build(manager)
-        .map_err(DbError::Connect)
+        .connection_timeout(timeout)
+        // Connections killed by a database restart are found and dropped at checkout.
+        .test_on_check_out(true)
+        .build_unchecked(manager);
+    drop(
+        pool.get_timeout(STARTUP_WAIT.max(timeout))
+            .map_err(DbError::Connect)?,
+    );
+    Ok(pool)
 }
 
 /// Applies every migration not yet recorded. Returns the versions applied now.

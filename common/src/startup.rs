@@ -9,6 +9,7 @@ use mio::Waker;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// A server's keys and database, ready for its poll loop.
 pub struct Prepared {
@@ -17,12 +18,14 @@ pub struct Prepared {
     pub db: DbPool,
 }
 
-/// Loads the keys, connects a pool of `pool_size` and migrates the schema.
+/// Loads the keys, connects a pool of `pool_size` (waiting at most `db_timeout` for a
+/// connection once running; see [`crate::db::connect`]) and migrates the schema.
 pub fn prepare(
     secret_file: &Path,
     key_file: &Path,
     db_url: &str,
     pool_size: u32,
+    db_timeout: Duration,
 ) -> Result<Prepared, Box<dyn std::error::Error>> {
     let secret = crate::keys::load_secret(secret_file)?;
     let (keypair, created) = crate::keys::load_or_create_keypair(key_file)?;
@@ -30,7 +33,7 @@ pub fn prepare(
         info!("generated a new static key at {}", key_file.display());
     }
     info!("static key {}", hex::encode(&keypair.public));
-    let db = crate::db::connect(db_url, pool_size)?;
+    let db = crate::db::connect(db_url, pool_size, db_timeout)?;
     let applied = crate::db::migrate(&mut *db.get()?)?;
     if !applied.is_empty() {
         info!("applied migrations {applied:?}");

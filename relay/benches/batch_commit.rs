@@ -17,7 +17,12 @@ fn lifecycle(c: &mut Criterion) {
         eprintln!("batch_commit: set FASTCHAT_DB_URL to a FastChat database to run this benchmark");
         return;
     };
-    let db = fastchat_common::db::connect(&url, 2).expect("connecting to FASTCHAT_DB_URL");
+    let db = fastchat_common::db::connect(
+        &url,
+        2,
+        std::time::Duration::from_millis(fastchat_common::db::DEFAULT_TIMEOUT_MS),
+    )
+    .expect("connecting to FASTCHAT_DB_URL");
     fastchat_common::db::migrate(&mut db.get().expect("a connection")).expect("migrating");
     let mut conn = db.get().expect("a connection");
     let mut ids = Vec::new();

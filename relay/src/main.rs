@@ -7,6 +7,7 @@ use fastchat_common::{error, info, startup};
 use fastchat_relay::{config, server, store};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
+use std::time::Duration;
 
 fn main() {
     let cfg = config::Config::parse();
@@ -23,6 +24,7 @@ fn run(cfg: config::Config) -> Result<(), Box<dyn std::error::Error>> {
         &cfg.key_file,
         &cfg.db_url,
         cfg.workers as u32 + 1,
+        Duration::from_millis(cfg.db_timeout_ms),
     )?;
     let cleared = store::clear_stale_presence(&base.db, &cfg.id)?;
     if cleared > 0 {

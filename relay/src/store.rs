@@ -13,13 +13,13 @@ use crate::groups::{self, GroupOp, GroupOutcome};
 use fastchat_common::db::{DbConn, DbPool};
 use fastchat_common::pool::Completions;
 use fastchat_common::proto::{ErrorCode, GroupEvent, RelayToClient};
-use fastchat_common::{time, warn};
+use fastchat_common::{debug, info, time, warn};
 use mio::Token;
 use postgres::{GenericClient, Statement};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// A stored message as it is delivered.
 #[derive(Debug, Clone)]
@@ -242,7 +242,14 @@ const LOCATE: &str =
 struct Held {
     conn: DbConn,
     st: Prepared,
+    /// When its last batch ended.
+    last_used: Instant,
 }
+
+/// A held connection idle this long is checked (one empty query) before a batch relies
+/// on it: PostgreSQL may have restarted meanwhile, and the first batch after an outage
+/// should not fail on a connection that died during it.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
 
 /// Figures the workers keep for the relay's summary and `stats`.
 #[derive(Default)]
@@ -265,6 +272,8 @@ pub struct Worker {
     metrics: Arc<StoreMetrics>,
     max_group_size: i64,
     held: Option<Held>,
+    /// Since when this worker has found no database (logged once, not per batch).
+    unavailable_since: Option<Instant>,
 }
 
 const USER_CACHE_LIMIT: usize = 100_000;
@@ -291,28 +300,55 @@ impl Worker {
             metrics,
             max_group_size,
             held: None,
+            unavailable_since: None,
         }
     }
 
     /// The worker's connection, made (and its statements prepared) if there is none.
+    /// While PostgreSQL is down this fails after the pool's connection timeout
+    /// (`--db-timeout-ms`), so the batch is answered `store_failed` promptly.
     fn connection(&mut self) -> Result<Held, String> {
-        if let Some(held) = self.held.take() {
-            return Ok(held);
+        if let Some(mut held) = self.held.take() {
+            let fresh = held.last_used.elapsed() < IDLE_CHECK;
+            if !held.conn.is_closed() && (fresh || held.conn.simple_query("").is_ok()) {
+                return Ok(held);
+            }
+            debug!("the held database connection is gone; reconnecting");
         }
-        let mut conn = self.db.get().map_err(|e| e.to_string())?;
-        let st = Prepared::new(&mut conn).map_err(|e| e.to_string())?;
-        Ok(Held { conn, st })
+        let connected = self
+            .db
+            .get()
+            .map_err(|e| e.to_string())
+            .and_then(|mut conn| {
+                let st = Prepared::new(&mut conn).map_err(|e| e.to_string())?;
+                Ok(Held {
+                    conn,
+                    st,
+                    last_used: Instant::now(),
+                })
+            });
+        match (&connected, self.unavailable_since) {
+            (Ok(_), Some(since)) => {
+                info!(
+                    "database reachable again after {:.1} s",
+                    since.elapsed().as_secs_f64()
+                );
+                self.unavailable_since = None;
+            }
+            (Err(e), None) => {
+                warn!("database unavailable, answering store_failed until it returns: {e}");
+                self.unavailable_since = Some(Instant::now());
+            }
+            _ => {}
+        }
+        connected
     }
 
     /// Runs one batch: runs of message jobs in one transaction each, group operations
     /// in their own, in the order they came.
     pub fn run_batch(&mut self, jobs: Vec<Job>) {
-        let mut held = match self.connection() {
-            Ok(h) => h,
-            Err(e) => {
-                warn!("database unavailable: {e}");
-                return self.fail_all(jobs);
-            }
+        let Ok(mut held) = self.connection() else {
+            return self.fail_all(jobs);
         };
         let mut healthy = true;
         let mut run = Vec::new();
@@ -329,6 +365,7 @@ impl Worker {
         }
         healthy &= self.commit_run(&mut held, run);
         if healthy {
+            held.last_used = Instant::now();
             self.held = Some(held);
         }
     }
@@ -339,8 +376,8 @@ impl Worker {
             return true;
         }
         let started = Instant::now();
-        let results = match self.commit_batch(&mut held.conn, &held.st, &jobs) {
-            Ok(results) => results,
+        let (results, after_commit) = match self.commit_batch(&mut held.conn, &held.st, &jobs) {
+            Ok(answered) => answered,
             Err(e) => {
                 warn!("batch of {} jobs failed: {e}", jobs.len());
                 self.metrics.failed_batches.fetch_add(1, Ordering::Relaxed);
@@ -363,7 +400,14 @@ impl Worker {
         m.messages_stored
             .fetch_add(stored as u64, Ordering::Relaxed);
         self.done.send_all(results);
-        true
+        match after_commit {
+            None => true,
+            Some(e) => {
+                warn!("database failed after a commit of {} jobs: {e}", jobs.len());
+                self.metrics.failed_batches.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+        }
     }
 
     /// Runs one file operation; `false` if the database failed.
@@ -499,12 +543,15 @@ impl Worker {
         Ok(where_is)
     }
 
+    /// Commits a run of message jobs, then answers them. `Err`: nothing was committed.
+    /// `Ok` with an error: the commit held but the database failed after it (the
+    /// connection must be dropped); the answers already say what holds.
     fn commit_batch(
         &mut self,
         conn: &mut DbConn,
         st: &Prepared,
         jobs: &[Job],
-    ) -> Result<Vec<Done>, postgres::Error> {
+    ) -> Result<(Vec<Done>, Option<postgres::Error>), postgres::Error> {
         let now = time::now_ms();
 
         // Resolve recipient names, from the cache where possible.
@@ -561,7 +608,14 @@ impl Worker {
             (direct_rows, group_rows)
         };
 
-        // After the commit: where are the recipients?
+        // Everything below runs after the commit, so a failure from here on must not turn
+        // a stored message into "nothing was stored": the sends are still answered
+        // `sent` (pushed to recipients on this relay now; recipients elsewhere get them
+        // at their next login or catch-up), the reads fail on their own, and the
+        // worker drops the connection.
+        let mut after_commit: Option<postgres::Error> = None;
+
+        // Where are the recipients?
         let recipients: Vec<i64> = direct_rows
             .iter()
             .map(|(_, r)| *r)
@@ -572,7 +626,12 @@ impl Worker {
                     .flat_map(|(_, rows)| rows.iter().map(|(_, r)| *r)),
             )
             .collect();
-        let where_is = self.locate(conn, &st.locate, recipients)?;
+        let where_is = self
+            .locate(conn, &st.locate, recipients)
+            .unwrap_or_else(|e| {
+                after_commit = Some(e);
+                HashMap::new()
+            });
         let located = |recipient_id: i64, message: Stored| Delivery {
             recipient_id,
             remote_relays: where_is.get(&recipient_id).cloned().unwrap_or_default(),
@@ -665,23 +724,38 @@ impl Worker {
                         Job::FetchPending { after, .. } => *after,
                         _ => 0,
                     };
-                    let messages = fetch_pending(conn, &st.pending, *user_id, after, *page)?;
-                    results.push(Done::Pending {
-                        conn: *token,
-                        more: messages.len() as i64 >= *page,
-                        messages,
-                    });
+                    let fetched = match after_commit {
+                        None => fetch_pending(conn, &st.pending, *user_id, after, *page).map(Some),
+                        Some(_) => Ok(None),
+                    };
+                    match fetched {
+                        Ok(Some(messages)) => results.push(Done::Pending {
+                            conn: *token,
+                            more: messages.len() as i64 >= *page,
+                            messages,
+                        }),
+                        Ok(None) => results.push(Done::LoginFailed { conn: *token }),
+                        Err(e) => {
+                            after_commit = Some(e);
+                            results.push(Done::LoginFailed { conn: *token });
+                        }
+                    }
                 }
                 Job::CatchUp {
                     conn: token,
                     user_id,
                     limit,
                 } => {
-                    let messages = fetch_pending(conn, &st.pending, *user_id, 0, *limit)?;
-                    results.push(Done::CatchUp {
-                        conn: *token,
-                        messages,
-                    });
+                    // A catch-up that fails is left to the next mesh change or login.
+                    if after_commit.is_none() {
+                        match fetch_pending(conn, &st.pending, *user_id, 0, *limit) {
+                            Ok(messages) => results.push(Done::CatchUp {
+                                conn: *token,
+                                messages,
+                            }),
+                            Err(e) => after_commit = Some(e),
+                        }
+                    }
                 }
                 Job::LookupKey {
                     conn: token,
@@ -689,18 +763,28 @@ impl Worker {
                     user,
                     ..
                 } => {
-                    let pubkey = conn.query_opt(&st.key, &[user])?.map(|r| r.get(0));
-                    results.push(Done::Key {
-                        conn: *token,
-                        req: *req,
-                        user: user.clone(),
-                        pubkey,
-                    });
+                    let looked_up = match after_commit {
+                        None => conn.query_opt(&st.key, &[user]).map(Some),
+                        Some(_) => Ok(None),
+                    };
+                    match looked_up {
+                        Ok(Some(row)) => results.push(Done::Key {
+                            conn: *token,
+                            req: *req,
+                            user: user.clone(),
+                            pubkey: row.map(|r| r.get(0)),
+                        }),
+                        Ok(None) => results.push(store_failed(*token, *req)),
+                        Err(e) => {
+                            after_commit = Some(e);
+                            results.push(store_failed(*token, *req));
+                        }
+                    }
                 }
                 Job::Ack { .. } | Job::Logout { .. } | Job::Group { .. } | Job::File { .. } => {}
             }
         }
-        Ok(results)
+        Ok((results, after_commit))
     }
 
     /// Inserts the batch's direct messages (ids drawn in order, so one sender's
@@ -770,12 +854,7 @@ impl Worker {
             Job::Send { conn, req, .. }
             | Job::LookupKey { conn, req, .. }
             | Job::File { conn, req, .. }
-            | Job::Group { conn, req, .. } => Some(Done::Failed {
-                conn,
-                req,
-                code: ErrorCode::StoreFailed,
-                message: "the message store is unavailable; nothing was stored, retry".into(),
-            }),
+            | Job::Group { conn, req, .. } => Some(store_failed(conn, req)),
             Job::Login { conn, .. } | Job::FetchPending { conn, .. } => {
                 Some(Done::LoginFailed { conn })
             }
@@ -785,6 +864,16 @@ impl Worker {
             Job::Ack { .. } | Job::Logout { .. } => None,
         });
         self.done.send_all(results.collect::<Vec<_>>());
+    }
+}
+
+/// The answer to a request the store could not run: nothing of it was committed.
+fn store_failed(conn: Token, req: u64) -> Done {
+    Done::Failed {
+        conn,
+        req,
+        code: ErrorCode::StoreFailed,
+        message: "the message store is unavailable; nothing was stored, retry".into(),
     }
 }
 

@@ -5,6 +5,10 @@
 //! PostgreSQL refuses to run as root; when the tests run as root the cluster is made
 //! and run by the `postgres` user. A watchdog process stops the cluster and removes it
 //! when the test process exits, however it exits.
+//!
+//! A test that stops PostgreSQL makes a cluster of its own ([`Cluster::private`],
+//! then [`TestNet::on`]) so other tests of its process keep theirs; it may then
+//! [`Cluster::stop`] and [`Cluster::start`] it.
 
 #![allow(dead_code)]
 
@@ -78,7 +82,8 @@ pub fn free_port() -> u16 {
         .expect("binding an ephemeral loopback port")
 }
 
-/// The private cluster of this test process.
+/// A private PostgreSQL cluster: the one shared by this test process
+/// ([`Cluster::get`]) or one of a test's own ([`Cluster::private`]).
 pub struct Cluster {
     pub port: u16,
     dir: PathBuf,
@@ -87,13 +92,63 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Starts the cluster on first use.
+    /// The cluster shared by the tests of this process, started on first use.
     pub fn get() -> &'static Cluster {
         static CLUSTER: OnceLock<Cluster> = OnceLock::new();
-        CLUSTER.get_or_init(Cluster::start)
+        CLUSTER.get_or_init(Cluster::create)
     }
 
-    fn start() -> Cluster {
+    /// A cluster of the caller's own, for a test that stops and starts PostgreSQL.
+    /// Removed when dropped (or, at the latest, when the process exits).
+    pub fn private() -> Cluster {
+        Cluster::create()
+    }
+
+    /// Stops PostgreSQL (`pg_ctl stop -m fast`: sessions are ended, nothing is lost).
+    pub fn stop(&self) {
+        let out = pg_command("pg_ctl")
+            .arg("-D")
+            .arg(&self.dir)
+            .args(["-m", "fast", "-w", "stop"])
+            .output()
+            .expect("running pg_ctl stop");
+        assert!(
+            out.status.success(),
+            "pg_ctl stop failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Starts PostgreSQL again (after [`Cluster::stop`]), on the same port.
+    pub fn start(&self) {
+        self.pg_ctl_start();
+    }
+
+    fn pg_ctl_start(&self) {
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=300 \
+             -c shared_buffers=64MB",
+            self.port,
+            self.dir.display()
+        );
+        let out = pg_command("pg_ctl")
+            .arg("-D")
+            .arg(&self.dir)
+            .args(["-o", &opts, "-l"])
+            .arg(self.dir.join("server.log"))
+            .args(["-w", "start"])
+            .output()
+            .expect("running pg_ctl");
+        assert!(
+            out.status.success(),
+            "pg_ctl start failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn create() -> Cluster {
         let dir = std::env::temp_dir().join(unique("fastchat-pg"));
         std::fs::create_dir_all(&dir).expect("creating the cluster directory");
         if is_root() {
@@ -124,25 +179,6 @@ impl Cluster {
             String::from_utf8_lossy(&out.stderr)
         );
         let port = free_port();
-        let opts = format!(
-            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c max_connections=300 \
-             -c shared_buffers=64MB",
-            dir.display()
-        );
-        let out = pg_command("pg_ctl")
-            .arg("-D")
-            .arg(&dir)
-            .args(["-o", &opts, "-l"])
-            .arg(dir.join("server.log"))
-            .args(["-w", "start"])
-            .output()
-            .expect("running pg_ctl");
-        assert!(
-            out.status.success(),
-            "pg_ctl start failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
         // Stop and remove the cluster when this process is gone, however it ends.
         let pg_ctl = pg_bin().join("pg_ctl");
         let stop = if is_root() {
@@ -171,11 +207,13 @@ impl Cluster {
             .stderr(Stdio::null())
             .spawn()
             .expect("starting the cluster watchdog");
-        Cluster {
+        let cluster = Cluster {
             port,
             dir,
             _watchdog: watchdog,
-        }
+        };
+        cluster.pg_ctl_start();
+        cluster
     }
 
     /// A connection string for `db`.
@@ -195,6 +233,20 @@ impl Cluster {
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .expect("creating a test database");
         self.url(&name)
+    }
+}
+
+impl Drop for Cluster {
+    /// Only private clusters are dropped; the shared one is left to the watchdog.
+    fn drop(&mut self) {
+        let _ = pg_command("pg_ctl")
+            .arg("-D")
+            .arg(&self.dir)
+            .args(["-m", "immediate", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -296,6 +348,11 @@ impl ServerProcess {
         self.lines.lock().unwrap().join("\n")
     }
 
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// SIGKILL, no goodbye.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -378,12 +435,19 @@ impl TestNet {
     }
 
     pub fn with(settings: Settings) -> TestNet {
-        let cluster = Cluster::get();
+        TestNet::on(Cluster::get(), settings)
+    }
+
+    /// A network on a fresh database of `cluster` (e.g. a [`Cluster::private`] one).
+    pub fn on(cluster: &Cluster, settings: Settings) -> TestNet {
         let db_url = cluster.fresh_database();
         let home = std::env::temp_dir().join(unique("fastchat-net"));
-        std::fs::create_dir_all(home.join("keys")).unwrap();
+        std::fs::create_dir_all(&home).unwrap();
+        // Secrets as the scripts make them: key directory 0700 (made by the servers),
+        // cluster secret 0600.
         let secret = fastchat_common::hex::encode(&rand::random::<[u8; 32]>());
-        std::fs::write(home.join("cluster.secret"), secret).unwrap();
+        fastchat_common::keys::write_private_file(&home.join("cluster.secret"), secret.as_bytes())
+            .unwrap();
         let auth = ServerProcess::spawn(
             &binary("fastchat-auth"),
             &[
