@@ -223,7 +223,10 @@ print_usage_hint() {
     done
     cat <<EOF
 FastChat is running: auth 127.0.0.1:$AUTH_PORT, relays ${relays[*]:-none}
-Register and chat (in two terminals):
+Chat in the terminal UI (in two terminals; it offers to register a new name):
+  $client --user alice
+  $client --user bob          then type: /msg alice hello
+Or with the scriptable commands:
   $client --user alice register
   $client --user bob register
   $client --user alice send --to bob 'hello'

@@ -863,3 +863,69 @@ mod tests {
         assert!(again.remember_mid("b"));
     }
 }
+
+/// Property tests of the header and file parsing (run by `scripts/fuzz.sh` with many more
+/// cases; failures are saved in `client/proptest-regressions/store.txt`).
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn header() -> impl Strategy<Value = KdfHeader> {
+        (
+            1u32..=MAX_P_COST,
+            any::<[u8; SALT_LEN]>(),
+            0u32..1000,
+            1u32..=MAX_T_COST,
+        )
+            .prop_map(|(p_cost, salt, m_extra, t_cost)| KdfHeader {
+                m_cost: (8 * p_cost).max(Params::MIN_M_COST) + m_extra,
+                t_cost,
+                p_cost,
+                salt,
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn fuzz_header_round_trip(h in header()) {
+            prop_assert_eq!(KdfHeader::parse(&h.to_line(), Path::new("s")).ok(), Some(h));
+        }
+
+        #[test]
+        fn fuzz_header_mutated(
+            h in header(),
+            at in any::<usize>(),
+            c in any::<char>(),
+            line in "(?s).{0,120}",
+        ) {
+            // Any line parses to parameters within the bounds argon2 (and our memory
+            // limit) accept, or is refused as corrupt.
+            let good = h.to_line();
+            let n = good.chars().count();
+            let altered: String = good
+                .chars()
+                .enumerate()
+                .map(|(i, x)| if i == at % n { c } else { x })
+                .collect();
+            for l in [altered.as_str(), line.as_str()] {
+                match KdfHeader::parse(l, Path::new("s")) {
+                    Ok(p) => {
+                        prop_assert!(Params::new(p.m_cost, p.t_cost, p.p_cost, Some(32)).is_ok());
+                        prop_assert!(p.m_cost <= MAX_M_COST_KIB);
+                        prop_assert_eq!(KdfHeader::parse(&p.to_line(), Path::new("s")).ok(), Some(p));
+                    }
+                    Err(e) => prop_assert!(matches!(e, StoreError::Corrupt(_)), "{e:?}"),
+                }
+            }
+        }
+
+        #[test]
+        fn fuzz_store_file_lines(text in "(?s).{0,200}") {
+            if let Some((header, token)) = split_lines(&text) {
+                prop_assert!(!token.is_empty() && !token.contains('\n'));
+                prop_assert_eq!(format!("{header}\n{token}"), text.strip_suffix('\n').unwrap_or(&text));
+            }
+        }
+    }
+}

@@ -12,7 +12,7 @@
 use crate::hex;
 use crate::noise::{StaticKeypair, KEY_LEN};
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 /// Why key material could not be loaded.
@@ -109,7 +109,12 @@ pub fn write_private_file(path: &Path, bytes: &[u8]) -> Result<(), KeyError> {
         source,
     };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(err)?;
+        // Only the server's user may list its key directory (like `install -d -m 700`).
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(err)?;
     }
     let mut file = std::fs::OpenOptions::new()
         .write(true)
@@ -135,6 +140,11 @@ mod tests {
         assert!(created);
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
+        let dir_mode = std::fs::metadata(dir.join("k"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(dir_mode & 0o777, 0o700);
         let (again, created) = load_or_create_keypair(&path).unwrap();
         assert!(!created);
         assert_eq!(kp.public, again.public);
