@@ -41,6 +41,19 @@ fn send_frame(link: &mut RelayLink, to: &str, body: String) -> u64 {
 
 /// Replies to the requests `ids`: (sent ids, rate-limit errors with their retry times).
 fn replies(link: &mut RelayLink, ids: &[u64]) -> (Vec<u64>, Vec<Option<u64>>) {
+    let (sent, refused) = replies_with(link, ids, ErrorCode::RateLimited);
+    (
+        sent,
+        refused.into_iter().map(|e| e.retry_after_ms).collect(),
+    )
+}
+
+/// Replies to the requests `ids`: the sent ids, and the refusals (all with `code`).
+fn replies_with(
+    link: &mut RelayLink,
+    ids: &[u64],
+    code: ErrorCode,
+) -> (Vec<u64>, Vec<fastchat_common::proto::ErrorFrame>) {
     let wanted: HashSet<u64> = ids.iter().copied().collect();
     let (mut sent, mut limited) = (Vec::new(), Vec::new());
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -48,9 +61,8 @@ fn replies(link: &mut RelayLink, ids: &[u64]) -> (Vec<u64>, Vec<Option<u64>>) {
         match link.recv(Some(deadline)).unwrap() {
             Some(RelayToClient::Sent { id, .. }) if wanted.contains(&id) => sent.push(id),
             Some(RelayToClient::Error(e)) if e.id.is_some_and(|id| wanted.contains(&id)) => {
-                assert_eq!(e.code, ErrorCode::RateLimited, "{e:?}");
-                assert!(e.message.contains("too fast"), "a clear message: {e:?}");
-                limited.push(e.retry_after_ms);
+                assert_eq!(e.code, code, "{e:?}");
+                limited.push(e);
             }
             Some(_) => {}
             None => panic!("no reply to every send within 30 s"),
@@ -69,7 +81,9 @@ fn sends_over_the_rate_are_refused_with_a_retry_time_and_nothing_stored() {
         .map(|i| send_frame(&mut alice, "bob", format!("body {i}")))
         .collect();
     alice.flush().unwrap();
-    let (sent, limited) = replies(&mut alice, &ids);
+    let (sent, refusals) = replies_with(&mut alice, &ids, ErrorCode::RateLimited);
+    assert!(refusals.iter().all(|e| e.message.contains("too fast")));
+    let limited: Vec<Option<u64>> = refusals.iter().map(|e| e.retry_after_ms).collect();
     assert!(
         (5..=7).contains(&sent.len()),
         "the burst goes through, little more: {} sent",
@@ -272,5 +286,55 @@ fn a_client_that_stops_reading_is_cut_off_and_gets_everything_at_its_next_login(
             bob.queue(&ClientToRelay::Ack { msg_ids: acks });
             bob.flush().unwrap();
         }
+    }
+}
+
+#[test]
+fn a_full_mailbox_refuses_direct_messages_until_it_is_read() {
+    let net = net_with_relay_args(&["--max-pending", "3"]);
+    net.register("alice");
+    net.register("bob");
+    let mut alice = session(&net, "alice", false);
+    let ids: Vec<u64> = (0..5)
+        .map(|i| send_frame(&mut alice, "bob", format!("body {i}")))
+        .collect();
+    alice.flush().unwrap();
+    let (sent, refusals) = replies_with(&mut alice, &ids, ErrorCode::MailboxFull);
+    assert_eq!((sent.len(), refusals.len()), (3, 2));
+    assert!(
+        refusals[0].message.contains("messages waiting"),
+        "{:?}",
+        refusals[0]
+    );
+    assert_eq!(net.stored_messages(), 3, "nothing stored for the refused");
+
+    // bob reads and acknowledges them; once the relay counts again there is room.
+    let mut bob = session(&net, "bob", true);
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        match bob
+            .recv(Some(Instant::now() + Duration::from_secs(10)))
+            .unwrap()
+        {
+            Some(RelayToClient::Msg { msg_id, .. }) => got.push(msg_id),
+            Some(_) => {}
+            None => panic!("bob got {} of 3", got.len()),
+        }
+    }
+    bob.queue(&ClientToRelay::Ack { msg_ids: got });
+    bob.flush().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let id = send_frame(&mut alice, "bob", "room again?".into());
+        alice.flush().unwrap();
+        let (sent, _) = replies_with(&mut alice, &[id], ErrorCode::MailboxFull);
+        if sent == vec![id] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the mailbox never had room again"
+        );
+        std::thread::sleep(Duration::from_millis(300));
     }
 }

@@ -61,6 +61,8 @@ pub enum ErrorCode {
     AlreadyMember,
     /// The group has reached its maximum size.
     GroupFull,
+    /// The recipient has too many messages waiting; nothing was stored.
+    MailboxFull,
     /// Anything else on the server side.
     Internal,
 }

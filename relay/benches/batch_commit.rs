@@ -47,6 +47,7 @@ fn lifecycle(c: &mut Criterion) {
         done,
         Arc::new(StoreMetrics::default()),
         256,
+        i64::MAX,
     );
     let body = "x".repeat(360);
     let mut g = c.benchmark_group("batch_commit");

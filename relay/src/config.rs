@@ -79,6 +79,10 @@ pub struct Config {
     /// Seconds a file is kept for recipients who have not downloaded it.
     #[arg(long, env = "FASTCHAT_FILE_RETENTION_SECS", default_value_t = 7 * 24 * 3600)]
     pub file_retention_secs: u64,
+    /// Most messages stored for one recipient: direct messages to a recipient with
+    /// this many waiting are refused (`mailbox_full`), nothing stored.
+    #[arg(long, env = "FASTCHAT_MAX_PENDING", default_value_t = 200_000)]
+    pub max_pending: i64,
     /// Most members a group may have.
     #[arg(long, env = "FASTCHAT_MAX_GROUP_SIZE", default_value_t = 256)]
     pub max_group_size: i64,

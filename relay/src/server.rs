@@ -155,6 +155,7 @@ impl RelayServer {
                 done.clone(),
                 metrics.clone(),
                 cfg.max_group_size,
+                cfg.max_pending,
             );
             move |jobs| worker.run_batch(jobs)
         })?;

@@ -16,7 +16,7 @@ use fastchat_common::proto::{ErrorCode, GroupEvent, RelayToClient};
 use fastchat_common::{debug, info, time, warn};
 use mio::Token;
 use postgres::{GenericClient, Statement};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -180,6 +180,7 @@ pub struct Prepared {
     locate: Statement,
     names: Statement,
     store: Statement,
+    waiting: Statement,
     member: Statement,
     group_insert: Statement,
     presence_in: Statement,
@@ -213,6 +214,12 @@ impl Prepared {
                       WITH ORDINALITY AS x(r, s, b, t, o)
                  ORDER BY o
                  RETURNING id",
+            )?,
+            // Messages waiting for each recipient, counted up to a limit.
+            waiting: conn.prepare(
+                "SELECT r, (SELECT count(*) FROM (SELECT 1 FROM messages m
+                            WHERE m.recipient_id = r LIMIT $2) w)
+                 FROM unnest($1::int8[]) AS r",
             )?,
             member: conn.prepare("SELECT g.name FROM group_members gm JOIN groups g ON g.id = gm.group_id WHERE gm.group_id = $1 AND gm.user_id = $2")?,
             group_insert: conn.prepare("INSERT INTO messages (recipient_id, id, sender_id, body, sent_at_ms, group_id) SELECT gm.user_id, nextval(pg_get_serial_sequence('messages', 'id')), $2, $3, $4, $1 FROM group_members gm WHERE gm.group_id = $1 AND gm.user_id <> $2 ORDER BY gm.joined_seq RETURNING id, recipient_id")?,
@@ -271,6 +278,9 @@ pub struct Worker {
     user_ids: HashMap<String, i64>,
     metrics: Arc<StoreMetrics>,
     max_group_size: i64,
+    /// Most messages stored for one recipient (see [`Mailbox`]).
+    max_pending: i64,
+    mailboxes: HashMap<i64, Mailbox>,
     held: Option<Held>,
     /// Since when this worker has found no database (logged once, not per batch).
     unavailable_since: Option<Instant>,
@@ -280,6 +290,21 @@ const USER_CACHE_LIMIT: usize = 100_000;
 
 /// A message row inserted by this batch: (msg_id, recipient).
 type Inserted = (i64, i64);
+
+/// What a worker knows of how many messages wait for a recipient: counted in the
+/// database now and then (counting stops at the limit, so a full mailbox costs at most
+/// one index range of that length), and counted up by the worker's own inserts in
+/// between. Acknowledgements and other workers' inserts show at the next count, so the
+/// limit is kept to within what arrives between counts.
+struct Mailbox {
+    waiting: i64,
+    counted_at: Instant,
+}
+
+/// A count is used this long before the database is asked again...
+const MAILBOX_RECOUNT: Duration = Duration::from_secs(10);
+/// ...or this long, for a mailbox at its limit (its owner may be reading it down).
+const FULL_MAILBOX_RECOUNT: Duration = Duration::from_secs(1);
 
 /// A group message's rows: the group's name and one row per other member.
 type GroupRows = (String, Vec<Inserted>);
@@ -291,6 +316,7 @@ impl Worker {
         done: Completions<Done>,
         metrics: Arc<StoreMetrics>,
         max_group_size: i64,
+        max_pending: i64,
     ) -> Worker {
         Worker {
             db,
@@ -299,6 +325,8 @@ impl Worker {
             user_ids: HashMap::new(),
             metrics,
             max_group_size,
+            max_pending,
+            mailboxes: HashMap::new(),
             held: None,
             unavailable_since: None,
         }
@@ -574,6 +602,9 @@ impl Worker {
             }
         }
 
+        // Direct messages to recipients with full mailboxes are refused, nothing stored.
+        let refused = self.full_mailboxes(conn, st, jobs)?;
+
         // The usual batch is only direct messages and acknowledgements: one statement,
         // its own transaction. Anything else joins them in an explicit transaction.
         let only_direct = jobs.iter().all(|j| {
@@ -586,10 +617,13 @@ impl Worker {
             )
         });
         let (direct_rows, group_rows) = if only_direct {
-            (self.store_direct(&mut **conn, st, jobs, now)?, Vec::new())
+            (
+                self.store_direct(&mut **conn, st, jobs, &refused, now)?,
+                Vec::new(),
+            )
         } else {
             let mut tx = conn.transaction()?;
-            let direct_rows = self.store_direct(&mut tx, st, jobs, now)?;
+            let direct_rows = self.store_direct(&mut tx, st, jobs, &refused, now)?;
             let group_rows = store_group(&mut tx, st, jobs, now)?;
             // Presence changes, in job order (a logout then a login of one user both
             // apply).
@@ -641,8 +675,21 @@ impl Worker {
         let mut results = Vec::new();
         let mut direct_rows = direct_rows.into_iter();
         let mut group_rows = group_rows.into_iter();
-        for job in jobs {
+        for (i, job) in jobs.iter().enumerate() {
             match job {
+                Job::Send {
+                    conn: token, req, ..
+                } if refused.contains(&i) => {
+                    results.push(Done::Failed {
+                        conn: *token,
+                        req: *req,
+                        code: ErrorCode::MailboxFull,
+                        message: format!(
+                            "the recipient has {} or more messages waiting; nothing was stored, try again later",
+                            self.max_pending
+                        ),
+                    });
+                }
                 Job::Send {
                     conn: token,
                     req,
@@ -787,6 +834,71 @@ impl Worker {
         Ok((results, after_commit))
     }
 
+    /// The direct sends of the batch (by position) whose recipient's mailbox is full:
+    /// counts what is stale in one statement, then admits sends in order while there is
+    /// room, counting them in.
+    fn full_mailboxes(
+        &mut self,
+        conn: &mut DbConn,
+        st: &Prepared,
+        jobs: &[Job],
+    ) -> Result<HashSet<usize>, postgres::Error> {
+        let now = Instant::now();
+        let direct: Vec<(usize, i64)> = jobs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, j)| match j {
+                Job::Send {
+                    target: Target::User(to),
+                    ..
+                } => self.user_ids.get(to).map(|r| (i, *r)),
+                _ => None,
+            })
+            .collect();
+        let mut incoming: HashMap<i64, i64> = HashMap::new();
+        for (_, r) in &direct {
+            *incoming.entry(*r).or_default() += 1;
+        }
+        let stale: Vec<i64> = incoming
+            .iter()
+            .filter(|(r, k)| match self.mailboxes.get(r) {
+                None => true,
+                Some(m) => {
+                    let age = now.duration_since(m.counted_at);
+                    age >= MAILBOX_RECOUNT
+                        || (m.waiting + **k > self.max_pending && age >= FULL_MAILBOX_RECOUNT)
+                }
+            })
+            .map(|(r, _)| *r)
+            .collect();
+        if !stale.is_empty() {
+            if self.mailboxes.len() > USER_CACHE_LIMIT {
+                self.mailboxes.clear();
+            }
+            for row in conn.query(&st.waiting, &[&stale, &self.max_pending])? {
+                self.mailboxes.insert(
+                    row.get(0),
+                    Mailbox {
+                        waiting: row.get(1),
+                        counted_at: now,
+                    },
+                );
+            }
+        }
+        let mut refused = HashSet::new();
+        for (i, r) in direct {
+            let Some(m) = self.mailboxes.get_mut(&r) else {
+                continue;
+            };
+            if m.waiting >= self.max_pending {
+                refused.insert(i);
+            } else {
+                m.waiting += 1;
+            }
+        }
+        Ok(refused)
+    }
+
     /// Inserts the batch's direct messages (ids drawn in order, so one sender's
     /// messages keep their order) and deletes its acknowledged messages, in one
     /// statement. Returns (msg_id, recipient) per send to a known user, in job order.
@@ -795,6 +907,7 @@ impl Worker {
         db: &mut impl GenericClient,
         st: &Prepared,
         jobs: &[Job],
+        refused: &HashSet<usize>,
         now: u64,
     ) -> Result<Vec<Inserted>, postgres::Error> {
         let mut recipients = Vec::new();
@@ -803,8 +916,9 @@ impl Worker {
         // Acknowledgements: only the acknowledging user's own rows (exact pairs).
         let mut ack_users: Vec<i64> = Vec::new();
         let mut ack_ids: Vec<i64> = Vec::new();
-        for job in jobs {
+        for (i, job) in jobs.iter().enumerate() {
             match job {
+                Job::Send { .. } if refused.contains(&i) => {}
                 Job::Send {
                     sender_id,
                     target: Target::User(to),
