@@ -560,10 +560,17 @@ impl Chat {
                 retry_after_ms: None,
             });
         }
-        if let KeyStatus::Changed { .. } = self.check_peer_key(to)? {
-            return Err(ClientError::PeerKeyChanged {
-                peer: to.to_string(),
-            });
+        match self.check_peer_key(to) {
+            Ok(KeyStatus::Changed { .. }) => {
+                return Err(ClientError::PeerKeyChanged {
+                    peer: to.to_string(),
+                })
+            }
+            Ok(_) => {}
+            // The server could not look the key up now (its database is away, say):
+            // a pinned key is enough to send, and the send itself retries.
+            Err(e) if e.retryable() && self.store.data().peers.contains_key(to) => {}
+            Err(e) => return Err(e),
         }
         let peer_key = self.pinned_key(to)?;
         let key = match self.current_key(to) {

@@ -139,7 +139,8 @@ fn a_database_outage_fails_sends_clearly_and_recovers_by_itself() {
     }
     net.relay(0)
         .wait_for("database unavailable", Duration::from_secs(10));
-    // Through the library too (its key check is the first request refused).
+    // Through the library too: its key check falls back on the pinned key, the send
+    // retries store_failed a few times, then gives up with it (kept pending).
     let e = alice
         .send_text("bob", "during the outage")
         .expect_err("no `sent` while PostgreSQL is down");

@@ -254,6 +254,7 @@ impl RelayServer {
         self.pool.shutdown();
         self.drain_completions();
         self.flush_touched();
+        self.flush_before_closing(Duration::from_secs(2));
         self.stopping = true;
         let tokens: Vec<Token> = self.clients.keys().copied().collect();
         for token in tokens {
@@ -263,6 +264,25 @@ impl RelayServer {
         match crate::store::clear_stale_presence(&self.db, &self.cfg.id) {
             Ok(n) => info!("stopped; cleared {n} presence rows"),
             Err(e) => warn!("stopped; could not clear presence rows (cleared at next start): {e}"),
+        }
+    }
+
+    /// At shutdown: gives clients up to `grace` to take what is queued for them (the
+    /// last `sent` replies above all), so they need not resend what was committed. The
+    /// poll loop is done, so waiting here blocks no one.
+    fn flush_before_closing(&mut self, grace: Duration) {
+        let deadline = Instant::now() + grace;
+        loop {
+            let mut waiting = false;
+            for client in self.clients.values_mut() {
+                if client.conn.flush().is_ok() && !client.conn.is_flushed() {
+                    waiting = true;
+                }
+            }
+            if !waiting || Instant::now() >= deadline {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
