@@ -7,9 +7,7 @@ use fastchat_client::chat::{Chat, Event};
 use fastchat_client::connect::{AuthLink, RelayLink};
 use fastchat_client::error::ClientError;
 use fastchat_common::proto::ErrorCode;
-use harness::{receive_n, Settings, TestNet, PASSWORD};
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use harness::{chat_through_a_fault, receive_n, Settings, TestNet, PASSWORD};
 use std::time::{Duration, Instant};
 
 fn three_relays() -> TestNet {
@@ -121,79 +119,14 @@ fn messages_flow_through_a_relay_crash_without_loss_or_duplicates() {
     let counts = relay_counts(&net, &chats);
     assert_eq!(counts, vec![3, 3, 3]);
 
-    let sent: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
-    let shown: Arc<Mutex<HashMap<(String, String), usize>>> = Arc::default();
-    let done_sending = Arc::new(Mutex::new(0usize));
-    let per_user = 25;
-    let failovers = std::thread::scope(|s| {
-        let handles: Vec<_> = chats
-            .into_iter()
-            .enumerate()
-            .map(|(i, mut chat)| {
-                let (users, sent, shown, done_sending) = (&users, &sent, &shown, &done_sending);
-                s.spawn(move || {
-                    let record = |events: Vec<Event>| {
-                        for e in events {
-                            if let Event::Message(m) = e {
-                                *shown.lock().unwrap().entry((m.from, m.text)).or_insert(0) += 1;
-                            }
-                        }
-                    };
-                    for k in 0..per_user {
-                        let peer = &users[(i + 1 + k % (users.len() - 1)) % users.len()];
-                        let text = format!("{} #{k} to {peer}", users[i]);
-                        chat.send_text(peer, &text)
-                            .expect("send fails over, never fails");
-                        sent.lock().unwrap().push((users[i].clone(), text));
-                        let events = chat
-                            .receive(Instant::now() + Duration::from_millis(20))
-                            .unwrap();
-                        record(events);
-                    }
-                    *done_sending.lock().unwrap() += 1;
-                    // Keep receiving until every sent message has been shown somewhere.
-                    let deadline = Instant::now() + Duration::from_secs(90);
-                    while Instant::now() < deadline {
-                        let all_sent = *done_sending.lock().unwrap() == users.len();
-                        if all_sent && shown.lock().unwrap().len() >= sent.lock().unwrap().len() {
-                            break;
-                        }
-                        let events = chat
-                            .receive(Instant::now() + Duration::from_millis(200))
-                            .unwrap();
-                        record(events);
-                    }
-                    // Linger so late duplicates would be seen.
-                    let events = chat
-                        .receive(Instant::now() + Duration::from_millis(500))
-                        .unwrap();
-                    record(events);
-                    chat.failovers()
-                })
-            })
-            .collect();
-        // Kill relay-2 once traffic is flowing.
-        let start = Instant::now();
-        while sent.lock().unwrap().len() < 40 && start.elapsed() < Duration::from_secs(60) {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        net.kill_relay(1);
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap())
-            .collect::<Vec<u32>>()
-    });
+    // Kill relay-2 once traffic is flowing.
+    let run = chat_through_a_fault(chats, &users, 25, || net.kill_relay(1));
     assert!(
-        failovers.iter().filter(|f| **f > 0).count() >= 3,
-        "the killed relay's clients failed over: {failovers:?}"
+        run.failovers.iter().filter(|(_, f)| *f > 0).count() >= 3,
+        "the killed relay's clients failed over: {:?}",
+        run.failovers
     );
-    let sent = sent.lock().unwrap();
-    let shown = shown.lock().unwrap();
-    assert_eq!(sent.len(), users.len() * per_user);
-    for m in sent.iter() {
-        assert_eq!(shown.get(m), Some(&1), "{m:?} shown exactly once");
-    }
-    assert_eq!(shown.len(), sent.len(), "nothing shown that was not sent");
+    run.assert_each_shown_once();
 }
 
 #[test]

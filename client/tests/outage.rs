@@ -4,26 +4,14 @@
 
 mod harness;
 
-use fastchat_client::chat::{Chat, Event};
+use fastchat_client::chat::Chat;
 use fastchat_client::connect::{AuthLink, RelayLink};
 use fastchat_client::error::ClientError;
 use fastchat_client::store::DeliveryState;
 use fastchat_common::proto::{ClientToRelay, ErrorCode, RelayToClient};
-use harness::{Cluster, Settings, TestNet, PASSWORD};
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use harness::{chat_through_a_fault, record, Cluster, Settings, Shown, TestNet, PASSWORD};
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
-
-/// Texts shown by a receiving session, with how often each was shown.
-type Shown = HashMap<(String, String), usize>;
-
-fn record(shown: &mut Shown, events: Vec<Event>) {
-    for e in events {
-        if let Event::Message(m) = e {
-            *shown.entry((m.from, m.text)).or_insert(0) += 1;
-        }
-    }
-}
 
 /// Receives until every one of `expected` was shown or `timeout` passed, then a little
 /// longer so late duplicates would be seen.
@@ -255,75 +243,18 @@ fn a_relay_stopped_with_sigterm_under_load_loses_nothing() {
         .collect();
     assert_eq!(on_stopped.len(), 3, "logins spread over both relays");
 
-    let sent: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
-    let shown: Arc<Mutex<Shown>> = Arc::default();
-    let done_sending = Arc::new(Mutex::new(0usize));
-    let per_user = 30;
-    let (failovers, status) = std::thread::scope(|s| {
-        let handles: Vec<_> = chats
-            .into_iter()
-            .enumerate()
-            .map(|(i, mut chat)| {
-                let (users, sent, shown, done_sending) = (&users, &sent, &shown, &done_sending);
-                s.spawn(move || {
-                    for k in 0..per_user {
-                        let peer = &users[(i + 1 + k % (users.len() - 1)) % users.len()];
-                        let text = format!("{} #{k} to {peer}", users[i]);
-                        chat.send_text(peer, &text)
-                            .expect("send fails over, never fails");
-                        sent.lock().unwrap().push((users[i].clone(), text));
-                        let events = chat
-                            .receive(Instant::now() + Duration::from_millis(20))
-                            .unwrap();
-                        record(&mut shown.lock().unwrap(), events);
-                    }
-                    *done_sending.lock().unwrap() += 1;
-                    // Keep receiving until every sent message has been shown somewhere.
-                    let deadline = Instant::now() + Duration::from_secs(90);
-                    while Instant::now() < deadline {
-                        let all_sent = *done_sending.lock().unwrap() == users.len();
-                        if all_sent && shown.lock().unwrap().len() >= sent.lock().unwrap().len() {
-                            break;
-                        }
-                        let events = chat
-                            .receive(Instant::now() + Duration::from_millis(200))
-                            .unwrap();
-                        record(&mut shown.lock().unwrap(), events);
-                    }
-                    // Linger so late duplicates would be seen.
-                    let events = chat
-                        .receive(Instant::now() + Duration::from_millis(500))
-                        .unwrap();
-                    record(&mut shown.lock().unwrap(), events);
-                    (chat.user().to_string(), chat.failovers())
-                })
-            })
-            .collect();
-        // SIGTERM relay-2 once traffic is flowing.
-        let start = Instant::now();
-        while sent.lock().unwrap().len() < 40 && start.elapsed() < Duration::from_secs(60) {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let status = net.relay_mut(1).terminate(Duration::from_secs(60));
-        let failovers: Vec<(String, u32)> =
-            handles.into_iter().map(|h| h.join().unwrap()).collect();
-        (failovers, status)
+    let run = chat_through_a_fault(chats, &users, 30, || {
+        net.relay_mut(1).terminate(Duration::from_secs(60))
     });
-    let status = status.expect("the relay exits after SIGTERM");
+    let status = run.fault.expect("the relay exits after SIGTERM");
     assert!(status.success(), "clean exit: {status:?}");
     let relay = net.relay(1);
     relay.wait_for("stopping: no new connections", Duration::from_secs(5));
     relay.wait_for("stopped;", Duration::from_secs(5));
-    for (user, count) in &failovers {
+    for (user, count) in &run.failovers {
         if on_stopped.contains(user) {
-            assert!(*count >= 1, "{user} failed over: {failovers:?}");
+            assert!(*count >= 1, "{user} failed over: {:?}", run.failovers);
         }
     }
-    let sent = sent.lock().unwrap();
-    let shown = shown.lock().unwrap();
-    assert_eq!(sent.len(), users.len() * per_user);
-    for m in sent.iter() {
-        assert_eq!(shown.get(m), Some(&1), "{m:?} shown exactly once");
-    }
-    assert_eq!(shown.len(), sent.len(), "nothing shown that was not sent");
+    run.assert_each_shown_once();
 }

@@ -303,60 +303,47 @@ impl RelayServer {
                 },
             });
         }
-        for client in self.clients.values_mut() {
-            if let ClientState::Ready(session) = &mut client.state {
-                session.forget_backlog(now);
-            }
-        }
         let (rate, burst) = (self.cfg.send_rate, self.cfg.send_burst);
         self.send_budgets
             .retain(|_, budget| !budget.is_full(rate, burst, now));
-        if self.cfg.idle_timeout_secs > 0 {
-            let idle = Duration::from_secs(self.cfg.idle_timeout_secs);
-            let silent: Vec<Token> = self
-                .clients
-                .iter()
-                .filter(|(_, c)| {
-                    matches!(c.state, ClientState::Ready(_))
-                        && now.duration_since(c.conn.last_read) >= idle
-                })
-                .map(|(t, _)| *t)
-                .collect();
-            for token in silent {
-                self.close(token, "silent for longer than the idle timeout");
+        // One pass over the clients: what each has outstayed, if anything.
+        let idle = Duration::from_secs(self.cfg.idle_timeout_secs);
+        let stall = Duration::from_secs(self.cfg.output_stall_secs);
+        let deadline = Duration::from_secs(self.cfg.auth_deadline_secs);
+        let mut closing: Vec<(Token, &str)> = Vec::new();
+        for (token, client) in self.clients.iter_mut() {
+            let conn = &client.conn;
+            let why = match &mut client.state {
+                ClientState::Ready(session) => {
+                    session.forget_backlog(now);
+                    if !idle.is_zero() && now.duration_since(conn.last_read) >= idle {
+                        Some("silent for longer than the idle timeout")
+                    } else {
+                        None
+                    }
+                }
+                _ if now.duration_since(conn.opened) >= deadline => {
+                    Some("no ticket or introduction before the deadline")
+                }
+                _ => None,
+            };
+            // Clients that stopped reading: what they have not acknowledged stays
+            // stored and comes at their next login. (Mesh links are never cut for this.)
+            let why = why.or_else(|| {
+                (conn.pending_output() > self.cfg.max_output_bytes && conn.stalled_for() >= stall)
+                    .then_some("not reading: too much output waiting")
+            });
+            if let Some(why) = why {
+                closing.push((*token, why));
             }
         }
-        // Clients that stopped reading: what they have not acknowledged stays stored
-        // and comes at their next login. (Mesh links are never cut for this.)
-        let stall = Duration::from_secs(self.cfg.output_stall_secs);
-        let stuck: Vec<Token> = self
-            .clients
-            .iter()
-            .filter(|(_, c)| {
-                c.conn.pending_output() > self.cfg.max_output_bytes && c.conn.stalled_for() >= stall
-            })
-            .map(|(t, _)| *t)
-            .collect();
-        for token in stuck {
-            self.close(token, "not reading: too much output waiting");
-        }
-        let deadline = Duration::from_secs(self.cfg.auth_deadline_secs);
-        let stalled: Vec<Token> = self
-            .clients
-            .iter()
-            .filter(|(_, c)| {
-                !matches!(c.state, ClientState::Ready(_))
-                    && now.duration_since(c.conn.opened) >= deadline
-            })
-            .map(|(t, _)| *t)
-            .chain(self.mesh.links.iter().filter_map(|(t, l)| {
-                (matches!(l.state, MeshState::AwaitingHello | MeshState::AwaitingIntro)
-                    && now.duration_since(l.conn.opened) >= deadline)
-                    .then_some(*t)
-            }))
-            .collect();
-        for token in stalled {
-            self.close(token, "no ticket or introduction before the deadline");
+        closing.extend(self.mesh.links.iter().filter_map(|(t, l)| {
+            (matches!(l.state, MeshState::AwaitingHello | MeshState::AwaitingIntro)
+                && now.duration_since(l.conn.opened) >= deadline)
+                .then_some((*t, "no ticket or introduction before the deadline"))
+        }));
+        for (token, why) in closing {
+            self.close(token, why);
         }
     }
 
