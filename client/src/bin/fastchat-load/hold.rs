@@ -1,9 +1,10 @@
 //! Idle sessions held by child processes: one process may keep only as many sockets
 //! as its descriptor limit allows (20,000 here), so the `idle` scenario starts copies
-//! of itself (the hidden `hold` scenario), each logging its share of sessions in,
-//! saying `ready`, and holding them until its standard input closes.
+//! of itself (the hidden `hold` scenario). Each reads the users and their resumption
+//! credentials from its standard input (one JSON line), logs its share of sessions in,
+//! says `ready`, and holds them until its standard input closes.
 
-use crate::setup::Session;
+use crate::setup::{Session, User};
 use crate::Cli;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, ChildStdout, Command, Stdio};
@@ -19,7 +20,7 @@ pub struct Holder {
 /// `per_process` each, and waits until every one holds its share.
 pub fn spread(
     cli: &Cli,
-    users: usize,
+    users: &[User],
     total: usize,
     threads: usize,
     per_process: usize,
@@ -38,7 +39,6 @@ pub fn spread(
             .arg(cli.setup_threads.to_string())
             .arg("--json")
             .arg("hold")
-            .args(["--users", &users.to_string()])
             .args(["--from", &from.to_string()])
             .args(["--count", &count.to_string()])
             .args(["--threads", &threads.to_string()])
@@ -49,6 +49,12 @@ pub fn spread(
             .stdout
             .take()
             .ok_or("the holding process has no standard output")?;
+        let stdin = child
+            .stdin
+            .as_mut()
+            .ok_or("the holding process has no standard input")?;
+        writeln!(stdin, "{}", serde_json::to_string(users)?)?;
+        stdin.flush()?;
         holders.push(Holder {
             child,
             stdout: BufReader::new(stdout),
@@ -85,6 +91,13 @@ pub fn release(holders: Vec<Holder>) -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     Ok(())
+}
+
+/// In the child: the users the parent sent.
+pub fn read_users() -> Result<Vec<User>, Box<dyn std::error::Error>> {
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    Ok(serde_json::from_str(&line)?)
 }
 
 /// In the child: says `ready`, then holds `sessions` until standard input closes.

@@ -139,12 +139,11 @@ enum Scenario {
         #[arg(long, default_value_t = 8_000)]
         per_process: usize,
     },
-    /// (Used by `idle`.) Opens `count` sessions, starting at session `from`, prints
-    /// `ready`, and holds them until standard input closes.
+    /// (Used by `idle`.) Reads the users (JSON, one line) from standard input, opens
+    /// `count` sessions starting at session `from`, prints `ready`, and holds them until
+    /// standard input closes.
     #[command(hide = true)]
     Hold {
-        #[arg(long)]
-        users: usize,
         #[arg(long)]
         from: usize,
         #[arg(long)]
@@ -437,8 +436,8 @@ fn run(cli: &Cli) -> Result<u64, Box<dyn std::error::Error>> {
             threads,
             per_process,
         } => {
-            // Accounts first, so the holding processes only log in.
-            setup::users(&target, *n, &pubkey, cli.setup_threads)?;
+            // Accounts and credentials first, so the holding processes only resume.
+            let users = setup::users(&target, *n, &pubkey, cli.setup_threads)?;
             let relays: Vec<&procstat::Proc> = procs
                 .iter()
                 .filter(|p| p.name.starts_with("relay"))
@@ -446,7 +445,7 @@ fn run(cli: &Cli) -> Result<u64, Box<dyn std::error::Error>> {
             let rss_before: u64 = relays.iter().map(|p| p.sample().rss).sum();
             let before = sample(&procs);
             let total = n * sessions;
-            let held = hold::spread(cli, *n, total, *threads, (*per_process).max(1))?;
+            let held = hold::spread(cli, &users, total, *threads, (*per_process).max(1))?;
             std::thread::sleep(Duration::from_secs_f64(*seconds));
             let rss_after: u64 = relays.iter().map(|p| p.sample().rss).sum();
             let per_conn = rss_after.saturating_sub(rss_before) as f64 / total as f64;
@@ -461,12 +460,12 @@ fn run(cli: &Cli) -> Result<u64, Box<dyn std::error::Error>> {
             }
         }
         Scenario::Hold {
-            users: n,
             from,
             count,
             threads,
         } => {
-            let users = setup::users(&target, *n, &pubkey, cli.setup_threads)?;
+            let users = hold::read_users()?;
+            let n = users.len().max(1);
             let held = setup::parallel(*count, *threads, |i| {
                 setup::session(&target, &users, (from + i) % n)
             })?;

@@ -22,7 +22,7 @@ pub struct Target {
 }
 
 /// A simulated user with a resumption credential.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct User {
     pub name: String,
     pub credential: String,
