@@ -487,15 +487,11 @@ impl RelayServer {
     }
 
     fn accept_mesh(&mut self) {
-        // Mesh connections count against the same descriptor budget.
-        let room = self
-            .max_connections
-            .saturating_sub(self.clients.len() + self.mesh.links.len());
         let accepted = accept_pending(
             &self.mesh_listener,
             || Role::PskResponder(&self.secret),
             self.cfg.max_frame,
-            room,
+            self.room(),
         );
         for mut conn in accepted.connections {
             let token = Token(self.next_token);
@@ -768,13 +764,19 @@ impl RelayServer {
 
     // ----- clients ------------------------------------------------------------------
 
+    /// Connections the relay may still take: clients and mesh links count against
+    /// the same descriptor budget.
+    fn room(&self) -> usize {
+        self.max_connections
+            .saturating_sub(self.clients.len() + self.mesh.links.len())
+    }
+
     fn accept(&mut self) {
         let accepted = accept_pending(
             &self.listener,
             || Role::NkResponder(&self.keypair),
             self.cfg.max_frame,
-            self.max_connections
-                .saturating_sub(self.clients.len() + self.mesh.links.len()),
+            self.room(),
         );
         if accepted.refused > 0 {
             if self.refused == 0 {

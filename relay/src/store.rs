@@ -602,8 +602,20 @@ impl Worker {
             }
         }
 
-        // Direct messages to recipients with full mailboxes are refused, nothing stored.
-        let refused = self.full_mailboxes(conn, st, jobs)?;
+        // Direct sends to known users, (job position, recipient); those to recipients
+        // with full mailboxes are taken out and refused, nothing stored.
+        let mut direct: Vec<(usize, i64)> = jobs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, j)| match j {
+                Job::Send {
+                    target: Target::User(to),
+                    ..
+                } => self.user_ids.get(to).map(|r| (i, *r)),
+                _ => None,
+            })
+            .collect();
+        let refused = self.full_mailboxes(conn, st, &mut direct)?;
 
         // The usual batch is only direct messages and acknowledgements: one statement,
         // its own transaction. Anything else joins them in an explicit transaction.
@@ -618,12 +630,12 @@ impl Worker {
         });
         let (direct_rows, group_rows) = if only_direct {
             (
-                self.store_direct(&mut **conn, st, jobs, &refused, now)?,
+                self.store_direct(&mut **conn, st, jobs, &direct, now)?,
                 Vec::new(),
             )
         } else {
             let mut tx = conn.transaction()?;
-            let direct_rows = self.store_direct(&mut tx, st, jobs, &refused, now)?;
+            let direct_rows = self.store_direct(&mut tx, st, jobs, &direct, now)?;
             let group_rows = store_group(&mut tx, st, jobs, now)?;
             // Presence changes, in job order (a logout then a login of one user both
             // apply).
@@ -771,21 +783,15 @@ impl Worker {
                         Job::FetchPending { after, .. } => *after,
                         _ => 0,
                     };
-                    let fetched = match after_commit {
-                        None => fetch_pending(conn, &st.pending, *user_id, after, *page).map(Some),
-                        Some(_) => Ok(None),
-                    };
-                    match fetched {
-                        Ok(Some(messages)) => results.push(Done::Pending {
+                    match unless_failed(&mut after_commit, || {
+                        fetch_pending(conn, &st.pending, *user_id, after, *page)
+                    }) {
+                        Some(messages) => results.push(Done::Pending {
                             conn: *token,
                             more: messages.len() as i64 >= *page,
                             messages,
                         }),
-                        Ok(None) => results.push(Done::LoginFailed { conn: *token }),
-                        Err(e) => {
-                            after_commit = Some(e);
-                            results.push(Done::LoginFailed { conn: *token });
-                        }
+                        None => results.push(Done::LoginFailed { conn: *token }),
                     }
                 }
                 Job::CatchUp {
@@ -794,14 +800,13 @@ impl Worker {
                     limit,
                 } => {
                     // A catch-up that fails is left to the next mesh change or login.
-                    if after_commit.is_none() {
-                        match fetch_pending(conn, &st.pending, *user_id, 0, *limit) {
-                            Ok(messages) => results.push(Done::CatchUp {
-                                conn: *token,
-                                messages,
-                            }),
-                            Err(e) => after_commit = Some(e),
-                        }
+                    if let Some(messages) = unless_failed(&mut after_commit, || {
+                        fetch_pending(conn, &st.pending, *user_id, 0, *limit)
+                    }) {
+                        results.push(Done::CatchUp {
+                            conn: *token,
+                            messages,
+                        });
                     }
                 }
                 Job::LookupKey {
@@ -809,54 +814,33 @@ impl Worker {
                     req,
                     user,
                     ..
-                } => {
-                    let looked_up = match after_commit {
-                        None => conn.query_opt(&st.key, &[user]).map(Some),
-                        Some(_) => Ok(None),
-                    };
-                    match looked_up {
-                        Ok(Some(row)) => results.push(Done::Key {
-                            conn: *token,
-                            req: *req,
-                            user: user.clone(),
-                            pubkey: row.map(|r| r.get(0)),
-                        }),
-                        Ok(None) => results.push(store_failed(*token, *req)),
-                        Err(e) => {
-                            after_commit = Some(e);
-                            results.push(store_failed(*token, *req));
-                        }
-                    }
-                }
+                } => match unless_failed(&mut after_commit, || conn.query_opt(&st.key, &[user])) {
+                    Some(row) => results.push(Done::Key {
+                        conn: *token,
+                        req: *req,
+                        user: user.clone(),
+                        pubkey: row.map(|r| r.get(0)),
+                    }),
+                    None => results.push(store_failed(*token, *req)),
+                },
                 Job::Ack { .. } | Job::Logout { .. } | Job::Group { .. } | Job::File { .. } => {}
             }
         }
         Ok((results, after_commit))
     }
 
-    /// The direct sends of the batch (by position) whose recipient's mailbox is full:
-    /// counts what is stale in one statement, then admits sends in order while there is
-    /// room, counting them in.
+    /// Takes the sends whose recipient's mailbox is full out of `direct` (job position,
+    /// recipient) and returns their positions: counts what is stale in one statement,
+    /// then admits sends in order while there is room, counting them in.
     fn full_mailboxes(
         &mut self,
         conn: &mut DbConn,
         st: &Prepared,
-        jobs: &[Job],
+        direct: &mut Vec<(usize, i64)>,
     ) -> Result<HashSet<usize>, postgres::Error> {
         let now = Instant::now();
-        let direct: Vec<(usize, i64)> = jobs
-            .iter()
-            .enumerate()
-            .filter_map(|(i, j)| match j {
-                Job::Send {
-                    target: Target::User(to),
-                    ..
-                } => self.user_ids.get(to).map(|r| (i, *r)),
-                _ => None,
-            })
-            .collect();
         let mut incoming: HashMap<i64, i64> = HashMap::new();
-        for (_, r) in &direct {
+        for (_, r) in direct.iter() {
             *incoming.entry(*r).or_default() += 1;
         }
         let stale: Vec<i64> = incoming
@@ -886,56 +870,52 @@ impl Worker {
             }
         }
         let mut refused = HashSet::new();
-        for (i, r) in direct {
-            let Some(m) = self.mailboxes.get_mut(&r) else {
-                continue;
-            };
-            if m.waiting >= self.max_pending {
-                refused.insert(i);
-            } else {
-                m.waiting += 1;
+        direct.retain(|(i, r)| match self.mailboxes.get_mut(r) {
+            Some(m) if m.waiting >= self.max_pending => {
+                refused.insert(*i);
+                false
             }
-        }
+            Some(m) => {
+                m.waiting += 1;
+                true
+            }
+            None => true,
+        });
         Ok(refused)
     }
 
     /// Inserts the batch's direct messages (ids drawn in order, so one sender's
     /// messages keep their order) and deletes its acknowledged messages, in one
-    /// statement. Returns (msg_id, recipient) per send to a known user, in job order.
+    /// statement. `direct` holds the sends to store, (job position, recipient), in job
+    /// order. Returns (msg_id, recipient) for each, in the same order.
     fn store_direct(
         &self,
         db: &mut impl GenericClient,
         st: &Prepared,
         jobs: &[Job],
-        refused: &HashSet<usize>,
+        direct: &[(usize, i64)],
         now: u64,
     ) -> Result<Vec<Inserted>, postgres::Error> {
-        let mut recipients = Vec::new();
-        let mut senders = Vec::new();
-        let mut bodies = Vec::new();
+        let mut recipients = Vec::with_capacity(direct.len());
+        let mut senders = Vec::with_capacity(direct.len());
+        let mut bodies = Vec::with_capacity(direct.len());
+        for &(i, recipient) in direct {
+            if let Job::Send {
+                sender_id, body, ..
+            } = &jobs[i]
+            {
+                recipients.push(recipient);
+                senders.push(*sender_id);
+                bodies.push(body.as_str());
+            }
+        }
         // Acknowledgements: only the acknowledging user's own rows (exact pairs).
         let mut ack_users: Vec<i64> = Vec::new();
         let mut ack_ids: Vec<i64> = Vec::new();
-        for (i, job) in jobs.iter().enumerate() {
-            match job {
-                Job::Send { .. } if refused.contains(&i) => {}
-                Job::Send {
-                    sender_id,
-                    target: Target::User(to),
-                    body,
-                    ..
-                } => {
-                    if let Some(recipient) = self.user_ids.get(to) {
-                        recipients.push(*recipient);
-                        senders.push(*sender_id);
-                        bodies.push(body.as_str());
-                    }
-                }
-                Job::Ack { user_id, msg_ids } => {
-                    ack_users.extend(std::iter::repeat_n(*user_id, msg_ids.len()));
-                    ack_ids.extend(msg_ids);
-                }
-                _ => {}
+        for job in jobs {
+            if let Job::Ack { user_id, msg_ids } = job {
+                ack_users.extend(std::iter::repeat_n(*user_id, msg_ids.len()));
+                ack_ids.extend(msg_ids);
             }
         }
         if recipients.is_empty() && ack_ids.is_empty() {
@@ -989,6 +969,18 @@ fn store_failed(conn: Token, req: u64) -> Done {
         code: ErrorCode::StoreFailed,
         message: "the message store is unavailable; nothing was stored, retry".into(),
     }
+}
+
+/// Runs `query` unless an earlier one of the batch failed; a failure is kept in
+/// `failed` (the worker then drops its connection). `None` when it did not run or failed.
+fn unless_failed<T>(
+    failed: &mut Option<postgres::Error>,
+    query: impl FnOnce() -> Result<T, postgres::Error>,
+) -> Option<T> {
+    if failed.is_some() {
+        return None;
+    }
+    query().map_err(|e| *failed = Some(e)).ok()
 }
 
 /// Stores the batch's group messages: one row per other member, one statement per
