@@ -33,7 +33,6 @@ else
     users=100 seconds=180 rate=1
 fi
 
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 # A base port with the 23 above it free (PostgreSQL, auth, relays, mesh).
 pick_base() {
     local base p try

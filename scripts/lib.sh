@@ -4,6 +4,8 @@
 #   pg_bin_dir     print the PostgreSQL server bin dir, installing PostgreSQL if needed
 #   as_pg_user     run a command as the user PostgreSQL must run as
 #   ensure_tmux    install tmux if it is missing
+#   port_open      whether something listens on 127.0.0.1:PORT
+#   relays_in      the relays (relay-N) with a PID file in RUN_DIR, in numeric order
 
 say() { printf '%s\n' "$*" >&2; }
 die() {
@@ -12,6 +14,18 @@ die() {
 }
 
 repo_root() { (cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P); }
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# relays_in RUN_DIR: relay-N for each run/relay-N.pid, in numeric order.
+relays_in() {
+    local f
+    for f in "$1"/relay-*.pid; do
+        [ -e "$f" ] || continue
+        f=${f##*/}
+        echo "${f%.pid}"
+    done | sort -V
+}
 
 # Installs Debian packages without prompting; uses sudo when not root.
 apt_install() {

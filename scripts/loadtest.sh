@@ -42,12 +42,9 @@ run() {
 # sessions', not what earlier scenarios left in its allocator), then starts the others
 # again.
 idle_on_one_relay() {
-    local pidfile n others=()
-    for pidfile in "$FASTCHAT_HOME"/run/relay-*.pid; do
-        [ -e "$pidfile" ] || continue
-        n=${pidfile##*/relay-}
-        n=${n%.pid}
-        [ "$n" = 1 ] || others+=("$n")
+    local name n others=()
+    for name in $(relays_in "$FASTCHAT_HOME/run"); do
+        [ "$name" = relay-1 ] || others+=("${name#relay-}")
     done
     for n in "${others[@]}"; do scripts/run.sh stop-relay "$n" >/dev/null; done
     scripts/run.sh stop-relay 1 >/dev/null

@@ -76,7 +76,6 @@ alive() {
     [ "${stat:0:1}" != Z ]
 }
 
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 # Reports a server that failed to come up, with the end of its log, and exits. The PID
 # file goes (a hung server is stopped first) so that the next start tries again.
@@ -199,13 +198,7 @@ stop_process() {
 }
 
 # Relay names with a PID file, in numeric order.
-known_relays() {
-    local f
-    for f in "$RUN"/relay-*.pid; do
-        f=${f##*/}
-        echo "${f%.pid}"
-    done | sort -V
-}
+known_relays() { relays_in "$RUN"; }
 
 relay_number() {
     [[ ${1:-} =~ ^[1-9][0-9]*$ ]] || die "usage: scripts/run.sh ${2:-start-relay} N (N = 1, 2, ...)"

@@ -603,11 +603,7 @@ impl Chat {
         }
         bodies.push(e2e::seal_text(&key, &payload)?.to_body());
         if record {
-            let shown = match &payload.file {
-                Some(f) => format!("[file] {}", f.name),
-                None => payload.text.clone(),
-            };
-            self.record_outgoing(to, None, &shown, &payload)?;
+            self.record_outgoing(to, None, &payload)?;
         }
         let sent = self.deliver(&SendTarget::User(to.to_string()), &bodies)?;
         if let Some(conv) = self.store.data_mut().conversations.get_mut(to) {
@@ -704,15 +700,18 @@ impl Chat {
         &mut self,
         peer: &str,
         group: Option<String>,
-        text: &str,
         payload: &TextPayload,
     ) -> Result<(), ClientError> {
         let from = self.user().to_string();
+        let text = match &payload.file {
+            Some(f) => format!("[file] {}", f.name),
+            None => payload.text.clone(),
+        };
         self.store.data_mut().history.push(HistoryEntry {
             peer: peer.to_string(),
             group,
             from,
-            text: text.to_string(),
+            text,
             ts: payload.ts,
             msg_id: None,
             mid: payload.mid.clone(),
@@ -792,11 +791,28 @@ impl Chat {
     }
 
     fn current_key(&self, peer: &str) -> Option<ConversationKey> {
-        let conv = self.store.data().conversations.get(peer)?;
-        let id = conv.current.as_ref()?;
+        let id = self
+            .store
+            .data()
+            .conversations
+            .get(peer)?
+            .current
+            .as_ref()?;
+        self.conversation_key(peer, id)
+    }
+
+    /// Key `key_id` of conversation `conv` (a peer, or a group's `#<id>`), if held.
+    pub(crate) fn conversation_key(&self, conv: &str, key_id: &str) -> Option<ConversationKey> {
+        let key = self
+            .store
+            .data()
+            .conversations
+            .get(conv)?
+            .keys
+            .get(key_id)?;
         Some(ConversationKey {
-            id: id.clone(),
-            key: conv.keys.get(id)?.clone(),
+            id: key_id.to_string(),
+            key: key.clone(),
         })
     }
 
@@ -1031,17 +1047,7 @@ impl Chat {
                 }
             }
             Envelope::Text { key_id, token, .. } => {
-                let key = self
-                    .store
-                    .data()
-                    .conversations
-                    .get(&m.from)
-                    .and_then(|c| c.keys.get(&key_id))
-                    .map(|k| ConversationKey {
-                        id: key_id.clone(),
-                        key: k.clone(),
-                    });
-                let Some(key) = key else {
+                let Some(key) = self.conversation_key(&m.from, &key_id) else {
                     return undecryptable(format!("no key {key_id} from {}", m.from));
                 };
                 let payload = match e2e::open_text(&key, &token) {

@@ -14,7 +14,7 @@ use rsa::sha2::{Digest, Sha256};
 use serde::{Deserialize, Serialize};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// Chunks in flight while uploading, and asked for at once while downloading.
@@ -448,11 +448,7 @@ impl Chat {
                     };
                 let path = self.partial_path(file_id);
                 if let Some(dir) = path.parent() {
-                    fs::DirBuilder::new()
-                        .recursive(true)
-                        .mode(0o700)
-                        .create(dir)
-                        .map_err(io_err(dir))?;
+                    fastchat_common::keys::create_private_dir(dir).map_err(io_err(dir))?;
                 }
                 let mut out = OpenOptions::new()
                     .create(true)

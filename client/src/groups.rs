@@ -241,12 +241,8 @@ impl Chat {
         };
         let body = e2e::seal_group_text(&key, group_id, epoch, &payload)?.to_body();
         if record {
-            let shown = match &payload.file {
-                Some(f) => format!("[file] {}", f.name),
-                None => payload.text.clone(),
-            };
             let name = state.map(|s| s.name);
-            self.record_outgoing(&conversation(group_id), name, &shown, &payload)?;
+            self.record_outgoing(&conversation(group_id), name, &payload)?;
         }
         let sent = self.deliver(&SendTarget::Group(group_id), &[body])?;
         self.record_stored(&payload.mid, sent)?;
@@ -267,10 +263,7 @@ impl Chat {
             .get(&conversation(group_id))?;
         let id = conv.current.as_ref()?;
         Some((
-            ConversationKey {
-                id: id.clone(),
-                key: conv.keys.get(id)?.clone(),
-            },
+            self.conversation_key(&conversation(group_id), id)?,
             conv.epochs.get(id).copied().unwrap_or(0),
         ))
     }
@@ -446,17 +439,7 @@ impl Chat {
         key_id: &str,
         token: &str,
     ) -> Result<Opened, ClientError> {
-        let key = self
-            .store
-            .data()
-            .conversations
-            .get(&conversation(group_id))
-            .and_then(|c| c.keys.get(key_id))
-            .map(|k| ConversationKey {
-                id: key_id.to_string(),
-                key: k.clone(),
-            });
-        let Some(key) = key else {
+        let Some(key) = self.conversation_key(&conversation(group_id), key_id) else {
             return Ok(Opened::Held(m));
         };
         let payload = match e2e::open_text(&key, token) {

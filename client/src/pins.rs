@@ -5,7 +5,7 @@
 use crate::error::ClientError;
 use fastchat_common::hex;
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// The pin file under `data_dir`.
@@ -42,14 +42,10 @@ pub fn check_or_pin(data_dir: &Path, addr: &str, key: &[u8]) -> Result<(), Clien
         }
     }
     // The data directory holds the user's store too: private to the user (0700).
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(data_dir)
-        .map_err(|e| ClientError::Io {
-            path: data_dir.to_path_buf(),
-            source: e,
-        })?;
+    fastchat_common::keys::create_private_dir(data_dir).map_err(|e| ClientError::Io {
+        path: data_dir.to_path_buf(),
+        source: e,
+    })?;
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

@@ -142,10 +142,7 @@ impl Chat {
                     .rev()
                     .find(|id| conv.keys.contains_key(*id))
             })?;
-        Some(ConversationKey {
-            id: id.clone(),
-            key: conv.keys.get(id)?.clone(),
-        })
+        self.conversation_key(peer, id)
     }
 
     /// A receipt from `m.from`: the messages it names move to delivered. A receipt that
@@ -153,16 +150,7 @@ impl Chat {
     /// would only ever be a hint). Receipts are idempotent, so they do not take places
     /// in the duplicate-detection window of real messages.
     pub(crate) fn open_receipt(&mut self, m: &InboxEntry, key_id: &str, token: &str) -> Opened {
-        let key = self
-            .store
-            .data()
-            .conversations
-            .get(&m.from)
-            .and_then(|c| c.keys.get(key_id))
-            .map(|k| ConversationKey {
-                id: key_id.to_string(),
-                key: k.clone(),
-            });
+        let key = self.conversation_key(&m.from, key_id);
         let Some(Ok(receipt)) = key.map(|key| e2e::open_receipt(&key, token)) else {
             return Opened::Nothing;
         };

@@ -29,9 +29,9 @@ use fernet::Fernet;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::fmt;
-use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// How many server message ids and sender message ids are remembered (each); the oldest
@@ -369,11 +369,7 @@ impl Store {
             return Err(StoreError::AlreadyExists { path });
         }
         let dir = data_dir.join(user);
-        DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .map_err(|source| io_error(&dir, source))?;
+        fastchat_common::keys::create_private_dir(&dir).map_err(|source| io_error(&dir, source))?;
         // The user directory may have existed with looser permissions.
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
             .map_err(|source| io_error(&dir, source))?;

@@ -101,6 +101,15 @@ pub fn load_secret(path: &Path) -> Result<[u8; KEY_LEN], KeyError> {
     Ok(secret)
 }
 
+/// Creates directory `dir` and any missing parents, private to this user (mode 0700,
+/// like `install -d -m 700`); an existing directory is left as it is.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
 /// Creates `path` (and its parent directories) with mode 0600 and writes `bytes`; fails
 /// if it already exists, so a racing second writer never clobbers a key.
 pub fn write_private_file(path: &Path, bytes: &[u8]) -> Result<(), KeyError> {
@@ -109,12 +118,8 @@ pub fn write_private_file(path: &Path, bytes: &[u8]) -> Result<(), KeyError> {
         source,
     };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        // Only the server's user may list its key directory (like `install -d -m 700`).
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(err)?;
+        // Only the server's user may list its key directory.
+        create_private_dir(dir).map_err(err)?;
     }
     let mut file = std::fs::OpenOptions::new()
         .write(true)

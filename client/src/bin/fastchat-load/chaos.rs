@@ -10,7 +10,7 @@
 use fastchat_client::chat::{self, Chat, Event, Options};
 use fastchat_client::e2e::Identity;
 use fastchat_client::error::ClientError;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -243,14 +243,14 @@ pub fn run(plan: &Plan) -> Result<Audit, Box<dyn std::error::Error>> {
         failovers: failovers.iter().sum(),
         ..Audit::default()
     };
-    let mut expected: HashMap<(usize, usize, String), ()> = HashMap::new();
+    let mut expected: HashSet<(usize, usize, String)> = HashSet::new();
     for ((from, text), to) in &r.sent {
         for recipient in recipients(to, *from, n) {
-            expected.insert((recipient, *from, text.clone()), ());
+            expected.insert((recipient, *from, text.clone()));
         }
     }
     audit.expected = expected.len();
-    for key in expected.keys() {
+    for key in &expected {
         match r.shown.get(key).copied().unwrap_or(0) {
             0 => {
                 audit.lost += 1;
@@ -269,7 +269,7 @@ pub fn run(plan: &Plan) -> Result<Audit, Box<dyn std::error::Error>> {
     }
     for (key, count) in &r.shown {
         audit.shown += count;
-        if !expected.contains_key(key) {
+        if !expected.contains(key) {
             audit.unconfirmed += 1;
             if *count > 1 {
                 audit.duplicates += 1;
