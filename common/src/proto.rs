@@ -535,12 +535,11 @@ pub fn parse<T: DeserializeOwned>(json: &[u8]) -> Result<T, ParseError> {
     serde_json::from_slice(json).map_err(|e| {
         use serde_json::error::Category;
         // serde may stop at a type mismatch before it reaches broken syntax, so a Data
-        // error is only a frame error if the bytes are valid JSON at all. (Ignored
-        // strings are skipped without a UTF-8 check, hence the separate one.)
-        let well_formed = || {
-            std::str::from_utf8(json).is_ok()
-                && serde_json::from_slice::<serde::de::IgnoredAny>(json).is_ok()
-        };
+        // error is only a frame error if the bytes are valid JSON at all: read as a
+        // `Value`, which checks every string's UTF-8 and every number's range (an
+        // `IgnoredAny` skips both). Only failing frames pay for it, once: they close
+        // the connection.
+        let well_formed = || serde_json::from_slice::<serde_json::Value>(json).is_ok();
         let code = match e.classify() {
             Category::Data if !well_formed() => ErrorCode::BadJson,
             Category::Data if e.to_string().starts_with("unknown variant") => ErrorCode::UnknownTag,

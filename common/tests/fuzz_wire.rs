@@ -499,7 +499,13 @@ where
             e.code,
             e.message
         ),
-        Err(e) => prop_assert_eq!(e.code, ErrorCode::BadJson, "{}", e.message),
+        Err(e) => prop_assert_eq!(
+            e.code,
+            ErrorCode::BadJson,
+            "{} in {:?}",
+            e.message,
+            String::from_utf8_lossy(json)
+        ),
     }
     Ok(())
 }
@@ -935,4 +941,25 @@ fn every_tag_is_found() {
     ] {
         assert!(tags.iter().any(|x| x == t), "{t} missing from {tags:?}");
     }
+}
+
+#[test]
+fn out_of_range_number_in_a_wrongly_typed_frame_is_bad_json() {
+    // Found by fuzz_parsers_mutated_frames in CI: an ignored number is skipped without
+    // a range check, so a tag that is an array holding 1844674407370E551615 (beyond
+    // f64) was classified `bad_frame` although serde_json reads no JSON value there.
+    let json = br#"{"group":[null,-1],"t":[1844674407370E551615,[],false],"user":[]}"#;
+    for code in [
+        parse::<ClientToRelay>(json).unwrap_err().code,
+        parse::<MeshFrame>(json).unwrap_err().code,
+        parse::<AuthToClient>(json).unwrap_err().code,
+    ] {
+        assert_eq!(code, ErrorCode::BadJson);
+    }
+    // The same frame with the number in range is JSON, and only the wrong tag is wrong.
+    let json = br#"{"group":[null,-1],"t":[1844674407370E51,[],false],"user":[]}"#;
+    assert_eq!(
+        parse::<ClientToRelay>(json).unwrap_err().code,
+        ErrorCode::BadFrame
+    );
 }
