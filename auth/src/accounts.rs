@@ -5,10 +5,11 @@
 use argon2::password_hash::phc::PasswordHash;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use argon2::Argon2;
-use fastchat_common::db::{DbConn, DbPool};
+use fastchat_common::db::{DbConn, DbPool, HeldConnection};
 use fastchat_common::pool::Completions;
 use fastchat_common::proto::{valid_user_name, ErrorCode};
 use mio::Token;
+use postgres::Statement;
 use sha2::{Digest, Sha256};
 use std::net::IpAddr;
 use std::sync::OnceLock;
@@ -180,10 +181,27 @@ fn credential_hash(credential: &str) -> Vec<u8> {
 
 /// A worker of the auth pool.
 pub struct Worker {
-    pub db: DbPool,
-    pub done: Completions<Done>,
+    db: HeldConnection<Prepared>,
+    done: Completions<Done>,
     /// How long resumption credentials stay valid.
-    pub resume_ttl: Duration,
+    resume_ttl: Duration,
+}
+
+/// The statement of the hot path (a login storm is resumptions), prepared once per
+/// connection; the others run as argon2 allows, a few hundred per second at most.
+struct Prepared {
+    resume: Statement,
+}
+
+impl Prepared {
+    fn new(conn: &mut DbConn) -> Result<Prepared, postgres::Error> {
+        Ok(Prepared {
+            resume: conn.prepare(
+                "SELECT u.id FROM users u JOIN resume_credentials r ON r.user_id = u.id
+                 WHERE u.name = $1 AND r.hash = $2 AND r.expires_at > now()",
+            )?,
+        })
+    }
 }
 
 fn store_error(
@@ -213,13 +231,21 @@ fn bad_credentials(conn: Token, req: u64, login: Option<(String, IpAddr)>) -> Do
 }
 
 impl Worker {
+    pub fn new(db: DbPool, done: Completions<Done>, resume_ttl: Duration) -> Worker {
+        Worker {
+            db: HeldConnection::new(db, Prepared::new),
+            done,
+            resume_ttl,
+        }
+    }
+
     /// Runs one batch; each job is independent (argon2 dominates, not commits).
-    pub fn run_batch(&self, jobs: Vec<Job>) {
+    pub fn run_batch(&mut self, jobs: Vec<Job>) {
         let results: Vec<Done> = jobs.into_iter().map(|job| self.run_job(job)).collect();
         self.done.send_all(results);
     }
 
-    fn run_job(&self, job: Job) -> Done {
+    fn run_job(&mut self, job: Job) -> Done {
         let (conn, req) = match &job {
             Job::Register { conn, req, .. }
             | Job::Login { conn, req, .. }
@@ -233,17 +259,25 @@ impl Worker {
             | Job::ChangePassword { user, addr, .. } => Some((user.clone(), *addr)),
             _ => None,
         };
-        let mut client = match self.db.get() {
-            Ok(c) => c,
+        let mut held = match self.db.take() {
+            Ok(held) => held,
             Err(e) => return store_error(conn, req, who, e),
         };
-        match self.run_with(&mut client, job) {
-            Ok(done) => done,
+        match self.run_with(&mut held.conn, &held.st, job) {
+            Ok(done) => {
+                self.db.give_back(held);
+                done
+            }
             Err(e) => store_error(conn, req, who, e),
         }
     }
 
-    fn run_with(&self, client: &mut DbConn, job: Job) -> Result<Done, Box<dyn std::error::Error>> {
+    fn run_with(
+        &self,
+        client: &mut DbConn,
+        st: &Prepared,
+        job: Job,
+    ) -> Result<Done, Box<dyn std::error::Error>> {
         Ok(match job {
             Job::Register {
                 conn,
@@ -299,11 +333,7 @@ impl Worker {
                 credential,
                 addr,
             } => {
-                let row = client.query_opt(
-                    "SELECT u.id FROM users u JOIN resume_credentials r ON r.user_id = u.id
-                     WHERE u.name = $1 AND r.hash = $2 AND r.expires_at > now()",
-                    &[&user, &credential_hash(&credential)],
-                )?;
+                let row = client.query_opt(&st.resume, &[&user, &credential_hash(&credential)])?;
                 match row {
                     Some(row) => Done::LoggedIn {
                         conn,

@@ -140,11 +140,7 @@ impl AuthServer {
         let (done, done_rx) = Completions::new(waker.clone());
         let resume_ttl = Duration::from_secs(cfg.resume_ttl_secs);
         let pool = WorkerPool::start("auth-worker", cfg.workers, 16, |_| {
-            let worker = Worker {
-                db: db.clone(),
-                done: done.clone(),
-                resume_ttl,
-            };
+            let mut worker = Worker::new(db.clone(), done.clone(), resume_ttl);
             move |jobs| worker.run_batch(jobs)
         })?;
         let limiter = LoginLimiter::new(

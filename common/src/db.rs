@@ -4,9 +4,10 @@
 //! each, under an advisory lock so an auth server and relays starting together do not
 //! race, and recorded in `schema_migrations`. Applying them again changes nothing.
 
+use crate::{debug, info, warn};
 use postgres::NoTls;
 use r2d2_postgres::PostgresConnectionManager;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A pool of PostgreSQL connections.
 pub type DbPool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
@@ -93,6 +94,94 @@ pub fn connect(url: &str, size: u32, timeout: Duration) -> Result<DbPool, DbErro
             .map_err(DbError::Connect)?,
     );
     Ok(pool)
+}
+
+/// A worker's own connection and the statements it prepared on it (`S`).
+pub struct Held<S> {
+    pub conn: DbConn,
+    pub st: S,
+    /// When its last batch ended.
+    last_used: Instant,
+}
+
+/// A held connection idle this long is checked (one empty query) before a batch relies
+/// on it: PostgreSQL may have restarted meanwhile, and the first batch after an outage
+/// should not fail on a connection that died during it.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
+
+/// A worker's database connection, kept from batch to batch: no pool checkout (and its
+/// validity query) per batch, and the statements stay prepared (no parse and plan per
+/// statement). Dropped after any error; the next [`HeldConnection::take`] connects and
+/// prepares again.
+pub struct HeldConnection<S> {
+    pool: DbPool,
+    prepare: fn(&mut DbConn) -> Result<S, postgres::Error>,
+    held: Option<Held<S>>,
+    /// Since when no database could be reached (logged once, not per batch).
+    unavailable_since: Option<Instant>,
+}
+
+impl<S> HeldConnection<S> {
+    /// Connections from `pool`, with `prepare` run on each new one.
+    pub fn new(
+        pool: DbPool,
+        prepare: fn(&mut DbConn) -> Result<S, postgres::Error>,
+    ) -> HeldConnection<S> {
+        HeldConnection {
+            pool,
+            prepare,
+            held: None,
+            unavailable_since: None,
+        }
+    }
+
+    /// The connection for a batch, made (and prepared) if there is none or the held one
+    /// died. While PostgreSQL is down this fails after the pool's connection timeout
+    /// (`--db-timeout-ms`), so the batch is refused promptly. Hand it back with
+    /// [`HeldConnection::give_back`] if the batch went well; drop it otherwise.
+    pub fn take(&mut self) -> Result<Held<S>, String> {
+        if let Some(mut held) = self.held.take() {
+            let fresh = held.last_used.elapsed() < IDLE_CHECK;
+            if !held.conn.is_closed() && (fresh || held.conn.simple_query("").is_ok()) {
+                return Ok(held);
+            }
+            debug!("the held database connection is gone; reconnecting");
+        }
+        let prepare = self.prepare;
+        let connected = self
+            .pool
+            .get()
+            .map_err(|e| e.to_string())
+            .and_then(|mut conn| {
+                let st = prepare(&mut conn).map_err(|e| e.to_string())?;
+                Ok(Held {
+                    conn,
+                    st,
+                    last_used: Instant::now(),
+                })
+            });
+        match (&connected, self.unavailable_since) {
+            (Ok(_), Some(since)) => {
+                info!(
+                    "database reachable again after {:.1} s",
+                    since.elapsed().as_secs_f64()
+                );
+                self.unavailable_since = None;
+            }
+            (Err(e), None) => {
+                warn!("database unavailable, refusing work until it returns: {e}");
+                self.unavailable_since = Some(Instant::now());
+            }
+            _ => {}
+        }
+        connected
+    }
+
+    /// Keeps a connection whose batch went well for the next batch.
+    pub fn give_back(&mut self, mut held: Held<S>) {
+        held.last_used = Instant::now();
+        self.held = Some(held);
+    }
 }
 
 /// Applies every migration not yet recorded. Returns the versions applied now.

@@ -10,10 +10,10 @@
 
 use crate::files::{self, FileOp};
 use crate::groups::{self, GroupOp, GroupOutcome};
-use fastchat_common::db::{DbConn, DbPool};
+use fastchat_common::db::{DbConn, DbPool, HeldConnection};
 use fastchat_common::pool::Completions;
 use fastchat_common::proto::{ErrorCode, GroupEvent, RelayToClient};
-use fastchat_common::{debug, info, time, warn};
+use fastchat_common::{time, warn};
 use mio::Token;
 use postgres::{GenericClient, Statement};
 use std::collections::{HashMap, HashSet};
@@ -244,19 +244,7 @@ impl Prepared {
 const LOCATE: &str =
     "SELECT user_id, relay_id FROM presence WHERE user_id = ANY($1) AND relay_id <> $2";
 
-/// A worker's own connection and its prepared statements, kept across batches and
-/// dropped after any error (the next batch reconnects and prepares again).
-struct Held {
-    conn: DbConn,
-    st: Prepared,
-    /// When its last batch ended.
-    last_used: Instant,
-}
-
-/// A held connection idle this long is checked (one empty query) before a batch relies
-/// on it: PostgreSQL may have restarted meanwhile, and the first batch after an outage
-/// should not fail on a connection that died during it.
-const IDLE_CHECK: Duration = Duration::from_secs(1);
+type Held = fastchat_common::db::Held<Prepared>;
 
 /// Figures the workers keep for the relay's summary and `stats`.
 #[derive(Default)]
@@ -272,7 +260,6 @@ pub struct StoreMetrics {
 /// A worker's state: its database pool and a cache of user names to ids (names and
 /// ids never change once created, so the cache never goes stale).
 pub struct Worker {
-    db: DbPool,
     relay_id: String,
     done: Completions<Done>,
     user_ids: HashMap<String, i64>,
@@ -281,9 +268,7 @@ pub struct Worker {
     /// Most messages stored for one recipient (see [`Mailbox`]).
     max_pending: i64,
     mailboxes: HashMap<i64, Mailbox>,
-    held: Option<Held>,
-    /// Since when this worker has found no database (logged once, not per batch).
-    unavailable_since: Option<Instant>,
+    db: HeldConnection<Prepared>,
 }
 
 const USER_CACHE_LIMIT: usize = 100_000;
@@ -319,7 +304,6 @@ impl Worker {
         max_pending: i64,
     ) -> Worker {
         Worker {
-            db,
             relay_id,
             done,
             user_ids: HashMap::new(),
@@ -327,55 +311,14 @@ impl Worker {
             max_group_size,
             max_pending,
             mailboxes: HashMap::new(),
-            held: None,
-            unavailable_since: None,
+            db: HeldConnection::new(db, Prepared::new),
         }
-    }
-
-    /// The worker's connection, made (and its statements prepared) if there is none.
-    /// While PostgreSQL is down this fails after the pool's connection timeout
-    /// (`--db-timeout-ms`), so the batch is answered `store_failed` promptly.
-    fn connection(&mut self) -> Result<Held, String> {
-        if let Some(mut held) = self.held.take() {
-            let fresh = held.last_used.elapsed() < IDLE_CHECK;
-            if !held.conn.is_closed() && (fresh || held.conn.simple_query("").is_ok()) {
-                return Ok(held);
-            }
-            debug!("the held database connection is gone; reconnecting");
-        }
-        let connected = self
-            .db
-            .get()
-            .map_err(|e| e.to_string())
-            .and_then(|mut conn| {
-                let st = Prepared::new(&mut conn).map_err(|e| e.to_string())?;
-                Ok(Held {
-                    conn,
-                    st,
-                    last_used: Instant::now(),
-                })
-            });
-        match (&connected, self.unavailable_since) {
-            (Ok(_), Some(since)) => {
-                info!(
-                    "database reachable again after {:.1} s",
-                    since.elapsed().as_secs_f64()
-                );
-                self.unavailable_since = None;
-            }
-            (Err(e), None) => {
-                warn!("database unavailable, answering store_failed until it returns: {e}");
-                self.unavailable_since = Some(Instant::now());
-            }
-            _ => {}
-        }
-        connected
     }
 
     /// Runs one batch: runs of message jobs in one transaction each, group operations
     /// in their own, in the order they came.
     pub fn run_batch(&mut self, jobs: Vec<Job>) {
-        let Ok(mut held) = self.connection() else {
+        let Ok(mut held) = self.db.take() else {
             return self.fail_all(jobs);
         };
         let mut healthy = true;
@@ -393,8 +336,7 @@ impl Worker {
         }
         healthy &= self.commit_run(&mut held, run);
         if healthy {
-            held.last_used = Instant::now();
-            self.held = Some(held);
+            self.db.give_back(held);
         }
     }
 
