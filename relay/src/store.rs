@@ -183,8 +183,7 @@ pub struct Prepared {
     waiting: Statement,
     member: Statement,
     group_insert: Statement,
-    presence_in: Statement,
-    presence_out: Statement,
+    presence: Statement,
     key: Statement,
     pending: Statement,
 }
@@ -223,8 +222,16 @@ impl Prepared {
             )?,
             member: conn.prepare("SELECT g.name FROM group_members gm JOIN groups g ON g.id = gm.group_id WHERE gm.group_id = $1 AND gm.user_id = $2")?,
             group_insert: conn.prepare("INSERT INTO messages (recipient_id, id, sender_id, body, sent_at_ms, group_id) SELECT gm.user_id, nextval(pg_get_serial_sequence('messages', 'id')), $2, $3, $4, $1 FROM group_members gm WHERE gm.group_id = $1 AND gm.user_id <> $2 ORDER BY gm.joined_seq RETURNING id, recipient_id")?,
-            presence_in: conn.prepare("INSERT INTO presence (user_id, relay_id) VALUES ($1, $2) ON CONFLICT (user_id, relay_id) DO UPDATE SET since = now()")?,
-            presence_out: conn.prepare("DELETE FROM presence WHERE user_id = $1 AND relay_id = $2")?,
+            // A batch's presence changes in one statement: the users whose last change
+            // in the batch is a login ($1), and those whose last is a logout ($2);
+            // no user is in both, nor twice in one.
+            presence: conn.prepare(
+                "WITH gone AS (
+                     DELETE FROM presence WHERE user_id = ANY($2::int8[]) AND relay_id = $3
+                 )
+                 INSERT INTO presence (user_id, relay_id) SELECT u, $3 FROM unnest($1::int8[]) u
+                 ON CONFLICT (user_id, relay_id) DO UPDATE SET since = now()",
+            )?,
             key: conn.prepare("SELECT pubkey FROM users WHERE name = $1")?,
             // The page is cut from the recipient's index range first, then joined: a
             // prepared statement's generic plan cannot see the LIMIT, and joining first
@@ -559,9 +566,10 @@ impl Worker {
             .collect();
         let refused = self.full_mailboxes(conn, st, &mut direct)?;
 
-        // The usual batch is only direct messages and acknowledgements: one statement,
-        // its own transaction. Anything else joins them in an explicit transaction.
-        let only_direct = jobs.iter().all(|j| {
+        // The usual batch is only direct messages and acknowledgements, or only logins
+        // and logouts (a login storm): one statement, its own transaction. Anything
+        // else goes in an explicit transaction.
+        let is_direct = |j: &Job| {
             matches!(
                 j,
                 Job::Send {
@@ -569,29 +577,21 @@ impl Worker {
                     ..
                 } | Job::Ack { .. }
             )
-        });
-        let (direct_rows, group_rows) = if only_direct {
+        };
+        let is_presence = |j: &Job| matches!(j, Job::Login { .. } | Job::Logout { .. });
+        let (direct_rows, group_rows) = if jobs.iter().all(is_direct) {
             (
                 self.store_direct(&mut **conn, st, jobs, &direct, now)?,
                 Vec::new(),
             )
+        } else if jobs.iter().all(is_presence) {
+            self.store_presence(&mut **conn, st, jobs)?;
+            (Vec::new(), Vec::new())
         } else {
             let mut tx = conn.transaction()?;
             let direct_rows = self.store_direct(&mut tx, st, jobs, &direct, now)?;
             let group_rows = store_group(&mut tx, st, jobs, now)?;
-            // Presence changes, in job order (a logout then a login of one user both
-            // apply).
-            for job in jobs {
-                match job {
-                    Job::Login { user_id, .. } => {
-                        tx.execute(&st.presence_in, &[user_id, &self.relay_id])?;
-                    }
-                    Job::Logout { user_id } => {
-                        tx.execute(&st.presence_out, &[user_id, &self.relay_id])?;
-                    }
-                    _ => {}
-                }
-            }
+            self.store_presence(&mut tx, st, jobs)?;
             tx.commit()?;
             (direct_rows, group_rows)
         };
@@ -830,6 +830,33 @@ impl Worker {
     /// messages keep their order) and deletes its acknowledged messages, in one
     /// statement. `direct` holds the sends to store, (job position, recipient), in job
     /// order. Returns (msg_id, recipient) for each, in the same order.
+    /// Records the batch's logins and logouts on this relay: each user ends as their
+    /// last job in the batch says (a logout then a login of one user leaves them here).
+    fn store_presence(
+        &self,
+        db: &mut impl GenericClient,
+        st: &Prepared,
+        jobs: &[Job],
+    ) -> Result<(), postgres::Error> {
+        let mut last: HashMap<i64, bool> = HashMap::new();
+        for job in jobs {
+            match job {
+                Job::Login { user_id, .. } => last.insert(*user_id, true),
+                Job::Logout { user_id } => last.insert(*user_id, false),
+                _ => None,
+            };
+        }
+        if last.is_empty() {
+            return Ok(());
+        }
+        let (here, gone): (Vec<(i64, bool)>, Vec<(i64, bool)>) =
+            last.into_iter().partition(|&(_, on)| on);
+        let here: Vec<i64> = here.into_iter().map(|(u, _)| u).collect();
+        let gone: Vec<i64> = gone.into_iter().map(|(u, _)| u).collect();
+        db.execute(&st.presence, &[&here, &gone, &self.relay_id])?;
+        Ok(())
+    }
+
     fn store_direct(
         &self,
         db: &mut impl GenericClient,
