@@ -849,10 +849,10 @@ impl Worker {
         if last.is_empty() {
             return Ok(());
         }
-        let (here, gone): (Vec<(i64, bool)>, Vec<(i64, bool)>) =
-            last.into_iter().partition(|&(_, on)| on);
-        let here: Vec<i64> = here.into_iter().map(|(u, _)| u).collect();
-        let gone: Vec<i64> = gone.into_iter().map(|(u, _)| u).collect();
+        let (mut here, mut gone) = (Vec::new(), Vec::new());
+        for (user_id, on) in last {
+            if on { &mut here } else { &mut gone }.push(user_id);
+        }
         db.execute(&st.presence, &[&here, &gone, &self.relay_id])?;
         Ok(())
     }
