@@ -6,7 +6,7 @@ mod harness;
 use fastchat_client::chat::{self, Chat, Event};
 use fastchat_client::e2e::Identity;
 use fastchat_client::files::FileReceived;
-use harness::{Settings, TestNet};
+use harness::{eventually, Settings, TestNet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -93,12 +93,11 @@ fn five_mib_to_an_offline_peer_arrives_byte_identical() {
         .path
         .starts_with(net.opts("bob").data_dir.join("bob/downloads")));
     // Every recipient is done: the relay let go of it.
-    std::thread::sleep(Duration::from_millis(300));
-    let left: i64 = db
-        .query_one("SELECT count(*) FROM files", &[])
-        .unwrap()
-        .get(0);
-    assert_eq!(left, 0);
+    eventually("files left stored", 0, || {
+        db.query_one("SELECT count(*) FROM files", &[])
+            .unwrap()
+            .get::<_, i64>(0)
+    });
 }
 
 #[test]

@@ -73,7 +73,9 @@ fn replies_with(
 
 #[test]
 fn sends_over_the_rate_are_refused_with_a_retry_time_and_nothing_stored() {
-    let net = net_with_relay_args(&["--send-rate", "5", "--send-burst", "5"]);
+    // Slow enough that the library's sends below (each a commit and two fsynced store
+    // saves) outrun it even on a loaded machine.
+    let net = net_with_relay_args(&["--send-rate", "0.5", "--send-burst", "5"]);
     net.register("alice");
     net.register("bob");
     let mut alice = session(&net, "alice", false);
@@ -178,6 +180,9 @@ fn a_full_relay_closes_new_connections_and_serves_the_ones_it_has() {
 fn a_full_auth_server_closes_new_connections() {
     let net = TestNet::with(Settings {
         extra_auth_args: vec!["--max-connections".into(), "3".into()],
+        // The held links below never say hello: the handshake deadline must not free
+        // their places before the extra connection tries.
+        auth_deadline_secs: 30,
         ..Settings::default()
     });
     // The relay's control link is one of the three.
@@ -206,15 +211,15 @@ fn a_full_auth_server_closes_new_connections() {
 
 #[test]
 fn a_silent_session_is_closed_and_a_pinging_one_is_not() {
-    let net = net_with_relay_args(&["--idle-timeout-secs", "2"]);
+    let net = net_with_relay_args(&["--idle-timeout-secs", "4"]);
     net.register("alice");
     net.register("bob");
     let mut silent = session(&net, "alice", true);
     let mut pinging = session(&net, "bob", true);
     let started = Instant::now();
     let mut pings = 0u64;
-    // bob pings every 500 ms for 5 s; alice says nothing.
-    while started.elapsed() < Duration::from_secs(5) {
+    // bob pings every 500 ms for 9 s; alice says nothing.
+    while started.elapsed() < Duration::from_secs(9) {
         pings += 1;
         pinging.queue(&ClientToRelay::Ping { id: pings });
         pinging.flush().unwrap();

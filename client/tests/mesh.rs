@@ -7,7 +7,9 @@ use fastchat_client::chat::{Chat, Event};
 use fastchat_client::connect::{AuthLink, RelayLink};
 use fastchat_client::error::ClientError;
 use fastchat_common::proto::ErrorCode;
-use harness::{chat_through_a_fault, receive_n, Settings, TestNet, PASSWORD};
+use harness::{
+    chat_through_a_fault, eventually, receive_n, Settings, TestNet, MESH_LINK_UP, PASSWORD,
+};
 use std::time::{Duration, Instant};
 
 fn three_relays() -> TestNet {
@@ -106,8 +108,7 @@ fn all_pairs_across_three_relays_arrive_once_and_logins_balance() {
         .sum();
     assert!(forwarded > 0, "messages crossed the mesh");
     // Everything was acknowledged, wherever it was stored.
-    std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(net.stored_messages(), 0);
+    eventually("messages left stored", 0, || net.stored_messages());
 }
 
 #[test]
@@ -137,7 +138,7 @@ fn a_restarted_relay_rejoins_the_mesh_and_gets_clients() {
     net.kill_relay(1);
     net.restart_relay(1);
     net.relay(1)
-        .wait_for_count("mesh link", 2, Duration::from_secs(30));
+        .wait_for_count(MESH_LINK_UP, 2, Duration::from_secs(30));
     // The restarted relay is the least loaded: with one client on each of the others,
     // the third login lands on it.
     let chats = login_all(&net, &users[..3]);

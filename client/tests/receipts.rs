@@ -5,7 +5,7 @@ mod harness;
 
 use fastchat_client::chat::{Chat, Event};
 use fastchat_client::store::DeliveryState;
-use harness::{receive_n, TestNet};
+use harness::{eventually, receive_n, TestNet};
 use std::time::{Duration, Instant};
 
 /// Receives until a `Delivered` event comes (or `timeout`); returns its mids.
@@ -77,9 +77,8 @@ fn a_direct_message_becomes_delivered_when_the_recipient_stores_it() {
         .receive(Instant::now() + Duration::from_secs(1))
         .unwrap();
     assert!(events.is_empty(), "{events:?}");
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(net.stored_messages(), 0);
-    assert_eq!(net.stored_receipts(), 0);
+    eventually("messages left stored", 0, || net.stored_messages());
+    eventually("receipts left stored", 0, || net.stored_receipts());
 
     // It survives a restart of the sender.
     alice.close();
@@ -100,12 +99,14 @@ fn the_cli_reader_sends_receipts_and_never_prints_them() {
     let (ok, out, err) = net.cli("bob", &["read"]);
     assert!(ok, "bob read: {err}");
     assert!(out.contains("hello"), "{out}");
-    assert_eq!(net.stored_receipts(), 1, "bob's receipt waits for alice");
+    eventually("bob's receipt waiting for alice", 1, || {
+        net.stored_receipts()
+    });
     let (ok, out, err) = net.cli("alice", &["read", "--json"]);
     assert!(ok, "alice read: {err}");
     assert_eq!(out, "", "a receipt is not a message");
     assert!(!err.contains("could not be opened"), "{err}");
-    assert_eq!(net.stored_receipts(), 0);
+    eventually("receipts left stored", 0, || net.stored_receipts());
     let alice = Chat::login(&net.opts("alice"), false).unwrap();
     assert_eq!(
         own_states(&alice),
@@ -183,7 +184,7 @@ fn messages_left_pending_are_sent_again_at_login_and_shown_once() {
     );
     alice.close();
     let mut bob = net.login("bob");
-    let mut got = receive_n(&mut bob, 3, Duration::from_secs(5));
+    let mut got = receive_n(&mut bob, 3, Duration::from_secs(8));
     got.sort_by_key(|m| m.ts);
     let texts: Vec<&str> = got.iter().map(|m| m.text.as_str()).collect();
     assert_eq!(texts, ["one", "two"], "each shown once");

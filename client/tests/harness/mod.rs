@@ -126,9 +126,12 @@ impl Cluster {
     }
 
     fn pg_ctl_start(&self) {
+        // fsync=off: commits still go through the WAL to the kernel, so stopping or
+        // killing PostgreSQL loses nothing; only a crash of the machine could, which no
+        // test does. The tests then do not wait on a shared, busy disk.
         let opts = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=300 \
-             -c shared_buffers=64MB",
+             -c shared_buffers=64MB -c fsync=off",
             self.port,
             self.dir.display()
         );
@@ -492,7 +495,7 @@ impl TestNet {
         // Every relay has its mesh links before the test starts.
         for i in 0..count {
             net.relay(i)
-                .wait_for_count("mesh link", count - 1, Duration::from_secs(30));
+                .wait_for_count(MESH_LINK_UP, count - 1, Duration::from_secs(30));
         }
         net
     }
@@ -695,6 +698,27 @@ impl TestNet {
             )
             .unwrap()
             .get(0)
+    }
+}
+
+/// What a relay logs for each mesh link that comes up ("mesh link to|from X is up"; a
+/// bare "mesh link" would also match its summaries and closed links).
+pub const MESH_LINK_UP: &str = " is up";
+
+/// Polls `f` every 50 ms until it returns `want`, and fails with the last value after
+/// 20 s: for effects the servers apply after they answer (an acknowledgement's delete,
+/// a download's release), which a loaded machine may take a while to show.
+pub fn eventually<T: PartialEq + std::fmt::Debug>(what: &str, want: T, mut f: impl FnMut() -> T) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = f();
+        if got == want {
+            return;
+        }
+        if Instant::now() >= deadline {
+            assert_eq!(got, want, "{what} (waited 20 s)");
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
