@@ -5,12 +5,12 @@
 use argon2::password_hash::phc::PasswordHash;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use argon2::Argon2;
+use fastchat_common::credential;
 use fastchat_common::db::{DbConn, DbPool, HeldConnection};
 use fastchat_common::pool::Completions;
 use fastchat_common::proto::{valid_user_name, ErrorCode};
 use mio::Token;
 use postgres::Statement;
-use sha2::{Digest, Sha256};
 use std::net::IpAddr;
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -174,11 +174,6 @@ fn verify(password: &str, phc: &str) -> bool {
     }
 }
 
-/// What is kept of a credential: its SHA-256.
-fn credential_hash(credential: &str) -> Vec<u8> {
-    Sha256::digest(credential.as_bytes()).to_vec()
-}
-
 /// A worker of the auth pool.
 pub struct Worker {
     db: HeldConnection<Prepared>,
@@ -196,10 +191,7 @@ struct Prepared {
 impl Prepared {
     fn new(conn: &mut DbConn) -> Result<Prepared, postgres::Error> {
         Ok(Prepared {
-            resume: conn.prepare(
-                "SELECT u.id FROM users u JOIN resume_credentials r ON r.user_id = u.id
-                 WHERE u.name = $1 AND r.hash = $2 AND r.expires_at > now()",
-            )?,
+            resume: conn.prepare(credential::LOOKUP)?,
         })
     }
 }
@@ -333,7 +325,7 @@ impl Worker {
                 credential,
                 addr,
             } => {
-                let row = client.query_opt(&st.resume, &[&user, &credential_hash(&credential)])?;
+                let row = client.query_opt(&st.resume, &[&user, &credential::hash(&credential)])?;
                 match row {
                     Some(row) => Done::LoggedIn {
                         conn,
@@ -363,7 +355,7 @@ impl Worker {
                 client.execute(
                     "DELETE FROM resume_credentials r USING users u
                      WHERE r.user_id = u.id AND u.name = $1 AND r.hash = $2",
-                    &[&user, &credential_hash(&credential)],
+                    &[&user, &credential::hash(&credential)],
                 )?;
                 Done::LoggedOut { conn, req }
             }
@@ -417,7 +409,7 @@ impl Worker {
              INSERT INTO resume_credentials (user_id, hash, expires_at)
              VALUES ($1, $2, now() + make_interval(secs => $3))
              RETURNING (extract(epoch FROM expires_at) * 1000)::int8",
-            &[&user_id, &credential_hash(&secret), &ttl_secs],
+            &[&user_id, &credential::hash(&secret), &ttl_secs],
         )?;
         Ok(Credential {
             secret,

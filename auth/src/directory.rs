@@ -76,6 +76,20 @@ impl RelayDirectory {
         out
     }
 
+    /// Where clients reach every relay in rotation, sorted by id: the places a client
+    /// may resume directly after losing its relay.
+    pub fn client_addrs(&self) -> Vec<fastchat_common::proto::RelayAddr> {
+        let mut relays: Vec<&RelayEntry> = self.relays.values().collect();
+        relays.sort_by(|a, b| a.relay_id.cmp(&b.relay_id));
+        relays
+            .into_iter()
+            .map(|e| fastchat_common::proto::RelayAddr {
+                relay_addr: e.client_addr.clone(),
+                relay_key: e.static_key.clone(),
+            })
+            .collect()
+    }
+
     /// The control links of the relays in rotation.
     pub fn links(&self) -> Vec<Token> {
         self.relays.keys().copied().collect()

@@ -644,6 +644,7 @@ impl AuthServer {
             ticket: ticket.to_string(),
             credential_expires_ms: p.credential.as_ref().map(|c| c.expires_ms),
             credential: p.credential.map(|c| c.secret),
+            relays: self.directory.client_addrs(),
         };
         info!("{} logged in, sent to {}", p.user, relay.relay_id);
         self.send_client(p.client, &frame);

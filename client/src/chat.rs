@@ -8,7 +8,7 @@
 //! neither what the client sends back nor when depends on a decryption. Duplicates are
 //! dropped by server message id and by the sender's message id inside the ciphertext.
 
-use crate::connect::{AuthLink, RelayLink};
+use crate::connect::{AuthLink, RelayLink, RelayTarget};
 use crate::e2e::{self, ConversationKey, Envelope, Identity, PeerKey, TextPayload};
 use crate::error::ClientError;
 use crate::store::{
@@ -224,6 +224,8 @@ pub struct Chat {
     pub(crate) store: Store,
     pub(crate) identity: Identity,
     pub(crate) relay: RelayLink,
+    /// The relays the auth server listed at the last login, for direct failover.
+    pub(crate) relays: Vec<RelayTarget>,
     pub(crate) failovers: u32,
     /// Where received files are saved.
     pub(crate) downloads: PathBuf,
@@ -241,18 +243,30 @@ pub struct Chat {
 /// How long a session keeps trying to reach a relay again before giving up.
 pub const FAILOVER_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Logs in at the auth server — with the stored resumption credential when there is a
-/// valid one, else with the password — and connects to the relay it picks.
-fn establish(opts: &Options, store: &mut Store, receive: bool) -> Result<RelayLink, ClientError> {
-    let mut auth = AuthLink::connect(&opts.server, &opts.data_dir)?;
+/// How many listed relays a failover tries directly before going to the auth server.
+pub const DIRECT_ATTEMPTS: usize = 2;
+
+/// The saved resumption credential for `opts.server`, if it is good for another minute.
+fn saved_credential(opts: &Options, store: &Store) -> Option<String> {
     let now = time::now_ms();
-    let saved = store
+    store
         .data()
         .resume
         .get(&opts.server)
         .filter(|c| c.expires_ms > now + 60_000)
-        .map(|c| c.credential.clone());
-    let redirect = match saved {
+        .map(|c| c.credential.clone())
+}
+
+/// Logs in at the auth server — with the stored resumption credential when there is a
+/// valid one, else with the password — and connects to the relay it picks. Also returns
+/// the relays the auth server listed for direct failover.
+fn establish(
+    opts: &Options,
+    store: &mut Store,
+    receive: bool,
+) -> Result<(RelayLink, Vec<RelayTarget>), ClientError> {
+    let mut auth = AuthLink::connect(&opts.server, &opts.data_dir)?;
+    let redirect = match saved_credential(opts, store) {
         Some(credential) => match auth.resume(&opts.user, &credential) {
             Ok(r) => r,
             Err(ClientError::Refused {
@@ -276,7 +290,7 @@ fn establish(opts: &Options, store: &mut Store, receive: bool) -> Result<RelayLi
         );
         store.save()?;
     }
-    RelayLink::connect(&redirect, receive)
+    Ok((RelayLink::connect(&redirect, receive)?, redirect.relays))
 }
 
 /// The connection failed, not the request: a new session may succeed.
@@ -310,13 +324,14 @@ impl Chat {
             .map_err(|e| ClientError::Protocol(format!("stored identity is not base64: {e}")))?;
         let identity = Identity::from_pkcs8_der(&der)?;
         let mut store = store;
-        let relay = establish(opts, &mut store, receive)?;
+        let (relay, relays) = establish(opts, &mut store, receive)?;
         Chat {
             opts: opts.clone(),
             receive,
             store,
             identity,
             relay,
+            relays,
             failovers: 0,
             downloads: opts.data_dir.join(&opts.user).join("downloads"),
             file_requests: std::collections::HashMap::new(),
@@ -338,28 +353,25 @@ impl Chat {
         Ok(self)
     }
 
-    /// Connects again after the relay link failed: back through the auth server (with
-    /// the resumption credential), with exponential backoff and jitter, until
-    /// [`FAILOVER_TIMEOUT`]. The auth server picks a live relay.
+    /// Connects again after the relay link failed. First in one handshake: the saved
+    /// resumption credential presented straight to another relay the auth server
+    /// listed (so failover works while the auth server is down, and a storm of
+    /// reconnects costs it nothing). Otherwise back through the auth server, with
+    /// exponential backoff and jitter, until [`FAILOVER_TIMEOUT`]; it picks a live relay.
     pub fn reconnect(&mut self) -> Result<(), ClientError> {
+        let lost = self.relay.relay_addr.clone();
         self.relay.close();
         self.report(Progress::Reconnecting);
+        if let Some(relay) = self.resume_directly(&lost) {
+            return self.reconnected(relay);
+        }
         let deadline = Instant::now() + FAILOVER_TIMEOUT;
         let mut backoff = Duration::from_millis(100);
         loop {
             match establish(&self.opts, &mut self.store, self.receive) {
-                Ok(relay) => {
-                    self.relay = relay;
-                    // Request ids start again on the new link: the old link's
-                    // unanswered receipts must not swallow new replies.
-                    self.receipt_requests.clear();
-                    self.failovers += 1;
-                    let relay = self.relay.relay_addr.clone();
-                    self.report(Progress::Reconnected { relay });
-                    if self.receive {
-                        self.resume_downloads()?;
-                    }
-                    return Ok(());
+                Ok((relay, relays)) => {
+                    self.relays = relays;
+                    return self.reconnected(relay);
                 }
                 Err(e) if worth_retrying(&e) && Instant::now() + backoff < deadline => {
                     let jitter = rand::random::<u64>() % (backoff.as_millis() as u64 / 2 + 1);
@@ -369,6 +381,41 @@ impl Chat {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Tries up to [`DIRECT_ATTEMPTS`] listed relays other than `lost`, starting at a
+    /// random one so a dead relay's clients spread over the rest. `None` without a
+    /// saved credential or when none of them took it.
+    fn resume_directly(&mut self, lost: &str) -> Option<RelayLink> {
+        let credential = saved_credential(&self.opts, &self.store)?;
+        let others: Vec<&RelayTarget> = self.relays.iter().filter(|r| r.addr != lost).collect();
+        if others.is_empty() {
+            return None;
+        }
+        let start = rand::random::<u64>() as usize % others.len();
+        others
+            .iter()
+            .cycle()
+            .skip(start)
+            .take(others.len().min(DIRECT_ATTEMPTS))
+            .find_map(|relay| {
+                RelayLink::resume(relay, &self.opts.user, &credential, self.receive).ok()
+            })
+    }
+
+    /// Takes `relay` as the session's new link.
+    fn reconnected(&mut self, relay: RelayLink) -> Result<(), ClientError> {
+        self.relay = relay;
+        // Request ids start again on the new link: the old link's unanswered receipts
+        // must not swallow new replies.
+        self.receipt_requests.clear();
+        self.failovers += 1;
+        let relay = self.relay.relay_addr.clone();
+        self.report(Progress::Reconnected { relay });
+        if self.receive {
+            self.resume_downloads()?;
+        }
+        Ok(())
     }
 
     /// Sets the hook told about reconnects and upload progress (a UI's status line).

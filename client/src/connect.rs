@@ -40,6 +40,20 @@ pub struct Redirect {
     pub ticket: String,
     /// After a password login: a credential for later `resume`s, and its expiry (ms).
     pub credential: Option<(String, u64)>,
+    /// Every relay in rotation, where the credential may be presented directly after a
+    /// failover.
+    pub relays: Vec<RelayTarget>,
+}
+
+/// A relay a client can reach: its address and static Noise key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayTarget {
+    pub addr: String,
+    pub key: Vec<u8>,
+}
+
+fn decode_key(hex_key: &str) -> Result<Vec<u8>, ClientError> {
+    hex::decode(hex_key).ok_or_else(|| ClientError::Protocol("a relay key is not hex".into()))
 }
 
 /// An open connection to the auth server.
@@ -178,14 +192,23 @@ fn redirect_of(reply: AuthToClient) -> Result<Redirect, ClientError> {
             ticket,
             credential,
             credential_expires_ms,
+            relays,
             ..
         } => Ok(Redirect {
             user,
             relay_addr,
-            relay_key: hex::decode(&relay_key)
-                .ok_or_else(|| ClientError::Protocol("the relay key is not hex".into()))?,
+            relay_key: decode_key(&relay_key)?,
             ticket,
             credential: credential.map(|c| (c, credential_expires_ms.unwrap_or(0))),
+            relays: relays
+                .iter()
+                .map(|r| {
+                    Ok(RelayTarget {
+                        addr: r.relay_addr.clone(),
+                        key: decode_key(&r.relay_key)?,
+                    })
+                })
+                .collect::<Result<_, ClientError>>()?,
         }),
         other => Err(ClientError::Protocol(format!("{other:?}"))),
     }
@@ -212,15 +235,41 @@ impl RelayLink {
     /// Connects to the relay of `redirect` and presents the ticket. A `receive: false`
     /// session is send-only: the relay delivers nothing to it.
     pub fn connect(redirect: &Redirect, receive: bool) -> Result<RelayLink, ClientError> {
-        let mut link = connect(&redirect.relay_addr, Role::NkInitiator(&redirect.relay_key))?;
-        link.queue(&ClientToRelay::Hello {
-            version: PROTOCOL_VERSION,
-        });
-        link.queue(&ClientToRelay::Auth {
+        let relay = RelayTarget {
+            addr: redirect.relay_addr.clone(),
+            key: redirect.relay_key.clone(),
+        };
+        let auth = ClientToRelay::Auth {
             user: redirect.user.clone(),
             ticket: redirect.ticket.clone(),
             receive,
+        };
+        RelayLink::open(&relay, &auth)
+    }
+
+    /// Connects to `relay` directly and logs in with a resumption credential: one
+    /// handshake and no auth server, which is how a session fails over.
+    pub fn resume(
+        relay: &RelayTarget,
+        user: &str,
+        credential: &str,
+        receive: bool,
+    ) -> Result<RelayLink, ClientError> {
+        let resume = ClientToRelay::Resume {
+            user: user.to_string(),
+            credential: credential.to_string(),
+            receive,
+        };
+        RelayLink::open(relay, &resume)
+    }
+
+    /// Connects, says hello and presents `login` (`auth` or `resume`).
+    fn open(relay: &RelayTarget, login: &ClientToRelay) -> Result<RelayLink, ClientError> {
+        let mut link = connect(&relay.addr, Role::NkInitiator(&relay.key))?;
+        link.queue(&ClientToRelay::Hello {
+            version: PROTOCOL_VERSION,
         });
+        link.queue(login);
         link.flush()?;
         let deadline = Instant::now() + REPLY_TIMEOUT;
         loop {
@@ -231,7 +280,7 @@ impl RelayLink {
                         link,
                         user,
                         user_id,
-                        relay_addr: redirect.relay_addr.clone(),
+                        relay_addr: relay.addr.clone(),
                         next_id: 1,
                         stash: VecDeque::new(),
                         last_sent: Instant::now(),

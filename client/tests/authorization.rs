@@ -12,6 +12,14 @@ use fastchat_common::link::Link;
 use fastchat_common::noise::Role;
 use fastchat_common::proto::{ClientToRelay, ErrorCode, RelayToClient};
 use harness::{TestNet, PASSWORD};
+
+fn refusal<T>(result: Result<T, ClientError>) -> ErrorCode {
+    match result {
+        Err(ClientError::Refused { code, .. }) => code,
+        Err(other) => panic!("expected a refusal, got {other}"),
+        Ok(_) => panic!("expected a refusal, got through"),
+    }
+}
 use std::time::{Duration, Instant};
 
 fn redirect(net: &TestNet, user: &str) -> Redirect {
@@ -297,4 +305,47 @@ fn control_ports_refuse_anyone_without_the_cluster_secret() {
     // The servers go on: the relay is still in rotation and serves a login.
     net.register("alice");
     let _alice = session(&net, "alice");
+}
+
+#[test]
+fn a_relay_takes_a_resumption_credential_only_for_its_user_and_until_revoked() {
+    let net = TestNet::start();
+    for u in ["alice", "bob"] {
+        net.register(u);
+    }
+    let login = redirect(&net, "alice");
+    let (credential, _) = login
+        .credential
+        .clone()
+        .expect("a password login mints one");
+    assert!(
+        login.relays.iter().any(|r| r.addr == login.relay_addr),
+        "the relays listed for failover include the one logged in to"
+    );
+    let relay = &login.relays[0];
+    // The credential opens a session as its user, with no ticket and no auth server.
+    let mut alice = RelayLink::resume(relay, "alice", &credential, true).unwrap();
+    assert_eq!(alice.user, "alice");
+    assert!(matches!(
+        send_to(&mut alice, "bob", "resumed"),
+        RelayToClient::Sent { .. }
+    ));
+    // Not for another user, not made up, and a ticket is no credential.
+    for (user, secret) in [
+        ("bob", credential.clone()),
+        ("alice", "0".repeat(64)),
+        ("alice", login.ticket.clone()),
+        ("alice", "x".repeat(10_000)),
+        ("no such user!", credential.clone()),
+    ] {
+        let refused = refusal(RelayLink::resume(relay, user, &secret, true));
+        assert_eq!(refused, ErrorCode::BadCredentials, "{user}");
+    }
+    // Revoked at the auth server: no relay takes it any more.
+    let mut auth = AuthLink::connect(&net.auth_addr, &net.home.join("raw")).unwrap();
+    auth.logout("alice", &credential).unwrap();
+    for relay in &login.relays {
+        let refused = refusal(RelayLink::resume(relay, "alice", &credential, true));
+        assert_eq!(refused, ErrorCode::BadCredentials);
+    }
 }

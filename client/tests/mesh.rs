@@ -131,6 +131,36 @@ fn messages_flow_through_a_relay_crash_without_loss_or_duplicates() {
 }
 
 #[test]
+fn sessions_fail_over_straight_to_another_relay_while_the_auth_server_is_down() {
+    let mut net = TestNet::with(Settings {
+        relays: 2,
+        ..Settings::default()
+    });
+    let users: Vec<String> = (0..4).map(name).collect();
+    register_all(&net, &users);
+    let chats = login_all(&net, &users);
+    assert_eq!(relay_counts(&net, &chats), vec![2, 2]);
+
+    // With the auth server gone, the only way on is the credential presented to the
+    // other relay the auth server listed at login.
+    let run = chat_through_a_fault(chats, &users, 10, || {
+        net.auth.kill();
+        net.kill_relay(0);
+    });
+    let failed_over: Vec<&(String, u32)> = run.failovers.iter().filter(|(_, f)| *f > 0).collect();
+    assert!(
+        failed_over.len() >= 2,
+        "the killed relay's clients failed over: {:?}",
+        run.failovers
+    );
+    run.assert_each_shown_once();
+    assert!(
+        net.relay(1).log().matches("connected from").count() >= 4,
+        "relay 2 took the failed-over sessions"
+    );
+}
+
+#[test]
 fn a_restarted_relay_rejoins_the_mesh_and_gets_clients() {
     let mut net = three_relays();
     let users: Vec<String> = (0..4).map(name).collect();

@@ -11,10 +11,12 @@
 //! - [`limits`]: connection caps and token buckets for what strangers can cost.
 //! - [`db`]: the PostgreSQL connection pool and schema migrations.
 //! - [`keys`]: server static keys and the cluster secret on disk.
+//! - [`credential`]: how both servers check resumption credentials.
 //! - [`startup`]: keys, database and signal handling as both servers start.
 //! - [`log`], [`time`], [`hex`]: small helpers without extra dependencies.
 
 pub mod conn;
+pub mod credential;
 pub mod db;
 pub mod frame;
 pub mod hex;

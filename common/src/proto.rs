@@ -176,6 +176,10 @@ pub enum AuthToClient {
         credential: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         credential_expires_ms: Option<u64>,
+        /// Every relay in rotation (this one included), where a client holding a
+        /// resumption credential may `resume` directly after losing its relay.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        relays: Vec<RelayAddr>,
     },
     /// The credential is revoked.
     LoggedOut {
@@ -294,6 +298,13 @@ pub enum MeshFrame {
     Error(ErrorFrame),
 }
 
+/// Where clients reach a relay, and its static Noise key (hex).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct RelayAddr {
+    pub relay_addr: String,
+    pub relay_key: String,
+}
+
 /// Client → relay (Noise `NK`).
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(tag = "t", rename_all = "snake_case")]
@@ -306,6 +317,15 @@ pub enum ClientToRelay {
         user: String,
         ticket: String,
         /// `false` for a send-only session: nothing is delivered to it.
+        #[serde(default = "yes")]
+        receive: bool,
+    },
+    /// Instead of `auth`: log in with a resumption credential from the auth server
+    /// (one handshake, no auth server: how a client fails over). Replies as `auth`;
+    /// an unknown, expired or revoked credential gets `bad_credentials`.
+    Resume {
+        user: String,
+        credential: String,
         #[serde(default = "yes")]
         receive: bool,
     },

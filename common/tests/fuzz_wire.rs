@@ -202,6 +202,12 @@ fn samples(f: &Fields) -> Samples {
                 ticket: s.clone(),
                 credential: opt_s.clone(),
                 credential_expires_ms: f.b.then_some(n),
+                relays: (0..k % 3)
+                    .map(|_| RelayAddr {
+                        relay_addr: s.clone(),
+                        relay_key: s.clone(),
+                    })
+                    .collect(),
             },
             AuthToClient::LoggedOut { id: n },
             AuthToClient::PasswordChanged { id: n },
@@ -271,6 +277,11 @@ fn samples(f: &Fields) -> Samples {
             ClientToRelay::Auth {
                 user: s.clone(),
                 ticket: s.clone(),
+                receive: f.b,
+            },
+            ClientToRelay::Resume {
+                user: s.clone(),
+                credential: s.clone(),
                 receive: f.b,
             },
             ClientToRelay::Send {

@@ -2,8 +2,10 @@
 //! and the control link to the auth server; database work goes to the worker pool and
 //! comes back through the completion channel and the waker.
 //!
-//! Client connection: `AwaitingHello → AwaitingAuth → Ready(Session)`. A frame that
-//! does not fit the state gets an `error` frame and the connection closes.
+//! Client connection: `AwaitingHello → AwaitingAuth → Ready(Session)`, through
+//! `Resuming` while a worker checks a resumption credential presented instead of a
+//! ticket. A frame that does not fit the state gets an `error` frame and the
+//! connection closes.
 
 use crate::config::Config;
 use crate::control::{Announcement, ControlLink, Phase};
@@ -60,6 +62,10 @@ const MAX_ACK_IDS: usize = 10_000;
 enum ClientState {
     AwaitingHello,
     AwaitingAuth,
+    /// A `resume`'s credential is being checked by a worker.
+    Resuming {
+        receive: bool,
+    },
     Ready(Box<Session>),
 }
 
@@ -849,6 +855,53 @@ impl RelayServer {
         }
     }
 
+    /// Makes `token` a session of the admitted user: welcome, then the backlog.
+    fn admit(&mut self, token: Token, admission: Admission, receive: bool) {
+        let Some(client) = self.clients.get_mut(&token) else {
+            return;
+        };
+        info!("{} connected from {}", admission.user, client.conn.peer);
+        client.conn.queue(&RelayToClient::Welcome {
+            user: admission.user.clone(),
+            user_id: admission.user_id,
+        });
+        self.touched.insert(token);
+        let user_id = admission.user_id;
+        client.state = ClientState::Ready(Box::new(Session::new(
+            admission.user,
+            user_id,
+            receive,
+            self.cfg.page_size as usize,
+        )));
+        // Registered locally before presence commits, so no live message completing
+        // meanwhile can miss this session.
+        self.local.entry(user_id).or_default().push(token);
+        self.ready_sessions += 1;
+        self.submit(Job::Login {
+            conn: token,
+            user_id,
+            page: if receive { self.cfg.page_size } else { 0 },
+        });
+    }
+
+    /// Closes a connection whose resumption credential is not valid.
+    fn refuse_credential(&mut self, token: Token, user: &str) {
+        if let Some(client) = self.clients.get(&token) {
+            info!(
+                "refused a resumption credential for {user} from {}",
+                client.conn.peer
+            );
+        }
+        self.fail(
+            token,
+            ErrorFrame::new(
+                None,
+                ErrorCode::BadCredentials,
+                "the resumption credential is unknown, expired or revoked; log in again",
+            ),
+        );
+    }
+
     fn send(&mut self, token: Token, frame: &RelayToClient) {
         if let Some(client) = self.clients.get_mut(&token) {
             client.conn.queue(frame);
@@ -893,29 +946,7 @@ impl RelayServer {
                     receive,
                 },
             ) => match self.tickets.redeem(&ticket, &user, Instant::now()) {
-                Ok(admission) => {
-                    info!("{} connected from {}", admission.user, client.conn.peer);
-                    client.conn.queue(&RelayToClient::Welcome {
-                        user: admission.user.clone(),
-                        user_id: admission.user_id,
-                    });
-                    let user_id = admission.user_id;
-                    client.state = ClientState::Ready(Box::new(Session::new(
-                        admission.user,
-                        user_id,
-                        receive,
-                        self.cfg.page_size as usize,
-                    )));
-                    // Registered locally before presence commits, so no live message
-                    // completing meanwhile can miss this session.
-                    self.local.entry(user_id).or_default().push(token);
-                    self.ready_sessions += 1;
-                    self.submit(Job::Login {
-                        conn: token,
-                        user_id,
-                        page: if receive { self.cfg.page_size } else { 0 },
-                    });
-                }
+                Ok(admission) => self.admit(token, admission, receive),
                 Err(why) => {
                     info!(
                         "refused a ticket for {user} from {}: {why:?}",
@@ -931,6 +962,24 @@ impl RelayServer {
                     );
                 }
             },
+            (
+                ClientState::AwaitingAuth,
+                ClientToRelay::Resume {
+                    user,
+                    credential,
+                    receive,
+                },
+            ) => {
+                if !valid_user_name(&user) || credential.len() > 128 {
+                    return self.refuse_credential(token, &user);
+                }
+                client.state = ClientState::Resuming { receive };
+                self.submit(Job::Resume {
+                    conn: token,
+                    user,
+                    credential,
+                });
+            }
             (
                 ClientState::Ready(session),
                 ClientToRelay::Send {
@@ -1200,6 +1249,24 @@ impl RelayServer {
                     self.send(conn, &deliver(m));
                 }
             }
+            Done::Resumed {
+                conn,
+                user,
+                user_id,
+            } => {
+                let Some(Client {
+                    state: ClientState::Resuming { receive },
+                    ..
+                }) = self.clients.get(&conn)
+                else {
+                    return; // closed meanwhile
+                };
+                let receive = *receive;
+                match user_id {
+                    Some(user_id) => self.admit(conn, Admission { user, user_id }, receive),
+                    None => self.refuse_credential(conn, &user),
+                }
+            }
             Done::LoginFailed { conn } => self.fail(
                 conn,
                 ErrorFrame::new(
@@ -1431,6 +1498,7 @@ fn frame_name(frame: &ClientToRelay) -> &'static str {
     match frame {
         ClientToRelay::Hello { .. } => "hello",
         ClientToRelay::Auth { .. } => "auth",
+        ClientToRelay::Resume { .. } => "resume",
         ClientToRelay::Send { .. } => "send",
         ClientToRelay::Ack { .. } => "ack",
         ClientToRelay::Key { .. } => "key",

@@ -10,6 +10,7 @@
 
 use crate::files::{self, FileOp};
 use crate::groups::{self, GroupOp, GroupOutcome};
+use fastchat_common::credential;
 use fastchat_common::db::{DbConn, DbPool, HeldConnection};
 use fastchat_common::pool::Completions;
 use fastchat_common::proto::{ErrorCode, GroupEvent, RelayToClient};
@@ -86,6 +87,12 @@ pub enum Job {
     Ack { user_id: i64, msg_ids: Vec<i64> },
     /// The user's last session on this relay ended.
     Logout { user_id: i64 },
+    /// Check a resumption credential a client presented instead of a ticket.
+    Resume {
+        conn: Token,
+        user: String,
+        credential: String,
+    },
     /// Look up a user's public key.
     LookupKey {
         conn: Token,
@@ -123,6 +130,10 @@ impl Job {
             | Job::File { user_id, .. }
             | Job::Group { user_id, .. } => *user_id as u64,
             Job::Send { sender_id, .. } => *sender_id as u64,
+            // No id yet: any stable spread will do.
+            Job::Resume { user, .. } => user
+                .bytes()
+                .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(b.into())),
         }
     }
 }
@@ -135,6 +146,12 @@ pub enum Done {
         conn: Token,
         messages: Vec<Stored>,
         more: bool,
+    },
+    /// A resumption credential checked: the user's id, or `None` if it is not valid.
+    Resumed {
+        conn: Token,
+        user: String,
+        user_id: Option<i64>,
     },
     /// What is stored for a live session (delivered again; clients drop what they have).
     CatchUp { conn: Token, messages: Vec<Stored> },
@@ -186,6 +203,7 @@ pub struct Prepared {
     presence: Statement,
     key: Statement,
     pending: Statement,
+    resume: Statement,
 }
 
 impl Prepared {
@@ -233,6 +251,7 @@ impl Prepared {
                  ON CONFLICT (user_id, relay_id) DO UPDATE SET since = now()",
             )?,
             key: conn.prepare("SELECT pubkey FROM users WHERE name = $1")?,
+            resume: conn.prepare(credential::LOOKUP)?,
             // The page is cut from the recipient's index range first, then joined: a
             // prepared statement's generic plan cannot see the LIMIT, and joining first
             // would read the whole backlog for every page.
@@ -566,9 +585,9 @@ impl Worker {
             .collect();
         let refused = self.full_mailboxes(conn, st, &mut direct)?;
 
-        // The usual batch is only direct messages and acknowledgements, or only logins
-        // and logouts (a login storm): one statement, its own transaction. Anything
-        // else goes in an explicit transaction.
+        // The usual batch is only direct messages and acknowledgements, or only logins,
+        // logouts and credential checks (a login storm): one statement, its own
+        // transaction. Anything else goes in an explicit transaction.
         let is_direct = |j: &Job| {
             matches!(
                 j,
@@ -578,7 +597,12 @@ impl Worker {
                 } | Job::Ack { .. }
             )
         };
-        let is_presence = |j: &Job| matches!(j, Job::Login { .. } | Job::Logout { .. });
+        let is_presence = |j: &Job| {
+            matches!(
+                j,
+                Job::Login { .. } | Job::Logout { .. } | Job::Resume { .. }
+            )
+        };
         let (direct_rows, group_rows) = if jobs.iter().all(is_direct) {
             (
                 self.store_direct(&mut **conn, st, jobs, &direct, now)?,
@@ -765,6 +789,20 @@ impl Worker {
                     }),
                     None => results.push(store_failed(*token, *req)),
                 },
+                Job::Resume {
+                    conn: token,
+                    user,
+                    credential,
+                } => match unless_failed(&mut after_commit, || {
+                    conn.query_opt(&st.resume, &[user, &credential::hash(credential)])
+                }) {
+                    Some(row) => results.push(Done::Resumed {
+                        conn: *token,
+                        user: user.clone(),
+                        user_id: row.map(|r| r.get(0)),
+                    }),
+                    None => results.push(Done::LoginFailed { conn: *token }),
+                },
                 Job::Ack { .. } | Job::Logout { .. } | Job::Group { .. } | Job::File { .. } => {}
             }
         }
@@ -918,7 +956,7 @@ impl Worker {
             | Job::LookupKey { conn, req, .. }
             | Job::File { conn, req, .. }
             | Job::Group { conn, req, .. } => Some(store_failed(conn, req)),
-            Job::Login { conn, .. } | Job::FetchPending { conn, .. } => {
+            Job::Login { conn, .. } | Job::FetchPending { conn, .. } | Job::Resume { conn, .. } => {
                 Some(Done::LoginFailed { conn })
             }
             // The next mesh change or login catches up instead.

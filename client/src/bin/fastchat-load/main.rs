@@ -119,6 +119,11 @@ enum Scenario {
         /// Threads logging in at once.
         #[arg(long, default_value_t = 32)]
         threads: usize,
+        /// Present the credentials straight to the relays (round robin), as clients
+        /// failing over do: one handshake per session and no auth server. Without it,
+        /// each session resumes at the auth server and redeems its ticket.
+        #[arg(long)]
+        direct: bool,
     },
     /// Idle connections: hold sessions and report the relays' memory per connection.
     /// The sessions are spread over child processes (see `--per-process`), since one
@@ -407,13 +412,23 @@ fn run(cli: &Cli) -> Result<u64, Box<dyn std::error::Error>> {
             users: n,
             sessions,
             threads,
+            direct,
         } => {
             let users = setup::users(&target, *n, &pubkey, cli.setup_threads)?;
+            let relays = setup::relays(&target, &users[0])?;
+            if *direct && relays.is_empty() {
+                return Err("the auth server listed no relays".into());
+            }
             let total = n * sessions;
             let before = sample(&procs);
             let started = Instant::now();
-            let opened =
-                setup::parallel(total, *threads, |i| setup::session(&target, &users, i % n))?;
+            let opened = setup::parallel(total, *threads, |i| {
+                if *direct {
+                    setup::direct_session(&relays[i % relays.len()], &users, i % n)
+                } else {
+                    setup::session(&target, &users, i % n)
+                }
+            })?;
             let secs = started.elapsed().as_secs_f64();
             drop(opened);
             let outcome = Outcome {
@@ -422,9 +437,9 @@ fn run(cli: &Cli) -> Result<u64, Box<dyn std::error::Error>> {
                 ..Outcome::default()
             };
             Report {
-                scenario: "logins".into(),
+                scenario: if *direct { "logins-direct" } else { "logins" }.into(),
                 users: *n,
-                extra: serde_json::json!({"sessions": total, "logins_per_s": (total as f64 / secs).round(), "seconds": secs}),
+                extra: serde_json::json!({"sessions": total, "logins_per_s": (total as f64 / secs).round(), "seconds": secs, "direct": direct}),
                 servers: diff(&procs, before),
                 outcome,
             }

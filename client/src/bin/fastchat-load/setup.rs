@@ -3,7 +3,7 @@
 //! sessions as asked through resumption (no argon2 on the server), each handed over to
 //! the mio driver with its Noise session.
 
-use fastchat_client::connect::{AuthLink, RelayLink};
+use fastchat_client::connect::{AuthLink, RelayLink, RelayTarget};
 use fastchat_client::error::ClientError;
 use fastchat_common::conn::Connection;
 use fastchat_common::proto::{ErrorCode, RelayToClient};
@@ -128,24 +128,51 @@ pub fn users(
     })
 }
 
-/// Opens a session for `user` through resumption and hands it over to mio.
+/// Opens a session for `user` through resumption at the auth server and hands it over
+/// to mio.
 pub fn session(target: &Target, users: &[User], user: usize) -> Result<Session, ClientError> {
     retrying(|| {
         let mut auth = AuthLink::connect(&target.server, &target.data_dir)?;
         let u = &users[user];
         let redirect = auth.resume(&u.name, &u.credential)?;
-        let relay = RelayLink::connect(&redirect, true)?;
-        let (link, early) = relay.into_link();
-        let (stream, codec) = link.into_parts();
-        stream
-            .set_nonblocking(true)
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let peer = stream
-            .peer_addr()
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let conn = Connection::from_established(mio::net::TcpStream::from_std(stream), peer, codec);
-        Ok(Session { user, conn, early })
+        handover(RelayLink::connect(&redirect, true)?, user)
     })
+}
+
+/// The relays the auth server lists for direct resumption.
+pub fn relays(target: &Target, user: &User) -> Result<Vec<RelayTarget>, ClientError> {
+    let mut auth = AuthLink::connect(&target.server, &target.data_dir)?;
+    Ok(auth.resume(&user.name, &user.credential)?.relays)
+}
+
+/// Opens a session for `user` by presenting the credential straight to `relay` (one
+/// handshake, as a failing-over client does) and hands it over to mio.
+pub fn direct_session(
+    relay: &RelayTarget,
+    users: &[User],
+    user: usize,
+) -> Result<Session, ClientError> {
+    retrying(|| {
+        let u = &users[user];
+        handover(
+            RelayLink::resume(relay, &u.name, &u.credential, true)?,
+            user,
+        )
+    })
+}
+
+/// The established session as a non-blocking connection for the driver.
+fn handover(relay: RelayLink, user: usize) -> Result<Session, ClientError> {
+    let (link, early) = relay.into_link();
+    let (stream, codec) = link.into_parts();
+    stream
+        .set_nonblocking(true)
+        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+    let peer = stream
+        .peer_addr()
+        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+    let conn = Connection::from_established(mio::net::TcpStream::from_std(stream), peer, codec);
+    Ok(Session { user, conn, early })
 }
 
 /// The directory for the load tester's pinned server key.
