@@ -62,6 +62,7 @@ if [ "$quick" = 1 ]; then
     run group --groups 1 --members 50 --seconds 2
     run drain --messages 10000
     run logins --users 20 --sessions 5
+    run logins --users 20 --sessions 5 --direct
     idle_on_one_relay --users 20 --sessions 50 --seconds 1
 else
     run pg-ceiling --seconds 10
@@ -74,6 +75,8 @@ else
     run group --groups 2 --members 100 --seconds 8 --rate 250
     run drain --messages 100000
     run logins --users 100 --sessions 100
+    # The reconnect storm's path: credentials straight to the relays, one handshake.
+    run logins --users 100 --sessions 100 --direct
     # One relay holding as many clients as its descriptor limit (20,000 here) allows:
     # the other relays stop for this scenario, and the driver's sessions are spread
     # over child processes (each has the same limit).
@@ -84,18 +87,18 @@ say "results: $out"
 python3 - "$out" <<'PY' 2>/dev/null || cat "$out"
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-print(f"{'scenario':<12} {'pace / size':<22} {'msgs/s':>9} {'p50':>7} {'p99':>7} {'lost':>5} {'cpu µs/msg':>10}")
+print(f"{'scenario':<14} {'pace / size':<22} {'msgs/s':>9} {'p50':>7} {'p99':>7} {'lost':>5} {'cpu µs/msg':>10}")
 for r in rows:
     if r["scenario"] == "pg-ceiling":
-        print(f"{'pg-ceiling':<12} {'batch ' + str(r['batch']):<22} {r['rows_per_s']:>9.0f}")
+        print(f"{'pg-ceiling':<14} {'batch ' + str(r['batch']):<22} {r['rows_per_s']:>9.0f}")
         continue
     d = r.get("details", {})
     what = d.get("pace") or (f"{d.get('connections')} conns" if "connections" in d else "") or (f"{d.get('sessions')} sessions" if "sessions" in d else "") or (f"{d.get('queued')} queued" if "queued" in d else "")
-    if r["scenario"] == "logins":
+    if r["scenario"].startswith("logins"):
         rate = d.get("logins_per_s", 0)
     else:
         rate = r["msgs_per_s"]
     lat = r["latency_ms"]
     extra = f"  {d['relay_bytes_per_connection']:.0f} B/conn" if "relay_bytes_per_connection" in d else ""
-    print(f"{r['scenario']:<12} {what:<22} {rate:>9.0f} {lat['p50']:>7.2f} {lat['p99']:>7.2f} {r['lost']:>5} {r['server_cpu_us_per_msg']:>10.1f}{extra}")
+    print(f"{r['scenario']:<14} {what:<22} {rate:>9.0f} {lat['p50']:>7.2f} {lat['p99']:>7.2f} {r['lost']:>5} {r['server_cpu_us_per_msg']:>10.1f}{extra}")
 PY
