@@ -3,81 +3,22 @@
 //! An attempt counts against both keys while it is being checked, so many parallel
 //! guesses cannot slip past the limit; a success gives the user's count back.
 
-use std::collections::HashMap;
-use std::hash::Hash;
+use fastchat_common::limits::FailureCounter;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-struct Window {
-    start: Instant,
-    count: u32,
-}
-
-/// Counts failures per key in fixed windows.
-struct Counter<K> {
-    limit: u32,
-    window: Duration,
-    entries: HashMap<K, Window>,
-}
-
-impl<K: Hash + Eq + Clone> Counter<K> {
-    fn new(limit: u32, window: Duration) -> Self {
-        Counter {
-            limit,
-            window,
-            entries: HashMap::new(),
-        }
-    }
-
-    /// Time left until `key` may try again, if it is limited now.
-    fn blocked_for(&self, key: &K, now: Instant) -> Option<Duration> {
-        let w = self.entries.get(key)?;
-        let end = w.start + self.window;
-        (w.count >= self.limit && end > now).then(|| end - now)
-    }
-
-    fn add(&mut self, key: &K, now: Instant) {
-        let w = self.entries.entry(key.clone()).or_insert(Window {
-            start: now,
-            count: 0,
-        });
-        if w.start + self.window <= now {
-            *w = Window {
-                start: now,
-                count: 0,
-            };
-        }
-        w.count += 1;
-    }
-
-    fn remove_one(&mut self, key: &K) {
-        if let Some(w) = self.entries.get_mut(key) {
-            w.count = w.count.saturating_sub(1);
-        }
-    }
-
-    fn reset(&mut self, key: &K) {
-        self.entries.remove(key);
-    }
-
-    fn expire(&mut self, now: Instant) {
-        let window = self.window;
-        self.entries.retain(|_, w| w.start + window > now);
-    }
-}
-
 /// The limiter the auth server consults before every login.
 pub struct LoginLimiter {
-    users: Counter<String>,
-    addrs: Counter<IpAddr>,
+    users: FailureCounter<String>,
+    addrs: FailureCounter<IpAddr>,
 }
 
 impl LoginLimiter {
     /// A limiter allowing `per_user` and `per_addr` failures per `window`.
     pub fn new(per_user: u32, per_addr: u32, window: Duration) -> Self {
         LoginLimiter {
-            users: Counter::new(per_user, window),
-            addrs: Counter::new(per_addr, window),
+            users: FailureCounter::new(per_user, window),
+            addrs: FailureCounter::new(per_addr, window),
         }
     }
 

@@ -227,6 +227,8 @@ pub struct Chat {
     /// The relays the auth server listed at the last login, for direct failover.
     pub(crate) relays: Vec<RelayTarget>,
     pub(crate) failovers: u32,
+    /// When the last failover completed.
+    pub(crate) last_failover: Option<Instant>,
     /// Where received files are saved.
     pub(crate) downloads: PathBuf,
     /// Outstanding `file_get` requests: request id → file id.
@@ -245,6 +247,10 @@ pub const FAILOVER_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How many listed relays a failover tries directly before going to the auth server.
 pub const DIRECT_ATTEMPTS: usize = 2;
+
+/// A failover this soon after the last one goes through the auth server (which backs
+/// off), so a relay that takes sessions and then drops them cannot make a client spin.
+pub const DIRECT_COOLDOWN: Duration = Duration::from_secs(5);
 
 /// The saved resumption credential for `opts.server`, if it is good for another minute.
 fn saved_credential(opts: &Options, store: &Store) -> Option<String> {
@@ -333,6 +339,7 @@ impl Chat {
             relay,
             relays,
             failovers: 0,
+            last_failover: None,
             downloads: opts.data_dir.join(&opts.user).join("downloads"),
             file_requests: std::collections::HashMap::new(),
             receipt_requests: std::collections::HashSet::new(),
@@ -385,22 +392,48 @@ impl Chat {
 
     /// Tries up to [`DIRECT_ATTEMPTS`] listed relays other than `lost`, starting at a
     /// random one so a dead relay's clients spread over the rest. `None` without a
-    /// saved credential or when none of them took it.
+    /// saved credential, right after another failover (then the auth server's path,
+    /// with its backoff, is taken), or when none of them took it. A credential a relay
+    /// refuses is forgotten: it was revoked or expired.
     fn resume_directly(&mut self, lost: &str) -> Option<RelayLink> {
+        if self
+            .last_failover
+            .is_some_and(|t| t.elapsed() < DIRECT_COOLDOWN)
+        {
+            return None;
+        }
         let credential = saved_credential(&self.opts, &self.store)?;
-        let others: Vec<&RelayTarget> = self.relays.iter().filter(|r| r.addr != lost).collect();
+        let others: Vec<RelayTarget> = self
+            .relays
+            .iter()
+            .filter(|r| r.addr != lost)
+            .cloned()
+            .collect();
         if others.is_empty() {
             return None;
         }
         let start = rand::random::<u64>() as usize % others.len();
-        others
+        for relay in others
             .iter()
             .cycle()
             .skip(start)
             .take(others.len().min(DIRECT_ATTEMPTS))
-            .find_map(|relay| {
-                RelayLink::resume(relay, &self.opts.user, &credential, self.receive).ok()
-            })
+        {
+            match RelayLink::resume(relay, &self.opts.user, &credential, self.receive) {
+                Ok(link) => return Some(link),
+                Err(ClientError::Refused {
+                    code: ErrorCode::BadCredentials,
+                    ..
+                }) => {
+                    self.store.data_mut().resume.remove(&self.opts.server);
+                    // Best effort: the auth server's path logs in with the password.
+                    let _ = self.store.save();
+                    return None;
+                }
+                Err(_) => {}
+            }
+        }
+        None
     }
 
     /// Takes `relay` as the session's new link.
@@ -410,6 +443,7 @@ impl Chat {
         // must not swallow new replies.
         self.receipt_requests.clear();
         self.failovers += 1;
+        self.last_failover = Some(Instant::now());
         let relay = self.relay.relay_addr.clone();
         self.report(Progress::Reconnected { relay });
         if self.receive {

@@ -16,6 +16,9 @@ use std::time::{Duration, Instant};
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long to wait for a reply to a request.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a failing-over session waits for a relay to take its credential before it
+/// tries elsewhere.
+pub const RESUME_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn connect(addr: &str, role: Role<'_>) -> Result<Link, ClientError> {
     Link::connect(addr, role, DEFAULT_MAX_FRAME, CONNECT_TIMEOUT).map_err(|e| match e {
@@ -244,7 +247,7 @@ impl RelayLink {
             ticket: redirect.ticket.clone(),
             receive,
         };
-        RelayLink::open(&relay, &auth)
+        RelayLink::open(&relay, &auth, REPLY_TIMEOUT)
     }
 
     /// Connects to `relay` directly and logs in with a resumption credential: one
@@ -260,18 +263,23 @@ impl RelayLink {
             credential: credential.to_string(),
             receive,
         };
-        RelayLink::open(relay, &resume)
+        RelayLink::open(relay, &resume, RESUME_TIMEOUT)
     }
 
-    /// Connects, says hello and presents `login` (`auth` or `resume`).
-    fn open(relay: &RelayTarget, login: &ClientToRelay) -> Result<RelayLink, ClientError> {
+    /// Connects, says hello, presents `login` (`auth` or `resume`) and waits up to
+    /// `timeout` for the welcome.
+    fn open(
+        relay: &RelayTarget,
+        login: &ClientToRelay,
+        timeout: Duration,
+    ) -> Result<RelayLink, ClientError> {
         let mut link = connect(&relay.addr, Role::NkInitiator(&relay.key))?;
         link.queue(&ClientToRelay::Hello {
             version: PROTOCOL_VERSION,
         });
         link.queue(login);
         link.flush()?;
-        let deadline = Instant::now() + REPLY_TIMEOUT;
+        let deadline = Instant::now() + timeout;
         loop {
             match link.recv::<RelayToClient>(Some(deadline))? {
                 Some(RelayToClient::Hello { .. }) => {}

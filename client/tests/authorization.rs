@@ -11,7 +11,7 @@ use fastchat_client::error::ClientError;
 use fastchat_common::link::Link;
 use fastchat_common::noise::Role;
 use fastchat_common::proto::{ClientToRelay, ErrorCode, RelayToClient};
-use harness::{TestNet, PASSWORD};
+use harness::{Settings, TestNet, PASSWORD};
 
 fn refusal<T>(result: Result<T, ClientError>) -> ErrorCode {
     match result {
@@ -309,7 +309,10 @@ fn control_ports_refuse_anyone_without_the_cluster_secret() {
 
 #[test]
 fn a_relay_takes_a_resumption_credential_only_for_its_user_and_until_revoked() {
-    let net = TestNet::start();
+    let net = TestNet::with(Settings {
+        extra_relay_args: vec!["--resume-failures-per-addr".into(), "6".into()],
+        ..Settings::default()
+    });
     for u in ["alice", "bob"] {
         net.register(u);
     }
@@ -347,5 +350,17 @@ fn a_relay_takes_a_resumption_credential_only_for_its_user_and_until_revoked() {
     for relay in &login.relays {
         let refused = refusal(RelayLink::resume(relay, "alice", &credential, true));
         assert_eq!(refused, ErrorCode::BadCredentials);
+    }
+    // Six refusals from this address: now even a good credential is turned away
+    // without a lookup, with the time to wait.
+    let fresh = redirect(&net, "alice").credential.unwrap().0;
+    match RelayLink::resume(relay, "alice", &fresh, true) {
+        Err(ClientError::Refused {
+            code: ErrorCode::RateLimited,
+            retry_after_ms: Some(ms),
+            ..
+        }) => assert!(ms > 0),
+        Err(other) => panic!("expected rate_limited, got {other}"),
+        Ok(_) => panic!("expected rate_limited, got through"),
     }
 }

@@ -161,6 +161,44 @@ fn sessions_fail_over_straight_to_another_relay_while_the_auth_server_is_down() 
 }
 
 #[test]
+fn a_failover_with_a_revoked_credential_logs_in_with_the_password() {
+    let mut net = three_relays();
+    net.register("alice");
+    net.register("bob");
+    let mut alice = net.login("alice");
+    let mut bob = net.login("bob");
+    // Revoke every credential of alice's (the password stays the same).
+    let mut db = postgres::Client::connect(&net.db_url, postgres::NoTls).unwrap();
+    db.execute("DELETE FROM resume_credentials", &[]).unwrap();
+    let before = net.auth_stats();
+    net.kill_relay(net.relay_index(alice.relay_addr()));
+    alice
+        .send_text("bob", "after the failover")
+        .expect("the send fails over");
+    assert_eq!(alice.failovers(), 1);
+    // One relay refused the credential; alice forgot it rather than trying another,
+    // and logged in with her password.
+    let refusals: usize = (0..3)
+        .filter(|&i| net.relays[i].is_some())
+        .map(|i| {
+            net.relay(i)
+                .log()
+                .matches("refused a resumption credential")
+                .count()
+        })
+        .sum();
+    assert_eq!(refusals, 1);
+    let after = net.auth_stats();
+    assert_eq!(
+        after["logins"].as_u64().unwrap(),
+        before["logins"].as_u64().unwrap() + 1
+    );
+    let got = receive_n(&mut bob, 1, Duration::from_secs(30));
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].text, "after the failover");
+}
+
+#[test]
 fn a_restarted_relay_rejoins_the_mesh_and_gets_clients() {
     let mut net = three_relays();
     let users: Vec<String> = (0..4).map(name).collect();

@@ -1,8 +1,11 @@
 //! Limits both servers apply to what strangers can make them hold: how many
-//! connections they take (from the process's descriptor limit unless configured), and
-//! a token bucket for per-user rates.
+//! connections they take (from the process's descriptor limit unless configured), a
+//! token bucket for per-user rates, and failure counts per key in fixed windows (failed
+//! logins and resumptions).
 
-use std::time::Instant;
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::time::{Duration, Instant};
 
 /// Descriptors kept back from clients: listeners, peer links, database connections,
 /// log files, and a margin for the moments between accept and close.
@@ -63,6 +66,69 @@ impl Bucket {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.tokens = (self.tokens + elapsed * rate).min(burst);
         self.last = now;
+    }
+}
+
+struct Window {
+    start: Instant,
+    count: u32,
+}
+
+/// Counts failures per key in fixed windows: a key with `limit` failures in its
+/// current window is blocked until the window ends.
+pub struct FailureCounter<K> {
+    limit: u32,
+    window: Duration,
+    entries: HashMap<K, Window>,
+}
+
+impl<K: Hash + Eq + Clone> FailureCounter<K> {
+    pub fn new(limit: u32, window: Duration) -> Self {
+        FailureCounter {
+            limit,
+            window,
+            entries: HashMap::new(),
+        }
+    }
+
+    /// Time left until `key` may try again, if it is blocked now.
+    pub fn blocked_for(&self, key: &K, now: Instant) -> Option<Duration> {
+        let w = self.entries.get(key)?;
+        let end = w.start + self.window;
+        (w.count >= self.limit && end > now).then(|| end - now)
+    }
+
+    /// Counts one failure (or attempt) against `key`.
+    pub fn add(&mut self, key: &K, now: Instant) {
+        let w = self.entries.entry(key.clone()).or_insert(Window {
+            start: now,
+            count: 0,
+        });
+        if w.start + self.window <= now {
+            *w = Window {
+                start: now,
+                count: 0,
+            };
+        }
+        w.count += 1;
+    }
+
+    /// Takes one count back.
+    pub fn remove_one(&mut self, key: &K) {
+        if let Some(w) = self.entries.get_mut(key) {
+            w.count = w.count.saturating_sub(1);
+        }
+    }
+
+    /// Forgets `key`.
+    pub fn reset(&mut self, key: &K) {
+        self.entries.remove(key);
+    }
+
+    /// Drops windows that are over, bounding memory.
+    pub fn expire(&mut self, now: Instant) {
+        let window = self.window;
+        self.entries.retain(|_, w| w.start + window > now);
     }
 }
 

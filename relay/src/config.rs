@@ -117,4 +117,15 @@ pub struct Config {
     /// Messages a user may send in a burst above the rate.
     #[arg(long, env = "FASTCHAT_SEND_BURST", default_value_t = 4000.0)]
     pub send_burst: f64,
+    /// Refused resumption credentials allowed per client address within the window;
+    /// then that address's `resume`s get `rate_limited` without a database lookup.
+    #[arg(long, env = "FASTCHAT_RESUME_FAILURES_PER_ADDR", default_value_t = 20)]
+    pub resume_failures_per_addr: u32,
+    /// Length of the refused-resumption window, in seconds.
+    #[arg(
+        long,
+        env = "FASTCHAT_RESUME_FAILURE_WINDOW_SECS",
+        default_value_t = 300
+    )]
+    pub resume_failure_window_secs: u64,
 }

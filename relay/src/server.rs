@@ -18,7 +18,7 @@ use crate::tickets::{Admission, TicketBook};
 use crossbeam_channel::Receiver;
 use fastchat_common::conn::{accept_pending, Connection, ReadStatus};
 use fastchat_common::db::DbPool;
-use fastchat_common::limits::Bucket;
+use fastchat_common::limits::{Bucket, FailureCounter};
 use fastchat_common::noise::{Role, StaticKeypair, KEY_LEN};
 use fastchat_common::pool::{Completions, WorkerPool};
 use fastchat_common::proto::{
@@ -29,7 +29,7 @@ use fastchat_common::{debug, hex, info, warn, PROTOCOL_VERSION};
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token, Waker};
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -100,6 +100,8 @@ pub struct RelayServer {
     uploads: HashMap<i64, (Instant, u32)>,
     /// Send budgets of users who sent lately (full buckets are forgotten).
     send_budgets: HashMap<i64, Bucket>,
+    /// Refused resumption credentials per client address.
+    resume_failures: FailureCounter<IpAddr>,
     /// The most client connections held at once.
     max_connections: usize,
     /// Connections closed at accept because the relay was full, since the last summary.
@@ -170,6 +172,10 @@ impl RelayServer {
             .unwrap_or_else(fastchat_common::limits::default_max_connections);
         let mesh = Mesh::new(cfg.id.clone());
         let control = ControlLink::new(cfg.auth.clone());
+        let resume_failures = FailureCounter::new(
+            cfg.resume_failures_per_addr,
+            Duration::from_secs(cfg.resume_failure_window_secs),
+        );
         Ok((
             RelayServer {
                 cfg,
@@ -192,6 +198,7 @@ impl RelayServer {
                 ready_sessions: 0,
                 uploads: HashMap::new(),
                 send_budgets: HashMap::new(),
+                resume_failures,
                 max_connections,
                 refused: 0,
                 last_file_sweep: Instant::now(),
@@ -312,6 +319,7 @@ impl RelayServer {
         let (rate, burst) = (self.cfg.send_rate, self.cfg.send_burst);
         self.send_budgets
             .retain(|_, budget| !budget.is_full(rate, burst, now));
+        self.resume_failures.expire(now);
         // One pass over the clients: what each has outstayed, if anything.
         let idle = Duration::from_secs(self.cfg.idle_timeout_secs);
         let stall = Duration::from_secs(self.cfg.output_stall_secs);
@@ -860,6 +868,9 @@ impl RelayServer {
         let Some(client) = self.clients.get_mut(&token) else {
             return;
         };
+        if client.conn.closing || self.stopping {
+            return; // refused meanwhile (a frame out of turn) or the relay is stopping
+        }
         info!("{} connected from {}", admission.user, client.conn.peer);
         client.conn.queue(&RelayToClient::Welcome {
             user: admission.user.clone(),
@@ -884,13 +895,16 @@ impl RelayServer {
         });
     }
 
-    /// Closes a connection whose resumption credential is not valid.
+    /// Closes a connection whose resumption credential is not valid, counting it
+    /// against the client's address.
     fn refuse_credential(&mut self, token: Token, user: &str) {
         if let Some(client) = self.clients.get(&token) {
             info!(
                 "refused a resumption credential for {user} from {}",
                 client.conn.peer
             );
+            self.resume_failures
+                .add(&client.conn.peer.ip(), Instant::now());
         }
         self.fail(
             token,
@@ -970,6 +984,17 @@ impl RelayServer {
                     receive,
                 },
             ) => {
+                let addr = client.conn.peer.ip();
+                if let Some(wait) = self.resume_failures.blocked_for(&addr, Instant::now()) {
+                    info!("resume for {user} from {addr} rate limited");
+                    let mut error = ErrorFrame::new(
+                        None,
+                        ErrorCode::RateLimited,
+                        "too many refused credentials from this address; log in at the auth server",
+                    );
+                    error.retry_after_ms = Some(wait.as_millis().min(3_600_000) as u64);
+                    return self.fail(token, error);
+                }
                 if !valid_user_name(&user) || credential.len() > 128 {
                     return self.refuse_credential(token, &user);
                 }

@@ -864,10 +864,6 @@ impl Worker {
         Ok(refused)
     }
 
-    /// Inserts the batch's direct messages (ids drawn in order, so one sender's
-    /// messages keep their order) and deletes its acknowledged messages, in one
-    /// statement. `direct` holds the sends to store, (job position, recipient), in job
-    /// order. Returns (msg_id, recipient) for each, in the same order.
     /// Records the batch's logins and logouts on this relay: each user ends as their
     /// last job in the batch says (a logout then a login of one user leaves them here).
     fn store_presence(
@@ -895,6 +891,10 @@ impl Worker {
         Ok(())
     }
 
+    /// Inserts the batch's direct messages (ids drawn in order, so one sender's
+    /// messages keep their order) and deletes its acknowledged messages, in one
+    /// statement. `direct` holds the sends to store, (job position, recipient), in job
+    /// order. Returns (msg_id, recipient) for each, in the same order.
     fn store_direct(
         &self,
         db: &mut impl GenericClient,
