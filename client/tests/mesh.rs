@@ -142,8 +142,9 @@ fn sessions_fail_over_straight_to_another_relay_while_the_auth_server_is_down() 
     assert_eq!(relay_counts(&net, &chats), vec![2, 2]);
 
     // With the auth server gone, the only way on is the credential presented to the
-    // other relay the auth server listed at login.
-    let run = chat_through_a_fault(chats, &users, 10, || {
+    // other relay the auth server listed at login. (The fault comes after 40 sends of
+    // 120, so every session still has sends to make through it.)
+    let run = chat_through_a_fault(chats, &users, 30, || {
         net.auth.kill();
         net.kill_relay(0);
     });
