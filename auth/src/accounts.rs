@@ -2,9 +2,7 @@
 //! (argon2id) and read or write the `users` table. Runs on the worker pool, never on the
 //! poll loop.
 
-use argon2::password_hash::phc::PasswordHash;
-use argon2::password_hash::{PasswordHasher, PasswordVerifier};
-use argon2::Argon2;
+use crate::passwords::Passwords;
 use fastchat_common::credential;
 use fastchat_common::db::{DbConn, DbPool, HeldConnection};
 use fastchat_common::pool::Completions;
@@ -158,20 +156,10 @@ pub enum Done {
 fn dummy_hash() -> &'static str {
     static DUMMY: OnceLock<String> = OnceLock::new();
     DUMMY.get_or_init(|| {
-        Argon2::default()
-            .hash_password(b"fastchat-timing-equaliser")
-            .map(|h| h.to_string())
+        Passwords::new()
+            .hash("fastchat-timing-equaliser")
             .unwrap_or_default()
     })
-}
-
-fn verify(password: &str, phc: &str) -> bool {
-    match PasswordHash::new(phc) {
-        Ok(parsed) => Argon2::default()
-            .verify_password(password.as_bytes(), &parsed)
-            .is_ok(),
-        Err(_) => false,
-    }
 }
 
 /// A worker of the auth pool.
@@ -180,6 +168,7 @@ pub struct Worker {
     done: Completions<Done>,
     /// How long resumption credentials stay valid.
     resume_ttl: Duration,
+    passwords: Passwords,
 }
 
 /// The statement of the hot path (a login storm is resumptions), prepared once per
@@ -228,6 +217,7 @@ impl Worker {
             db: HeldConnection::new(db, Prepared::new),
             done,
             resume_ttl,
+            passwords: Passwords::new(),
         }
     }
 
@@ -265,7 +255,7 @@ impl Worker {
     }
 
     fn run_with(
-        &self,
+        &mut self,
         client: &mut DbConn,
         st: &Prepared,
         job: Job,
@@ -278,10 +268,7 @@ impl Worker {
                 password,
                 pubkey,
             } => {
-                let hash = Argon2::default()
-                    .hash_password(password.as_bytes())
-                    .map_err(|e| e.to_string())?
-                    .to_string();
+                let hash = self.passwords.hash(&password)?;
                 let inserted = client.query_opt(
                     "INSERT INTO users (name, password_hash, pubkey) VALUES ($1, $2, $3)
                      ON CONFLICT (name) DO NOTHING RETURNING id",
@@ -304,7 +291,7 @@ impl Worker {
                 user,
                 password,
                 addr,
-            } => match check_password(client, &user, &password)? {
+            } => match check_password(client, &mut self.passwords, &user, &password)? {
                 Some(user_id) => {
                     let credential = self.mint_credential(client, user_id)?;
                     Done::LoggedIn {
@@ -366,12 +353,9 @@ impl Worker {
                 old_password,
                 new_password,
                 addr,
-            } => match check_password(client, &user, &old_password)? {
+            } => match check_password(client, &mut self.passwords, &user, &old_password)? {
                 Some(user_id) => {
-                    let hash = Argon2::default()
-                        .hash_password(new_password.as_bytes())
-                        .map_err(|e| e.to_string())?
-                        .to_string();
+                    let hash = self.passwords.hash(&new_password)?;
                     let mut tx = client.transaction()?;
                     tx.execute(
                         "UPDATE users SET password_hash = $2 WHERE id = $1",
@@ -421,6 +405,7 @@ impl Worker {
 /// The user's id if `password` is theirs. Unknown users cost the same argon2 time.
 fn check_password(
     client: &mut DbConn,
+    passwords: &mut Passwords,
     user: &str,
     password: &str,
 ) -> Result<Option<i64>, postgres::Error> {
@@ -432,7 +417,7 @@ fn check_password(
         Some(r) => (Some(r.get(0)), r.get(1)),
         None => (None, dummy_hash().to_string()),
     };
-    Ok(user_id.filter(|_| verify(password, &phc)))
+    Ok(user_id.filter(|_| passwords.verify(password, &phc)))
 }
 
 #[cfg(test)]
@@ -460,15 +445,10 @@ mod tests {
     }
 
     #[test]
-    fn hashes_verify() {
-        let h = Argon2::default()
-            .hash_password(b"password1")
-            .unwrap()
-            .to_string();
-        assert!(h.starts_with("$argon2id$"));
-        assert!(verify("password1", &h));
-        assert!(!verify("password2", &h));
-        assert!(!verify("password1", "not a hash"));
-        assert!(!verify("x", dummy_hash()));
+    fn the_dummy_hash_is_a_real_argon2_hash() {
+        let mut p = Passwords::new();
+        assert!(dummy_hash().starts_with("$argon2id$"));
+        assert!(p.verify("fastchat-timing-equaliser", dummy_hash()));
+        assert!(!p.verify("x", dummy_hash()));
     }
 }

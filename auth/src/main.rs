@@ -8,6 +8,7 @@ mod accounts;
 mod cluster_stats;
 mod config;
 mod directory;
+mod passwords;
 mod ratelimit;
 mod server;
 
