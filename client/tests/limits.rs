@@ -251,17 +251,7 @@ fn a_client_that_stops_reading_is_cut_off_and_gets_everything_at_its_next_login(
     let stalled = session(&net, "bob", true);
     let mut alice = session(&net, "alice", false);
     let count = 400;
-    let body = "x".repeat(40 * 1024);
-    let mut ids = Vec::new();
-    for i in 0..count {
-        ids.push(send_frame(&mut alice, "bob", format!("{i} {body}")));
-        if i % 50 == 49 {
-            alice.flush().unwrap();
-        }
-    }
-    alice.flush().unwrap();
-    let (sent, limited) = replies(&mut alice, &ids);
-    assert_eq!((sent.len(), limited.len()), (count, 0));
+    flood(&mut alice, count);
     net.relay(0).wait_for(
         "not reading: too much output waiting",
         Duration::from_secs(30),
@@ -269,7 +259,11 @@ fn a_client_that_stops_reading_is_cut_off_and_gets_everything_at_its_next_login(
     drop(stalled);
 
     // At its next login bob gets all of them, once each.
-    let mut bob = session(&net, "bob", true);
+    receive_all(&mut session(&net, "bob", true), count);
+}
+
+/// Receives (acknowledging as it goes) until `count` messages have arrived, each once.
+fn receive_all(bob: &mut RelayLink, count: usize) {
     let mut got = HashSet::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     while got.len() < count {
@@ -292,6 +286,65 @@ fn a_client_that_stops_reading_is_cut_off_and_gets_everything_at_its_next_login(
             bob.flush().unwrap();
         }
     }
+}
+
+/// Sends `count` messages of 40 KiB from alice to bob, all answered `sent`.
+fn flood(alice: &mut RelayLink, count: usize) {
+    let body = "x".repeat(40 * 1024);
+    let mut ids = Vec::new();
+    for i in 0..count {
+        ids.push(send_frame(alice, "bob", format!("{i} {body}")));
+        if i % 50 == 49 {
+            alice.flush().unwrap();
+        }
+    }
+    alice.flush().unwrap();
+    let (sent, limited) = replies(alice, &ids);
+    assert_eq!((sent.len(), limited.len()), (count, 0));
+}
+
+#[test]
+fn a_client_reading_a_trickle_is_cut_off_at_the_hard_limit_and_loses_nothing() {
+    // The stall rule cannot fire here (600 s): only the hard limit can.
+    let net = net_with_relay_args(&[
+        "--max-output-bytes",
+        "65536",
+        "--output-stall-secs",
+        "600",
+        "--hard-output-bytes",
+        "4194304",
+    ]);
+    net.register("alice");
+    net.register("bob");
+    let mut trickle = session(&net, "bob", true);
+    let mut alice = session(&net, "alice", false);
+    let count = 400;
+    let cut = std::thread::scope(|s| {
+        // bob reads one frame every 100 ms (~400 KB/s), never acknowledging.
+        let reader = s.spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while Instant::now() < deadline {
+                match trickle.recv(Some(Instant::now() + Duration::from_millis(50))) {
+                    Ok(_) => std::thread::sleep(Duration::from_millis(100)),
+                    Err(_) => return true,
+                }
+            }
+            false
+        });
+        flood(&mut alice, count);
+        reader.join().unwrap()
+    });
+    assert!(cut, "the trickling session was closed");
+    let log = net.relay(0).log();
+    assert!(
+        log.contains("more output waiting than the hard limit"),
+        "{log}"
+    );
+    assert!(!log.contains("not reading: too much output waiting"));
+
+    // Everything is still stored, and the next login pages it out in pieces of at most
+    // 1 MiB at the client's pace: 16 MB of backlog passes a 4 MiB limit.
+    receive_all(&mut session(&net, "bob", true), count);
 }
 
 #[test]

@@ -107,6 +107,11 @@ pub struct Config {
     /// its undelivered messages stay stored for its next login.
     #[arg(long, env = "FASTCHAT_MAX_OUTPUT_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_output_bytes: usize,
+    /// Output a client may have waiting (plus live messages held back for it) before
+    /// it is closed at once, reading or not: a client reading a trickle cannot make
+    /// the relay hold more. Its messages stay stored for its next login.
+    #[arg(long, env = "FASTCHAT_HARD_OUTPUT_BYTES", default_value_t = 16 << 20)]
+    pub hard_output_bytes: usize,
     /// Seconds a client may take none of its waiting output (see `--max-output-bytes`).
     #[arg(long, env = "FASTCHAT_OUTPUT_STALL_SECS", default_value_t = 10)]
     pub output_stall_secs: u64,

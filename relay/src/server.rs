@@ -327,9 +327,11 @@ impl RelayServer {
         let mut closing: Vec<(Token, &str)> = Vec::new();
         for (token, client) in self.clients.iter_mut() {
             let conn = &client.conn;
+            let mut held = 0;
             let why = match &mut client.state {
                 ClientState::Ready(session) => {
                     session.forget_backlog(now);
+                    held = session.held_bytes();
                     if !idle.is_zero() && now.duration_since(conn.last_read) >= idle {
                         Some("silent for longer than the idle timeout")
                     } else {
@@ -343,10 +345,16 @@ impl RelayServer {
             };
             // Clients that stopped reading: what they have not acknowledged stays
             // stored and comes at their next login. (Mesh links are never cut for this.)
-            let why = why.or_else(|| {
-                (conn.pending_output() > self.cfg.max_output_bytes && conn.stalled_for() >= stall)
-                    .then_some("not reading: too much output waiting")
-            });
+            let waiting = conn.pending_output();
+            let why = why
+                .or_else(|| {
+                    (waiting > self.cfg.max_output_bytes && conn.stalled_for() >= stall)
+                        .then_some("not reading: too much output waiting")
+                })
+                .or_else(|| {
+                    (waiting + held > self.cfg.hard_output_bytes)
+                        .then_some("reading too slowly: more output waiting than the hard limit")
+                });
             if let Some(why) = why {
                 closing.push((*token, why));
             }

@@ -3,11 +3,17 @@
 //! sees its messages oldest first.
 
 use crate::store::Stored;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 /// How long ids of the backlog are remembered after it is delivered.
 const RECENTLY_PAGED_FOR: Duration = Duration::from_secs(10);
+
+/// A backlog page holds at most this many bytes of message bodies (and at least one
+/// message), whatever `--page-size` says; the next page is fetched once at most half of
+/// this is unacknowledged. So a backlog of large messages flows at the client's pace
+/// instead of piling up in the relay's output queue.
+pub const PAGE_BYTES: usize = 1 << 20;
 
 /// What a session needs next from the store.
 #[derive(Debug, PartialEq, Eq)]
@@ -30,8 +36,10 @@ pub struct Session {
     fetching: bool,
     /// Last message id delivered from the backlog.
     cursor: i64,
-    /// Backlog messages delivered and not yet acknowledged.
-    unacked: HashSet<i64>,
+    /// Backlog messages delivered and not yet acknowledged, with their body sizes.
+    unacked: HashMap<i64, usize>,
+    /// Their total body size.
+    unacked_bytes: usize,
     /// Every backlog id delivered this session, to drop live duplicates at the switch.
     paged: HashSet<i64>,
     /// After the backlog: the ids it delivered, kept a little longer. A message can be
@@ -43,6 +51,8 @@ pub struct Session {
     more: bool,
     /// Live messages that arrived while the backlog was going out.
     deferred: Vec<Stored>,
+    /// Their total body size.
+    deferred_bytes: usize,
     /// The next page is fetched once this few backlog messages are unacknowledged, so
     /// it is on its way while the client works through the rest (flow control that
     /// keeps the pipe full).
@@ -59,12 +69,14 @@ impl Session {
             backlog: receive,
             fetching: receive,
             cursor: 0,
-            unacked: HashSet::new(),
+            unacked: HashMap::new(),
+            unacked_bytes: 0,
             paged: HashSet::new(),
             recently_paged: HashSet::new(),
             backlog_done_at: None,
             more: false,
             deferred: Vec::new(),
+            deferred_bytes: 0,
             prefetch_at: page / 2,
         }
     }
@@ -78,7 +90,9 @@ impl Session {
             self.cursor = last.msg_id;
         }
         for m in &page {
-            self.unacked.insert(m.msg_id);
+            if self.unacked.insert(m.msg_id, m.body.len()).is_none() {
+                self.unacked_bytes += m.body.len();
+            }
             self.paged.insert(m.msg_id);
         }
         let mut out = page;
@@ -93,6 +107,7 @@ impl Session {
         self.backlog_done_at = Some(Instant::now());
         let paged = std::mem::take(&mut self.paged);
         let mut deferred = std::mem::take(&mut self.deferred);
+        self.deferred_bytes = 0;
         deferred.retain(|m| !paged.contains(&m.msg_id));
         self.recently_paged = paged;
         deferred
@@ -108,6 +123,12 @@ impl Session {
         }
     }
 
+    /// Bytes of message bodies the relay holds back for this session (live messages
+    /// waiting for the backlog to go out).
+    pub fn held_bytes(&self) -> usize {
+        self.deferred_bytes
+    }
+
     /// Whether the stored backlog is still going out.
     pub fn in_backlog(&self) -> bool {
         self.backlog
@@ -119,6 +140,7 @@ impl Session {
             return None;
         }
         if self.backlog {
+            self.deferred_bytes += message.body.len();
             self.deferred.push(message);
             return None;
         }
@@ -131,9 +153,16 @@ impl Session {
     /// The client acknowledged messages; says whether to fetch the next page.
     pub fn acked(&mut self, ids: &[i64]) -> Next {
         for id in ids {
-            self.unacked.remove(id);
+            if let Some(size) = self.unacked.remove(id) {
+                self.unacked_bytes -= size;
+            }
         }
-        if self.backlog && self.more && !self.fetching && self.unacked.len() <= self.prefetch_at {
+        if self.backlog
+            && self.more
+            && !self.fetching
+            && self.unacked.len() <= self.prefetch_at
+            && self.unacked_bytes <= PAGE_BYTES / 2
+        {
             self.fetching = true;
             return Next::FetchAfter(self.cursor);
         }
@@ -179,6 +208,29 @@ mod tests {
         assert!(s.live(m(7)).is_none());
         s.forget_backlog(Instant::now() + RECENTLY_PAGED_FOR);
         assert!(s.live(m(7)).is_some(), "forgotten after a while");
+    }
+
+    fn sized(id: i64, bytes: usize) -> Stored {
+        Stored {
+            body: "x".repeat(bytes),
+            ..m(id)
+        }
+    }
+
+    #[test]
+    fn the_next_page_waits_until_half_a_page_of_bytes_is_acknowledged() {
+        let mut s = Session::new("b".into(), 2, true, 1000);
+        // Three messages of 300 KiB: few by count, most of a page by size.
+        let big = 300 * 1024;
+        s.page_arrived(vec![sized(1, big), sized(2, big), sized(3, big)], true);
+        assert_eq!(s.acked(&[1]), Next::Idle, "600 KiB still out");
+        assert_eq!(s.acked(&[2]), Next::FetchAfter(3), "300 KiB out: fetch");
+        // Live messages held back during the backlog are counted.
+        assert!(s.live(sized(9, 1000)).is_none());
+        assert_eq!(s.held_bytes(), 1000);
+        let (out, done) = s.page_arrived(vec![], false);
+        assert_eq!((ids(&out), done), (vec![9], true));
+        assert_eq!(s.held_bytes(), 0);
     }
 
     #[test]

@@ -10,6 +10,7 @@
 
 use crate::files::{self, FileOp};
 use crate::groups::{self, GroupOp, GroupOutcome};
+use crate::session::PAGE_BYTES;
 use fastchat_common::credential;
 use fastchat_common::db::{DbConn, DbPool, HeldConnection};
 use fastchat_common::pool::Completions;
@@ -750,11 +751,11 @@ impl Worker {
                         _ => 0,
                     };
                     match unless_failed(&mut after_commit, || {
-                        fetch_pending(conn, &st.pending, *user_id, after, *page)
+                        fetch_pending(conn, &st.pending, *user_id, after, *page, Some(PAGE_BYTES))
                     }) {
-                        Some(messages) => results.push(Done::Pending {
+                        Some((messages, more)) => results.push(Done::Pending {
                             conn: *token,
-                            more: messages.len() as i64 >= *page,
+                            more,
                             messages,
                         }),
                         None => results.push(Done::LoginFailed { conn: *token }),
@@ -766,8 +767,8 @@ impl Worker {
                     limit,
                 } => {
                     // A catch-up that fails is left to the next mesh change or login.
-                    if let Some(messages) = unless_failed(&mut after_commit, || {
-                        fetch_pending(conn, &st.pending, *user_id, 0, *limit)
+                    if let Some((messages, _)) = unless_failed(&mut after_commit, || {
+                        fetch_pending(conn, &st.pending, *user_id, 0, *limit, None)
                     }) {
                         results.push(Done::CatchUp {
                             conn: *token,
@@ -1026,15 +1027,31 @@ fn store_group(
 }
 
 /// Pending messages of `user_id` after id `after`, oldest first.
+/// Up to `page` messages stored for `user_id` after id `after`, oldest first, cut after
+/// `max_bytes` of bodies if given (at least one is returned). The flag: more may wait
+/// (the page was full or cut).
 fn fetch_pending(
     conn: &mut DbConn,
     pending: &Statement,
     user_id: i64,
     after: i64,
     page: i64,
-) -> Result<Vec<Stored>, postgres::Error> {
+    max_bytes: Option<usize>,
+) -> Result<(Vec<Stored>, bool), postgres::Error> {
     let rows = conn.query(pending, &[&user_id, &after, &page])?;
-    Ok(rows
+    let full = rows.len() as i64 >= page;
+    let mut bytes = 0usize;
+    let keep = rows
+        .iter()
+        .take_while(|r| {
+            let size = r.get::<_, &str>(2).len();
+            let fits = bytes == 0 || max_bytes.is_none_or(|max| bytes + size <= max);
+            bytes += size;
+            fits
+        })
+        .count();
+    let cut = keep < rows.len();
+    let messages = rows[..keep]
         .iter()
         .map(|r| {
             let system: bool = r.get(6);
@@ -1054,7 +1071,8 @@ fn fetch_pending(
                 event,
             }
         })
-        .collect())
+        .collect();
+    Ok((messages, full || cut))
 }
 
 /// Removes presence rows a previous run of this relay left behind.
