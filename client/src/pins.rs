@@ -1,10 +1,13 @@
 //! Pinned auth server keys, like SSH's `known_hosts`: `{data_dir}/known_servers`, one
 //! line per server, `HOST:PORT HEXKEY`. The first connection pins the key; a later
-//! different key is refused.
+//! different key is refused. The file is read and extended under an exclusive `flock`,
+//! so processes and threads connecting at once (a load tester, two terminals) never
+//! read a line half written or pin a server twice.
 
 use crate::error::ClientError;
 use fastchat_common::hex;
-use std::io::Write;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -20,11 +23,25 @@ pub fn check_or_pin(data_dir: &Path, addr: &str, key: &[u8]) -> Result<(), Clien
         path: file.clone(),
         source,
     };
-    let text = match std::fs::read_to_string(&file) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(io_err(e)),
-    };
+    // The data directory holds the user's store too: private to the user (0700).
+    fastchat_common::keys::create_private_dir(data_dir).map_err(|e| ClientError::Io {
+        path: data_dir.to_path_buf(),
+        source: e,
+    })?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .read(true)
+        .append(true)
+        .mode(0o600)
+        .open(&file)
+        .map_err(io_err)?;
+    // Held until `f` is closed on return.
+    // SAFETY: flock on a descriptor this function owns; no memory is involved.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(io_err(std::io::Error::last_os_error()));
+    }
+    let mut text = String::new();
+    f.read_to_string(&mut text).map_err(io_err)?;
     let key_hex = hex::encode(key);
     for line in text.lines() {
         let mut parts = line.split_whitespace();
@@ -41,18 +58,8 @@ pub fn check_or_pin(data_dir: &Path, addr: &str, key: &[u8]) -> Result<(), Clien
             }
         }
     }
-    // The data directory holds the user's store too: private to the user (0700).
-    fastchat_common::keys::create_private_dir(data_dir).map_err(|e| ClientError::Io {
-        path: data_dir.to_path_buf(),
-        source: e,
-    })?;
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(&file)
+    f.write_all(format!("{addr} {key_hex}\n").as_bytes())
         .map_err(io_err)?;
-    writeln!(f, "{addr} {key_hex}").map_err(io_err)?;
     Ok(())
 }
 
@@ -71,6 +78,28 @@ mod tests {
         let text = err.to_string();
         assert!(text.contains("known_servers"), "{text}");
         assert!(matches!(err, ClientError::ServerKeyChanged { .. }));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn many_connecting_at_once_pin_once_and_agree() {
+        // The chaos test's setup once failed here: a thread read another's line half
+        // written and took it for a changed key.
+        let dir = std::env::temp_dir().join(format!("fastchat-pins-race-{}", std::process::id()));
+        for round in 0..20 {
+            let _ = std::fs::remove_dir_all(&dir);
+            let start = std::sync::Barrier::new(16);
+            std::thread::scope(|s| {
+                for _ in 0..16 {
+                    s.spawn(|| {
+                        start.wait();
+                        check_or_pin(&dir, "127.0.0.1:7400", &[7; 32]).unwrap()
+                    });
+                }
+            });
+            let text = std::fs::read_to_string(pin_file(&dir)).unwrap();
+            assert_eq!(text.lines().count(), 1, "round {round}: {text}");
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
