@@ -76,11 +76,8 @@ pub const STARTUP_WAIT: Duration = Duration::from_secs(10);
 /// Unless the URL sets its own `connect_timeout`, `timeout` also bounds each
 /// connection attempt (an unreachable host must not tie up the pool's helper threads).
 pub fn connect(url: &str, size: u32, timeout: Duration) -> Result<DbPool, DbError> {
-    let mut config: postgres::Config = url.parse().map_err(DbError::Url)?;
     let timeout = timeout.max(Duration::from_millis(100));
-    if config.get_connect_timeout().is_none() {
-        config.connect_timeout(timeout);
-    }
+    let config = tuned(url, timeout)?;
     let manager = PostgresConnectionManager::new(config, NoTls);
     let pool = r2d2::Pool::builder()
         .max_size(size.max(1))
@@ -184,6 +181,34 @@ impl<S> HeldConnection<S> {
     }
 }
 
+/// The connection settings of `url`, with what it leaves unset chosen for a server
+/// that must notice a database host that vanished (not just one that closed its
+/// sockets): `timeout` per connection attempt; TCP keepalive probes after 30 s idle,
+/// every 5 s, 3 unanswered closing the connection; and 30 s for sent data to be
+/// acknowledged. Otherwise a worker waiting on a dead host's socket would hang for the
+/// kernel's defaults (hours for an idle wait, ~15 minutes for unacknowledged data).
+pub fn tuned(url: &str, timeout: Duration) -> Result<postgres::Config, DbError> {
+    let mut config: postgres::Config = url.parse().map_err(DbError::Url)?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(timeout);
+    }
+    // The idle time has a default (2 hours) rather than "unset": only a URL that names
+    // it keeps its own.
+    if !url.contains("keepalives_idle") {
+        config.keepalives_idle(Duration::from_secs(30));
+    }
+    if config.get_keepalives_interval().is_none() {
+        config.keepalives_interval(Duration::from_secs(5));
+    }
+    if config.get_keepalives_retries().is_none() {
+        config.keepalives_retries(3);
+    }
+    if config.get_tcp_user_timeout().is_none() {
+        config.tcp_user_timeout(Duration::from_secs(30));
+    }
+    Ok(config)
+}
+
 /// Applies every migration not yet recorded. Returns the versions applied now.
 pub fn migrate(client: &mut postgres::Client) -> Result<Vec<i32>, DbError> {
     let mut applied_now = Vec::new();
@@ -214,4 +239,37 @@ pub fn migrate(client: &mut postgres::Client) -> Result<Vec<i32>, DbError> {
         tx.commit()?;
     }
     Ok(applied_now)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unset_timeouts_are_chosen_and_set_ones_kept() {
+        let c = tuned("host=127.0.0.1 dbname=x", Duration::from_secs(2)).unwrap();
+        assert_eq!(c.get_connect_timeout(), Some(&Duration::from_secs(2)));
+        assert!(c.get_keepalives());
+        assert_eq!(c.get_keepalives_idle(), Duration::from_secs(30));
+        assert_eq!(c.get_keepalives_interval(), Some(Duration::from_secs(5)));
+        assert_eq!(c.get_keepalives_retries(), Some(3));
+        assert_eq!(c.get_tcp_user_timeout(), Some(&Duration::from_secs(30)));
+
+        let c = tuned(
+            "host=127.0.0.1 dbname=x connect_timeout=9 keepalives_idle=7200 \
+             keepalives_interval=1 keepalives_retries=9 tcp_user_timeout=4",
+            Duration::from_secs(2),
+        )
+        .unwrap();
+        assert_eq!(c.get_connect_timeout(), Some(&Duration::from_secs(9)));
+        assert_eq!(c.get_keepalives_idle(), Duration::from_secs(7200));
+        assert_eq!(c.get_keepalives_interval(), Some(Duration::from_secs(1)));
+        assert_eq!(c.get_keepalives_retries(), Some(9));
+        assert_eq!(c.get_tcp_user_timeout(), Some(&Duration::from_secs(4)));
+
+        assert!(matches!(
+            tuned("not a url ===", Duration::from_secs(1)),
+            Err(DbError::Url(_))
+        ));
+    }
 }
