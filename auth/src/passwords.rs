@@ -13,6 +13,8 @@ use argon2::{Algorithm, Argon2, Block, Params, Version};
 /// The most work memory a stored hash may ask for (64 MiB, in 1 KiB blocks): ours use
 /// 19 MiB; a row asking for more was not written by us and is refused, not obeyed.
 const MAX_BLOCKS: usize = 64 * 1024;
+/// The most passes a stored hash may ask for (ours make 2), for the same reason.
+const MAX_T_COST: u32 = 16;
 
 /// One worker's argon2 work area.
 #[derive(Default)]
@@ -35,8 +37,11 @@ impl Passwords {
         out: &mut [u8],
     ) -> Result<(), String> {
         let blocks = params.block_count();
-        if blocks > MAX_BLOCKS {
-            return Err(format!("a hash asking for {blocks} KiB of memory"));
+        if blocks > MAX_BLOCKS || params.t_cost() > MAX_T_COST {
+            return Err(format!(
+                "a hash asking for {blocks} KiB of memory and {} passes",
+                params.t_cost()
+            ));
         }
         if self.memory.len() < blocks {
             self.memory.resize(blocks, Block::new());
@@ -154,8 +159,9 @@ mod tests {
             "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ",
             "$argon2id$v=99$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0$aGFzaGhhc2hoYXNoaGFzaA",
             "$scrypt$ln=15,r=8,p=1$c2FsdHNhbHRzYWx0$aGFzaGhhc2hoYXNoaGFzaA",
-            // 4 GiB of work memory: refused, not allocated.
+            // 4 GiB of work memory: refused, not allocated; a million passes: refused.
             "$argon2id$v=19$m=4194304,t=1,p=1$c2FsdHNhbHRzYWx0$aGFzaGhhc2hoYXNoaGFzaA",
+            "$argon2id$v=19$m=19456,t=1000000,p=1$c2FsdHNhbHRzYWx0$aGFzaGhhc2hoYXNoaGFzaA",
         ] {
             assert!(!p.verify("password", phc), "{phc}");
         }

@@ -28,18 +28,29 @@ pub fn check_or_pin(data_dir: &Path, addr: &str, key: &[u8]) -> Result<(), Clien
         path: data_dir.to_path_buf(),
         source: e,
     })?;
-    let mut f = std::fs::OpenOptions::new()
+    let opened = std::fs::OpenOptions::new()
         .create(true)
         .read(true)
         .append(true)
         .mode(0o600)
-        .open(&file)
-        .map_err(io_err)?;
-    // Held until `f` is closed on return.
-    // SAFETY: flock on a descriptor this function owns; no memory is involved.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(io_err(std::io::Error::last_os_error()));
-    }
+        .open(&file);
+    // A pin file provisioned read-only still checks (but cannot learn new servers).
+    let (mut f, writable) = match opened {
+        Ok(f) => (f, None),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            (std::fs::File::open(&file).map_err(io_err)?, Some(e))
+        }
+        Err(e) => return Err(io_err(e)),
+    };
+    lock(
+        &f,
+        if writable.is_none() {
+            libc::LOCK_EX
+        } else {
+            libc::LOCK_SH
+        },
+    )
+    .map_err(io_err)?;
     let mut text = String::new();
     f.read_to_string(&mut text).map_err(io_err)?;
     let key_hex = hex::encode(key);
@@ -58,9 +69,32 @@ pub fn check_or_pin(data_dir: &Path, addr: &str, key: &[u8]) -> Result<(), Clien
             }
         }
     }
-    f.write_all(format!("{addr} {key_hex}\n").as_bytes())
+    if let Some(e) = writable {
+        return Err(io_err(e));
+    }
+    // A file that does not end its last line (edited by hand) gets its line ended.
+    let sep = if text.is_empty() || text.ends_with('\n') {
+        ""
+    } else {
+        "\n"
+    };
+    f.write_all(format!("{sep}{addr} {key_hex}\n").as_bytes())
         .map_err(io_err)?;
     Ok(())
+}
+
+/// Takes an advisory lock on `f` (`LOCK_EX` or `LOCK_SH`), held until `f` is closed.
+fn lock(f: &std::fs::File, how: libc::c_int) -> std::io::Result<()> {
+    loop {
+        // SAFETY: flock on a descriptor `f` owns; no memory is involved.
+        if unsafe { libc::flock(f.as_raw_fd(), how) } == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -78,6 +112,21 @@ mod tests {
         let text = err.to_string();
         assert!(text.contains("known_servers"), "{text}");
         assert!(matches!(err, ClientError::ServerKeyChanged { .. }));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_last_line_without_its_newline_is_not_glued_to() {
+        let dir = std::env::temp_dir().join(format!("fastchat-pins-nl-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let other = format!("10.0.0.1:7400 {}", hex::encode(&[3; 32]));
+        std::fs::write(pin_file(&dir), &other).unwrap();
+        check_or_pin(&dir, "127.0.0.1:7400", &[1; 32]).unwrap();
+        check_or_pin(&dir, "127.0.0.1:7400", &[1; 32]).unwrap();
+        check_or_pin(&dir, "10.0.0.1:7400", &[3; 32]).unwrap();
+        let text = std::fs::read_to_string(pin_file(&dir)).unwrap();
+        assert_eq!(text.lines().count(), 2, "{text}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -109,8 +109,9 @@ pub struct Config {
     pub max_output_bytes: usize,
     /// Output a client may have waiting (plus live messages held back for it) before
     /// it is closed at once, reading or not: a client reading a trickle cannot make
-    /// the relay hold more. Its messages stay stored for its next login.
-    #[arg(long, env = "FASTCHAT_HARD_OUTPUT_BYTES", default_value_t = 16 << 20)]
+    /// the relay hold more. Its messages stay stored for its next login. At least 4 MiB
+    /// (a backlog page, the half page before it, a catch-up and escaping must fit).
+    #[arg(long, env = "FASTCHAT_HARD_OUTPUT_BYTES", default_value_t = 16 << 20, value_parser = at_least_4_mib)]
     pub hard_output_bytes: usize,
     /// Seconds a client may take none of its waiting output (see `--max-output-bytes`).
     #[arg(long, env = "FASTCHAT_OUTPUT_STALL_SECS", default_value_t = 10)]
@@ -133,4 +134,15 @@ pub struct Config {
         default_value_t = 300
     )]
     pub resume_failure_window_secs: u64,
+}
+
+/// Parses a byte count of at least 4 MiB.
+fn at_least_4_mib(s: &str) -> Result<usize, String> {
+    let n: usize = s.parse().map_err(|e| format!("{e}"))?;
+    if n < 4 << 20 {
+        return Err(format!(
+            "{n} is below the least that works, 4194304 (4 MiB)"
+        ));
+    }
+    Ok(n)
 }

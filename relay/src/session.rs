@@ -95,6 +95,17 @@ impl Session {
             }
             self.paged.insert(m.msg_id);
         }
+        // Live messages this page delivered need holding back no longer.
+        if !self.deferred.is_empty() {
+            let (paged, held) = (&self.paged, &mut self.deferred_bytes);
+            self.deferred.retain(|m| {
+                let keep = !paged.contains(&m.msg_id);
+                if !keep {
+                    *held -= m.body.len();
+                }
+                keep
+            });
+        }
         let mut out = page;
         if !more {
             out.extend(self.finish_backlog());
@@ -225,9 +236,14 @@ mod tests {
         s.page_arrived(vec![sized(1, big), sized(2, big), sized(3, big)], true);
         assert_eq!(s.acked(&[1]), Next::Idle, "600 KiB still out");
         assert_eq!(s.acked(&[2]), Next::FetchAfter(3), "300 KiB out: fetch");
-        // Live messages held back during the backlog are counted.
+        // Live messages held back during the backlog are counted, until a page
+        // delivers them or the backlog ends.
         assert!(s.live(sized(9, 1000)).is_none());
-        assert_eq!(s.held_bytes(), 1000);
+        assert!(s.live(sized(4, 500)).is_none());
+        assert_eq!(s.held_bytes(), 1500);
+        let (out, _) = s.page_arrived(vec![sized(4, 500)], true);
+        assert_eq!(ids(&out), vec![4]);
+        assert_eq!(s.held_bytes(), 1000, "4 came in the page");
         let (out, done) = s.page_arrived(vec![], false);
         assert_eq!((ids(&out), done), (vec![9], true));
         assert_eq!(s.held_bytes(), 0);

@@ -11,6 +11,11 @@
 use crate::files::{self, FileOp};
 use crate::groups::{self, GroupOp, GroupOutcome};
 use crate::session::PAGE_BYTES;
+
+/// Most bytes of bodies one catch-up delivers again (a live session acknowledges as it
+/// goes, so it holds little; more waits for its next login), well inside the hard
+/// output limit's least value.
+const CATCH_UP_BYTES: usize = 2 * PAGE_BYTES;
 use fastchat_common::credential;
 use fastchat_common::db::{DbConn, DbPool, HeldConnection};
 use fastchat_common::pool::Completions;
@@ -768,7 +773,7 @@ impl Worker {
                 } => {
                     // A catch-up that fails is left to the next mesh change or login.
                     if let Some((messages, _)) = unless_failed(&mut after_commit, || {
-                        fetch_pending(conn, &st.pending, *user_id, 0, *limit, None)
+                        fetch_pending(conn, &st.pending, *user_id, 0, *limit, Some(CATCH_UP_BYTES))
                     }) {
                         results.push(Done::CatchUp {
                             conn: *token,
