@@ -540,15 +540,14 @@ impl AuthServer {
     }
 
     fn rate_limited(&mut self, token: Token, id: u64, wait: Duration) {
-        let mut e = ErrorFrame::new(
+        let e = ErrorFrame::rate_limited(
             Some(id),
-            ErrorCode::RateLimited,
             format!(
                 "too many failed logins; try again in {} s",
                 wait.as_secs().max(1)
             ),
+            wait.as_millis().try_into().unwrap_or(u64::MAX),
         );
-        e.retry_after_ms = Some(wait.as_millis() as u64);
         self.send_client(token, &AuthToClient::Error(e));
     }
 

@@ -104,6 +104,19 @@ impl ErrorFrame {
             retry_after_ms: None,
         }
     }
+
+    /// A `rate_limited` error answering request `id` (or none), telling the client to
+    /// wait `retry_after_ms` (at most an hour) before trying again.
+    pub fn rate_limited(
+        id: Option<u64>,
+        message: impl Into<String>,
+        retry_after_ms: u64,
+    ) -> ErrorFrame {
+        ErrorFrame {
+            retry_after_ms: Some(retry_after_ms.min(3_600_000)),
+            ..ErrorFrame::new(id, ErrorCode::RateLimited, message)
+        }
+    }
 }
 
 /// Client → auth server (Noise `NX`).

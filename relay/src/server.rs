@@ -995,12 +995,11 @@ impl RelayServer {
                 let addr = client.conn.peer.ip();
                 if let Some(wait) = self.resume_failures.blocked_for(&addr, Instant::now()) {
                     info!("resume for {user} from {addr} rate limited");
-                    let mut error = ErrorFrame::new(
+                    let error = ErrorFrame::rate_limited(
                         None,
-                        ErrorCode::RateLimited,
                         "too many refused credentials from this address; log in at the auth server",
+                        wait.as_millis().try_into().unwrap_or(u64::MAX),
                     );
-                    error.retry_after_ms = Some(wait.as_millis().min(3_600_000) as u64);
                     return self.fail(token, error);
                 }
                 if !valid_user_name(&user) || credential.len() > 128 {
@@ -1030,12 +1029,11 @@ impl RelayServer {
                     .entry(sender_id)
                     .or_insert_with(|| Bucket::full(burst, now));
                 if let Err(wait_ms) = budget.take(rate, burst, now) {
-                    let mut error = ErrorFrame::new(
+                    let error = ErrorFrame::rate_limited(
                         Some(id),
-                        ErrorCode::RateLimited,
                         format!("sending too fast (at most {rate} messages a second); nothing was stored, retry later"),
+                        wait_ms,
                     );
-                    error.retry_after_ms = Some(wait_ms.min(3_600_000));
                     return self.send(token, &RelayToClient::Error(error));
                 }
                 if body.len() > self.cfg.max_body {

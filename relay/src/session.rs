@@ -116,12 +116,10 @@ impl Session {
     fn finish_backlog(&mut self) -> Vec<Stored> {
         self.backlog = false;
         self.backlog_done_at = Some(Instant::now());
-        let paged = std::mem::take(&mut self.paged);
-        let mut deferred = std::mem::take(&mut self.deferred);
+        // Nothing held back was in a page: pages take theirs out as they arrive.
+        self.recently_paged = std::mem::take(&mut self.paged);
         self.deferred_bytes = 0;
-        deferred.retain(|m| !paged.contains(&m.msg_id));
-        self.recently_paged = paged;
-        deferred
+        std::mem::take(&mut self.deferred)
     }
 
     /// Forgets the backlog's ids once no live delivery of them can still be on the way.
@@ -151,8 +149,11 @@ impl Session {
             return None;
         }
         if self.backlog {
-            self.deferred_bytes += message.body.len();
-            self.deferred.push(message);
+            // Held back unless a page has delivered it already.
+            if !self.paged.contains(&message.msg_id) {
+                self.deferred_bytes += message.body.len();
+                self.deferred.push(message);
+            }
             return None;
         }
         if self.recently_paged.contains(&message.msg_id) {
