@@ -12,7 +12,7 @@ use crate::connect::{AuthLink, RelayLink, RelayTarget};
 use crate::e2e::{self, ConversationKey, Envelope, Identity, PeerKey, TextPayload};
 use crate::error::ClientError;
 use crate::store::{
-    DeliveryState, HistoryEntry, InboxEntry, PeerEntry, ResumeCredential, Store, StoreData,
+    DeliveryState, HistoryEntry, InboxEntry, MakeCurrent, PeerEntry, ResumeCredential, Store,
 };
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
@@ -64,6 +64,14 @@ pub enum Event {
         /// when a direct message from `from` does not open): the likely reason.
         key_changed: bool,
     },
+    /// A message did not open here (its key is missing) and is being recovered: its
+    /// key was asked for (see the recovery module). It shows as a [`Event::Message`]
+    /// once recovered, or as [`Event::Undecryptable`] past the recovery bound.
+    Recovering {
+        msg_id: i64,
+        from: String,
+        group_id: Option<i64>,
+    },
     /// A group membership change.
     Group(GroupNotice),
     /// A file arrived, was checked and saved.
@@ -104,8 +112,9 @@ pub(crate) enum Opened {
     Shown(Event),
     /// Nothing to show (a key, a duplicate).
     Nothing,
-    /// Not openable yet (its group key has not arrived): keep it and try again later.
-    Held(InboxEntry),
+    /// Not openable yet (its key is not here): keep it, try again later and ask for
+    /// the key (what it needs, when known).
+    Held(Option<crate::recovery::Need>),
 }
 
 /// A message the relay has stored durably.
@@ -172,13 +181,19 @@ pub fn register_with(opts: &Options, identity: &Identity) -> Result<(), ClientEr
     check_new_account(opts)?;
     let mut auth = AuthLink::connect(&opts.server, &opts.data_dir)?;
     auth.register(&opts.user, &opts.password, &identity.public_pem())?;
-    let data = StoreData {
-        user: opts.user.clone(),
-        identity_der: B64.encode(identity.to_pkcs8_der()),
-        ..StoreData::default()
-    };
-    Store::create(&opts.data_dir, &opts.user, &opts.password, data)?;
+    Store::create(
+        &opts.data_dir,
+        &opts.user,
+        &opts.password,
+        &B64.encode(identity.to_pkcs8_der()),
+    )?;
     Ok(())
+}
+
+/// Opens the local store only (no login), checking the password locally: for reading
+/// the history offline (`fastchat search`).
+pub fn open_local_store(opts: &Options) -> Result<Store, ClientError> {
+    open_store(opts)
 }
 
 /// Opens the store, checking the password locally.
@@ -196,12 +211,12 @@ fn open_store(opts: &Options) -> Result<Store, ClientError> {
 /// Returns whether there was one.
 pub fn logout(opts: &Options) -> Result<bool, ClientError> {
     let mut store = open_store(opts)?;
-    let Some(saved) = store.data_mut().resume.remove(&opts.server) else {
+    let Some(saved) = store.resume(&opts.server)? else {
         return Ok(false);
     };
     let mut auth = AuthLink::connect(&opts.server, &opts.data_dir)?;
     auth.logout(&opts.user, &saved.credential)?;
-    store.save()?;
+    store.set_resume(&opts.server, None)?;
     Ok(true)
 }
 
@@ -211,7 +226,7 @@ pub fn change_password(opts: &Options, new_password: &str) -> Result<(), ClientE
     let mut store = open_store(opts)?;
     let mut auth = AuthLink::connect(&opts.server, &opts.data_dir)?;
     auth.change_password(&opts.user, &opts.password, new_password)?;
-    store.data_mut().resume.clear();
+    store.clear_resume()?;
     store.change_password(new_password)?;
     Ok(())
 }
@@ -240,6 +255,11 @@ pub struct Chat {
     pub(crate) receipts_due: Vec<(String, Option<i64>, String)>,
     /// Told about reconnects and upload progress, if set.
     pub(crate) progress: Option<ProgressHook>,
+    /// Peers whose key the server served unchanged in this session (see
+    /// [`Chat::check_peer_key`]).
+    pub(crate) keys_checked: std::collections::HashSet<String>,
+    /// How messages that do not open are recovered (see the recovery module).
+    pub(crate) recovery: crate::recovery::RecoveryPolicy,
 }
 
 /// How long a session keeps trying to reach a relay again before giving up.
@@ -256,9 +276,9 @@ pub const DIRECT_COOLDOWN: Duration = Duration::from_secs(5);
 fn saved_credential(opts: &Options, store: &Store) -> Option<String> {
     let now = time::now_ms();
     store
-        .data()
-        .resume
-        .get(&opts.server)
+        .resume(&opts.server)
+        .ok()
+        .flatten()
         .filter(|c| c.expires_ms > now + 60_000)
         .map(|c| c.credential.clone())
 }
@@ -279,7 +299,7 @@ fn establish(
                 code: ErrorCode::BadCredentials,
                 ..
             }) => {
-                store.data_mut().resume.remove(&opts.server);
+                store.set_resume(&opts.server, None)?;
                 auth.login(&opts.user, &opts.password)?
             }
             Err(e) => return Err(e),
@@ -287,14 +307,13 @@ fn establish(
         None => auth.login(&opts.user, &opts.password)?,
     };
     if let Some((credential, expires_ms)) = redirect.credential.clone() {
-        store.data_mut().resume.insert(
-            opts.server.clone(),
-            ResumeCredential {
+        store.set_resume(
+            &opts.server,
+            Some(&ResumeCredential {
                 credential,
                 expires_ms,
-            },
-        );
-        store.save()?;
+            }),
+        )?;
     }
     Ok((RelayLink::connect(&redirect, receive)?, redirect.relays))
 }
@@ -326,7 +345,7 @@ impl Chat {
     pub fn login(opts: &Options, receive: bool) -> Result<Chat, ClientError> {
         let store = open_store(opts)?;
         let der = B64
-            .decode(&store.data().identity_der)
+            .decode(store.identity_der())
             .map_err(|e| ClientError::Protocol(format!("stored identity is not base64: {e}")))?;
         let identity = Identity::from_pkcs8_der(&der)?;
         let mut store = store;
@@ -345,6 +364,8 @@ impl Chat {
             receipt_requests: std::collections::HashSet::new(),
             receipts_due: Vec::new(),
             progress: None,
+            keys_checked: std::collections::HashSet::new(),
+            recovery: crate::recovery::RecoveryPolicy::default(),
         }
         .resuming_downloads()
     }
@@ -425,9 +446,8 @@ impl Chat {
                     code: ErrorCode::BadCredentials,
                     ..
                 }) => {
-                    self.store.data_mut().resume.remove(&self.opts.server);
                     // Best effort: the auth server's path logs in with the password.
-                    let _ = self.store.save();
+                    let _ = self.store.set_resume(&self.opts.server, None);
                     return None;
                 }
                 Err(_) => {}
@@ -466,14 +486,10 @@ impl Chat {
 
     /// Marks the pinned key of `peer` as verified (the user compared safety numbers).
     pub fn mark_verified(&mut self, peer: &str) -> Result<(), ClientError> {
-        let entry = self
-            .store
-            .data_mut()
-            .peers
-            .get_mut(peer)
+        self.store
+            .update_peer(peer, |p| p.verified = true)?
             .ok_or_else(|| ClientError::Usage(format!("no key pinned for {peer} yet")))?;
-        entry.verified = true;
-        Ok(self.store.save()?)
+        Ok(())
     }
 
     /// How many times this session has reconnected after losing its relay.
@@ -506,76 +522,87 @@ impl Chat {
         };
         PeerKey::from_pem(&server_pem)?;
         // What was seen is remembered (`key_changed`), so a warning outlives the session.
-        match self.store.data_mut().peers.get_mut(peer) {
+        let status = match self.store.peer(peer)? {
             Some(pinned) if pinned.pubkey_pem.trim() == server_pem.trim() => {
                 if pinned.key_changed {
-                    pinned.key_changed = false;
-                    self.store.save()?;
+                    self.store.update_peer(peer, |p| p.key_changed = false)?;
                 }
-                Ok(KeyStatus::Unchanged)
+                KeyStatus::Unchanged
             }
             Some(pinned) => {
                 if !pinned.key_changed {
-                    pinned.key_changed = true;
-                    self.store.save()?;
+                    self.store.update_peer(peer, |p| p.key_changed = true)?;
                 }
-                Ok(KeyStatus::Changed { server_pem })
+                KeyStatus::Changed { server_pem }
             }
             None => {
-                self.store.data_mut().peers.insert(
-                    peer.to_string(),
-                    PeerEntry {
-                        pubkey_pem: server_pem,
-                        verified: false,
-                        key_changed: false,
-                    },
-                );
-                self.store.save()?;
-                Ok(KeyStatus::NewlyPinned)
+                let entry = PeerEntry {
+                    pubkey_pem: server_pem.clone(),
+                    verified: false,
+                    key_changed: false,
+                };
+                // Another process may have pinned one meanwhile: that one counts.
+                let pinned = self.store.pin_peer(peer, &entry)?;
+                if pinned.pubkey_pem.trim() == server_pem.trim() {
+                    KeyStatus::NewlyPinned
+                } else {
+                    KeyStatus::Changed { server_pem }
+                }
             }
+        };
+        if matches!(status, KeyStatus::Changed { .. }) {
+            self.keys_checked.remove(peer);
+        } else {
+            self.keys_checked.insert(peer.to_string());
         }
+        Ok(status)
+    }
+
+    /// Like [`Chat::check_peer_key`], but once per peer per session: a key the server
+    /// served unchanged earlier in this session is not fetched again before a send
+    /// (again after a message from the peer failed to open, which checks anew).
+    fn check_peer_key_once(&mut self, peer: &str) -> Result<KeyStatus, ClientError> {
+        if self.keys_checked.contains(peer) {
+            return Ok(KeyStatus::Unchanged);
+        }
+        self.check_peer_key(peer)
     }
 
     /// Peers whose key the server was last seen to have changed (not accepted yet): a
     /// UI raises its warning for them at start.
     pub fn changed_keys(&self) -> Vec<String> {
         self.store
-            .data()
-            .peers
-            .iter()
+            .peers()
+            .unwrap_or_default()
+            .into_iter()
             .filter(|(_, p)| p.key_changed)
-            .map(|(name, _)| name.clone())
+            .map(|(name, _)| name)
             .collect()
     }
 
     /// Pins the key the server serves now for `peer`, replacing a changed one.
     pub fn accept_new_key(&mut self, peer: &str, server_pem: String) -> Result<(), ClientError> {
-        let data = self.store.data_mut();
-        data.peers.insert(
-            peer.to_string(),
-            PeerEntry {
+        self.store.put_peer(
+            peer,
+            &PeerEntry {
                 pubkey_pem: server_pem,
                 verified: false,
                 key_changed: false,
             },
-        );
+        )?;
         // Keys wrapped for the old identity must not be used for new messages, nor
         // for receipts: the new identity holds none of them. (They stay, to read old
         // messages.)
-        if let Some(conv) = data.conversations.get_mut(peer) {
-            conv.current = None;
-            conv.shared.clear();
-        }
-        Ok(self.store.save()?)
+        self.store.forget_sharing(peer)?;
+        self.keys_checked.insert(peer.to_string());
+        Ok(())
     }
 
     /// The safety number of my key and the pinned key of `peer`: the same on both sides.
     pub fn safety_number(&self, peer: &str) -> Result<String, ClientError> {
         let pinned = self
             .store
-            .data()
-            .peers
-            .get(peer)
+            .peer(peer)?
             .ok_or_else(|| ClientError::Usage(format!("no key pinned for {peer} yet")))?;
         Ok(e2e::safety_number(
             &self.identity.public_pem(),
@@ -584,8 +611,8 @@ impl Chat {
     }
 
     /// The pinned key of `peer`, fetching and pinning it on first contact.
-    fn pinned_key(&mut self, peer: &str) -> Result<PeerKey, ClientError> {
-        if let Some(entry) = self.store.data().peers.get(peer) {
+    pub(crate) fn pinned_key(&mut self, peer: &str) -> Result<PeerKey, ClientError> {
+        if let Some(entry) = self.store.peer(peer)? {
             return Ok(PeerKey::from_pem(&entry.pubkey_pem)?);
         }
         self.check_peer_key(peer)?;
@@ -641,7 +668,7 @@ impl Chat {
                 retry_after_ms: None,
             });
         }
-        match self.check_peer_key(to) {
+        match self.check_peer_key_once(to) {
             Ok(KeyStatus::Changed { .. }) => {
                 return Err(ClientError::PeerKeyChanged {
                     peer: to.to_string(),
@@ -650,33 +677,14 @@ impl Chat {
             Ok(_) => {}
             // The server could not look the key up now (its database is away, say):
             // a pinned key is enough to send, and the send itself retries.
-            Err(e) if e.retryable() && self.store.data().peers.contains_key(to) => {}
+            Err(e) if e.retryable() && self.store.peer(to)?.is_some() => {}
             Err(e) => return Err(e),
         }
         let peer_key = self.pinned_key(to)?;
-        let key = match self.current_key(to) {
-            Some(key) => key,
-            None => {
-                let key = ConversationKey::generate();
-                let conv = self
-                    .store
-                    .data_mut()
-                    .conversations
-                    .entry(to.to_string())
-                    .or_default();
-                conv.keys.insert(key.id.clone(), key.key.clone());
-                conv.current = Some(key.id.clone());
-                // Saved before the offer leaves, so the key is never lost to a crash.
-                self.store.save()?;
-                key
-            }
-        };
-        let offered = self
-            .store
-            .data()
-            .conversations
-            .get(to)
-            .is_some_and(|c| c.shared.contains(&key.id));
+        // Looked for and, if there is none, made in one transaction (so processes of
+        // this user agree on one key), committed before the offer leaves.
+        let (key, _) = self.store.current_or_new_key(to, ConversationKey::generate)?;
+        let offered = self.store.conversation(to)?.shared.contains(&key.id);
         let mut bodies = Vec::new();
         if !offered {
             let offer = e2e::make_offer(&self.identity, self.user(), to, &peer_key, &key)?;
@@ -687,29 +695,14 @@ impl Chat {
             self.record_outgoing(to, None, &payload)?;
         }
         let sent = self.deliver(&SendTarget::User(to.to_string()), &bodies)?;
-        if let Some(conv) = self.store.data_mut().conversations.get_mut(to) {
-            conv.shared.insert(key.id.clone());
-        }
+        self.store.mark_shared(to, &key.id)?;
         self.record_stored(&payload.mid, sent)?;
         Ok(sent)
     }
 
-    /// The relay has stored a message we sent: its history entry says so, and saves.
+    /// The relay has stored a message we sent: its history entry says so.
     pub(crate) fn record_stored(&mut self, mid: &str, sent: Sent) -> Result<(), ClientError> {
-        if let Some(entry) = self
-            .store
-            .data_mut()
-            .history
-            .iter_mut()
-            .rev()
-            .find(|h| h.mid == mid)
-        {
-            entry.msg_id = Some(sent.msg_id);
-            if entry.state == DeliveryState::Pending {
-                entry.state = DeliveryState::Stored;
-            }
-        }
-        Ok(self.store.save()?)
+        Ok(self.store.mark_stored(mid, sent.msg_id)?)
     }
 
     /// Sends again my messages still pending in the history — a send that failed, or a
@@ -724,11 +717,9 @@ impl Chat {
     pub fn resend_pending(&mut self) -> Result<Vec<String>, ClientError> {
         let pending: Vec<HistoryEntry> = self
             .store
-            .data()
-            .history
-            .iter()
-            .filter(|h| h.outgoing && h.state == DeliveryState::Pending && !h.file)
-            .cloned()
+            .pending_outgoing()?
+            .into_iter()
+            .filter(|h| !h.file)
             .collect();
         let mut stored = Vec::new();
         for h in pending {
@@ -788,7 +779,7 @@ impl Chat {
             Some(f) => format!("[file] {}", f.name),
             None => payload.text.clone(),
         };
-        self.store.data_mut().history.push(HistoryEntry {
+        self.store.push_history(&HistoryEntry {
             peer: peer.to_string(),
             group,
             from,
@@ -799,8 +790,8 @@ impl Chat {
             outgoing: true,
             state: DeliveryState::Pending,
             file: payload.file.is_some(),
-        });
-        Ok(self.store.save()?)
+        })?;
+        Ok(())
     }
 
     /// Sends the bodies in order until the relay has stored every one, failing over and
@@ -871,30 +862,14 @@ impl Chat {
         Ok(())
     }
 
-    fn current_key(&self, peer: &str) -> Option<ConversationKey> {
-        let id = self
-            .store
-            .data()
-            .conversations
-            .get(peer)?
-            .current
-            .as_ref()?;
-        self.conversation_key(peer, id)
-    }
-
-    /// Key `key_id` of conversation `conv` (a peer, or a group's `#<id>`), if held.
-    pub(crate) fn conversation_key(&self, conv: &str, key_id: &str) -> Option<ConversationKey> {
-        let key = self
-            .store
-            .data()
-            .conversations
-            .get(conv)?
-            .keys
-            .get(key_id)?;
-        Some(ConversationKey {
-            id: key_id.to_string(),
-            key: key.clone(),
-        })
+    /// Key `key_id` of conversation `conv` (a peer, or a group's `#<id>`), if held. Read
+    /// from the store each time, so a key another process of this user kept is found.
+    pub(crate) fn conversation_key(
+        &self,
+        conv: &str,
+        key_id: &str,
+    ) -> Result<Option<ConversationKey>, ClientError> {
+        Ok(self.store.conversation_key(conv, key_id)?)
     }
 
     /// Waits until `deadline` for messages; returns as soon as some arrived (and
@@ -928,7 +903,8 @@ impl Chat {
         let mut frames = Vec::new();
         match self.relay.recv(Some(deadline))? {
             Some(frame) => frames.push(frame),
-            None => return Ok(Vec::new()),
+            // Quiet: held messages whose next request (or giving up) is due go now.
+            None => return self.recovery_due(),
         }
         while let Some(frame) = self
             .relay
@@ -938,6 +914,7 @@ impl Chat {
         }
         let mut events = Vec::new();
         let mut acks = Vec::new();
+        let mut batch = Vec::new();
         let mut synced = false;
         for frame in frames {
             match frame {
@@ -951,17 +928,15 @@ impl Chat {
                     event,
                 } => {
                     acks.push(msg_id);
-                    if self.store.remember_msg_id(msg_id) {
-                        self.store.data_mut().inbox.push(InboxEntry {
-                            msg_id,
-                            from,
-                            group_id,
-                            group,
-                            body,
-                            ts,
-                            event,
-                        });
-                    }
+                    batch.push(InboxEntry {
+                        msg_id,
+                        from,
+                        group_id,
+                        group,
+                        body,
+                        ts,
+                        event,
+                    });
                 }
                 RelayToClient::Synced {} => synced = true,
                 RelayToClient::Sent { id, .. }
@@ -984,13 +959,13 @@ impl Chat {
             }
         }
         if !acks.is_empty() {
-            // Stored first, acknowledged second, decrypted last.
-            self.store.save()?;
+            // Stored (committed, one transaction) first, acknowledged second, decrypted
+            // last.
+            self.store.store_batch(&batch)?;
             self.relay.queue(&ClientToRelay::Ack { msg_ids: acks });
             self.relay.flush()?;
         }
         events.extend(self.open_inbox()?);
-        self.store.save()?;
         // Receipts for the texts that opened (they are named by the mids inside).
         // Best effort, and never at the cost of this batch's events: a link that
         // failed under the receipts shows (and is reconnected) at the next read.
@@ -1001,40 +976,53 @@ impl Chat {
         Ok(events)
     }
 
-    /// Opens everything stored and not yet opened, in order. A group text whose key has
-    /// not arrived is tried again once the rest is open (its key may be further on) and
-    /// otherwise stays in the inbox for a later batch. Then does the group key work the
-    /// batch calls for (see [`Chat::after_events`]).
+    /// Opens everything stored and not yet opened, in order. A message whose key is not
+    /// here (yet) is tried again once the rest is open (its key may be further on), then
+    /// held and recovered (see the recovery module). Each message leaves the inbox only
+    /// once what it showed is in the history. Then does the group key work the batch
+    /// calls for (see [`Chat::after_events`]).
     fn open_inbox(&mut self) -> Result<Vec<Event>, ClientError> {
         let mut events = Vec::new();
-        let mut held = Vec::new();
-        let mut inbox = std::mem::take(&mut self.store.data_mut().inbox).into_iter();
-        while let Some(entry) = inbox.next() {
-            match self.open(entry.clone()) {
-                Ok(Opened::Shown(event)) => events.push(event),
-                Ok(Opened::Nothing) => {}
-                Ok(Opened::Held(entry)) => held.push(entry),
-                Err(e) => {
-                    // Acknowledged but not opened: keep it, and the rest, for next time.
-                    let data = self.store.data_mut();
-                    data.inbox.extend(held);
-                    data.inbox.push(entry);
-                    data.inbox.extend(inbox);
-                    self.store.save()?;
-                    return Err(e);
+        let mut waiting = Vec::new();
+        for row in self.store.inbox()? {
+            match self.open(row.entry.clone())? {
+                Opened::Shown(event) => {
+                    events.push(event);
+                    self.store.inbox_done(row.entry.msg_id)?;
                 }
+                Opened::Nothing => self.store.inbox_done(row.entry.msg_id)?,
+                Opened::Held(need) => waiting.push((row, need)),
             }
         }
-        for entry in held {
-            match self.open(entry)? {
-                Opened::Shown(event) => events.push(event),
-                Opened::Nothing => {}
-                Opened::Held(entry) => self.store.data_mut().inbox.push(entry),
+        let mut held = Vec::new();
+        for (row, first_need) in waiting {
+            match self.open(row.entry.clone())? {
+                Opened::Shown(event) => {
+                    events.push(event);
+                    self.store.inbox_done(row.entry.msg_id)?;
+                }
+                Opened::Nothing => self.store.inbox_done(row.entry.msg_id)?,
+                Opened::Held(need) => held.push((row, need.or(first_need))),
             }
         }
+        events.extend(self.recover(held)?);
         self.check_keys_of_unopened(&mut events);
         self.after_events(&events)?;
         Ok(events)
+    }
+
+    /// Opens the inbox again if a held message's next recovery step is due.
+    fn recovery_due(&mut self) -> Result<Vec<Event>, ClientError> {
+        let now = time::now_ms();
+        if self
+            .store
+            .inbox()?
+            .iter()
+            .any(|row| row.held && row.next_try_ms <= now)
+        {
+            return self.open_inbox();
+        }
+        Ok(Vec::new())
     }
 
     /// A direct message that did not open may mean the peer's key changed (a new
@@ -1054,6 +1042,8 @@ impl Chat {
                 if !valid_user_name(from) || *from == self.relay.user {
                     continue;
                 }
+                // A later send checks the key anew too.
+                self.keys_checked.remove(from.as_str());
                 let changed = match checked.get(from.as_str()) {
                     Some(c) => *c,
                     None => {
@@ -1070,7 +1060,7 @@ impl Chat {
     /// Decrypts one stored message.
     fn open(&mut self, m: InboxEntry) -> Result<Opened, ClientError> {
         if let (Some(event), Some(group_id)) = (m.event.clone(), m.group_id) {
-            return Ok(self.group_event(&m, group_id, event));
+            return self.group_event(&m, group_id, event);
         }
         let undecryptable = |why: String| {
             Ok(Opened::Shown(Event::Undecryptable {
@@ -1108,17 +1098,8 @@ impl Chat {
                     &sig,
                 ) {
                     Ok(key) => {
-                        let conv = self
-                            .store
-                            .data_mut()
-                            .conversations
-                            .entry(m.from.clone())
-                            .or_default();
-                        conv.keys.insert(key.id.clone(), key.key);
-                        conv.shared.insert(key.id.clone());
-                        if conv.current.is_none() {
-                            conv.current = Some(key.id);
-                        }
+                        self.store
+                            .add_key(&m.from, &key, None, true, MakeCurrent::IfNone)?;
                         Ok(Opened::Nothing)
                     }
                     Err(e) => undecryptable(format!(
@@ -1128,8 +1109,9 @@ impl Chat {
                 }
             }
             Envelope::Text { key_id, token, .. } => {
-                let Some(key) = self.conversation_key(&m.from, &key_id) else {
-                    return undecryptable(format!("no key {key_id} from {}", m.from));
+                let Some(key) = self.conversation_key(&m.from, &key_id)? else {
+                    // Lost, or not here yet: held, and asked for (see the recovery module).
+                    return Ok(Opened::Held(Some(crate::recovery::Need::Direct { key_id })));
                 };
                 let payload = match e2e::open_text(&key, &token) {
                     Ok(p) => p,
@@ -1140,22 +1122,23 @@ impl Chat {
                 if payload.group_key.is_none() {
                     self.owe_receipt(&m.from, None, &payload.mid);
                 }
-                if !self
-                    .store
-                    .remember_mid(&format!("{}/{}", m.from, payload.mid))
-                {
-                    return Ok(Opened::Nothing);
-                }
+                let seen = format!("{}/{}", m.from, payload.mid);
+                // A grant or a file is acted on first and then remembered (both are
+                // idempotent), so a crash in between repeats it rather than losing it.
                 if let Some(grant) = payload.group_key {
                     self.accept_grant(&m.from, grant)?;
+                    self.store.remember_mid(&seen)?;
                     return Ok(Opened::Nothing);
                 }
                 if let Some(offer) = payload.file {
+                    if !self.store.remember_mid(&seen)? {
+                        return Ok(Opened::Nothing);
+                    }
                     let mid = payload.mid.clone();
                     return self.receive_file(&m, None, &mid, offer);
                 }
                 let peer = m.from.clone();
-                Ok(self.show_received(m, peer, None, None, payload))
+                self.show_received(m, peer, None, None, payload)
             }
             Envelope::GroupText {
                 group_id,
@@ -1163,12 +1146,30 @@ impl Chat {
                 token,
                 ..
             } => self.open_group_text(m, group_id, &key_id, &token),
-            Envelope::Receipt { key_id, token, .. } => Ok(self.open_receipt(&m, &key_id, &token)),
+            Envelope::Receipt { key_id, token, .. } => self.open_receipt(&m, &key_id, &token),
+            Envelope::KeyRequest {
+                key_id,
+                group_id,
+                msg_ids,
+                ts,
+                sig,
+                ..
+            } => {
+                let request = e2e::KeyRequest {
+                    key_id,
+                    group_id,
+                    msg_ids,
+                    ts,
+                };
+                self.answer_key_request(&m, request, &sig)?;
+                Ok(Opened::Nothing)
+            }
         }
     }
 
     /// A received text goes into the history (under `peer`: the sender, or the group's
-    /// conversation) and out as an event.
+    /// conversation) and out as an event — unless the history has it already (the same
+    /// sender and `mid`): then nothing is shown.
     pub(crate) fn show_received(
         &mut self,
         m: InboxEntry,
@@ -1176,8 +1177,8 @@ impl Chat {
         group_id: Option<i64>,
         group: Option<String>,
         payload: TextPayload,
-    ) -> Opened {
-        self.store.data_mut().history.push(HistoryEntry {
+    ) -> Result<Opened, ClientError> {
+        let new = self.store.record_received(&HistoryEntry {
             peer,
             group: group.clone(),
             from: m.from.clone(),
@@ -1188,8 +1189,11 @@ impl Chat {
             outgoing: false,
             state: DeliveryState::Received,
             file: false,
-        });
-        Opened::Shown(Event::Message(Received {
+        })?;
+        if !new {
+            return Ok(Opened::Nothing);
+        }
+        Ok(Opened::Shown(Event::Message(Received {
             msg_id: m.msg_id,
             from: m.from,
             group_id,
@@ -1197,7 +1201,7 @@ impl Chat {
             text: payload.text,
             ts: m.ts,
             mid: payload.mid,
-        }))
+        })))
     }
 
     /// Ends the session.

@@ -294,6 +294,104 @@ pub enum Envelope {
         /// Fernet token of the JSON [`ReceiptPayload`].
         token: String,
     },
+    /// A request to the sender of messages that did not open here: offer key `key_id`
+    /// again and send those messages again (direct), or grant group key `key_id`
+    /// (`group_id` set). Not secret; signed by the requester with RSA-PSS (see
+    /// [`make_key_request`]), so only the peer itself can cause a re-send.
+    KeyRequest {
+        /// Envelope version, [`ENVELOPE_VERSION`].
+        v: u32,
+        /// The key asked for.
+        key_id: String,
+        /// The group whose key it is, for a group key.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        group_id: Option<i64>,
+        /// Server message ids (as the requester received them) of the direct messages to
+        /// send again; empty for a group key. At most [`MAX_REQUESTED_MESSAGES`].
+        #[serde(default)]
+        msg_ids: Vec<i64>,
+        /// The requester's clock, unix ms.
+        ts: u64,
+        /// Std base64 of the RSA-PSS(SHA-256) signature.
+        sig: String,
+    },
+}
+
+/// Most messages one key request names.
+pub const MAX_REQUESTED_MESSAGES: usize = 64;
+
+/// Domain separation of key-request signatures.
+const KEY_REQUEST_SIG_CONTEXT: &str = "fastchat-key-request-v1";
+
+/// What a verified [`Envelope::KeyRequest`] asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRequest {
+    pub key_id: String,
+    pub group_id: Option<i64>,
+    pub msg_ids: Vec<i64>,
+    pub ts: u64,
+}
+
+/// The bytes a key request's signature covers: context, requester, recipient, key id,
+/// group id (or `-`), the message ids joined by `,`, and the time, one per line.
+fn key_request_signed_bytes(from: &str, to: &str, r: &KeyRequest) -> Vec<u8> {
+    let ids: Vec<String> = r.msg_ids.iter().map(i64::to_string).collect();
+    let group = r.group_id.map_or_else(|| "-".to_string(), |g| g.to_string());
+    format!(
+        "{KEY_REQUEST_SIG_CONTEXT}\n{from}\n{to}\n{}\n{group}\n{}\n{}",
+        r.key_id,
+        ids.join(","),
+        r.ts
+    )
+    .into_bytes()
+}
+
+/// Signs a key request `from` (us) → `to`.
+pub fn make_key_request(
+    me: &Identity,
+    from: &str,
+    to: &str,
+    request: &KeyRequest,
+) -> Result<Envelope, E2eError> {
+    check_name(from)?;
+    check_name(to)?;
+    check_key_id(&request.key_id)?;
+    if request.msg_ids.len() > MAX_REQUESTED_MESSAGES {
+        return Err(E2eError::BadPayload("too many messages in one key request".into()));
+    }
+    let sig = me
+        .private
+        .pss_sign::<Sha256>(&key_request_signed_bytes(from, to, request))
+        .map_err(|e| E2eError::Crypto(format!("PSS signing: {e}")))?;
+    Ok(Envelope::KeyRequest {
+        v: ENVELOPE_VERSION,
+        key_id: request.key_id.clone(),
+        group_id: request.group_id,
+        msg_ids: request.msg_ids.clone(),
+        ts: request.ts,
+        sig: STANDARD.encode(sig),
+    })
+}
+
+/// Verifies a key request `from` → `to` (us) against the requester's pinned key.
+pub fn open_key_request(
+    from: &str,
+    to: &str,
+    requester: &PeerKey,
+    request: &KeyRequest,
+    sig: &str,
+) -> Result<(), E2eError> {
+    check_name(from)?;
+    check_name(to)?;
+    check_key_id(&request.key_id)?;
+    if request.msg_ids.len() > MAX_REQUESTED_MESSAGES {
+        return Err(E2eError::BadPayload("too many messages in one key request".into()));
+    }
+    let sig = STANDARD.decode(sig).map_err(|_| E2eError::BadSignature)?;
+    requester
+        .key
+        .pss_verify::<Sha256>(&key_request_signed_bytes(from, to, request), &sig)
+        .map_err(|_| E2eError::BadSignature)
 }
 
 impl Envelope {
@@ -322,7 +420,8 @@ impl Envelope {
             Envelope::Offer { v, .. }
             | Envelope::Text { v, .. }
             | Envelope::GroupText { v, .. }
-            | Envelope::Receipt { v, .. } => *v,
+            | Envelope::Receipt { v, .. }
+            | Envelope::KeyRequest { v, .. } => *v,
         }
     }
 
@@ -332,7 +431,8 @@ impl Envelope {
             Envelope::Offer { key_id, .. }
             | Envelope::Text { key_id, .. }
             | Envelope::GroupText { key_id, .. }
-            | Envelope::Receipt { key_id, .. } => key_id,
+            | Envelope::Receipt { key_id, .. }
+            | Envelope::KeyRequest { key_id, .. } => key_id,
         }
     }
 }

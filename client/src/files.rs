@@ -310,26 +310,22 @@ impl Chat {
             }));
         }
         let file_id = offer.file_id;
-        let downloads = &mut self.store.data_mut().downloads;
-        if !downloads.iter().any(|d| d.offer.file_id == file_id) {
-            downloads.push(PendingDownload {
-                offer,
-                msg_id: m.msg_id,
-                from: m.from.clone(),
-                group_id: m.group_id,
-                group,
-                ts: m.ts,
-                mid: mid.to_string(),
-            });
-        }
-        self.store.save()?;
+        self.store.add_download(&PendingDownload {
+            offer,
+            msg_id: m.msg_id,
+            from: m.from.clone(),
+            group_id: m.group_id,
+            group,
+            ts: m.ts,
+            mid: mid.to_string(),
+        })?;
         self.request_window(file_id)?;
         Ok(Opened::Nothing)
     }
 
     /// Downloads not finished yet.
     pub fn downloads_in_progress(&self) -> usize {
-        self.store.data().downloads.len()
+        self.store.downloads().map_or(0, |d| d.len())
     }
 
     /// Asks again for every unfinished download (after a failover or a restart).
@@ -337,8 +333,7 @@ impl Chat {
         self.file_requests.clear();
         let ids: Vec<i64> = self
             .store
-            .data()
-            .downloads
+            .downloads()?
             .iter()
             .map(|d| d.offer.file_id)
             .collect();
@@ -363,7 +358,7 @@ impl Chat {
             Err(e) => return Err(io_err(&path)(e)),
         };
         let whole = len / FILE_CHUNK as u64;
-        let offer_chunks = self.pending(file_id).map_or(0, |d| d.offer.chunks);
+        let offer_chunks = self.pending(file_id)?.map_or(0, |d| d.offer.chunks);
         if len % FILE_CHUNK as u64 == 0 {
             return Ok(whole as u32);
         }
@@ -380,12 +375,8 @@ impl Chat {
         Ok(whole as u32)
     }
 
-    fn pending(&self, file_id: i64) -> Option<&PendingDownload> {
-        self.store
-            .data()
-            .downloads
-            .iter()
-            .find(|d| d.offer.file_id == file_id)
+    fn pending(&self, file_id: i64) -> Result<Option<PendingDownload>, ClientError> {
+        Ok(self.store.download(file_id)?)
     }
 
     /// Asks for the next window of chunks of a download.
@@ -422,7 +413,7 @@ impl Chat {
                 if self.file_requests.get(&id) != Some(&file_id) {
                     return Ok(None);
                 }
-                let Some(pending) = self.pending(file_id).cloned() else {
+                let Some(pending) = self.pending(file_id)? else {
                     return Ok(None);
                 };
                 let nonce = nonce_of(&pending.offer).unwrap_or_default();
@@ -463,7 +454,7 @@ impl Chat {
                 if self.file_requests.remove(&id) != Some(file_id) {
                     return Ok(None);
                 }
-                let Some(chunks) = self.pending(file_id).map(|d| d.offer.chunks) else {
+                let Some(chunks) = self.pending(file_id)?.map(|d| d.offer.chunks) else {
                     return Ok(None);
                 };
                 let held = self.chunks_held(file_id)?;
@@ -499,16 +490,11 @@ impl Chat {
         file_id: i64,
         outcome: Result<(), String>,
     ) -> Result<Option<Event>, ClientError> {
-        let Some(pos) = self
-            .store
-            .data()
-            .downloads
-            .iter()
-            .position(|d| d.offer.file_id == file_id)
-        else {
+        // Taken out first: a crash from here on leaves the partial file, not a download
+        // that resumes after it was shown.
+        let Some(pending) = self.store.take_download(file_id)? else {
             return Ok(None);
         };
-        let pending = self.store.data_mut().downloads.remove(pos);
         self.file_requests.retain(|_, f| *f != file_id);
         let partial = self.partial_path(file_id);
         let checked = outcome.and_then(|()| match sha256_of(&partial) {
@@ -562,7 +548,7 @@ impl Chat {
                 } else {
                     pending.mid
                 };
-                self.store.data_mut().history.push(HistoryEntry {
+                self.store.push_history(&HistoryEntry {
                     peer,
                     group: file.group.clone(),
                     from: file.from.clone(),
@@ -573,11 +559,10 @@ impl Chat {
                     outgoing: false,
                     state: DeliveryState::Received,
                     file: false,
-                });
+                })?;
                 Event::File(file)
             }
         };
-        self.store.save()?;
         Ok(Some(event))
     }
 }

@@ -13,7 +13,7 @@
 use crate::chat::{Chat, Event, GroupNotice, Opened, SendTarget, Sent};
 use crate::e2e::{self, ConversationKey, GroupKeyGrant, TextPayload};
 use crate::error::ClientError;
-use crate::store::{DeliveryState, GroupState, HistoryEntry, InboxEntry};
+use crate::store::{DeliveryState, GroupState, HistoryEntry, InboxEntry, MakeCurrent};
 use fastchat_common::proto::{
     ClientToRelay, ErrorCode, GroupEvent, GroupMember, GroupSummary, RelayToClient,
 };
@@ -50,24 +50,21 @@ impl Chat {
     fn expect_group(&mut self, reply: RelayToClient) -> Result<GroupSummary, ClientError> {
         match reply {
             RelayToClient::Group { group, .. } => {
-                self.remember_group(&group);
-                self.store.save()?;
+                self.remember_group(&group)?;
                 Ok(group)
             }
             other => Err(ClientError::Protocol(format!("{other:?}"))),
         }
     }
 
-    fn remember_group(&mut self, g: &GroupSummary) {
-        self.store.data_mut().groups.insert(
-            g.group_id,
-            GroupState {
-                name: g.name.clone(),
-                epoch: g.epoch,
-                role: g.role.clone(),
-                members: Some(g.members),
-            },
-        );
+    fn remember_group(&mut self, g: &GroupSummary) -> Result<(), ClientError> {
+        self.store.update_group(g.group_id, |_| GroupState {
+            name: g.name.clone(),
+            epoch: g.epoch,
+            role: g.role.clone(),
+            members: Some(g.members),
+        })?;
+        Ok(())
     }
 
     /// Creates a group with this user as admin, and its first key.
@@ -86,9 +83,8 @@ impl Chat {
         match self.group_request(|id| ClientToRelay::GroupList { id })? {
             RelayToClient::Groups { groups, .. } => {
                 for g in &groups {
-                    self.remember_group(g);
+                    self.remember_group(g)?;
                 }
-                self.store.save()?;
                 Ok(groups)
             }
             other => Err(ClientError::Protocol(format!("{other:?}"))),
@@ -135,7 +131,7 @@ impl Chat {
     ) -> Result<(GroupSummary, Vec<GroupMember>), ClientError> {
         match self.group_request(|id| ClientToRelay::GroupMembers { id, group_id })? {
             RelayToClient::Members { group, members, .. } => {
-                self.remember_group(&group);
+                self.remember_group(&group)?;
                 Ok((group, members))
             }
             other => Err(ClientError::Protocol(format!("{other:?}"))),
@@ -150,7 +146,7 @@ impl Chat {
             user: user.to_string(),
         })?;
         let group = self.expect_group(reply)?;
-        match self.newest_group_key(group_id) {
+        match self.newest_group_key(group_id)? {
             Some((key, epoch)) => self.grant(group_id, user, &key, epoch)?,
             None => {
                 // An admin without a key: make one for the current epoch (everyone gets it).
@@ -223,15 +219,15 @@ impl Chat {
         payload: TextPayload,
         record: bool,
     ) -> Result<Sent, ClientError> {
-        let state = self.store.data().groups.get(&group_id).cloned();
+        let state = self.store.group(group_id)?;
         // An admin whose newest key predates the group's epoch rotates first.
         if let Some(state) = &state {
-            let newest = self.newest_group_key(group_id).map_or(0, |(_, e)| e);
+            let newest = self.newest_group_key(group_id)?.map_or(0, |(_, e)| e);
             if state.role == "admin" && newest < state.epoch {
                 self.rotate(group_id, state.epoch)?;
             }
         }
-        let Some((key, epoch)) = self.newest_group_key(group_id) else {
+        let Some((key, epoch)) = self.newest_group_key(group_id)? else {
             return Err(refused(
                 ErrorCode::NotMember,
                 format!(
@@ -251,54 +247,45 @@ impl Chat {
 
     /// The epoch of the newest key held for the group, if any.
     pub fn group_key_epoch(&self, group_id: i64) -> Option<i32> {
-        self.newest_group_key(group_id).map(|(_, epoch)| epoch)
+        self.newest_group_key(group_id)
+            .ok()
+            .flatten()
+            .map(|(_, epoch)| epoch)
     }
 
     /// The newest key held for the group, and its epoch.
-    fn newest_group_key(&self, group_id: i64) -> Option<(ConversationKey, i32)> {
-        let conv = self
+    fn newest_group_key(
+        &self,
+        group_id: i64,
+    ) -> Result<Option<(ConversationKey, i32)>, ClientError> {
+        Ok(self
             .store
-            .data()
-            .conversations
-            .get(&conversation(group_id))?;
-        let id = conv.current.as_ref()?;
-        Some((
-            self.conversation_key(&conversation(group_id), id)?,
-            conv.epochs.get(id).copied().unwrap_or(0),
-        ))
+            .current_key(&conversation(group_id))?
+            .map(|(key, epoch)| (key, epoch.unwrap_or(0))))
     }
 
-    /// Keeps a group key; it becomes the one to send with if its epoch is the newest.
-    fn keep_group_key(&mut self, group_id: i64, key: &ConversationKey, epoch: i32) {
-        let conv = self
-            .store
-            .data_mut()
-            .conversations
-            .entry(conversation(group_id))
-            .or_default();
-        conv.keys.insert(key.id.clone(), key.key.clone());
-        conv.epochs.insert(key.id.clone(), epoch);
-        let current_epoch = conv
-            .current
-            .as_ref()
-            .and_then(|id| conv.epochs.get(id))
-            .copied()
-            .unwrap_or(i32::MIN);
-        if epoch >= current_epoch {
-            conv.current = Some(key.id.clone());
-        }
+    /// Keeps a group key; it becomes the one to send with as `current` says.
+    fn keep_group_key(
+        &mut self,
+        group_id: i64,
+        key: &ConversationKey,
+        epoch: i32,
+        current: MakeCurrent,
+    ) -> Result<(), ClientError> {
+        self.store
+            .add_key(&conversation(group_id), key, Some(epoch), false, current)?;
+        Ok(())
     }
 
-    /// Makes a key for `epoch` and keeps it (saved before it is handed out).
+    /// Makes a key for `epoch` and keeps it (committed before it is handed out).
     fn new_group_key(&mut self, group_id: i64, epoch: i32) -> Result<ConversationKey, ClientError> {
         let key = ConversationKey::generate();
-        self.keep_group_key(group_id, &key, epoch);
-        self.store.save()?;
+        self.keep_group_key(group_id, &key, epoch, MakeCurrent::IfNewestEpoch)?;
         Ok(key)
     }
 
     /// Hands a group key to `user` over the pairwise channel.
-    fn grant(
+    pub(crate) fn grant(
         &mut self,
         group_id: i64,
         user: &str,
@@ -339,7 +326,13 @@ impl Chat {
             Err(e) => return Err(e),
         };
         let from_admin = members.iter().any(|m| m.user == from && m.role == "admin");
-        if !from_admin {
+        // A member may hand over a key that a held message of the group waits for (a
+        // recovery this client asked for): kept to read, never to send with.
+        let asked = members.iter().any(|m| m.user == from)
+            && self
+                .store
+                .waits_for_group_key(grant.group_id, &grant.key_id)?;
+        if !from_admin && !asked {
             return Ok(());
         }
         let key = ConversationKey {
@@ -361,8 +354,12 @@ impl Chat {
         {
             return Ok(());
         }
-        self.keep_group_key(grant.group_id, &key, grant.epoch);
-        Ok(())
+        let current = if from_admin {
+            MakeCurrent::IfNewestEpoch
+        } else {
+            MakeCurrent::Never
+        };
+        self.keep_group_key(grant.group_id, &key, grant.epoch, current)
     }
 
     /// A membership event: shown, and remembered.
@@ -371,46 +368,39 @@ impl Chat {
         m: &InboxEntry,
         group_id: i64,
         event: GroupEvent,
-    ) -> Opened {
+    ) -> Result<Opened, ClientError> {
+        let kept = self.store.group(group_id)?;
         let name = m
             .group
             .clone()
-            .or_else(|| {
-                self.store
-                    .data()
-                    .groups
-                    .get(&group_id)
-                    .map(|g| g.name.clone())
-            })
+            .or_else(|| kept.as_ref().map(|g| g.name.clone()))
             .unwrap_or_else(|| format!("#{group_id}"));
         let me = self.user().to_string();
-        let state = self
-            .store
-            .data_mut()
-            .groups
-            .entry(group_id)
-            .or_insert_with(|| GroupState {
+        self.store.update_group(group_id, |state| {
+            let mut state = state.unwrap_or_else(|| GroupState {
                 name: name.clone(),
                 epoch: event.epoch,
                 role: "member".into(),
                 members: None,
             });
-        state.epoch = state.epoch.max(event.epoch);
-        // Keep the member count (known from a summary) in step with the events.
-        state.members = state.members.map(|n| match event.event.as_str() {
-            "added" => n.saturating_add(1),
-            "removed" | "left" => n.saturating_sub(1),
-            _ => n,
-        });
-        if event.user == me {
-            match event.event.as_str() {
-                "removed" | "left" => state.role = "none".into(),
-                "promoted" | "created" => state.role = "admin".into(),
-                "added" => state.role = "member".into(),
-                _ => {}
+            state.epoch = state.epoch.max(event.epoch);
+            // Keep the member count (known from a summary) in step with the events.
+            state.members = state.members.map(|n| match event.event.as_str() {
+                "added" => n.saturating_add(1),
+                "removed" | "left" => n.saturating_sub(1),
+                _ => n,
+            });
+            if event.user == me {
+                match event.event.as_str() {
+                    "removed" | "left" => state.role = "none".into(),
+                    "promoted" | "created" => state.role = "admin".into(),
+                    "added" => state.role = "member".into(),
+                    _ => {}
+                }
             }
-        }
-        self.store.data_mut().history.push(HistoryEntry {
+            state
+        })?;
+        self.store.push_history(&HistoryEntry {
             peer: conversation(group_id),
             group: Some(name.clone()),
             from: m.from.clone(),
@@ -421,14 +411,14 @@ impl Chat {
             outgoing: false,
             state: DeliveryState::Received,
             file: false,
-        });
-        Opened::Shown(Event::Group(GroupNotice {
+        })?;
+        Ok(Opened::Shown(Event::Group(GroupNotice {
             msg_id: m.msg_id,
             group_id,
             group: name,
             event,
             ts: m.ts,
-        }))
+        })))
     }
 
     /// Opens a group text, or holds it until its key arrives.
@@ -439,8 +429,11 @@ impl Chat {
         key_id: &str,
         token: &str,
     ) -> Result<Opened, ClientError> {
-        let Some(key) = self.conversation_key(&conversation(group_id), key_id) else {
-            return Ok(Opened::Held(m));
+        let Some(key) = self.conversation_key(&conversation(group_id), key_id)? else {
+            return Ok(Opened::Held(Some(crate::recovery::Need::Group {
+                group_id,
+                key_id: key_id.to_string(),
+            })));
         };
         let payload = match e2e::open_text(&key, token) {
             Ok(p) => p,
@@ -456,23 +449,20 @@ impl Chat {
         };
         // Opened: owed a receipt, a duplicate too (receipts are idempotent).
         self.owe_receipt(&m.from, Some(group_id), &payload.mid);
-        if !self
-            .store
-            .remember_mid(&format!("{}/{}", m.from, payload.mid))
-        {
-            return Ok(Opened::Nothing);
-        }
-        let name = m.group.clone().or_else(|| {
-            self.store
-                .data()
-                .groups
-                .get(&group_id)
-                .map(|g| g.name.clone())
-        });
+        let name = match m.group.clone() {
+            Some(name) => Some(name),
+            None => self.store.group(group_id)?.map(|g| g.name),
+        };
         if let Some(offer) = payload.file {
+            if !self
+                .store
+                .remember_mid(&format!("{}/{}", m.from, payload.mid))?
+            {
+                return Ok(Opened::Nothing);
+            }
             return self.receive_file(&m, name, &payload.mid, offer);
         }
-        Ok(self.show_received(m, conversation(group_id), Some(group_id), name, payload))
+        self.show_received(m, conversation(group_id), Some(group_id), name, payload)
     }
 
     /// After a batch: for each group where someone left or was removed and our newest
@@ -489,7 +479,7 @@ impl Chat {
             }
         }
         for (group_id, epoch) in due {
-            let newest = self.newest_group_key(group_id).map_or(0, |(_, e)| e);
+            let newest = self.newest_group_key(group_id)?.map_or(0, |(_, e)| e);
             if newest >= epoch {
                 continue;
             }

@@ -20,5 +20,6 @@ pub mod files;
 pub mod groups;
 pub mod pins;
 pub mod receipts;
+pub mod recovery;
 pub mod store;
 pub mod ui;

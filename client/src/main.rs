@@ -89,6 +89,22 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         downloads: Option<PathBuf>,
     },
+    /// Find messages in your local history that hold TEXT (case-insensitive). Works
+    /// offline: only the store is read.
+    Search {
+        /// Only the chat with this user.
+        #[arg(long, value_name = "PEER", conflicts_with = "group")]
+        with: Option<String>,
+        /// Only this group (its name, or #ID).
+        #[arg(long, value_name = "NAME")]
+        group: Option<String>,
+        /// One JSON object per line instead of text.
+        #[arg(long)]
+        json: bool,
+        /// What to look for (words are joined with spaces).
+        #[arg(required = true, num_args = 1..)]
+        text: Vec<String>,
+    },
     /// Forget this machine's saved login: the server revokes its resumption credential.
     Logout,
     /// Change your password (the server revokes every saved login; the local store is
@@ -437,6 +453,15 @@ fn run(cli: &Cli, command: &Command) -> Result<(), ClientError> {
             chat.close();
             Ok(())
         }
+        Command::Search {
+            with,
+            group,
+            json,
+            text,
+        } => {
+            let opts = options(cli, false)?;
+            search(&opts, with.as_deref(), group.as_deref(), *json, &text.join(" "))
+        }
         Command::Logout => {
             let opts = options(cli, false)?;
             if chat::logout(&opts)? {
@@ -494,6 +519,77 @@ fn run(cli: &Cli, command: &Command) -> Result<(), ClientError> {
             chat.close();
             Ok(())
         }
+    }
+}
+
+/// `fastchat search`: matches from the local store, oldest first.
+fn search(
+    opts: &Options,
+    with: Option<&str>,
+    group: Option<&str>,
+    json: bool,
+    text: &str,
+) -> Result<(), ClientError> {
+    let store = chat::open_local_store(opts)?;
+    let conv = match (with, group) {
+        (Some(peer), _) => Some(peer.to_string()),
+        (None, Some(name)) => Some(local_group(&store, name)?),
+        (None, None) => None,
+    };
+    let found = store.search(conv.as_deref(), text)?;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    for (_, h) in &found {
+        let ts = time::rfc3339(h.ts);
+        let line = if json {
+            serde_json::json!({
+                "msg_id": h.msg_id,
+                "chat": h.peer,
+                "group": h.group,
+                "from": h.from,
+                "text": h.text,
+                "ts": ts,
+                "outgoing": h.outgoing,
+            })
+            .to_string()
+        } else {
+            let place = h.group.as_deref().map_or(h.peer.clone(), |g| format!("#{g}"));
+            format!("[{} {}] {place} {}: {}", &ts[..10], &ts[11..19], h.from, h.text)
+        };
+        let _ = writeln!(out, "{line}");
+    }
+    let _ = out.flush();
+    if found.is_empty() {
+        eprintln!("no message holds {text:?}");
+    }
+    Ok(())
+}
+
+/// A group of the local store by name or `#ID`, as its conversation (`#<id>`).
+fn local_group(
+    store: &fastchat_client::store::Store,
+    name: &str,
+) -> Result<String, ClientError> {
+    let groups = store.groups()?;
+    if let Some(id) = name.strip_prefix('#').and_then(|n| n.parse::<i64>().ok()) {
+        if groups.contains_key(&id) {
+            return Ok(format!("#{id}"));
+        }
+    }
+    let ids: Vec<i64> = groups
+        .iter()
+        .filter(|(_, g)| g.name == name)
+        .map(|(id, _)| *id)
+        .collect();
+    match ids[..] {
+        [id] => Ok(format!("#{id}")),
+        [] => Err(ClientError::Usage(format!(
+            "no group called {name:?} in your history (see `fastchat group list`)"
+        ))),
+        _ => Err(ClientError::Usage(format!(
+            "several groups are called {name:?}; name one by #ID: {}",
+            ids.iter().map(|id| format!("#{id}")).collect::<Vec<_>>().join(", ")
+        ))),
     }
 }
 
@@ -606,6 +702,12 @@ fn read(chat: &mut Chat, wait: Option<u64>, json: bool) -> Result<(), ClientErro
                 // Receipts and resends are for the terminal UI's delivery marks, not
                 // for `read`.
                 Event::Delivered { .. } | Event::Stored { .. } => {}
+                Event::Recovering { msg_id, from, .. } => {
+                    eprintln!(
+                        "note: message {msg_id} from {from} is being recovered (its key was \
+                         asked for); it is shown when it arrives"
+                    );
+                }
                 Event::Undecryptable {
                     msg_id,
                     from,

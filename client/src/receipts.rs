@@ -26,10 +26,10 @@
 use crate::chat::{Chat, Event, Opened};
 use crate::e2e::{self, ConversationKey, ReceiptPayload};
 use crate::error::ClientError;
-use crate::store::{DeliveryState, HistoryEntry, InboxEntry};
+use crate::store::InboxEntry;
 use fastchat_common::proto::ClientToRelay;
 use fastchat_common::time;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 
 /// Most message ids in one receipt, so a receipt stays far below the body limit. A
 /// receipt naming more is refused whole (it costs the receiver a history scan).
@@ -52,9 +52,9 @@ impl Chat {
     fn receipts_in_group(&mut self, group_id: i64) -> bool {
         let known = self
             .store
-            .data()
-            .groups
-            .get(&group_id)
+            .group(group_id)
+            .ok()
+            .flatten()
             .and_then(|g| g.members);
         let members = match known {
             Some(n) => Some(n),
@@ -97,7 +97,7 @@ impl Chat {
         }
         let mut queued = false;
         for (peer, mids) in by_peer {
-            let Some(key) = self.receipt_key(&peer) else {
+            let Some(key) = self.receipt_key(&peer)? else {
                 continue;
             };
             for chunk in mids.chunks(MAX_MIDS) {
@@ -130,9 +130,9 @@ impl Chat {
     /// the relay stored our offer of it; accepting a changed key for the peer forgets
     /// them all (its new identity holds none), so no receipt goes until a key is
     /// shared again.
-    fn receipt_key(&self, peer: &str) -> Option<ConversationKey> {
-        let conv = self.store.data().conversations.get(peer)?;
-        let id = conv
+    fn receipt_key(&self, peer: &str) -> Result<Option<ConversationKey>, ClientError> {
+        let conv = self.store.conversation(peer)?;
+        let Some(id) = conv
             .current
             .as_ref()
             .filter(|id| conv.shared.contains(*id))
@@ -141,7 +141,10 @@ impl Chat {
                     .iter()
                     .rev()
                     .find(|id| conv.keys.contains_key(*id))
-            })?;
+            })
+        else {
+            return Ok(None);
+        };
         self.conversation_key(peer, id)
     }
 
@@ -149,134 +152,26 @@ impl Chat {
     /// does not open, or names more than [`MAX_MIDS`] messages, is dropped quietly (it
     /// would only ever be a hint). Receipts are idempotent, so they do not take places
     /// in the duplicate-detection window of real messages.
-    pub(crate) fn open_receipt(&mut self, m: &InboxEntry, key_id: &str, token: &str) -> Opened {
-        let key = self.conversation_key(&m.from, key_id);
+    pub(crate) fn open_receipt(
+        &mut self,
+        m: &InboxEntry,
+        key_id: &str,
+        token: &str,
+    ) -> Result<Opened, ClientError> {
+        let key = self.conversation_key(&m.from, key_id)?;
         let Some(Ok(receipt)) = key.map(|key| e2e::open_receipt(&key, token)) else {
-            return Opened::Nothing;
+            return Ok(Opened::Nothing);
         };
-        let delivered = mark_delivered(&mut self.store.data_mut().history, &m.from, &receipt.mids);
-        if delivered.is_empty() {
-            return Opened::Nothing;
+        if receipt.mids.len() > MAX_MIDS {
+            return Ok(Opened::Nothing);
         }
-        Opened::Shown(Event::Delivered {
+        let delivered = self.store.mark_delivered(&m.from, &receipt.mids)?;
+        if delivered.is_empty() {
+            return Ok(Opened::Nothing);
+        }
+        Ok(Opened::Shown(Event::Delivered {
             peer: m.from.clone(),
             mids: delivered,
-        })
-    }
-}
-
-/// Marks delivered my outgoing entries of `history` that a receipt from `from` names
-/// by `mid`: direct entries only if their peer is `from`, group entries (conversation
-/// `#<id>`) from anyone. A receipt naming more than [`MAX_MIDS`] is refused whole. Scans
-/// from the newest entry and stops once every named one is found. Returns the mids
-/// newly marked, oldest first.
-fn mark_delivered(history: &mut [HistoryEntry], from: &str, mids: &[String]) -> Vec<String> {
-    if mids.len() > MAX_MIDS {
-        return Vec::new();
-    }
-    let mut named: HashSet<&str> = mids.iter().map(String::as_str).collect();
-    let mut delivered = Vec::new();
-    for entry in history.iter_mut().rev() {
-        if named.is_empty() {
-            break;
-        }
-        if !entry.outgoing {
-            continue;
-        }
-        // Group conversations are `#<group id>` (see the groups module); a direct
-        // entry only counts if its peer sent the receipt.
-        let from_recipient = entry.peer.starts_with('#') || entry.peer == from;
-        if from_recipient
-            && named.remove(entry.mid.as_str())
-            && entry.state != DeliveryState::Delivered
-        {
-            entry.state = DeliveryState::Delivered;
-            delivered.push(entry.mid.clone());
-        }
-    }
-    delivered.reverse();
-    delivered
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn entry(peer: &str, mid: &str, outgoing: bool) -> HistoryEntry {
-        HistoryEntry {
-            peer: peer.into(),
-            group: None,
-            from: if outgoing {
-                "alice".into()
-            } else {
-                peer.into()
-            },
-            text: "hi".into(),
-            ts: 1,
-            msg_id: Some(7),
-            mid: mid.into(),
-            outgoing,
-            state: if outgoing {
-                DeliveryState::Stored
-            } else {
-                DeliveryState::Received
-            },
-            file: false,
-        }
-    }
-
-    fn states(h: &[HistoryEntry]) -> Vec<DeliveryState> {
-        h.iter().map(|e| e.state).collect()
-    }
-
-    #[test]
-    fn only_the_recipient_can_mark_a_direct_message() {
-        let mut h = vec![entry("bob", "m1", true), entry("carol", "m2", true)];
-        // Carol names bob's message: nothing happens.
-        assert!(mark_delivered(&mut h, "carol", &["m1".into()]).is_empty());
-        assert_eq!(states(&h), [DeliveryState::Stored, DeliveryState::Stored]);
-        // Bob names it (and carol's, which he cannot have): only his is marked.
-        assert_eq!(
-            mark_delivered(&mut h, "bob", &["m2".into(), "m1".into()]),
-            ["m1"]
-        );
-        assert_eq!(
-            states(&h),
-            [DeliveryState::Delivered, DeliveryState::Stored]
-        );
-        // Again: idempotent, nothing new.
-        assert!(mark_delivered(&mut h, "bob", &["m1".into()]).is_empty());
-    }
-
-    #[test]
-    fn group_messages_are_marked_by_any_member_and_incoming_never() {
-        let mut h = vec![
-            entry("#4", "g1", true),
-            entry("#4", "g2", false),
-            entry("bob", "b1", false),
-        ];
-        assert_eq!(
-            mark_delivered(&mut h, "dave", &["g1".into(), "g2".into(), "b1".into()]),
-            ["g1"]
-        );
-        assert_eq!(
-            states(&h),
-            [
-                DeliveryState::Delivered,
-                DeliveryState::Received,
-                DeliveryState::Received
-            ]
-        );
-    }
-
-    #[test]
-    fn oversized_receipts_are_refused_whole() {
-        let mut h = vec![entry("bob", "m1", true)];
-        let mut mids: Vec<String> = (0..MAX_MIDS).map(|i| format!("x{i}")).collect();
-        mids.push("m1".into());
-        assert!(mark_delivered(&mut h, "bob", &mids).is_empty());
-        assert_eq!(states(&h), [DeliveryState::Stored]);
-        mids.remove(0);
-        assert_eq!(mark_delivered(&mut h, "bob", &mids), ["m1"]);
+        }))
     }
 }

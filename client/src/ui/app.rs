@@ -45,7 +45,14 @@ fn utc_offset_s() -> i64 {
 /// Runs the terminal UI with a logged-in session until the user quits.
 pub fn run(chat: Chat, settings: Settings) -> Result<(), ClientError> {
     let mut model = Model::new(chat.user(), chat.relay_addr());
-    model.load(&chat.store().data().history, &chat.store().data().groups);
+    // The newest page of each conversation; older lines stay in the store.
+    let recent: Vec<_> = chat
+        .store()
+        .recent_history(super::model::HISTORY_ON_START)?
+        .into_iter()
+        .map(|(_, h)| h)
+        .collect();
+    model.load(&recent, &chat.store().groups()?);
     let now = time::now_ms();
     let status = model
         .get(STATUS)
@@ -315,6 +322,11 @@ impl App {
                 );
             }
             Command::Retry => self.request(Request::Retry),
+            Command::Search { text } => {
+                let open = self.model.selected().id.clone();
+                let conv = (open != STATUS).then_some(open);
+                self.request(Request::Search { conv, text });
+            }
             Command::Verify { user, confirm } => {
                 self.model.conversation(&user, &user, None);
                 self.model.select(&user);
@@ -467,6 +479,15 @@ impl App {
                 });
             }
             Update::Offline(why) => self.model.connection = Connection::Offline(why),
+            Update::External(entries) => {
+                // Rung like any message: another process wrote it, the user has not seen it.
+                for h in &entries {
+                    if !h.outgoing && self.model.selected().id != h.peer && self.bell {
+                        self.ring = true;
+                    }
+                }
+                self.model.external(&entries);
+            }
         }
     }
 
@@ -543,6 +564,23 @@ impl App {
                 if key_changed && !self.model.get(&from).is_some_and(|c| c.key_warning) {
                     self.key_warning(&from);
                 }
+            }
+            Event::Recovering {
+                msg_id,
+                from,
+                group_id,
+            } => {
+                let id = group_id.map_or_else(|| from.clone(), |g| format!("#{g}"));
+                let title = self.model.get(&id).map_or_else(|| id.clone(), |c| c.title.clone());
+                self.model.push(
+                    &id,
+                    &title,
+                    group_id,
+                    info_line(
+                        &format!("a message from {from} (#{msg_id}) is being recovered: its key was asked for"),
+                        time::now_ms(),
+                    ),
+                );
             }
             Event::Stored { mids } => self.model.stored_mids(&mids),
             Event::Delivered { mids, .. } => {

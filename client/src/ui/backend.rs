@@ -53,6 +53,11 @@ pub enum Request {
     },
     /// `/retry`: send again my messages still pending (a failed send).
     Retry,
+    /// `/search`: find `text` in the history of `conv` (all if `None`).
+    Search {
+        conv: Option<String>,
+        text: String,
+    },
     /// Finish what was asked before (requests run in order), then end the session.
     Quit,
 }
@@ -102,6 +107,8 @@ pub enum Update {
         open: bool,
     },
     Progress(Progress),
+    /// History another process of this user wrote (a `send` in another terminal).
+    External(Vec<crate::store::HistoryEntry>),
     /// The session cannot reach any relay (it keeps trying).
     Offline(String),
     /// Connected again after being offline.
@@ -131,6 +138,8 @@ pub fn spawn(
 
 fn run(mut chat: Chat, requests: Receiver<Request>, updates: Sender<Update>) {
     let mut offline = false;
+    // History rows up to here are on screen; newer ones another process wrote are sent.
+    let mut shown = chat.store().last_history_id().unwrap_or(0);
     loop {
         loop {
             match requests.try_recv() {
@@ -140,6 +149,12 @@ fn run(mut chat: Chat, requests: Receiver<Request>, updates: Sender<Update>) {
                 }
                 Ok(request) => handle(&mut chat, request, &updates),
                 Err(TryRecvError::Empty) => break,
+            }
+        }
+        if let Ok(rows) = chat.store().history_from_others(shown) {
+            if let Some((last, _)) = rows.last() {
+                shown = *last;
+                let _ = updates.send(Update::External(rows.into_iter().map(|(_, h)| h).collect()));
             }
         }
         match chat.receive(Instant::now() + LISTEN) {
@@ -164,17 +179,24 @@ fn run(mut chat: Chat, requests: Receiver<Request>, updates: Sender<Update>) {
 }
 
 /// The `mid` of the message I sent in `conv` that a send added to the history after
-/// its first `before` entries (none if the send failed before recording it).
-fn added_mid(chat: &Chat, conv: &str, before: usize) -> Option<String> {
+/// row `before` (none if the send failed before recording it).
+fn added_mid(chat: &Chat, conv: &str, before: i64) -> Option<String> {
     chat.store()
-        .data()
-        .history
-        .get(before..)?
-        .iter()
+        .history_page(conv, None, 8)
+        .ok()?
+        .into_iter()
         .rev()
-        .find(|h| h.outgoing && h.peer == conv)
-        .map(|h| h.mid.clone())
+        .find(|(id, h)| *id > before && h.outgoing)
+        .map(|(_, h)| h.mid)
 }
+
+/// The newest history row now.
+fn last_row(chat: &Chat) -> i64 {
+    chat.store().last_history_id().unwrap_or(0)
+}
+
+/// Most search results shown in the UI (the newest).
+const SEARCH_SHOWN: usize = 50;
 
 fn info(updates: &Sender<Update>, conv: Option<&str>, text: String) {
     let _ = updates.send(Update::Info {
@@ -205,7 +227,7 @@ fn handle(chat: &mut Chat, request: Request, updates: &Sender<Update>) {
             Err(e) => warn(updates, Some(&peer), e.to_string()),
         },
         Request::SendText { local, to, text } => {
-            let before = chat.store().data().history.len();
+            let before = last_row(chat);
             let result = chat.send_text(&to, &text);
             sent(chat, updates, local, &to, before, result.map(|_| ()));
         }
@@ -214,7 +236,7 @@ fn handle(chat: &mut Chat, request: Request, updates: &Sender<Update>) {
             group_id,
             text,
         } => {
-            let before = chat.store().data().history.len();
+            let before = last_row(chat);
             let result = chat.send_group(group_id, &text);
             let conv = format!("#{group_id}");
             sent(chat, updates, local, &conv, before, result.map(|_| ()));
@@ -230,7 +252,7 @@ fn handle(chat: &mut Chat, request: Request, updates: &Sender<Update>) {
                 (None, Some(g)) => format!("#{g}"),
                 (None, None) => return,
             };
-            let before = chat.store().data().history.len();
+            let before = last_row(chat);
             let result = chat.send_file(to.as_deref(), group_id, &path, None);
             let _ = updates.send(Update::Progress(Progress::Upload { done: 0, total: 0 }));
             if let Ok(f) = &result {
@@ -286,6 +308,26 @@ fn handle(chat: &mut Chat, request: Request, updates: &Sender<Update>) {
             }
             Err(e) => warn(updates, Some(&peer), e.to_string()),
         },
+        Request::Search { conv, text } => match chat.store().search(conv.as_deref(), &text) {
+            Ok(found) if found.is_empty() => {
+                info(updates, None, format!("no message holds {text:?}"));
+            }
+            Ok(found) => {
+                let skip = found.len().saturating_sub(SEARCH_SHOWN);
+                let mut lines = vec![format!(
+                    "{} message(s) hold {text:?}{}:",
+                    found.len(),
+                    if skip > 0 { " (the newest shown)" } else { "" }
+                )];
+                for (_, h) in &found[skip..] {
+                    let when = fastchat_common::time::rfc3339(h.ts);
+                    let place = h.group.as_deref().map_or(h.peer.clone(), |g| format!("#{g}"));
+                    lines.push(format!("{when} {place} <{}> {}", h.from, h.text));
+                }
+                info(updates, None, lines.join("\n"));
+            }
+            Err(e) => warn(updates, None, e.to_string()),
+        },
         Request::Quit => {}
     }
 }
@@ -296,7 +338,7 @@ fn sent(
     updates: &Sender<Update>,
     local: u64,
     conv: &str,
-    history_before: usize,
+    history_before: i64,
     result: Result<(), ClientError>,
 ) {
     let mid = added_mid(chat, conv, history_before);
@@ -344,9 +386,9 @@ fn verify(
     let number = chat.safety_number(peer)?;
     let verified = chat
         .store()
-        .data()
-        .peers
-        .get(peer)
+        .peer(peer)
+        .ok()
+        .flatten()
         .is_some_and(|p| p.verified);
     let rows: Vec<String> = number
         .split(' ')
@@ -385,10 +427,10 @@ fn group(
                 })?;
                 let name = chat
                     .store()
-                    .data()
-                    .groups
-                    .get(&id)
-                    .map_or_else(|| format!("#{id}"), |g| g.name.clone());
+                    .group(id)
+                    .ok()
+                    .flatten()
+                    .map_or_else(|| format!("#{id}"), |g| g.name);
                 Ok((id, name))
             }
         }

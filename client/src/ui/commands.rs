@@ -19,6 +19,9 @@ pub enum Command {
     AcceptKey { user: String },
     /// `/retry`: send again my messages that failed (still pending).
     Retry,
+    /// `/search TEXT`: find TEXT in the local history (the open conversation's, or all
+    /// from the status window).
+    Search { text: String },
     /// `/help`.
     Help,
     /// `/quit`.
@@ -49,6 +52,7 @@ pub const HELP: &[&str] = &[
     "/verify USER [yes]       show the safety number; `yes` marks the key verified",
     "/accept-key USER         trust USER's new key after a key-change warning",
     "/retry                   send again messages that failed (✗); also done on reconnect and login",
+    "/search TEXT             find TEXT in the history (of the open chat; everywhere from status)",
     "/help   /quit",
     "Keys: Tab/Shift-Tab or Ctrl-N/Ctrl-P switch chats, Alt-1..9 jump, PgUp/PgDn scroll,",
     "Up/Down recall sent lines, Ctrl-W/Ctrl-U delete a word/to the start, Ctrl-L redraws,",
@@ -102,6 +106,10 @@ pub fn parse(line: &str) -> Result<Command, String> {
         },
         "retry" if words.is_empty() => Ok(Command::Retry),
         "retry" => Err("usage: /retry".into()),
+        "search" if !words.is_empty() => Ok(Command::Search {
+            text: args.trim().to_string(),
+        }),
+        "search" => Err("usage: /search TEXT".into()),
         "help" | "h" | "?" => Ok(Command::Help),
         "quit" | "exit" | "q" => Ok(Command::Quit),
         other => Err(format!(

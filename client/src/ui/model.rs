@@ -163,32 +163,28 @@ impl Model {
             let conv = self.conversation(id, &title, group_id);
             let skip = entries.len().saturating_sub(HISTORY_ON_START);
             for h in &entries[skip..] {
-                let kind = if h.mid.is_empty() && !h.outgoing {
-                    LineKind::Info
-                } else {
-                    LineKind::Message {
-                        from: h.from.clone(),
-                        mark: h.outgoing.then_some(match h.state {
-                            DeliveryState::Pending => Mark::Pending,
-                            DeliveryState::Stored => Mark::Stored,
-                            DeliveryState::Delivered | DeliveryState::Received => Mark::Delivered,
-                        }),
-                    }
-                };
                 conv.last = conv.last.max(h.ts);
-                conv.lines.push(Line {
-                    ts: h.ts,
-                    kind,
-                    text: h.text.clone(),
-                    mid: h.outgoing.then(|| h.mid.clone()),
-                    local: None,
-                });
+                conv.lines.push(history_line(h));
             }
         }
         // Start in the most recent conversation.
         if let Some(first) = self.ordered().first() {
             let id = first.id.clone();
             self.select(&id);
+        }
+    }
+
+    /// Shows history entries another process of this user wrote (a `send` in another
+    /// terminal, a reader): each in its conversation, after what is there.
+    pub fn external(&mut self, entries: &[HistoryEntry]) {
+        for h in entries {
+            let group_id = h.peer.strip_prefix('#').and_then(|g| g.parse::<i64>().ok());
+            let title = match (&h.group, group_id) {
+                (Some(name), Some(_)) => format!("#{name}"),
+                _ => h.peer.clone(),
+            };
+            let title = self.get(&h.peer).map_or(title, |c| c.title.clone());
+            self.push(&h.peer, &title, group_id, history_line(h));
         }
     }
 
@@ -439,6 +435,30 @@ pub fn message_line(from: &str, text: &str, ts: u64) -> Line {
         },
         text: text.to_string(),
         mid: None,
+        local: None,
+    }
+}
+
+/// The line a history entry shows as (an event: a news line; a message: with its
+/// sender and, if mine, its delivery mark).
+fn history_line(h: &HistoryEntry) -> Line {
+    let kind = if h.mid.is_empty() && !h.outgoing {
+        LineKind::Info
+    } else {
+        LineKind::Message {
+            from: h.from.clone(),
+            mark: h.outgoing.then_some(match h.state {
+                DeliveryState::Pending => Mark::Pending,
+                DeliveryState::Stored => Mark::Stored,
+                DeliveryState::Delivered | DeliveryState::Received => Mark::Delivered,
+            }),
+        }
+    };
+    Line {
+        ts: h.ts,
+        kind,
+        text: h.text.clone(),
+        mid: h.outgoing.then(|| h.mid.clone()),
         local: None,
     }
 }

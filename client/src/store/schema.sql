@@ -1,0 +1,98 @@
+-- The client's local store, format 2 (see store/mod.rs and README.md).
+--
+-- Every secret is a Fernet token under the store's data key (`rec` columns); names are
+-- looked up through keyed hashes (HMAC-SHA-256 under a key derived from the data key),
+-- so the file holds no plaintext text, key or peer name. What stays in the clear is
+-- what the relay sees anyway: server message ids, key ids, group ids and epochs, times,
+-- and delivery states.
+
+CREATE TABLE IF NOT EXISTS meta (
+    name  TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+
+-- Pinned public keys: h = hash('peer', name); rec = {name, pubkey_pem, verified, key_changed}.
+CREATE TABLE IF NOT EXISTS peers (
+    h   BLOB PRIMARY KEY,
+    rec TEXT NOT NULL
+);
+
+-- Conversation and group keys: conv = hash('conv', peer or '#<group id>'); rec = the
+-- sealed {conv, key_id, key}. `shared`: the peer is known to hold it.
+CREATE TABLE IF NOT EXISTS conv_keys (
+    seq    INTEGER PRIMARY KEY AUTOINCREMENT,
+    conv   BLOB NOT NULL,
+    key_id TEXT NOT NULL,
+    epoch  INTEGER,
+    shared INTEGER NOT NULL DEFAULT 0,
+    rec    TEXT NOT NULL,
+    UNIQUE (conv, key_id)
+);
+
+-- The key a conversation sends with.
+CREATE TABLE IF NOT EXISTS conv_current (
+    conv   BLOB PRIMARY KEY,
+    key_id TEXT NOT NULL
+);
+
+-- History, oldest first. dedup = hash('seen', from/mid) of a received text (NULL
+-- otherwise): a text is shown once however often it arrives. mid = hash('mid', mid).
+-- writer: the process (store handle) that wrote the row, so a UI can tell what other
+-- processes of this user added.
+CREATE TABLE IF NOT EXISTS history (
+    id       INTEGER PRIMARY KEY AUTOINCREMENT,
+    conv     BLOB NOT NULL,
+    mid      BLOB NOT NULL,
+    dedup    BLOB UNIQUE,
+    outgoing INTEGER NOT NULL,
+    state    INTEGER NOT NULL,
+    file     INTEGER NOT NULL,
+    msg_id   INTEGER,
+    ts       INTEGER NOT NULL,
+    writer   INTEGER NOT NULL,
+    rec      TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS history_conv ON history (conv, id);
+CREATE INDEX IF NOT EXISTS history_mid ON history (mid);
+CREATE INDEX IF NOT EXISTS history_pending ON history (id) WHERE outgoing = 1 AND state = 0;
+
+-- Duplicate detection windows (the newest MAX_SEEN_IDS of each).
+CREATE TABLE IF NOT EXISTS seen_msg_ids (
+    seq    INTEGER PRIMARY KEY AUTOINCREMENT,
+    msg_id INTEGER NOT NULL UNIQUE
+);
+CREATE TABLE IF NOT EXISTS seen_mids (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    h   BLOB NOT NULL UNIQUE
+);
+
+-- Messages stored (and acknowledged) but not opened yet, in arrival order; `held` ones
+-- wait for a key (need_group, need_key: what they wait for) and are being recovered.
+CREATE TABLE IF NOT EXISTS inbox (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    msg_id     INTEGER NOT NULL UNIQUE,
+    held       INTEGER NOT NULL DEFAULT 0,
+    need_group INTEGER,
+    need_key   TEXT,
+    tries      INTEGER NOT NULL DEFAULT 0,
+    next_try   INTEGER NOT NULL DEFAULT 0,
+    first_ms   INTEGER NOT NULL,
+    rec        TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS inbox_need ON inbox (need_group, need_key) WHERE held = 1;
+
+CREATE TABLE IF NOT EXISTS downloads (
+    file_id INTEGER PRIMARY KEY,
+    rec     TEXT NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS groups (
+    group_id INTEGER PRIMARY KEY,
+    rec      TEXT NOT NULL
+);
+
+-- Resumption credentials: server = hash('server', HOST:PORT).
+CREATE TABLE IF NOT EXISTS resume (
+    server BLOB PRIMARY KEY,
+    rec    TEXT NOT NULL
+);
