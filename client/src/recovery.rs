@@ -155,6 +155,29 @@ impl Chat {
         Ok(events)
     }
 
+    /// Asks `peer` to offer key `key_id` again and send again the messages it sent here
+    /// under `msg_ids` (direct), or for group `group_id`'s key `key_id`. (Done by itself
+    /// for messages that do not open; public for tools and tests.)
+    pub fn request_key(
+        &mut self,
+        peer: &str,
+        key_id: &str,
+        group_id: Option<i64>,
+        msg_ids: &[i64],
+    ) -> Result<(), ClientError> {
+        let request = KeyRequest {
+            key_id: key_id.to_string(),
+            group_id,
+            msg_ids: msg_ids
+                .iter()
+                .copied()
+                .take(e2e::MAX_REQUESTED_MESSAGES)
+                .collect(),
+            ts: time::now_ms(),
+        };
+        self.send_key_request(peer, request)
+    }
+
     /// Signs and sends a key request to the sender (direct), or to the sender or the
     /// group's admins (group).
     fn send_key_request(&mut self, from: &str, request: KeyRequest) -> Result<(), ClientError> {

@@ -112,9 +112,19 @@ fn servers_only_ever_hold_ciphertext() {
     let logs = format!("{}\n{}", net.auth.log(), net.relay(0).log());
     assert!(logs.contains("alice"), "logs are captured");
     assert!(!logs.contains(&marker), "marker found in a server log");
-    // The client's own store is encrypted too.
-    let store = std::fs::read(net.opts("bob").data_dir.join("bob/store")).unwrap();
-    assert!(!String::from_utf8_lossy(&store).contains(&marker));
+    // The client's own store is encrypted too: the database, its WAL and its journal.
+    let dir = net.opts("bob").data_dir.join("bob");
+    let mut checked = 0;
+    for name in ["store.db", "store.db-wal", "store.db-shm", "store.db-journal"] {
+        if let Ok(bytes) = std::fs::read(dir.join(name)) {
+            checked += 1;
+            let found = bytes
+                .windows(marker.len())
+                .any(|w| w == marker.as_bytes());
+            assert!(!found, "marker found in {name}");
+        }
+    }
+    assert!(checked >= 2, "the store and its WAL were read");
 }
 
 #[test]
@@ -397,11 +407,7 @@ fn an_unopenable_message_from_a_changed_key_is_flagged_and_remembered() {
         &new_bob.data_dir,
         "bob",
         &new_bob.password,
-        fastchat_client::store::StoreData {
-            user: "bob".into(),
-            identity_der: base64::engine::general_purpose::STANDARD.encode(other.to_pkcs8_der()),
-            ..Default::default()
-        },
+        &base64::engine::general_purpose::STANDARD.encode(other.to_pkcs8_der()),
     )
     .unwrap();
     let mut bob = Chat::login(&new_bob, false).unwrap();

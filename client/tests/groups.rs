@@ -233,7 +233,10 @@ fn a_removed_member_gets_nothing_new_and_cannot_read_after_rotation() {
     assert_eq!(epoch, 2);
     drop(carol);
     let store = Store::open(&net.opts("carol").data_dir, "carol", PASSWORD).unwrap();
-    let keys = &store.data().conversations[&format!("#{}", group.group_id)].keys;
+    let keys = &store
+        .conversation(&format!("#{}", group.group_id))
+        .unwrap()
+        .keys;
     assert!(!keys.is_empty(), "carol kept the old keys");
     assert!(!keys.contains_key(&key_id));
     for (id, key) in keys {

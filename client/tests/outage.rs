@@ -180,7 +180,7 @@ fn a_database_outage_fails_sends_clearly_and_recovers_by_itself() {
     }
     // What failed during the outage is still pending; sent again it is stored now.
     alice.resend_pending().expect("resending what is pending");
-    let history = &alice.store().data().history;
+    let history = &alice.store().history().unwrap();
     let outgoing: Vec<_> = history.iter().filter(|h| h.outgoing).collect();
     assert!(
         outgoing.iter().all(|h| h.state != DeliveryState::Pending),

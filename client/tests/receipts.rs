@@ -24,8 +24,8 @@ fn wait_delivered(chat: &mut Chat, timeout: Duration) -> Vec<String> {
 /// The delivery state of `user`'s own history entries, in order.
 fn own_states(chat: &Chat) -> Vec<(String, DeliveryState)> {
     chat.store()
-        .data()
-        .history
+        .history()
+        .unwrap()
         .iter()
         .filter(|h| h.outgoing)
         .map(|h| (h.text.clone(), h.state))
@@ -59,8 +59,8 @@ fn a_direct_message_becomes_delivered_when_the_recipient_stores_it() {
     }
     let mids: Vec<String> = alice
         .store()
-        .data()
-        .history
+        .history()
+        .unwrap()
         .iter()
         .map(|h| h.mid.clone())
         .collect();
@@ -131,8 +131,8 @@ fn a_group_message_becomes_delivered_on_a_members_receipt() {
     let delivered = wait_delivered(&mut alice, Duration::from_secs(20));
     let entry = alice
         .store()
-        .data()
-        .history
+        .history()
+        .unwrap()
         .iter()
         .find(|h| h.outgoing && h.text == "hi crew")
         .cloned()
@@ -155,10 +155,12 @@ fn messages_left_pending_are_sent_again_at_login_and_shown_once() {
     // here (its copy must be dropped by bob), "two" never sent at all.
     let opts = net.opts("alice");
     let mut store = Store::open(&opts.data_dir, "alice", &opts.password).unwrap();
-    let data = store.data_mut();
-    data.history[0].state = DeliveryState::Pending;
+    let one = store.history().unwrap()[0].mid.clone();
+    store
+        .set_delivery_state(&one, DeliveryState::Pending)
+        .unwrap();
     let two_mid = fastchat_client::e2e::new_message_id();
-    data.history.push(HistoryEntry {
+    store.push_history(&HistoryEntry {
         peer: "bob".into(),
         group: None,
         from: "alice".into(),
@@ -169,8 +171,8 @@ fn messages_left_pending_are_sent_again_at_login_and_shown_once() {
         outgoing: true,
         state: DeliveryState::Pending,
         file: false,
-    });
-    store.save().unwrap();
+    })
+    .unwrap();
     drop(store);
 
     // A receiving login sends both again, oldest first.

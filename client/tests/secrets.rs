@@ -79,7 +79,7 @@ fn mode(path: &Path) -> u32 {
 /// and the identity's private key.
 fn store_secrets(net: &TestNet, user: &str, password: &str) -> Vec<String> {
     let store = Store::open(&data_dir(net, user), user, password).expect("opening the store");
-    let data = store.data();
+    let data = store.export().unwrap();
     assert!(
         !data.resume.is_empty(),
         "{user} keeps a resumption credential"

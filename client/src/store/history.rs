@@ -146,6 +146,18 @@ impl Store {
         Ok(delivered)
     }
 
+    /// Sets the delivery state of my message `mid` (a repair, or a test's crash).
+    pub fn set_delivery_state(&mut self, mid: &str, state: DeliveryState) -> Result<(), StoreError> {
+        let h = self.sealer.hash("mid", mid);
+        self.write(|tx| {
+            tx.execute(
+                "UPDATE history SET state = ?2 WHERE mid = ?1 AND outgoing = 1",
+                params![h, state.code()],
+            )?;
+            Ok(())
+        })
+    }
+
     /// My messages still pending (a failed send, a crash before the relay answered),
     /// oldest first.
     pub fn pending_outgoing(&self) -> Result<Vec<HistoryEntry>, StoreError> {

@@ -8,6 +8,7 @@ use super::sealed::Sealer;
 use super::{ConversationKeys, PeerEntry, Store, StoreError};
 use crate::e2e::ConversationKey;
 use rusqlite::{params, OptionalExtension};
+use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 /// A sealed `peers` row: the name inside too, so a row moved under another name's hash
@@ -168,6 +169,24 @@ impl Store {
             }
         }
         Ok(keys)
+    }
+
+    /// Every conversation's keys, by conversation.
+    pub fn conversations(&self) -> Result<BTreeMap<String, ConversationKeys>, StoreError> {
+        let recs: Vec<String> = self
+            .conn
+            .prepare_cached("SELECT rec FROM conv_keys")
+            .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+            .map_err(|e| self.db_error(e))?;
+        let mut out = BTreeMap::new();
+        for rec in recs {
+            let rec: KeyRecord = self.sealer.open(&rec, "conv_keys")?;
+            if !out.contains_key(&rec.conv) {
+                let keys = self.conversation(&rec.conv)?;
+                out.insert(rec.conv, keys);
+            }
+        }
+        Ok(out)
     }
 
     /// Key `key_id` of conversation `conv`, if held.

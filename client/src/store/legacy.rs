@@ -112,6 +112,24 @@ mod tests {
 }
 
 impl super::Store {
+    /// Everything in the store, decrypted, in the earlier format's shape (the sender
+    /// message ids of the seen window are kept only as keyed hashes and are left out).
+    pub fn export(&self) -> Result<StoreData, StoreError> {
+        Ok(StoreData {
+            user: self.user.clone(),
+            identity_der: self.identity_der.clone(),
+            peers: self.peers()?.into_iter().collect(),
+            conversations: self.conversations()?,
+            seen_msg_ids: self.seen_msg_ids()?.into(),
+            seen_mids: VecDeque::new(),
+            history: self.history()?,
+            downloads: self.downloads()?,
+            groups: self.groups()?,
+            resume: self.resume_all()?,
+            inbox: self.inbox()?.into_iter().map(|r| r.entry).collect(),
+        })
+    }
+
     /// Fills a new store with everything an earlier one held (its history and the seen
     /// windows in one transaction each; the small tables through the ordinary calls).
     pub(super) fn import(&mut self, data: &StoreData) -> Result<(), StoreError> {
@@ -149,7 +167,6 @@ impl super::Store {
         for download in &data.downloads {
             self.add_download(download)?;
         }
-        self.store_batch(&data.inbox)?;
         self.import_history(data)
     }
 
@@ -166,6 +183,12 @@ impl super::Store {
                 let (conv, mid, rec) = self.seal_history(h);
                 (conv, mid, dedup, h, rec)
             })
+            .collect();
+        let now = fastchat_common::time::now_ms() as i64;
+        let inbox: Vec<(i64, String)> = data
+            .inbox
+            .iter()
+            .map(|m| (m.msg_id, self.sealer.seal(m)))
             .collect();
         let seen_mids: Vec<Vec<u8>> = data
             .seen_mids
@@ -200,6 +223,12 @@ impl super::Store {
             let mut seen = tx.prepare("INSERT INTO seen_mids (h) VALUES (?1) ON CONFLICT DO NOTHING")?;
             for h in &seen_mids {
                 seen.execute([h])?;
+            }
+            let mut put = tx.prepare(
+                "INSERT INTO inbox (msg_id, first_ms, rec) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
+            )?;
+            for (msg_id, rec) in &inbox {
+                put.execute(rusqlite::params![msg_id, now, rec])?;
             }
             Ok(())
         })

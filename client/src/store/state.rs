@@ -40,6 +40,14 @@ impl Store {
         Ok(new)
     }
 
+    /// The server message ids in the seen window, oldest first.
+    pub fn seen_msg_ids(&self) -> Result<Vec<i64>, StoreError> {
+        self.conn
+            .prepare_cached("SELECT msg_id FROM seen_msg_ids ORDER BY seq")
+            .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+            .map_err(|e| self.db_error(e))
+    }
+
     /// Stores a received batch in one transaction, before it is acknowledged: each
     /// message whose server id is new goes into the inbox. Returns how many were new.
     pub fn store_batch(&mut self, batch: &[InboxEntry]) -> Result<usize, StoreError> {
@@ -246,7 +254,19 @@ impl Store {
             .prepare_cached("SELECT rec FROM resume WHERE server = ?1")
             .and_then(|mut s| s.query_row([&h], |r| r.get(0)).optional())
             .map_err(|e| self.db_error(e))?;
-        rec.map(|r| self.sealer.open(&r, "resume")).transpose()
+        let rec: Option<(String, ResumeCredential)> =
+            rec.map(|r| self.sealer.open(&r, "resume")).transpose()?;
+        Ok(rec.filter(|(s, _)| s == server).map(|(_, c)| c))
+    }
+
+    /// Every saved credential, by auth server.
+    pub fn resume_all(&self) -> Result<BTreeMap<String, ResumeCredential>, StoreError> {
+        let recs: Vec<String> = self
+            .conn
+            .prepare_cached("SELECT rec FROM resume")
+            .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+            .map_err(|e| self.db_error(e))?;
+        recs.iter().map(|r| self.sealer.open(r, "resume")).collect()
     }
 
     /// Saves (or, with `None`, forgets) the credential for `server`; returns what was
@@ -258,7 +278,7 @@ impl Store {
     ) -> Result<Option<ResumeCredential>, StoreError> {
         let old = self.resume(server)?;
         let h = self.sealer.hash("server", server);
-        let rec = credential.map(|c| self.sealer.seal(c));
+        let rec = credential.map(|c| self.sealer.seal(&(server, c)));
         self.write(|tx| {
             match rec {
                 Some(rec) => tx.execute(
