@@ -683,7 +683,9 @@ impl Chat {
         let peer_key = self.pinned_key(to)?;
         // Looked for and, if there is none, made in one transaction (so processes of
         // this user agree on one key), committed before the offer leaves.
-        let (key, _) = self.store.current_or_new_key(to, ConversationKey::generate)?;
+        let (key, _) = self
+            .store
+            .current_or_new_key(to, ConversationKey::generate)?;
         let offered = self.store.conversation(to)?.shared.contains(&key.id);
         let mut bodies = Vec::new();
         if !offered {

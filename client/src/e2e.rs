@@ -336,7 +336,9 @@ pub struct KeyRequest {
 /// group id (or `-`), the message ids joined by `,`, and the time, one per line.
 fn key_request_signed_bytes(from: &str, to: &str, r: &KeyRequest) -> Vec<u8> {
     let ids: Vec<String> = r.msg_ids.iter().map(i64::to_string).collect();
-    let group = r.group_id.map_or_else(|| "-".to_string(), |g| g.to_string());
+    let group = r
+        .group_id
+        .map_or_else(|| "-".to_string(), |g| g.to_string());
     format!(
         "{KEY_REQUEST_SIG_CONTEXT}\n{from}\n{to}\n{}\n{group}\n{}\n{}",
         r.key_id,
@@ -357,7 +359,9 @@ pub fn make_key_request(
     check_name(to)?;
     check_key_id(&request.key_id)?;
     if request.msg_ids.len() > MAX_REQUESTED_MESSAGES {
-        return Err(E2eError::BadPayload("too many messages in one key request".into()));
+        return Err(E2eError::BadPayload(
+            "too many messages in one key request".into(),
+        ));
     }
     let sig = me
         .private
@@ -385,7 +389,9 @@ pub fn open_key_request(
     check_name(to)?;
     check_key_id(&request.key_id)?;
     if request.msg_ids.len() > MAX_REQUESTED_MESSAGES {
-        return Err(E2eError::BadPayload("too many messages in one key request".into()));
+        return Err(E2eError::BadPayload(
+            "too many messages in one key request".into(),
+        ));
     }
     let sig = STANDARD.decode(sig).map_err(|_| E2eError::BadSignature)?;
     requester

@@ -460,7 +460,13 @@ fn run(cli: &Cli, command: &Command) -> Result<(), ClientError> {
             text,
         } => {
             let opts = options(cli, false)?;
-            search(&opts, with.as_deref(), group.as_deref(), *json, &text.join(" "))
+            search(
+                &opts,
+                with.as_deref(),
+                group.as_deref(),
+                *json,
+                &text.join(" "),
+            )
         }
         Command::Logout => {
             let opts = options(cli, false)?;
@@ -553,8 +559,17 @@ fn search(
             })
             .to_string()
         } else {
-            let place = h.group.as_deref().map_or(h.peer.clone(), |g| format!("#{g}"));
-            format!("[{} {}] {place} {}: {}", &ts[..10], &ts[11..19], h.from, h.text)
+            let place = h
+                .group
+                .as_deref()
+                .map_or(h.peer.clone(), |g| format!("#{g}"));
+            format!(
+                "[{} {}] {place} {}: {}",
+                &ts[..10],
+                &ts[11..19],
+                h.from,
+                h.text
+            )
         };
         let _ = writeln!(out, "{line}");
     }
@@ -566,10 +581,7 @@ fn search(
 }
 
 /// A group of the local store by name or `#ID`, as its conversation (`#<id>`).
-fn local_group(
-    store: &fastchat_client::store::Store,
-    name: &str,
-) -> Result<String, ClientError> {
+fn local_group(store: &fastchat_client::store::Store, name: &str) -> Result<String, ClientError> {
     let groups = store.groups()?;
     if let Some(id) = name.strip_prefix('#').and_then(|n| n.parse::<i64>().ok()) {
         if groups.contains_key(&id) {
@@ -588,7 +600,10 @@ fn local_group(
         ))),
         _ => Err(ClientError::Usage(format!(
             "several groups are called {name:?}; name one by #ID: {}",
-            ids.iter().map(|id| format!("#{id}")).collect::<Vec<_>>().join(", ")
+            ids.iter()
+                .map(|id| format!("#{id}"))
+                .collect::<Vec<_>>()
+                .join(", ")
         ))),
     }
 }

@@ -119,7 +119,9 @@ impl Chat {
                 Need::Direct { key_id } => (None, key_id.clone()),
                 Need::Group { group_id, key_id } => (Some(*group_id), key_id.clone()),
             };
-            let ids = due.entry((m.from.clone(), group, key_id.clone())).or_default();
+            let ids = due
+                .entry((m.from.clone(), group, key_id.clone()))
+                .or_default();
             if group.is_none() && ids.len() < e2e::MAX_REQUESTED_MESSAGES {
                 ids.push(m.msg_id);
             }
@@ -250,7 +252,8 @@ impl Chat {
             return Ok(());
         };
         let me = self.user().to_string();
-        let mut bodies = vec![e2e::make_offer(&self.identity, &me, peer, peer_key, &key)?.to_body()];
+        let mut bodies =
+            vec![e2e::make_offer(&self.identity, &me, peer, peer_key, &key)?.to_body()];
         for msg_id in &request.msg_ids {
             let Some(entry) = self.store.sent_to(peer, *msg_id)? else {
                 continue;

@@ -115,12 +115,15 @@ fn servers_only_ever_hold_ciphertext() {
     // The client's own store is encrypted too: the database, its WAL and its journal.
     let dir = net.opts("bob").data_dir.join("bob");
     let mut checked = 0;
-    for name in ["store.db", "store.db-wal", "store.db-shm", "store.db-journal"] {
+    for name in [
+        "store.db",
+        "store.db-wal",
+        "store.db-shm",
+        "store.db-journal",
+    ] {
         if let Ok(bytes) = std::fs::read(dir.join(name)) {
             checked += 1;
-            let found = bytes
-                .windows(marker.len())
-                .any(|w| w == marker.as_bytes());
+            let found = bytes.windows(marker.len()).any(|w| w == marker.as_bytes());
             assert!(!found, "marker found in {name}");
         }
     }

@@ -151,7 +151,10 @@ fn a_group_of_three_each_get_the_file_once() {
     bob.close();
     let bob = Chat::login(&net.opts("bob"), false).unwrap();
     let mut model = fastchat_client::ui::model::Model::new("bob", "relay");
-    model.load(&bob.store().history().unwrap(), &bob.store().groups().unwrap());
+    model.load(
+        &bob.store().history().unwrap(),
+        &bob.store().groups().unwrap(),
+    );
     let conv = model
         .get(&format!("#{gid}"))
         .expect("the group's conversation");

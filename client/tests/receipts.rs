@@ -160,19 +160,20 @@ fn messages_left_pending_are_sent_again_at_login_and_shown_once() {
         .set_delivery_state(&one, DeliveryState::Pending)
         .unwrap();
     let two_mid = fastchat_client::e2e::new_message_id();
-    store.push_history(&HistoryEntry {
-        peer: "bob".into(),
-        group: None,
-        from: "alice".into(),
-        text: "two".into(),
-        ts: fastchat_common::time::now_ms(),
-        msg_id: None,
-        mid: two_mid.clone(),
-        outgoing: true,
-        state: DeliveryState::Pending,
-        file: false,
-    })
-    .unwrap();
+    store
+        .push_history(&HistoryEntry {
+            peer: "bob".into(),
+            group: None,
+            from: "alice".into(),
+            text: "two".into(),
+            ts: fastchat_common::time::now_ms(),
+            msg_id: None,
+            mid: two_mid.clone(),
+            outgoing: true,
+            state: DeliveryState::Pending,
+            file: false,
+        })
+        .unwrap();
     drop(store);
 
     // A receiving login sends both again, oldest first.

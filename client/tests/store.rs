@@ -6,7 +6,7 @@ mod harness;
 use fastchat_client::chat::{Chat, Event};
 use fastchat_client::recovery::RecoveryPolicy;
 use fastchat_client::store::Store;
-use harness::{eventually, TestNet, PASSWORD};
+use harness::{eventually, Settings, TestNet, PASSWORD};
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -38,7 +38,9 @@ fn printed(out: &std::path::Path) -> HashMap<(String, String), usize> {
     for line in std::fs::read_to_string(out).unwrap_or_default().lines() {
         let v: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
         if let (Some(from), Some(text)) = (v["from"].as_str(), v["text"].as_str()) {
-            *seen.entry((from.to_string(), text.to_string())).or_insert(0) += 1;
+            *seen
+                .entry((from.to_string(), text.to_string()))
+                .or_insert(0) += 1;
         }
     }
     seen
@@ -76,7 +78,8 @@ fn a_reader_and_sends_of_the_same_user_share_one_store() {
         for a in users {
             for b in users {
                 if a != b {
-                    let (ok, _, err) = net.cli(a, &["send", "--to", b, &format!("{round}-{a}-{b}")]);
+                    let (ok, _, err) =
+                        net.cli(a, &["send", "--to", b, &format!("{round}-{a}-{b}")]);
                     assert!(ok, "{a} → {b}: {err}");
                 }
             }
@@ -101,7 +104,11 @@ fn a_reader_and_sends_of_the_same_user_share_one_store() {
         let got = printed(&out);
         let errors = std::fs::read_to_string(out.with_extension("err")).unwrap_or_default();
         for w in &want {
-            assert_eq!(got.get(w), Some(&1), "{user} printed {w:?} once: {got:?}\n{errors}");
+            assert_eq!(
+                got.get(w),
+                Some(&1),
+                "{user} printed {w:?} once: {got:?}\n{errors}"
+            );
         }
         assert_eq!(got.len(), want.len(), "{user}: {got:?}");
         assert!(!errors.contains("could not be opened"), "{user}: {errors}");
@@ -116,7 +123,12 @@ fn a_reader_and_sends_of_the_same_user_share_one_store() {
 
 #[test]
 fn twenty_concurrent_sends_and_two_readers_lose_no_key_and_no_history() {
-    let net = TestNet::start();
+    // The auth server counts a user's logins in flight against their failure limit:
+    // 22 at once must not trip it here.
+    let net = TestNet::with(Settings {
+        login_failures_per_user: 50,
+        ..Settings::default()
+    });
     let peers = ["bob", "carol", "dave", "erin"];
     net.register("alice");
     for p in peers {
@@ -198,14 +210,22 @@ fn twenty_concurrent_sends_and_two_readers_lose_no_key_and_no_history() {
 }
 
 /// Receives on both sessions until `want` holds for `bob`'s shown texts.
-fn exchange(alice: &mut Chat, bob: &mut Chat, shown: &mut HashMap<String, usize>, want: &[&str]) -> Vec<Event> {
+fn exchange(
+    alice: &mut Chat,
+    bob: &mut Chat,
+    shown: &mut HashMap<String, usize>,
+    want: &[&str],
+) -> Vec<Event> {
     let mut events = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline && !want.iter().all(|w| shown.contains_key(*w)) {
         alice
             .receive(Instant::now() + Duration::from_millis(300))
             .unwrap();
-        for e in bob.receive(Instant::now() + Duration::from_millis(300)).unwrap() {
+        for e in bob
+            .receive(Instant::now() + Duration::from_millis(300))
+            .unwrap()
+        {
             if let Event::Message(m) = &e {
                 *shown.entry(m.text.clone()).or_insert(0) += 1;
             }
@@ -245,7 +265,9 @@ fn a_lost_conversation_key_is_recovered_and_each_message_shown_once() {
         "bob was told while it was recovered: {events:?}"
     );
     assert!(
-        !events.iter().any(|e| matches!(e, Event::Undecryptable { .. })),
+        !events
+            .iter()
+            .any(|e| matches!(e, Event::Undecryptable { .. })),
         "{events:?}"
     );
     // A little longer: no copy shows again.
@@ -254,7 +276,10 @@ fn a_lost_conversation_key_is_recovered_and_each_message_shown_once() {
     assert_eq!(shown.get("two"), Some(&1), "{shown:?}");
     assert_eq!(shown.get("three"), Some(&1), "{shown:?}");
     let store = Store::open(&net.opts("bob").data_dir, "bob", PASSWORD).unwrap();
-    assert!(store.conversation_key("alice", &key_id).unwrap().is_some(), "the key is back");
+    assert!(
+        store.conversation_key("alice", &key_id).unwrap().is_some(),
+        "the key is back"
+    );
     assert_eq!(store.inbox_len().unwrap(), 0, "nothing left held");
 
     // Someone else asking for the key of alice and bob gets nothing: the request is
@@ -275,7 +300,11 @@ fn a_lost_conversation_key_is_recovered_and_each_message_shown_once() {
         alice
             .receive(Instant::now() + Duration::from_millis(300))
             .unwrap();
-        carol_store_events.extend(carol.receive(Instant::now() + Duration::from_millis(300)).unwrap());
+        carol_store_events.extend(
+            carol
+                .receive(Instant::now() + Duration::from_millis(300))
+                .unwrap(),
+        );
     }
     assert!(
         !carol_store_events
@@ -304,7 +333,10 @@ fn a_message_whose_key_never_comes_is_reported_not_dropped() {
     // deletes the key before the message opens.
     let mut store = Store::open(&net.opts("bob").data_dir, "bob", PASSWORD).unwrap();
     while Instant::now() < deadline && shown.is_empty() {
-        for e in bob.receive(Instant::now() + Duration::from_millis(300)).unwrap() {
+        for e in bob
+            .receive(Instant::now() + Duration::from_millis(300))
+            .unwrap()
+        {
             if let Event::Message(m) = &e {
                 shown.insert(m.text.clone(), 1);
             }
@@ -319,7 +351,10 @@ fn a_message_whose_key_never_comes_is_reported_not_dropped() {
             .iter()
             .any(|e| matches!(e, Event::Undecryptable { .. }))
     {
-        events.extend(bob.receive(Instant::now() + Duration::from_millis(300)).unwrap());
+        events.extend(
+            bob.receive(Instant::now() + Duration::from_millis(300))
+                .unwrap(),
+        );
     }
     let given_up: Vec<_> = events
         .iter()
@@ -375,7 +410,11 @@ fn a_reader_killed_mid_batch_loses_nothing_it_acknowledged() {
         let (mut child, out) = reader(&net, "bob", 20, &format!("kill{round}"));
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline
-            && std::fs::read_to_string(&out).unwrap_or_default().lines().count() < 20 * (round + 1)
+            && std::fs::read_to_string(&out)
+                .unwrap_or_default()
+                .lines()
+                .count()
+                < 20 * (round + 1)
             && child.try_wait().unwrap().is_none()
         {
             std::thread::sleep(Duration::from_millis(5));
@@ -396,5 +435,7 @@ fn a_reader_killed_mid_batch_loses_nothing_it_acknowledged() {
         assert_eq!(count, 1, "{text} is in bob's history once");
     }
     assert_eq!(store.inbox_len().unwrap(), 0);
-    eventually("the relay holds nothing for bob", 0, || net.stored_messages());
+    eventually("the relay holds nothing for bob", 0, || {
+        net.stored_messages()
+    });
 }

@@ -23,7 +23,8 @@ const COLUMNS: &str = "id, outgoing, state, file, msg_id, ts, rec";
 impl Store {
     /// Adds an entry (a message we send, an event, a file); returns its row id.
     pub fn push_history(&mut self, entry: &HistoryEntry) -> Result<i64, StoreError> {
-        self.insert_history(entry, None).map(|id| id.unwrap_or_default())
+        self.insert_history(entry, None)
+            .map(|id| id.unwrap_or_default())
     }
 
     /// Adds a received text unless one with the same sender and `mid` is there already:
@@ -98,7 +99,11 @@ impl Store {
     /// Marks delivered my outgoing entries a receipt from `from` names by `mid`: direct
     /// entries only if their peer is `from`, group entries (conversation `#<id>`) from
     /// anyone. Returns the mids newly marked, in the receipt's order.
-    pub fn mark_delivered(&mut self, from: &str, mids: &[String]) -> Result<Vec<String>, StoreError> {
+    pub fn mark_delivered(
+        &mut self,
+        from: &str,
+        mids: &[String],
+    ) -> Result<Vec<String>, StoreError> {
         let direct = self.sealer.hash("conv", from);
         let mut wanted = Vec::new();
         let mut seen = HashSet::new();
@@ -147,7 +152,11 @@ impl Store {
     }
 
     /// Sets the delivery state of my message `mid` (a repair, or a test's crash).
-    pub fn set_delivery_state(&mut self, mid: &str, state: DeliveryState) -> Result<(), StoreError> {
+    pub fn set_delivery_state(
+        &mut self,
+        mid: &str,
+        state: DeliveryState,
+    ) -> Result<(), StoreError> {
         let h = self.sealer.hash("mid", mid);
         self.write(|tx| {
             tx.execute(
@@ -217,9 +226,7 @@ impl Store {
         let mut rows = Vec::new();
         for conv in convs {
             rows.extend(self.query_history(
-                &format!(
-                    "SELECT {COLUMNS} FROM history WHERE conv = ?1 ORDER BY id DESC LIMIT ?2"
-                ),
+                &format!("SELECT {COLUMNS} FROM history WHERE conv = ?1 ORDER BY id DESC LIMIT ?2"),
                 params![conv, per_conversation as i64],
             )?);
         }
@@ -263,7 +270,10 @@ impl Store {
             ),
             None => (format!("SELECT {COLUMNS} FROM history ORDER BY id"), None),
         };
-        let mut stmt = self.conn.prepare_cached(&sql).map_err(|e| self.db_error(e))?;
+        let mut stmt = self
+            .conn
+            .prepare_cached(&sql)
+            .map_err(|e| self.db_error(e))?;
         let mut rows = match &h {
             Some(h) => stmt.query([h]),
             None => stmt.query([]),
@@ -284,7 +294,10 @@ impl Store {
         sql: &str,
         params: impl rusqlite::Params,
     ) -> Result<Vec<HistoryRow>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(sql).map_err(|e| self.db_error(e))?;
+        let mut stmt = self
+            .conn
+            .prepare_cached(sql)
+            .map_err(|e| self.db_error(e))?;
         let mut rows = stmt.query(params).map_err(|e| self.db_error(e))?;
         let mut out = Vec::new();
         while let Some(row) = rows.next().map_err(|e| self.db_error(e))? {

@@ -8,8 +8,8 @@ use super::sealed::Sealer;
 use super::{ConversationKeys, PeerEntry, Store, StoreError};
 use crate::e2e::ConversationKey;
 use rusqlite::{params, OptionalExtension};
-use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// A sealed `peers` row: the name inside too, so a row moved under another name's hash
 /// does not open as that name's.
@@ -51,7 +51,9 @@ impl Store {
         let Some(rec) = rec else { return Ok(None) };
         let rec: PeerRecord = self.sealer.open(&rec, "peers")?;
         if rec.name != name {
-            return Err(StoreError::Corrupt("a peers row is filed under another name".into()));
+            return Err(StoreError::Corrupt(
+                "a peers row is filed under another name".into(),
+            ));
         }
         Ok(Some(rec.entry))
     }
@@ -124,7 +126,9 @@ impl Store {
         let Some(rec) = rec else { return Ok(None) };
         let mut rec: PeerRecord = self.sealer.open(&rec, "peers")?;
         if rec.name != name {
-            return Err(StoreError::Corrupt("a peers row is filed under another name".into()));
+            return Err(StoreError::Corrupt(
+                "a peers row is filed under another name".into(),
+            ));
         }
         f(&mut rec.entry);
         let sealed = self.sealer.seal(&rec);
@@ -181,9 +185,9 @@ impl Store {
         let mut out = BTreeMap::new();
         for rec in recs {
             let rec: KeyRecord = self.sealer.open(&rec, "conv_keys")?;
-            if !out.contains_key(&rec.conv) {
-                let keys = self.conversation(&rec.conv)?;
-                out.insert(rec.conv, keys);
+            if let std::collections::btree_map::Entry::Vacant(slot) = out.entry(rec.conv) {
+                let keys = self.conversation(slot.key())?;
+                slot.insert(keys);
             }
         }
         Ok(out)

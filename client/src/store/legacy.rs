@@ -5,8 +5,7 @@
 
 use super::kdf::KdfHeader;
 use super::{
-    ConversationKeys, GroupState, HistoryEntry, InboxEntry, PeerEntry, ResumeCredential,
-    StoreError,
+    ConversationKeys, GroupState, HistoryEntry, InboxEntry, PeerEntry, ResumeCredential, StoreError,
 };
 use crate::e2e;
 use serde::{Deserialize, Serialize};
@@ -93,22 +92,6 @@ fn split_lines(text: &str) -> Option<(&str, &str)> {
         return None;
     }
     Some((header, token))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    proptest! {
-        #[test]
-        fn fuzz_store_file_lines(text in "(?s).{0,200}") {
-            if let Some((header, token)) = split_lines(&text) {
-                prop_assert!(!token.is_empty() && !token.contains('\n'));
-                prop_assert_eq!(format!("{header}\n{token}"), text.strip_suffix('\n').unwrap_or(&text));
-            }
-        }
-    }
 }
 
 impl super::Store {
@@ -232,5 +215,21 @@ impl super::Store {
             }
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn fuzz_store_file_lines(text in "(?s).{0,200}") {
+            if let Some((header, token)) = split_lines(&text) {
+                prop_assert!(!token.is_empty() && !token.contains('\n'));
+                prop_assert_eq!(format!("{header}\n{token}"), text.strip_suffix('\n').unwrap_or(&text));
+            }
+        }
     }
 }

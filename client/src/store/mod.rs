@@ -32,9 +32,9 @@ pub(crate) mod legacy;
 mod sealed;
 mod state;
 
-pub use legacy::StoreData;
 pub use history::HistoryRow;
 pub use keys::MakeCurrent;
+pub use legacy::StoreData;
 pub use state::InboxRow;
 
 use kdf::KdfHeader;
@@ -508,7 +508,10 @@ impl Store {
         let kdf = header.to_line(KDF_MAGIC);
         self.write(|tx| {
             tx.execute("UPDATE meta SET value = ?1 WHERE name = 'kdf'", [&kdf])?;
-            tx.execute("UPDATE meta SET value = ?1 WHERE name = 'data_key'", [&wrapped])?;
+            tx.execute(
+                "UPDATE meta SET value = ?1 WHERE name = 'data_key'",
+                [&wrapped],
+            )?;
             Ok(())
         })
     }

@@ -71,7 +71,11 @@ impl Sealer {
 
     /// Opens a record; a token that does not verify, or JSON of another shape, is
     /// [`StoreError::Corrupt`] (`what` names it).
-    pub(crate) fn open<T: DeserializeOwned>(&self, token: &str, what: &str) -> Result<T, StoreError> {
+    pub(crate) fn open<T: DeserializeOwned>(
+        &self,
+        token: &str,
+        what: &str,
+    ) -> Result<T, StoreError> {
         let json = e2e::fernet_decrypt(&self.fernet, token)
             .map_err(|_| StoreError::Corrupt(format!("{what}: a record does not verify")))?;
         serde_json::from_slice(&json)

@@ -83,8 +83,10 @@ impl Store {
             .conn
             .prepare_cached("SELECT rec, held, tries, next_try, first_ms FROM inbox ORDER BY seq")
             .and_then(|mut s| {
-                s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?
-                    .collect()
+                s.query_map([], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                })?
+                .collect()
             })
             .map_err(|e| self.db_error(e))?;
         rows.into_iter()
@@ -155,7 +157,9 @@ impl Store {
             .prepare_cached("SELECT rec FROM downloads ORDER BY file_id")
             .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
             .map_err(|e| self.db_error(e))?;
-        recs.iter().map(|r| self.sealer.open(r, "downloads")).collect()
+        recs.iter()
+            .map(|r| self.sealer.open(r, "downloads"))
+            .collect()
     }
 
     /// The unfinished download of `file_id`, if any.
@@ -185,9 +189,11 @@ impl Store {
     pub fn take_download(&mut self, file_id: i64) -> Result<Option<PendingDownload>, StoreError> {
         let rec: Option<String> = self.write(|tx| {
             let rec = tx
-                .query_row("SELECT rec FROM downloads WHERE file_id = ?1", [file_id], |r| {
-                    r.get(0)
-                })
+                .query_row(
+                    "SELECT rec FROM downloads WHERE file_id = ?1",
+                    [file_id],
+                    |r| r.get(0),
+                )
                 .optional()?;
             tx.execute("DELETE FROM downloads WHERE file_id = ?1", [file_id])?;
             Ok(rec)
@@ -231,7 +237,11 @@ impl Store {
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(err)?;
         let rec: Option<String> = tx
-            .query_row("SELECT rec FROM groups WHERE group_id = ?1", [group_id], |r| r.get(0))
+            .query_row(
+                "SELECT rec FROM groups WHERE group_id = ?1",
+                [group_id],
+                |r| r.get(0),
+            )
             .optional()
             .map_err(err)?;
         let old = rec.map(|r| self.sealer.open(&r, "groups")).transpose()?;

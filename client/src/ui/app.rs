@@ -571,7 +571,10 @@ impl App {
                 group_id,
             } => {
                 let id = group_id.map_or_else(|| from.clone(), |g| format!("#{g}"));
-                let title = self.model.get(&id).map_or_else(|| id.clone(), |c| c.title.clone());
+                let title = self
+                    .model
+                    .get(&id)
+                    .map_or_else(|| id.clone(), |c| c.title.clone());
                 self.model.push(
                     &id,
                     &title,
