@@ -207,9 +207,14 @@ fn relay_survives_bad_input() {
     ));
 
     normal_exchange_works(&net, "still working");
-    // The bystander session saw nothing of it and still receives.
+    // The bystander session saw nothing of it and still receives. (It shares bob's
+    // store with the session above, which showed "still working" first: one of a
+    // user's processes shows a message.)
+    let mut alice = Chat::login(&net.opts("alice"), false).unwrap();
+    alice.send_text("bob", "for the bystander").unwrap();
     let got = receive_n(&mut bystander, 1, Duration::from_secs(10));
     assert_eq!(got.len(), 1);
+    assert_eq!(got[0].text, "for the bystander");
 }
 
 #[test]

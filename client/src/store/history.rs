@@ -215,19 +215,26 @@ impl Store {
         Ok(rows)
     }
 
-    /// The newest `per_conversation` entries of every conversation, oldest first (what a
-    /// UI shows at start). One index range per conversation.
-    pub fn recent_history(&self, per_conversation: usize) -> Result<Vec<HistoryRow>, StoreError> {
+    /// What a UI shows at start, oldest first: the newest `per_recent` entries of the
+    /// `recent` conversations written to last, and the newest `per_other` of every other
+    /// one. One index range per conversation; only what is returned is decrypted.
+    pub fn recent_history(
+        &self,
+        recent: usize,
+        per_recent: usize,
+        per_other: usize,
+    ) -> Result<Vec<HistoryRow>, StoreError> {
         let convs: Vec<Vec<u8>> = self
             .conn
-            .prepare_cached("SELECT DISTINCT conv FROM history")
+            .prepare_cached("SELECT conv FROM history GROUP BY conv ORDER BY max(id) DESC")
             .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
             .map_err(|e| self.db_error(e))?;
         let mut rows = Vec::new();
-        for conv in convs {
+        for (i, conv) in convs.into_iter().enumerate() {
+            let limit = if i < recent { per_recent } else { per_other };
             rows.extend(self.query_history(
                 &format!("SELECT {COLUMNS} FROM history WHERE conv = ?1 ORDER BY id DESC LIMIT ?2"),
-                params![conv, per_conversation as i64],
+                params![conv, limit as i64],
             )?);
         }
         rows.sort_by_key(|(id, _)| *id);

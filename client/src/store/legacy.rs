@@ -113,9 +113,10 @@ impl super::Store {
         })
     }
 
-    /// Fills a new store with everything an earlier one held (its history and the seen
-    /// windows in one transaction each; the small tables through the ordinary calls).
-    pub(super) fn import(&mut self, data: &StoreData) -> Result<(), StoreError> {
+    /// Adds everything in `data` (an earlier store, converted; a bulk load): its history,
+    /// seen windows and inbox in one transaction, the small tables through the ordinary
+    /// calls.
+    pub fn import(&mut self, data: &StoreData) -> Result<(), StoreError> {
         use super::keys::MakeCurrent;
         use crate::e2e::ConversationKey;
         for (name, entry) in &data.peers {

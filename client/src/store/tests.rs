@@ -341,9 +341,13 @@ fn history_pages_recent_search_and_other_writers() {
     let older = a.history_page("bob", Some(page[0].0), 2).unwrap();
     let texts: Vec<&str> = older.iter().map(|(_, h)| h.text.as_str()).collect();
     assert_eq!(texts, ["Line 20", "Line 22"]);
-    let recent = a.recent_history(2).unwrap();
+    let recent = a.recent_history(5, 2, 2).unwrap();
     let texts: Vec<&str> = recent.iter().map(|(_, h)| h.text.as_str()).collect();
     assert_eq!(texts, ["Line 24", "Line 27", "Line 28", "Line 29"]);
+    // Only the most recent conversation (bob) gets the long page.
+    let recent = a.recent_history(1, 3, 1).unwrap();
+    let texts: Vec<&str> = recent.iter().map(|(_, h)| h.text.as_str()).collect();
+    assert_eq!(texts, ["Line 26", "Line 27", "Line 28", "Line 29"]);
     assert_eq!(a.search(None, "line 2").unwrap().len(), 11);
     assert_eq!(a.search(Some("carol"), "LINE 2").unwrap().len(), 3);
     assert!(a.search(None, "nothing like it").unwrap().is_empty());

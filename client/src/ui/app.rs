@@ -45,10 +45,15 @@ fn utc_offset_s() -> i64 {
 /// Runs the terminal UI with a logged-in session until the user quits.
 pub fn run(chat: Chat, settings: Settings) -> Result<(), ClientError> {
     let mut model = Model::new(chat.user(), chat.relay_addr());
-    // The newest page of each conversation; older lines stay in the store.
+    // The newest page of the conversations used last, a few lines of the others; older
+    // lines stay in the store (/search finds them).
     let recent: Vec<_> = chat
         .store()
-        .recent_history(super::model::HISTORY_ON_START)?
+        .recent_history(
+            super::model::RECENT_ON_START,
+            super::model::HISTORY_ON_START,
+            super::model::OTHERS_ON_START,
+        )?
         .into_iter()
         .map(|(_, h)| h)
         .collect();

@@ -10,8 +10,12 @@ use std::collections::BTreeMap;
 /// The id of the status conversation (command output, connection news).
 pub const STATUS: &str = "*";
 
-/// How many messages of each conversation are loaded from the store at start.
+/// How many messages of each of the conversations used last are loaded at start.
 pub const HISTORY_ON_START: usize = 200;
+/// How many of the conversations written to last get [`HISTORY_ON_START`] lines at start.
+pub const RECENT_ON_START: usize = 10;
+/// Lines loaded at start for every other conversation.
+pub const OTHERS_ON_START: usize = 5;
 
 /// Most lines a conversation keeps on screen; older ones are dropped from the model
 /// (the store keeps every message).
