@@ -260,6 +260,12 @@ pub struct Chat {
     pub(crate) keys_checked: std::collections::HashSet<String>,
     /// How messages that do not open are recovered (see the recovery module).
     pub(crate) recovery: crate::recovery::RecoveryPolicy,
+    /// Key requests answered lately, by (requester, group, key id): a replayed or
+    /// repeated request within [`crate::recovery::ANSWER_INTERVAL`] is not answered again.
+    pub(crate) answered: std::collections::HashMap<(String, Option<i64>, String), Instant>,
+    /// Events of messages already out of the inbox whose batch then failed (a lost
+    /// link, a store error): returned by the next [`Chat::receive`], never dropped.
+    pub(crate) undelivered: Vec<Event>,
 }
 
 /// How long a session keeps trying to reach a relay again before giving up.
@@ -366,6 +372,8 @@ impl Chat {
             progress: None,
             keys_checked: std::collections::HashSet::new(),
             recovery: crate::recovery::RecoveryPolicy::default(),
+            answered: std::collections::HashMap::new(),
+            undelivered: Vec::new(),
         }
         .resuming_downloads()
     }
@@ -522,19 +530,14 @@ impl Chat {
         };
         PeerKey::from_pem(&server_pem)?;
         // What was seen is remembered (`key_changed`), so a warning outlives the session.
-        let status = match self.store.peer(peer)? {
-            Some(pinned) if pinned.pubkey_pem.trim() == server_pem.trim() => {
-                if pinned.key_changed {
-                    self.store.update_peer(peer, |p| p.key_changed = false)?;
-                }
-                KeyStatus::Unchanged
-            }
-            Some(pinned) => {
-                if !pinned.key_changed {
-                    self.store.update_peer(peer, |p| p.key_changed = true)?;
-                }
-                KeyStatus::Changed { server_pem }
-            }
+        // Compared and marked in one transaction, with the pin as it is now (another
+        // process may have just accepted a new key).
+        let marked = self.store.update_peer(peer, |p| {
+            p.key_changed = p.pubkey_pem.trim() != server_pem.trim();
+        })?;
+        let status = match marked {
+            Some(pinned) if !pinned.key_changed => KeyStatus::Unchanged,
+            Some(_) => KeyStatus::Changed { server_pem },
             None => {
                 let entry = PeerEntry {
                     pubkey_pem: server_pem.clone(),
@@ -582,7 +585,10 @@ impl Chat {
 
     /// Pins the key the server serves now for `peer`, replacing a changed one.
     pub fn accept_new_key(&mut self, peer: &str, server_pem: String) -> Result<(), ClientError> {
-        self.store.put_peer(
+        // Keys wrapped for the old identity must not be used for new messages, nor
+        // for receipts: the new identity holds none of them. (They stay, to read old
+        // messages.) One transaction with the new pin.
+        self.store.replace_peer_key(
             peer,
             &PeerEntry {
                 pubkey_pem: server_pem,
@@ -590,10 +596,6 @@ impl Chat {
                 key_changed: false,
             },
         )?;
-        // Keys wrapped for the old identity must not be used for new messages, nor
-        // for receipts: the new identity holds none of them. (They stay, to read old
-        // messages.)
-        self.store.forget_sharing(peer)?;
         self.keys_checked.insert(peer.to_string());
         Ok(())
     }
@@ -882,7 +884,7 @@ impl Chat {
     /// If the relay goes away, the session fails over and returns no events; the new
     /// relay delivers whatever was not acknowledged.
     pub fn receive(&mut self, deadline: Instant) -> Result<Vec<Event>, ClientError> {
-        match self.receive_once(deadline) {
+        let result = match self.receive_once(deadline) {
             Err(e) if connection_lost(&e) || worth_retrying(&e) => {
                 self.reconnect()?;
                 // What a failed send left pending goes now (best effort).
@@ -894,7 +896,13 @@ impl Chat {
                 })
             }
             other => other,
-        }
+        };
+        // What an interrupted batch opened comes first.
+        result.map(|events| {
+            let mut all = std::mem::take(&mut self.undelivered);
+            all.extend(events);
+            all
+        })
     }
 
     fn receive_once(&mut self, deadline: Instant) -> Result<Vec<Event>, ClientError> {
@@ -985,12 +993,23 @@ impl Chat {
     /// calls for (see [`Chat::after_events`]).
     fn open_inbox(&mut self) -> Result<Vec<Event>, ClientError> {
         let mut events = Vec::new();
+        match self.open_inbox_into(&mut events) {
+            Ok(()) => Ok(events),
+            Err(e) => {
+                // Those messages are out of the inbox: their events must still be seen.
+                self.undelivered.extend(events);
+                Err(e)
+            }
+        }
+    }
+
+    fn open_inbox_into(&mut self, events: &mut Vec<Event>) -> Result<(), ClientError> {
         let mut waiting = Vec::new();
         for row in self.store.inbox()? {
             match self.open(row.entry.clone())? {
                 Opened::Shown(event) => {
-                    events.push(event);
                     self.store.inbox_done(row.entry.msg_id)?;
+                    events.push(event);
                 }
                 Opened::Nothing => self.store.inbox_done(row.entry.msg_id)?,
                 Opened::Held(need) => waiting.push((row, need)),
@@ -1000,17 +1019,17 @@ impl Chat {
         for (row, first_need) in waiting {
             match self.open(row.entry.clone())? {
                 Opened::Shown(event) => {
-                    events.push(event);
                     self.store.inbox_done(row.entry.msg_id)?;
+                    events.push(event);
                 }
                 Opened::Nothing => self.store.inbox_done(row.entry.msg_id)?,
                 Opened::Held(need) => held.push((row, need.or(first_need))),
             }
         }
-        events.extend(self.recover(held)?);
-        self.check_keys_of_unopened(&mut events);
-        self.after_events(&events)?;
-        Ok(events)
+        self.recover(held, events)?;
+        self.check_keys_of_unopened(events);
+        self.after_events(events)?;
+        Ok(())
     }
 
     /// Opens the inbox again if a held message's next recovery step is due.
@@ -1063,6 +1082,17 @@ impl Chat {
     fn open(&mut self, m: InboxEntry) -> Result<Opened, ClientError> {
         if let (Some(event), Some(group_id)) = (m.event.clone(), m.group_id) {
             return self.group_event(&m, group_id, event);
+        }
+        // A sender that is not a user name (say `#5`, a group's conversation) could
+        // reach keys and history kept under that name: nothing from it is opened.
+        if !valid_user_name(&m.from) {
+            return Ok(Opened::Shown(Event::Undecryptable {
+                msg_id: m.msg_id,
+                from: m.from.clone(),
+                group_id: m.group_id,
+                why: format!("the sender {:?} is not a user name", m.from),
+                key_changed: false,
+            }));
         }
         let undecryptable = |why: String| {
             Ok(Opened::Shown(Event::Undecryptable {
@@ -1133,11 +1163,13 @@ impl Chat {
                     return Ok(Opened::Nothing);
                 }
                 if let Some(offer) = payload.file {
-                    if !self.store.remember_mid(&seen)? {
+                    if self.store.seen_mid(&seen)? {
                         return Ok(Opened::Nothing);
                     }
                     let mid = payload.mid.clone();
-                    return self.receive_file(&m, None, &mid, offer);
+                    let opened = self.receive_file(&m, None, &mid, offer)?;
+                    self.store.remember_mid(&seen)?;
+                    return Ok(opened);
                 }
                 let peer = m.from.clone();
                 self.show_received(m, peer, None, None, payload)
@@ -1163,7 +1195,9 @@ impl Chat {
                     msg_ids,
                     ts,
                 };
-                self.answer_key_request(&m, request, &sig)?;
+                // Best effort: a request that cannot be answered now (a refused send, a
+                // changed key) must not hold up the inbox; the requester asks again.
+                let _ = self.answer_key_request(&m, request, &sig);
                 Ok(Opened::Nothing)
             }
         }

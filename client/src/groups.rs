@@ -326,19 +326,20 @@ impl Chat {
             Err(e) => return Err(e),
         };
         let from_admin = members.iter().any(|m| m.user == from && m.role == "admin");
-        // A member may hand over a key that a held message of the group waits for (a
-        // recovery this client asked for): kept to read, never to send with.
-        let asked = members.iter().any(|m| m.user == from)
-            && self
-                .store
-                .waits_for_group_key(grant.group_id, &grant.key_id)?;
-        if !from_admin && !asked {
-            return Ok(());
-        }
         let key = ConversationKey {
             id: grant.key_id,
             key: grant.key,
         };
+        // A member may hand over a key that a held message of the group waits for (a
+        // recovery this client asked for) if it opens that message: kept to read, never
+        // to send with.
+        let asked = !from_admin
+            && members.iter().any(|m| m.user == from)
+            && self.store.waits_for_group_key(grant.group_id, &key.id)?
+            && self.opens_a_held_text(grant.group_id, &key)?;
+        if !from_admin && !asked {
+            return Ok(());
+        }
         // A malformed key would only fail later; check it now.
         if e2e::seal_text(
             &key,
@@ -362,6 +363,17 @@ impl Chat {
         self.keep_group_key(grant.group_id, &key, grant.epoch, current)
     }
 
+    /// Whether `key` opens a held text of group `group_id` sealed with it.
+    fn opens_a_held_text(&self, group_id: i64, key: &ConversationKey) -> Result<bool, ClientError> {
+        Ok(self.store.inbox()?.iter().filter(|r| r.held).any(|r| {
+            matches!(
+                e2e::Envelope::from_body(&r.entry.body),
+                Ok(e2e::Envelope::GroupText { group_id: g, key_id, token, .. })
+                    if g == group_id && key_id == key.id && e2e::open_text(key, &token).is_ok()
+            )
+        }))
+    }
+
     /// A membership event: shown, and remembered.
     pub(crate) fn group_event(
         &mut self,
@@ -375,6 +387,26 @@ impl Chat {
             .clone()
             .or_else(|| kept.as_ref().map(|g| g.name.clone()))
             .unwrap_or_else(|| format!("#{group_id}"));
+        // Shown and counted once, however often it arrives (by its server id: the relay
+        // writes events).
+        let new = self.store.record_once(
+            &HistoryEntry {
+                peer: conversation(group_id),
+                group: Some(name.clone()),
+                from: m.from.clone(),
+                text: describe(&event, &name),
+                ts: m.ts,
+                msg_id: Some(m.msg_id),
+                mid: String::new(),
+                outgoing: false,
+                state: DeliveryState::Received,
+                file: false,
+            },
+            &format!("event/{group_id}/{}", m.msg_id),
+        )?;
+        if !new {
+            return Ok(Opened::Nothing);
+        }
         let me = self.user().to_string();
         self.store.update_group(group_id, |state| {
             let mut state = state.unwrap_or_else(|| GroupState {
@@ -399,18 +431,6 @@ impl Chat {
                 }
             }
             state
-        })?;
-        self.store.push_history(&HistoryEntry {
-            peer: conversation(group_id),
-            group: Some(name.clone()),
-            from: m.from.clone(),
-            text: describe(&event, &name),
-            ts: m.ts,
-            msg_id: Some(m.msg_id),
-            mid: String::new(),
-            outgoing: false,
-            state: DeliveryState::Received,
-            file: false,
         })?;
         Ok(Opened::Shown(Event::Group(GroupNotice {
             msg_id: m.msg_id,
@@ -454,13 +474,13 @@ impl Chat {
             None => self.store.group(group_id)?.map(|g| g.name),
         };
         if let Some(offer) = payload.file {
-            if !self
-                .store
-                .remember_mid(&format!("{}/{}", m.from, payload.mid))?
-            {
+            let seen = format!("{}/{}", m.from, payload.mid);
+            if self.store.seen_mid(&seen)? {
                 return Ok(Opened::Nothing);
             }
-            return self.receive_file(&m, name, &payload.mid, offer);
+            let opened = self.receive_file(&m, name, &payload.mid, offer)?;
+            self.store.remember_mid(&seen)?;
+            return Ok(opened);
         }
         self.show_received(m, conversation(group_id), Some(group_id), name, payload)
     }

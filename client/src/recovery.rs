@@ -63,6 +63,10 @@ impl Default for RecoveryPolicy {
 /// Requests older than this are not answered.
 const MAX_REQUEST_AGE_MS: u64 = 7 * 24 * 3600 * 1000;
 
+/// A request for the same key from the same requester is answered at most once in this
+/// long (a relay replaying a request cannot make a client re-send over and over).
+pub const ANSWER_INTERVAL: Duration = Duration::from_secs(10);
+
 /// Admins asked for a group key when its sender is no longer a member.
 const MAX_ADMINS_ASKED: usize = 3;
 
@@ -78,9 +82,9 @@ impl Chat {
     pub(crate) fn recover(
         &mut self,
         held: Vec<(InboxRow, Option<Need>)>,
-    ) -> Result<Vec<Event>, ClientError> {
+        events: &mut Vec<Event>,
+    ) -> Result<(), ClientError> {
         let now = time::now_ms();
-        let mut events = Vec::new();
         // One request per (sender, need): direct messages are named together.
         let mut due: BTreeMap<(String, Option<i64>, String), Vec<i64>> = BTreeMap::new();
         let mut rows = Vec::new();
@@ -91,19 +95,35 @@ impl Chat {
             }
             let m = &row.entry;
             if row.held && row.tries as usize >= self.recovery.intervals.len() {
-                self.store.inbox_done(m.msg_id)?;
                 let key_id = match &need {
                     Need::Direct { key_id } | Need::Group { key_id, .. } => key_id,
                 };
+                let why = format!(
+                    "could not be read: no key {key_id}, asked for {} times over {} s",
+                    row.tries,
+                    (now.saturating_sub(row.first_ms)) / 1000
+                );
+                // Into the history first, so the notice outlives a crash right after.
+                self.store.push_history(&crate::store::HistoryEntry {
+                    peer: m
+                        .group_id
+                        .map_or_else(|| m.from.clone(), crate::groups::conversation),
+                    group: m.group.clone(),
+                    from: m.from.clone(),
+                    text: format!("a message from {} (#{}) {why}", m.from, m.msg_id),
+                    ts: m.ts,
+                    msg_id: Some(m.msg_id),
+                    mid: String::new(),
+                    outgoing: false,
+                    state: crate::store::DeliveryState::Received,
+                    file: false,
+                })?;
+                self.store.inbox_done(m.msg_id)?;
                 events.push(Event::Undecryptable {
                     msg_id: m.msg_id,
                     from: m.from.clone(),
                     group_id: m.group_id,
-                    why: format!(
-                        "could not be read: no key {key_id}, asked for {} times over {} s",
-                        row.tries,
-                        (now.saturating_sub(row.first_ms)) / 1000
-                    ),
+                    why,
                     key_changed: false,
                 });
                 continue;
@@ -154,7 +174,7 @@ impl Chat {
                 Err(_) => {}
             }
         }
-        Ok(events)
+        Ok(())
     }
 
     /// Asks `peer` to offer key `key_id` again and send again the messages it sent here
@@ -220,7 +240,8 @@ impl Chat {
         sig: &str,
     ) -> Result<(), ClientError> {
         let me = self.user().to_string();
-        if m.from == me || m.group_id.is_some() {
+        if m.from == me || m.group_id.is_some() || !fastchat_common::proto::valid_user_name(&m.from)
+        {
             return Ok(());
         }
         let requester = match self.pinned_key(&m.from) {
@@ -234,6 +255,21 @@ impl Chat {
         if time::now_ms().saturating_sub(request.ts) > MAX_REQUEST_AGE_MS {
             return Ok(());
         }
+        // Each request is answered once: a replay (same requester, same time) is not.
+        if !self.store.remember_mid(&format!(
+            "key-request/{}/{}/{}",
+            m.from, request.key_id, request.ts
+        ))? {
+            return Ok(());
+        }
+        let asked = (m.from.clone(), request.group_id, request.key_id.clone());
+        let now = std::time::Instant::now();
+        self.answered
+            .retain(|_, at| now.duration_since(*at) < ANSWER_INTERVAL);
+        if self.answered.contains_key(&asked) {
+            return Ok(());
+        }
+        self.answered.insert(asked, now);
         match request.group_id {
             None => self.resend_for(&m.from, &requester, &request),
             Some(group_id) => self.grant_requested(group_id, &m.from, &request.key_id),
@@ -241,13 +277,23 @@ impl Chat {
     }
 
     /// Offers `key_id` to `peer` again and sends again my texts to `peer` stored under
-    /// the requested ids, sealed with that key.
+    /// the requested ids, sealed with that key. Only a key `peer` is known to hold
+    /// (offered by them, or our offer of it stored): after a changed key is accepted,
+    /// the new identity gets none of the old ones.
     fn resend_for(
         &mut self,
         peer: &str,
         peer_key: &e2e::PeerKey,
         request: &KeyRequest,
     ) -> Result<(), ClientError> {
+        if !self
+            .store
+            .conversation(peer)?
+            .shared
+            .contains(&request.key_id)
+        {
+            return Ok(());
+        }
         let Some(key) = self.conversation_key(peer, &request.key_id)? else {
             return Ok(());
         };
@@ -274,8 +320,9 @@ impl Chat {
         Ok(())
     }
 
-    /// Grants group key `key_id` to `member`, if I hold it and the relay lists them as
-    /// a member.
+    /// Grants group key `key_id` to `member`, if it is the group's current key here and
+    /// the relay lists them as a member. Older keys are never handed out this way (a
+    /// new member must not read what came before they joined).
     fn grant_requested(
         &mut self,
         group_id: i64,
@@ -283,9 +330,12 @@ impl Chat {
         key_id: &str,
     ) -> Result<(), ClientError> {
         let conv = crate::groups::conversation(group_id);
-        let Some(key) = self.conversation_key(&conv, key_id)? else {
+        let Some((key, epoch)) = self.store.current_key(&conv)? else {
             return Ok(());
         };
+        if key.id != key_id {
+            return Ok(());
+        }
         let members = match self.group_members(group_id) {
             Ok((_, members)) => members,
             Err(ClientError::Refused { .. }) => return Ok(()),
@@ -294,13 +344,6 @@ impl Chat {
         if !members.iter().any(|m| m.user == member) {
             return Ok(());
         }
-        let epoch = self
-            .store
-            .conversation(&conv)?
-            .epochs
-            .get(key_id)
-            .copied()
-            .unwrap_or(0);
-        self.grant(group_id, member, &key, epoch)
+        self.grant(group_id, member, &key, epoch.unwrap_or(0))
     }
 }

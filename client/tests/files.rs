@@ -152,7 +152,7 @@ fn a_group_of_three_each_get_the_file_once() {
     let bob = Chat::login(&net.opts("bob"), false).unwrap();
     let mut model = fastchat_client::ui::model::Model::new("bob", "relay");
     model.load(
-        &bob.store().history().unwrap(),
+        &bob.store().recent_history(10, 200, 5).unwrap(),
         &bob.store().groups().unwrap(),
     );
     let conv = model

@@ -439,3 +439,83 @@ fn a_reader_killed_mid_batch_loses_nothing_it_acknowledged() {
         net.stored_messages()
     });
 }
+
+#[test]
+fn a_key_request_from_a_name_that_is_no_user_gets_nothing() {
+    // A database operator adds a "user" named like a group's conversation (`#<id>`)
+    // and writes a key request from it: the client must not answer with the group's key
+    // or history (they are kept under that name).
+    let net = TestNet::start();
+    for u in ["alice", "bob"] {
+        net.register(u);
+    }
+    let mut alice = net.login("alice");
+    let mut bob = net.login("bob");
+    let g = alice.group_create("crew").unwrap();
+    alice.group_add(g.group_id, "bob").unwrap();
+    alice.send_group(g.group_id, "group secret").unwrap();
+    let mut shown = HashMap::new();
+    exchange(&mut alice, &mut bob, &mut shown, &["group secret"]);
+    let conv = format!("#{}", g.group_id);
+    let (key_id, msg_ids) = {
+        let store = Store::open(&net.opts("bob").data_dir, "bob", PASSWORD).unwrap();
+        let key_id = store.conversation(&conv).unwrap().current.unwrap();
+        let ids: Vec<i64> = store
+            .history()
+            .unwrap()
+            .iter()
+            .filter_map(|h| h.msg_id)
+            .collect();
+        (key_id, ids)
+    };
+    let attacker = fastchat_client::e2e::Identity::generate().unwrap();
+    let body = fastchat_client::e2e::make_key_request(
+        &attacker,
+        &conv,
+        "bob",
+        &fastchat_client::e2e::KeyRequest {
+            key_id,
+            group_id: None,
+            msg_ids,
+            ts: fastchat_common::time::now_ms(),
+        },
+    )
+    .unwrap()
+    .to_body();
+    let mut db = postgres::Client::connect(&net.db_url, postgres::NoTls).unwrap();
+    db.execute(
+        "INSERT INTO users (name, password_hash, pubkey) VALUES ($1, 'x', $2)",
+        &[&conv, &attacker.public_pem()],
+    )
+    .unwrap();
+    db.execute(
+        "INSERT INTO messages (recipient_id, sender_id, body, sent_at_ms)
+         SELECT r.id, s.id, $2, 0 FROM users r, users s WHERE r.name = 'bob' AND s.name = $1",
+        &[&conv, &body],
+    )
+    .unwrap();
+    bob.close();
+    let mut bob = net.login("bob");
+    let deadline = Instant::now() + Duration::from_secs(8);
+    let mut events = Vec::new();
+    while Instant::now() < deadline {
+        events.extend(
+            bob.receive(Instant::now() + Duration::from_millis(300))
+                .unwrap(),
+        );
+    }
+    assert!(
+        events.iter().any(
+            |e| matches!(e, Event::Undecryptable { from, why, .. } if *from == conv && why.contains("not a user name"))
+        ),
+        "{events:?}"
+    );
+    let sent_to_attacker: i64 = db
+        .query_one(
+            "SELECT count(*) FROM messages m JOIN users u ON u.id = m.recipient_id WHERE u.name = $1",
+            &[&conv],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(sent_to_attacker, 0, "nothing was sent to the fake user");
+}

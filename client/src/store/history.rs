@@ -13,12 +13,18 @@ struct HistoryRecord {
     from: String,
     text: String,
     mid: String,
+    /// Also in the clear (for the indexes), and checked against it on every read, so a
+    /// row cannot be turned into one of mine (which `resend_pending` would send).
+    #[serde(default)]
+    outgoing: bool,
+    #[serde(default)]
+    file: bool,
 }
 
 /// A history entry with its row id (ids grow: a larger id was written later).
 pub type HistoryRow = (i64, HistoryEntry);
 
-const COLUMNS: &str = "id, outgoing, state, file, msg_id, ts, rec";
+const COLUMNS: &str = "id, outgoing, state, file, msg_id, ts, rec, conv";
 
 impl Store {
     /// Adds an entry (a message we send, an event, a file); returns its row id.
@@ -31,9 +37,12 @@ impl Store {
     /// true if it was new (then it is shown). However often a text arrives, and however
     /// long after, it is shown once.
     pub fn record_received(&mut self, entry: &HistoryEntry) -> Result<bool, StoreError> {
-        let dedup = self
-            .sealer
-            .hash("seen", &format!("{}/{}", entry.from, entry.mid));
+        self.record_once(entry, &format!("{}/{}", entry.from, entry.mid))
+    }
+
+    /// Adds an entry unless one was added under `key` before: true if it was new.
+    pub fn record_once(&mut self, entry: &HistoryEntry, key: &str) -> Result<bool, StoreError> {
+        let dedup = self.sealer.hash("seen", key);
         Ok(self.insert_history(entry, Some(dedup))?.is_some())
     }
 
@@ -74,6 +83,8 @@ impl Store {
             from: entry.from.clone(),
             text: entry.text.clone(),
             mid: entry.mid.clone(),
+            outgoing: entry.outgoing,
+            file: entry.file,
         });
         (
             self.sealer.hash("conv", &entry.peer),
@@ -318,7 +329,16 @@ impl Store {
         let get = |e: rusqlite::Error| self.db_error(e);
         let id: i64 = row.get(0).map_err(get)?;
         let rec: String = row.get(6).map_err(get)?;
+        let conv: Vec<u8> = row.get(7).map_err(get)?;
         let rec: HistoryRecord = self.sealer.open(&rec, "history")?;
+        let outgoing: bool = row.get(1).map_err(get)?;
+        let file: bool = row.get(3).map_err(get)?;
+        if rec.outgoing != outgoing
+            || rec.file != file
+            || conv != self.sealer.hash("conv", &rec.peer)
+        {
+            return Err(StoreError::Corrupt(format!("history row {id} was altered")));
+        }
         let entry = HistoryEntry {
             peer: rec.peer,
             group: rec.group,
@@ -327,9 +347,9 @@ impl Store {
             ts: row.get::<_, i64>(5).map_err(get)? as u64,
             msg_id: row.get(4).map_err(get)?,
             mid: rec.mid,
-            outgoing: row.get(1).map_err(get)?,
+            outgoing,
             state: DeliveryState::from_code(row.get(2).map_err(get)?),
-            file: row.get(3).map_err(get)?,
+            file,
         };
         Ok((id, entry))
     }

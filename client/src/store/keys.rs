@@ -286,8 +286,11 @@ impl Store {
         Ok((key, true))
     }
 
-    /// Keeps `key` for `conv` (a key already kept keeps its row; `shared` only ever
-    /// turns on) and makes it current as `current` says.
+    /// Keeps `key` for `conv` and makes it current as `current` says; `shared`: the peer
+    /// is known to hold it (only ever turns on). A key id already kept with other key
+    /// material is refused (`Ok(false)`, nothing changes): the first one stays. Kept
+    /// again with [`MakeCurrent::IfNewestEpoch`] (an admin's grant), its epoch becomes
+    /// the one given; the decision to make it current uses the epoch kept.
     pub fn add_key(
         &mut self,
         conv: &str,
@@ -295,47 +298,86 @@ impl Store {
         epoch: Option<i32>,
         shared: bool,
         current: MakeCurrent,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let h = self.sealer.hash("conv", conv);
-        let rec = self.seal_key(conv, key);
-        self.write(|tx| {
-            tx.execute(
-                "INSERT INTO conv_keys (conv, key_id, epoch, shared, rec) VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (conv, key_id) DO UPDATE SET shared = max(shared, excluded.shared)",
-                params![h, key.id, epoch, shared, rec],
-            )?;
-            let make_current = match current {
-                MakeCurrent::Never => false,
-                MakeCurrent::IfNone => {
-                    tx.query_row("SELECT 1 FROM conv_current WHERE conv = ?1", [&h], |_| Ok(()))
-                        .optional()?
-                        .is_none()
+        let rec = seal_key(&self.sealer, conv, key);
+        let path = self.path.clone();
+        let err = |e| super::db_error(&path, e);
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(err)?;
+        let existing: Option<(String, Option<i32>)> = tx
+            .query_row(
+                "SELECT rec, epoch FROM conv_keys WHERE conv = ?1 AND key_id = ?2",
+                params![h, key.id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(err)?;
+        let epoch = match existing {
+            Some((old, old_epoch)) => {
+                if open_key(&self.sealer, &old, conv, &key.id)? != key.key {
+                    return Ok(false);
                 }
-                MakeCurrent::IfNewestEpoch => {
-                    let now: Option<Option<i32>> = tx
-                        .query_row(
-                            "SELECT k.epoch FROM conv_current c
-                             JOIN conv_keys k ON k.conv = c.conv AND k.key_id = c.key_id
-                             WHERE c.conv = ?1",
-                            [&h],
-                            |r| r.get(0),
-                        )
-                        .optional()?;
-                    match now {
-                        None => true,
-                        Some(now) => epoch.unwrap_or(0) >= now.unwrap_or(i32::MIN),
-                    }
-                }
-            };
-            if make_current {
+                let epoch = if current == MakeCurrent::IfNewestEpoch {
+                    epoch
+                } else {
+                    old_epoch
+                };
                 tx.execute(
-                    "INSERT INTO conv_current (conv, key_id) VALUES (?1, ?2)
-                     ON CONFLICT (conv) DO UPDATE SET key_id = excluded.key_id",
-                    params![h, key.id],
-                )?;
+                    "UPDATE conv_keys SET shared = max(shared, ?3), epoch = ?4
+                     WHERE conv = ?1 AND key_id = ?2",
+                    params![h, key.id, shared, epoch],
+                )
+                .map_err(err)?;
+                epoch
             }
-            Ok(())
-        })
+            None => {
+                tx.execute(
+                    "INSERT INTO conv_keys (conv, key_id, epoch, shared, rec) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![h, key.id, epoch, shared, rec],
+                )
+                .map_err(err)?;
+                epoch
+            }
+        };
+        let make_current = match current {
+            MakeCurrent::Never => false,
+            MakeCurrent::IfNone => tx
+                .query_row("SELECT 1 FROM conv_current WHERE conv = ?1", [&h], |_| {
+                    Ok(())
+                })
+                .optional()
+                .map_err(err)?
+                .is_none(),
+            MakeCurrent::IfNewestEpoch => {
+                let now: Option<Option<i32>> = tx
+                    .query_row(
+                        "SELECT k.epoch FROM conv_current c
+                         JOIN conv_keys k ON k.conv = c.conv AND k.key_id = c.key_id
+                         WHERE c.conv = ?1",
+                        [&h],
+                        |r| r.get(0),
+                    )
+                    .optional()
+                    .map_err(err)?;
+                match now {
+                    None => true,
+                    Some(now) => epoch.unwrap_or(0) >= now.unwrap_or(i32::MIN),
+                }
+            }
+        };
+        if make_current {
+            tx.execute(
+                "INSERT INTO conv_current (conv, key_id) VALUES (?1, ?2)
+                 ON CONFLICT (conv) DO UPDATE SET key_id = excluded.key_id",
+                params![h, key.id],
+            )
+            .map_err(err)?;
+        }
+        tx.commit().map_err(err)?;
+        Ok(true)
     }
 
     /// The peer of `conv` is known to hold key `key_id`.
@@ -350,13 +392,21 @@ impl Store {
         })
     }
 
-    /// The peer of `conv` has a new identity: no key is current or known to it any more
-    /// (all are kept, to read old messages).
-    pub fn forget_sharing(&mut self, conv: &str) -> Result<(), StoreError> {
-        let h = self.sealer.hash("conv", conv);
+    /// Pins a new key for `name` (a changed key the user accepted) and, in the same
+    /// transaction, forgets which conversation keys their old identity held: none is
+    /// current or shared any more (all are kept, to read old messages).
+    pub fn replace_peer_key(&mut self, name: &str, entry: &PeerEntry) -> Result<(), StoreError> {
+        let peer = self.sealer.hash("peer", name);
+        let conv = self.sealer.hash("conv", name);
+        let rec = self.seal_peer(name, entry);
         self.write(|tx| {
-            tx.execute("DELETE FROM conv_current WHERE conv = ?1", [&h])?;
-            tx.execute("UPDATE conv_keys SET shared = 0 WHERE conv = ?1", [&h])?;
+            tx.execute(
+                "INSERT INTO peers (h, rec) VALUES (?1, ?2)
+                 ON CONFLICT (h) DO UPDATE SET rec = excluded.rec",
+                params![peer, rec],
+            )?;
+            tx.execute("DELETE FROM conv_current WHERE conv = ?1", [&conv])?;
+            tx.execute("UPDATE conv_keys SET shared = 0 WHERE conv = ?1", [&conv])?;
             Ok(())
         })
     }
@@ -383,10 +433,6 @@ impl Store {
             .prepare_cached("SELECT key_id FROM conv_current WHERE conv = ?1")
             .and_then(|mut s| s.query_row([h], |r| r.get(0)).optional())
             .map_err(|e| self.db_error(e))
-    }
-
-    fn seal_key(&self, conv: &str, key: &ConversationKey) -> String {
-        seal_key(&self.sealer, conv, key)
     }
 
     fn open_key(&self, rec: &str, conv: &str, key_id: &str) -> Result<String, StoreError> {

@@ -48,6 +48,16 @@ impl Store {
             .map_err(|e| self.db_error(e))
     }
 
+    /// Whether a sender message id (as given to [`Store::remember_mid`]) is in the window.
+    pub fn seen_mid(&self, mid: &str) -> Result<bool, StoreError> {
+        let h = self.sealer.hash("seen", mid);
+        self.conn
+            .prepare_cached("SELECT 1 FROM seen_mids WHERE h = ?1")
+            .and_then(|mut s| s.query_row([&h], |_| Ok(())).optional())
+            .map(|r| r.is_some())
+            .map_err(|e| self.db_error(e))
+    }
+
     /// Stores a received batch in one transaction, before it is acknowledged: each
     /// message whose server id is new goes into the inbox. Returns how many were new.
     pub fn store_batch(&mut self, batch: &[InboxEntry]) -> Result<usize, StoreError> {
@@ -209,8 +219,19 @@ impl Store {
             .and_then(|mut s| s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
             .map_err(|e| self.db_error(e))?;
         rows.into_iter()
-            .map(|(id, rec)| Ok((id, self.sealer.open(&rec, "groups")?)))
+            .map(|(id, rec)| Ok((id, self.open_group(id, &rec)?)))
             .collect()
+    }
+
+    /// Opens a `groups` record, checking it is filed under its own id.
+    fn open_group(&self, group_id: i64, rec: &str) -> Result<GroupState, StoreError> {
+        let (id, state): (i64, GroupState) = self.sealer.open(rec, "groups")?;
+        if id != group_id {
+            return Err(StoreError::Corrupt(format!(
+                "group row {group_id} was altered"
+            )));
+        }
+        Ok(state)
     }
 
     /// What is known of group `group_id`.
@@ -220,7 +241,7 @@ impl Store {
             .prepare_cached("SELECT rec FROM groups WHERE group_id = ?1")
             .and_then(|mut s| s.query_row([group_id], |r| r.get(0)).optional())
             .map_err(|e| self.db_error(e))?;
-        rec.map(|r| self.sealer.open(&r, "groups")).transpose()
+        rec.map(|r| self.open_group(group_id, &r)).transpose()
     }
 
     /// Changes what is known of group `group_id` in one transaction: `f` gets the state
@@ -244,12 +265,23 @@ impl Store {
             )
             .optional()
             .map_err(err)?;
-        let old = rec.map(|r| self.sealer.open(&r, "groups")).transpose()?;
+        let old = match rec {
+            Some(r) => {
+                let (id, state): (i64, GroupState) = self.sealer.open(&r, "groups")?;
+                if id != group_id {
+                    return Err(StoreError::Corrupt(format!(
+                        "group row {group_id} was altered"
+                    )));
+                }
+                Some(state)
+            }
+            None => None,
+        };
         let new = f(old);
         tx.execute(
             "INSERT INTO groups (group_id, rec) VALUES (?1, ?2)
              ON CONFLICT (group_id) DO UPDATE SET rec = excluded.rec",
-            params![group_id, self.sealer.seal(&new)],
+            params![group_id, self.sealer.seal(&(group_id, &new))],
         )
         .map_err(err)?;
         tx.commit().map_err(err)?;

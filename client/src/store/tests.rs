@@ -462,3 +462,77 @@ fn a_format_1_store_is_converted_with_everything_in_it() {
     .unwrap();
     assert!(crate::e2e::Identity::from_pkcs8_der(&der).is_ok());
 }
+
+#[test]
+fn a_key_id_kept_with_other_material_is_refused_and_admin_epochs_win() {
+    let tmp = TempDir::new("conflict");
+    let mut s = new_store(&tmp);
+    let real = ConversationKey::generate();
+    let fake = ConversationKey {
+        id: real.id.clone(),
+        key: ConversationKey::generate().key,
+    };
+    // A member's (asked-for) copy with an inflated epoch, kept only to read.
+    assert!(s
+        .add_key("#4", &real, Some(i32::MAX), false, MakeCurrent::Never)
+        .unwrap());
+    // Another key under the same id does not replace it.
+    assert!(!s
+        .add_key("#4", &fake, Some(3), false, MakeCurrent::IfNewestEpoch)
+        .unwrap());
+    assert_eq!(
+        s.conversation_key("#4", &real.id).unwrap(),
+        Some(real.clone())
+    );
+    assert!(s.current_key("#4").unwrap().is_none());
+    // The admin's grant of the same key sets its epoch and makes it current.
+    assert!(s
+        .add_key("#4", &real, Some(3), false, MakeCurrent::IfNewestEpoch)
+        .unwrap());
+    assert_eq!(s.current_key("#4").unwrap(), Some((real.clone(), Some(3))));
+    let next = ConversationKey::generate();
+    s.add_key("#4", &next, Some(4), false, MakeCurrent::IfNewestEpoch)
+        .unwrap();
+    assert_eq!(
+        s.current_key("#4").unwrap().unwrap().0,
+        next,
+        "rotation still wins"
+    );
+}
+
+#[test]
+fn rows_altered_in_the_file_are_refused() {
+    let tmp = TempDir::new("altered");
+    let mut s = new_store(&tmp);
+    s.push_history(&entry("bob", "bob", "bob's words", "m1", false))
+        .unwrap();
+    s.update_group(4, |_| GroupState {
+        name: "four".into(),
+        epoch: 1,
+        role: "admin".into(),
+        members: Some(2),
+    })
+    .unwrap();
+    s.update_group(5, |_| GroupState {
+        name: "five".into(),
+        epoch: 1,
+        role: "member".into(),
+        members: Some(2),
+    })
+    .unwrap();
+    // A received text turned into a pending one of mine (which would be sent again at
+    // login under my name).
+    s.conn
+        .execute("UPDATE history SET outgoing = 1, state = 0", [])
+        .unwrap();
+    assert!(matches!(s.pending_outgoing(), Err(StoreError::Corrupt(_))));
+    // Group rows swapped.
+    s.conn
+        .execute(
+            "UPDATE groups SET rec = (SELECT rec FROM groups WHERE group_id = 5) WHERE group_id = 4",
+            [],
+        )
+        .unwrap();
+    assert!(matches!(s.group(4), Err(StoreError::Corrupt(_))));
+    assert!(s.group(5).unwrap().is_some());
+}

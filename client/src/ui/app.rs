@@ -46,17 +46,12 @@ fn utc_offset_s() -> i64 {
 pub fn run(chat: Chat, settings: Settings) -> Result<(), ClientError> {
     let mut model = Model::new(chat.user(), chat.relay_addr());
     // The newest page of the conversations used last, a few lines of the others; older
-    // lines stay in the store (/search finds them).
-    let recent: Vec<_> = chat
-        .store()
-        .recent_history(
-            super::model::RECENT_ON_START,
-            super::model::HISTORY_ON_START,
-            super::model::OTHERS_ON_START,
-        )?
-        .into_iter()
-        .map(|(_, h)| h)
-        .collect();
+    // lines stay in the store (PageUp at the top loads them, /search finds them).
+    let recent = chat.store().recent_history(
+        super::model::RECENT_ON_START,
+        super::model::HISTORY_ON_START,
+        super::model::OTHERS_ON_START,
+    )?;
     model.load(&recent, &chat.store().groups()?);
     let now = time::now_ms();
     let status = model
@@ -99,6 +94,8 @@ pub fn run(chat: Chat, settings: Settings) -> Result<(), ClientError> {
         ring: false,
         quit: false,
         clear: false,
+        max_scroll: 0,
+        paging: false,
     };
     for peer in changed_keys {
         app.key_warning(&peer);
@@ -176,6 +173,7 @@ fn draw(
     let screen = render(&app.model, size.0, size.1, offset);
     app.model.page = screen.page;
     app.model.scroll = app.model.scroll.min(screen.max_scroll);
+    app.max_scroll = screen.max_scroll;
     term.draw(&screen)?;
     if std::mem::take(&mut app.ring) {
         term.bell();
@@ -211,6 +209,10 @@ struct App {
     quit: bool,
     /// Clear the whole terminal before the next draw (Ctrl-L).
     clear: bool,
+    /// How far the open conversation could be scrolled at the last draw.
+    max_scroll: usize,
+    /// Older lines were asked of the store and have not come yet.
+    paging: bool,
 }
 
 impl App {
@@ -234,7 +236,16 @@ impl App {
             Action::NextConversation => self.model.cycle(1),
             Action::PreviousConversation => self.model.cycle(-1),
             Action::Jump(i) => self.model.jump(i),
-            Action::PageUp => self.model.page_up(),
+            Action::PageUp => {
+                // At the top of what is loaded: the next page comes from the store.
+                if let Some((conv, before)) = self.model.older_wanted(self.max_scroll) {
+                    if !self.paging {
+                        self.paging = true;
+                        self.request(Request::Older { conv, before });
+                    }
+                }
+                self.model.page_up();
+            }
             Action::PageDown => self.model.page_down(),
             Action::Redraw => self.clear = true,
             Action::Quit => self.quit = true,
@@ -484,6 +495,14 @@ impl App {
                 });
             }
             Update::Offline(why) => self.model.connection = Connection::Offline(why),
+            Update::Older {
+                conv,
+                rows,
+                complete,
+            } => {
+                self.paging = false;
+                self.model.prepend(&conv, &rows, complete);
+            }
             Update::External(entries) => {
                 // Rung like any message: another process wrote it, the user has not seen it.
                 for h in &entries {

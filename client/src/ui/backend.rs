@@ -53,6 +53,11 @@ pub enum Request {
     },
     /// `/retry`: send again my messages still pending (a failed send).
     Retry,
+    /// PageUp at the top: the lines of `conv` older than history row `before`.
+    Older {
+        conv: String,
+        before: i64,
+    },
     /// `/search`: find `text` in the history of `conv` (all if `None`).
     Search {
         conv: Option<String>,
@@ -107,6 +112,13 @@ pub enum Update {
         open: bool,
     },
     Progress(Progress),
+    /// Older lines of `conv` from the store, oldest first; `complete`: there are no
+    /// older ones.
+    Older {
+        conv: String,
+        rows: Vec<crate::store::HistoryRow>,
+        complete: bool,
+    },
     /// History another process of this user wrote (a `send` in another terminal).
     External(Vec<crate::store::HistoryEntry>),
     /// The session cannot reach any relay (it keeps trying).
@@ -194,6 +206,9 @@ fn added_mid(chat: &Chat, conv: &str, before: i64) -> Option<String> {
 fn last_row(chat: &Chat) -> i64 {
     chat.store().last_history_id().unwrap_or(0)
 }
+
+/// Lines loaded from the store per PageUp past the top.
+const OLDER_PAGE: usize = 200;
 
 /// Most search results shown in the UI (the newest).
 const SEARCH_SHOWN: usize = 50;
@@ -308,6 +323,19 @@ fn handle(chat: &mut Chat, request: Request, updates: &Sender<Update>) {
             }
             Err(e) => warn(updates, Some(&peer), e.to_string()),
         },
+        Request::Older { conv, before } => {
+            match chat.store().history_page(&conv, Some(before), OLDER_PAGE) {
+                Ok(rows) => {
+                    let complete = rows.len() < OLDER_PAGE;
+                    let _ = updates.send(Update::Older {
+                        conv,
+                        rows,
+                        complete,
+                    });
+                }
+                Err(e) => warn(updates, Some(&conv), e.to_string()),
+            }
+        }
         Request::Search { conv, text } => match chat.store().search(conv.as_deref(), &text) {
             Ok(found) if found.is_empty() => {
                 info(updates, None, format!("no message holds {text:?}"));

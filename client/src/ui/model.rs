@@ -4,7 +4,7 @@
 //! line. No terminal and no network: [`super::render`] draws it, [`super::app`] feeds it.
 
 use super::input::Input;
-use crate::store::{DeliveryState, GroupState, HistoryEntry};
+use crate::store::{DeliveryState, GroupState, HistoryEntry, HistoryRow};
 use std::collections::BTreeMap;
 
 /// The id of the status conversation (command output, connection news).
@@ -56,6 +56,8 @@ pub struct Line {
     pub mid: Option<String>,
     /// The UI's id of a message being sent.
     pub local: Option<u64>,
+    /// The store's history row it came from (loaded lines), for paging older ones in.
+    pub row: Option<i64>,
 }
 
 /// A direct chat, a group, or the status conversation.
@@ -72,6 +74,8 @@ pub struct Conversation {
     pub last: u64,
     /// The peer's key changed and is not accepted yet.
     pub key_warning: bool,
+    /// The store may hold older lines than those here (PageUp at the top loads them).
+    pub more_older: bool,
 }
 
 impl Conversation {
@@ -82,6 +86,7 @@ impl Conversation {
         if self.lines.len() > MAX_LINES + MAX_LINES / 10 {
             let excess = self.lines.len() - MAX_LINES;
             self.lines.drain(..excess);
+            self.more_older = true;
         }
     }
 
@@ -94,6 +99,7 @@ impl Conversation {
             unread: 0,
             last: 0,
             key_warning: false,
+            more_older: false,
         }
     }
 }
@@ -144,19 +150,22 @@ impl Model {
 
     /// Loads the stored history: the last [`HISTORY_ON_START`] lines of each
     /// conversation, and every group known (even without messages).
-    pub fn load(&mut self, history: &[HistoryEntry], groups: &BTreeMap<i64, GroupState>) {
+    pub fn load(&mut self, history: &[HistoryRow], groups: &BTreeMap<i64, GroupState>) {
         for (id, g) in groups {
             if g.role != "none" {
                 self.conversation(&format!("#{id}"), &format!("#{}", g.name), Some(*id));
             }
         }
-        let mut by_conv: BTreeMap<&str, Vec<&HistoryEntry>> = BTreeMap::new();
-        for h in history {
-            by_conv.entry(h.peer.as_str()).or_default().push(h);
+        let mut by_conv: BTreeMap<&str, Vec<&HistoryRow>> = BTreeMap::new();
+        for row in history {
+            by_conv.entry(row.1.peer.as_str()).or_default().push(row);
         }
         for (id, entries) in by_conv {
             let group_id = id.strip_prefix('#').and_then(|g| g.parse::<i64>().ok());
-            let title = match (group_id, entries.iter().rev().find_map(|h| h.group.clone())) {
+            let title = match (
+                group_id,
+                entries.iter().rev().find_map(|(_, h)| h.group.clone()),
+            ) {
                 (Some(gid), name) => groups
                     .get(&gid)
                     .map(|g| g.name.clone())
@@ -166,10 +175,12 @@ impl Model {
             };
             let conv = self.conversation(id, &title, group_id);
             let skip = entries.len().saturating_sub(HISTORY_ON_START);
-            for h in &entries[skip..] {
+            for (row, h) in &entries[skip..] {
                 conv.last = conv.last.max(h.ts);
-                conv.lines.push(history_line(h));
+                conv.lines.push(history_line(h, Some(*row)));
             }
+            // Only a page was loaded: there may be more (asking costs one query).
+            conv.more_older = true;
         }
         // Start in the most recent conversation.
         if let Some(first) = self.ordered().first() {
@@ -188,8 +199,36 @@ impl Model {
                 _ => h.peer.clone(),
             };
             let title = self.get(&h.peer).map_or(title, |c| c.title.clone());
-            self.push(&h.peer, &title, group_id, history_line(h));
+            self.push(&h.peer, &title, group_id, history_line(h, None));
         }
+    }
+
+    /// The open conversation's oldest loaded history row, if PageUp at the top should
+    /// load older lines from the store (`scroll` is already at `max_scroll`).
+    pub fn older_wanted(&self, max_scroll: usize) -> Option<(String, i64)> {
+        let conv = self.selected();
+        if !conv.more_older || self.scroll < max_scroll {
+            return None;
+        }
+        let row = conv.lines.iter().find_map(|l| l.row)?;
+        Some((conv.id.clone(), row))
+    }
+
+    /// Older lines of conversation `id` from the store (`rows` oldest first, all older
+    /// than what it shows); `complete`: there are none older. The view stays where it
+    /// was (scrolling counts from the bottom).
+    pub fn prepend(&mut self, id: &str, rows: &[HistoryRow], complete: bool) {
+        let Some(conv) = self.conversations.iter_mut().find(|c| c.id == id) else {
+            return;
+        };
+        let first = conv.lines.iter().find_map(|l| l.row).unwrap_or(i64::MAX);
+        let older: Vec<Line> = rows
+            .iter()
+            .filter(|(row, _)| *row < first)
+            .map(|(row, h)| history_line(h, Some(*row)))
+            .collect();
+        conv.lines.splice(0..0, older);
+        conv.more_older = !complete;
     }
 
     /// The conversation `id`, made (titled `title`) if new.
@@ -306,6 +345,7 @@ impl Model {
             text: text.to_string(),
             mid: None,
             local: Some(local),
+            row: None,
         });
         self.scroll = 0;
         local
@@ -415,6 +455,7 @@ pub fn info_line(text: &str, ts: u64) -> Line {
         text: text.to_string(),
         mid: None,
         local: None,
+        row: None,
     }
 }
 
@@ -426,6 +467,7 @@ pub fn warning_line(text: &str, ts: u64) -> Line {
         text: text.to_string(),
         mid: None,
         local: None,
+        row: None,
     }
 }
 
@@ -440,12 +482,13 @@ pub fn message_line(from: &str, text: &str, ts: u64) -> Line {
         text: text.to_string(),
         mid: None,
         local: None,
+        row: None,
     }
 }
 
 /// The line a history entry shows as (an event: a news line; a message: with its
 /// sender and, if mine, its delivery mark).
-fn history_line(h: &HistoryEntry) -> Line {
+fn history_line(h: &HistoryEntry, row: Option<i64>) -> Line {
     let kind = if h.mid.is_empty() && !h.outgoing {
         LineKind::Info
     } else {
@@ -464,12 +507,85 @@ fn history_line(h: &HistoryEntry) -> Line {
         text: h.text.clone(),
         mid: h.outgoing.then(|| h.mid.clone()),
         local: None,
+        row,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn row(id: i64, from: &str, text: &str) -> HistoryRow {
+        (
+            id,
+            HistoryEntry {
+                peer: "bob".into(),
+                group: None,
+                from: from.into(),
+                text: text.into(),
+                ts: id as u64,
+                msg_id: Some(id),
+                mid: format!("{id:032x}"),
+                outgoing: from == "alice",
+                state: DeliveryState::Received,
+                file: false,
+            },
+        )
+    }
+
+    fn texts(m: &Model, id: &str) -> Vec<String> {
+        m.get(id)
+            .unwrap()
+            .lines
+            .iter()
+            .map(|l| l.text.clone())
+            .collect()
+    }
+
+    #[test]
+    fn page_up_at_the_top_loads_older_lines_from_the_store_once() {
+        let mut m = Model::new("alice", "relay");
+        m.load(
+            &[
+                row(10, "bob", "c"),
+                row(11, "alice", "d"),
+                row(12, "bob", "e"),
+            ],
+            &BTreeMap::new(),
+        );
+        assert_eq!(m.selected().id, "bob");
+        // Not at the top yet: nothing to load.
+        assert_eq!(m.older_wanted(5), None);
+        m.scroll = 5;
+        assert_eq!(m.older_wanted(5), Some(("bob".to_string(), 10)));
+        m.prepend(
+            "bob",
+            &[
+                row(3, "bob", "a"),
+                row(7, "alice", "b"),
+                row(11, "x", "dup"),
+            ],
+            false,
+        );
+        assert_eq!(
+            texts(&m, "bob"),
+            ["a", "b", "c", "d", "e"],
+            "older first, nothing twice"
+        );
+        assert_eq!(m.older_wanted(5), Some(("bob".to_string(), 3)));
+        m.prepend("bob", &[], true);
+        assert_eq!(m.older_wanted(5), None, "the store has no older lines");
+    }
+
+    #[test]
+    fn history_another_process_wrote_is_shown_in_its_conversation() {
+        let mut m = Model::new("alice", "relay");
+        let (_, mine) = row(4, "alice", "sent from a script");
+        m.external(&[mine]);
+        assert_eq!(texts(&m, "bob"), ["sent from a script"]);
+        let line = &m.get("bob").unwrap().lines[0];
+        assert!(line.mid.is_some(), "my own line, so receipts can mark it");
+    }
 
     #[test]
     fn unread_counts_grow_elsewhere_and_clear_on_open() {
@@ -577,9 +693,18 @@ mod tests {
             file: false,
         };
         let history = vec![
-            entry("bob", "alice", "hi bob", 1, DeliveryState::Delivered),
-            entry("bob", "bob", "hi alice", 2, DeliveryState::Received),
-            entry("#4", "carol", "in the group", 3, DeliveryState::Received),
+            (
+                1,
+                entry("bob", "alice", "hi bob", 1, DeliveryState::Delivered),
+            ),
+            (
+                2,
+                entry("bob", "bob", "hi alice", 2, DeliveryState::Received),
+            ),
+            (
+                3,
+                entry("#4", "carol", "in the group", 3, DeliveryState::Received),
+            ),
         ];
         let mut groups = BTreeMap::new();
         groups.insert(
