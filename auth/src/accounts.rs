@@ -48,6 +48,25 @@ pub fn check_registration(
             "the public key must be an RSA SubjectPublicKeyInfo PEM".into(),
         ));
     }
+    check_rsa_key(pem).map_err(|why| (ErrorCode::BadKey, why))
+}
+
+/// The key must parse as RSA (SubjectPublicKeyInfo) with e = 65537 and a modulus of
+/// 2048 to 4096 bits: what clients accept as a peer's key (PROTOCOL.md §1.3).
+fn check_rsa_key(pem: &str) -> Result<(), String> {
+    use rsa::pkcs8::DecodePublicKey;
+    use rsa::traits::PublicKeyParts;
+    let key = rsa::PublicKey::from_public_key_pem(pem)
+        .map_err(|_| "the public key is not an RSA SubjectPublicKeyInfo PEM".to_string())?;
+    let bits = key.n().bit_width();
+    if !(2048..=4096).contains(&bits) {
+        return Err(format!(
+            "the RSA key has {bits} bits; 2048 to 4096 are accepted"
+        ));
+    }
+    if *key.e_bytes() != [1, 0, 1] {
+        return Err("the RSA key's public exponent must be 65537".into());
+    }
     Ok(())
 }
 
@@ -424,9 +443,65 @@ fn check_password(
 mod tests {
     use super::*;
 
+    const ED25519: &str = "-----BEGIN PUBLIC KEY-----
+MCowBQYDK2VwAyEAPqkkML3SHihGsFS5ib86d1a1EXbA9jfGixyGmKqtg0E=
+-----END PUBLIC KEY-----
+";
+    const P256: &str = "-----BEGIN PUBLIC KEY-----
+MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE0471loF9BEsGJqJb3OSJyU8ymNk3
+HdNGMBjUuZokzAxY66Ic8UXj3ZzcgOcBYR6SOQO93p7xuBbffuhYEH1KPQ==
+-----END PUBLIC KEY-----
+";
+    const RSA_1024: &str = "-----BEGIN PUBLIC KEY-----
+MIGfMA0GCSqGSIb3DQEBAQUAA4GNADCBiQKBgQDgBZ4CbMVgqYFn6rPJcRJc50vr
+UaYdxmNRrlm3aR0dWuMhKkHDrzbEgmmLsucjn4KeWItlUmHpqGoRbubOAbel0PM5
+x4tcKdOsQoRC9rrgihXQm64XdR2Ruv536SGt7MxvBaWDzCFv44a3DW8Zapg+iCUA
+Ai97iBENq9j4MmxhcQIDAQAB
+-----END PUBLIC KEY-----
+";
+    const RSA_E3: &str = "-----BEGIN PUBLIC KEY-----
+MIIBIDANBgkqhkiG9w0BAQEFAAOCAQ0AMIIBCAKCAQEAu4Asay9zv662UNwr22hW
+b+6T0nmUgpF75OOgIMRJTjL0fSRKWHlvwV/QVmxEA4w4w7k6HEXTji3NZe8ubSuj
+9uymsm2f4+psLsggtQpBlbNgIaOiu9Vn9meHtPV4Lgd19NyyKCgITjSP45wKamVv
+kxVnHnmaP/zRr9zJm2HTw1OLUmbkWOqi/MRXDMjA8E+0f2MoT8fhEv69aoC06TUt
+PldbUq7K9vegXLFe4hirkg3SYyx9Gwy1odbY9EL6XXR5lKdld0xWhpBjWy0WIywZ
+eStbe2z1JHUhoEQddRtq5AhbXiuyH9n+wMdjx/vLwCdquROZPhqmrdLyJ12jRu4F
+IQIBAw==
+-----END PUBLIC KEY-----
+";
+    const RSA_2048: &str = "-----BEGIN PUBLIC KEY-----
+MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEAwMm/bT7o41qTUyDj2XON
+lV8+Ms+KgLi92rSALOAXJ80flcfv6dA4rGFD16wTsqU/kTAj8dU7pGqRv7bI6/mk
+FQIZ/mBeLcklkx/LVV8icSxH+boxB5VJUtoDy+zw/VuMEZVDiIu0T6lU+5/KTHIu
+C4TaZks96UBPadNWfqxy93VHBaKor8Wil0+0aseKz5txr5j9e5iruVlacNnNGhFl
+7yvpoDQj5OgO42oivh9HlfxAyb5Dw4HlpwcBY1+ZUF41I3AMhkpJMF3vG0LPv6MU
+Kt01RBdIEZml4yr+hKgBJ3exWmb8Mxz3FGWpW+ZdHH7Vw058PBdReFVIyJMPiMGE
+fwIDAQAB
+-----END PUBLIC KEY-----
+";
+
+    #[test]
+    fn only_rsa_keys_of_2048_to_4096_bits_with_e_65537_register() {
+        assert!(check_registration("alice", "password1", RSA_2048).is_ok());
+        let garbage = "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n";
+        for (what, pem) in [
+            ("garbage inside", garbage),
+            ("Ed25519", ED25519),
+            ("EC P-256", P256),
+            ("RSA-1024", RSA_1024),
+            ("RSA e=3", RSA_E3),
+        ] {
+            assert_eq!(
+                check_registration("alice", "password1", pem).map_err(|e| e.0),
+                Err(ErrorCode::BadKey),
+                "{what}"
+            );
+        }
+    }
+
     #[test]
     fn registration_checks() {
-        let pem = "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n";
+        let pem = RSA_2048;
         assert!(check_registration("alice", "password1", pem).is_ok());
         assert_eq!(
             check_registration("alice", "short", pem).unwrap_err().0,

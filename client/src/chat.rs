@@ -42,11 +42,20 @@ pub struct Received {
     pub group_id: Option<i64>,
     pub group: Option<String>,
     pub text: String,
-    /// When the relay stored it, unix ms.
+    /// When the sender wrote it (its clock, sealed inside), unix ms.
     pub ts: u64,
+    /// When the relay stored it, unix ms (shown too when far from `ts`).
+    pub server_ts: u64,
     /// The sender's message id.
     pub mid: String,
 }
+
+/// How the reason of a message refused for its context starts.
+pub(crate) const REFUSED: &str = "refused: ";
+
+/// How far the sender's and the relay's times of a message may differ before both are
+/// shown.
+pub const CLOCK_SKEW_SHOWN_MS: u64 = 5 * 60 * 1000;
 
 /// What [`Chat::receive`] reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -266,6 +275,9 @@ pub struct Chat {
     /// Events of messages already out of the inbox whose batch then failed (a lost
     /// link, a store error): returned by the next [`Chat::receive`], never dropped.
     pub(crate) undelivered: Vec<Event>,
+    /// Messages refused because what was sealed inside them (sender, recipient, group)
+    /// is not what they came with.
+    pub(crate) refusals: u64,
 }
 
 /// How long a session keeps trying to reach a relay again before giving up.
@@ -374,6 +386,7 @@ impl Chat {
             recovery: crate::recovery::RecoveryPolicy::default(),
             answered: std::collections::HashMap::new(),
             undelivered: Vec::new(),
+            refusals: 0,
         }
         .resuming_downloads()
     }
@@ -498,6 +511,13 @@ impl Chat {
             .update_peer(peer, |p| p.verified = true)?
             .ok_or_else(|| ClientError::Usage(format!("no key pinned for {peer} yet")))?;
         Ok(())
+    }
+
+    /// How many messages this session refused because the sender, recipient or group
+    /// sealed inside did not match how they came (a reflected, re-attributed or
+    /// re-routed message: the server's doing).
+    pub fn integrity_refusals(&self) -> u64 {
+        self.refusals
     }
 
     /// How many times this session has reconnected after losing its relay.
@@ -694,7 +714,8 @@ impl Chat {
             let offer = e2e::make_offer(&self.identity, self.user(), to, &peer_key, &key)?;
             bodies.push(offer.to_body());
         }
-        bodies.push(e2e::seal_text(&key, &payload)?.to_body());
+        let ctx = e2e::Context::direct(self.user(), to);
+        bodies.push(e2e::seal_text_in(&key, &payload, &ctx)?.to_body());
         if record {
             self.record_outgoing(to, None, &payload)?;
         }
@@ -1008,6 +1029,10 @@ impl Chat {
         for row in self.store.inbox()? {
             match self.open(row.entry.clone())? {
                 Opened::Shown(event) => {
+                    if matches!(&event, Event::Undecryptable { why, .. } if why.starts_with(REFUSED))
+                    {
+                        self.refusals += 1;
+                    }
                     self.store.inbox_done(row.entry.msg_id)?;
                     events.push(event);
                 }
@@ -1145,7 +1170,9 @@ impl Chat {
                     // Lost, or not here yet: held, and asked for (see the recovery module).
                     return Ok(Opened::Held(Some(crate::recovery::Need::Direct { key_id })));
                 };
-                let payload = match e2e::open_text(&key, &token) {
+                let me = self.user().to_string();
+                let ctx = e2e::Context::direct(&m.from, &me);
+                let payload = match e2e::open_text_in(&key, &token, &ctx) {
                     Ok(p) => p,
                     Err(e) => return undecryptable(e.to_string()),
                 };
@@ -1178,8 +1205,18 @@ impl Chat {
                 group_id,
                 key_id,
                 token,
+                epoch,
                 ..
-            } => self.open_group_text(m, group_id, &key_id, &token),
+            } => {
+                // A group text comes through its group, never as a direct message (a
+                // removed member keeping an old key cannot slip one into the group).
+                if m.group_id != Some(group_id) {
+                    return undecryptable(format!(
+                        "refused: a text for group #{group_id} that did not come through the group"
+                    ));
+                }
+                self.open_group_text(m, group_id, epoch, &key_id, &token)
+            }
             Envelope::Receipt { key_id, token, .. } => self.open_receipt(&m, &key_id, &token),
             Envelope::KeyRequest {
                 key_id,
@@ -1235,7 +1272,8 @@ impl Chat {
             group_id,
             group,
             text: payload.text,
-            ts: m.ts,
+            ts: payload.ts,
+            server_ts: m.ts,
             mid: payload.mid,
         })))
     }

@@ -142,7 +142,7 @@ impl AuthLink {
             user: user.to_string(),
             password: password.to_string(),
         };
-        redirect_of(self.request(frame, id)?)
+        redirect_of(self.request(frame, id)?, user)
     }
 
     /// Logs in again with a resumption credential instead of the password.
@@ -153,7 +153,7 @@ impl AuthLink {
             user: user.to_string(),
             credential: credential.to_string(),
         };
-        redirect_of(self.request(frame, id)?)
+        redirect_of(self.request(frame, id)?, user)
     }
 
     /// Revokes a resumption credential.
@@ -186,7 +186,16 @@ impl AuthLink {
     }
 }
 
-fn redirect_of(reply: AuthToClient) -> Result<Redirect, ClientError> {
+/// The redirect of a login as `user`; one for another user is refused (the ticket would
+/// make a session under a name that is not ours).
+fn redirect_of(reply: AuthToClient, user_asked: &str) -> Result<Redirect, ClientError> {
+    if let AuthToClient::Redirect { user, .. } = &reply {
+        if user != user_asked {
+            return Err(ClientError::Protocol(format!(
+                "the auth server logged in {user:?}, not {user_asked:?}: refusing the session"
+            )));
+        }
+    }
     match reply {
         AuthToClient::Redirect {
             user,
@@ -273,6 +282,10 @@ impl RelayLink {
         login: &ClientToRelay,
         timeout: Duration,
     ) -> Result<RelayLink, ClientError> {
+        let expected = match login {
+            ClientToRelay::Auth { user, .. } | ClientToRelay::Resume { user, .. } => user.clone(),
+            _ => return Err(ClientError::Protocol("not a login frame".into())),
+        };
         let mut link = connect(&relay.addr, Role::NkInitiator(&relay.key))?;
         link.queue(&ClientToRelay::Hello {
             version: PROTOCOL_VERSION,
@@ -284,6 +297,12 @@ impl RelayLink {
             match link.recv::<RelayToClient>(Some(deadline))? {
                 Some(RelayToClient::Hello { .. }) => {}
                 Some(RelayToClient::Welcome { user, user_id }) => {
+                    // Offers are signed with this name: only ever our own.
+                    if user != expected {
+                        return Err(ClientError::Protocol(format!(
+                            "the relay welcomed {user:?}, not {expected:?}: refusing the session"
+                        )));
+                    }
                     return Ok(RelayLink {
                         link,
                         user,
@@ -292,7 +311,7 @@ impl RelayLink {
                         next_id: 1,
                         stash: VecDeque::new(),
                         last_sent: Instant::now(),
-                    })
+                    });
                 }
                 Some(RelayToClient::Error(e)) => return Err(ClientError::from_frame(e)),
                 Some(other) => return Err(ClientError::Protocol(format!("{other:?}"))),

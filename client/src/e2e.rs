@@ -70,6 +70,92 @@ pub enum E2eError {
     /// An RSA encryption or signing operation failed.
     #[error("RSA operation failed: {0}")]
     Crypto(String),
+    /// The sender, recipient or group sealed inside a payload is not the one it came
+    /// with (a reflected, re-attributed or re-routed message), or is missing.
+    #[error("refused: {0}")]
+    Context(String),
+}
+
+/// Who a payload is from and for, sealed inside it (PROTOCOL.md §7.3): a receiver
+/// compares it with who the relay says sent it, itself, and the group, so a message
+/// cannot be reflected to its sender, shown under another name, or moved between a
+/// direct chat and a group.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Context {
+    /// The sender's user name.
+    pub from: String,
+    /// The recipient's user name (direct payloads).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// The group (group texts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_id: Option<i64>,
+    /// The group key's epoch (group texts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<i32>,
+}
+
+impl Context {
+    /// A direct payload `from` → `to`.
+    pub fn direct(from: &str, to: &str) -> Context {
+        Context {
+            from: from.to_string(),
+            to: Some(to.to_string()),
+            group_id: None,
+            epoch: None,
+        }
+    }
+
+    /// A group text `from` to group `group_id`, sealed with a key of `epoch`.
+    pub fn group(from: &str, group_id: i64, epoch: i32) -> Context {
+        Context {
+            from: from.to_string(),
+            to: None,
+            group_id: Some(group_id),
+            epoch: Some(epoch),
+        }
+    }
+
+    /// Refuses a sealed context that is missing or differs from `self` (the expected).
+    fn check(&self, sealed: Option<Context>) -> Result<(), E2eError> {
+        match sealed {
+            None => Err(E2eError::Context(
+                "the payload names no sender and recipient (an older client, or forged)".into(),
+            )),
+            Some(c) if c.from != self.from => Err(E2eError::Context(format!(
+                "sealed by {:?}, delivered as from {:?}",
+                c.from, self.from
+            ))),
+            Some(c) if c.to != self.to => Err(E2eError::Context(format!(
+                "sealed for {:?}, delivered to {:?}",
+                c.to, self.to
+            ))),
+            Some(c) if c.group_id != self.group_id || c.epoch != self.epoch => {
+                Err(E2eError::Context(format!(
+                    "sealed for group {:?} epoch {:?}, delivered for group {:?} epoch {:?}",
+                    c.group_id, c.epoch, self.group_id, self.epoch
+                )))
+            }
+            Some(_) => Ok(()),
+        }
+    }
+}
+
+/// A payload with its context, as sealed: the payload's fields and `"ctx"`.
+#[derive(Serialize)]
+struct SealedOut<'a, T> {
+    #[serde(flatten)]
+    payload: &'a T,
+    ctx: &'a Context,
+}
+
+/// A payload as opened: its context may be missing (an older client's).
+#[derive(Deserialize)]
+struct SealedIn<T> {
+    #[serde(flatten)]
+    payload: T,
+    #[serde(default)]
+    ctx: Option<Context>,
 }
 
 /// A user's own RSA key pair.
@@ -673,7 +759,84 @@ fn open_json<T: serde::de::DeserializeOwned>(
         .map_err(|e| E2eError::BadPayload(format!("{what} payload is not valid JSON: {e}")))
 }
 
-/// Opens a text token sealed with `key`.
+/// Seals a text (or grant, or file announcement) for a direct chat with its context.
+pub fn seal_text_in(
+    key: &ConversationKey,
+    payload: &TextPayload,
+    ctx: &Context,
+) -> Result<Envelope, E2eError> {
+    check_message_id(&payload.mid)?;
+    Ok(Envelope::Text {
+        v: ENVELOPE_VERSION,
+        key_id: key.id.clone(),
+        token: seal_json(key, &SealedOut { payload, ctx }, "text")?,
+    })
+}
+
+/// Seals a group text with its context (sender, group and epoch inside).
+pub fn seal_group_text_in(
+    key: &ConversationKey,
+    payload: &TextPayload,
+    ctx: &Context,
+) -> Result<Envelope, E2eError> {
+    let (Some(group_id), Some(epoch)) = (ctx.group_id, ctx.epoch) else {
+        return Err(E2eError::BadPayload(
+            "a group text needs a group and an epoch".into(),
+        ));
+    };
+    match seal_text_in(key, payload, ctx)? {
+        Envelope::Text { v, key_id, token } => Ok(Envelope::GroupText {
+            v,
+            group_id,
+            key_id,
+            epoch,
+            token,
+        }),
+        other => Ok(other),
+    }
+}
+
+/// Opens a text token sealed with `key`, refusing it unless its sealed context is
+/// `expected` ([`E2eError::Context`]).
+pub fn open_text_in(
+    key: &ConversationKey,
+    token: &str,
+    expected: &Context,
+) -> Result<TextPayload, E2eError> {
+    let sealed: SealedIn<TextPayload> = open_json(key, token, "text")?;
+    check_message_id(&sealed.payload.mid)?;
+    expected.check(sealed.ctx)?;
+    Ok(sealed.payload)
+}
+
+/// Seals a receipt with its context.
+pub fn seal_receipt_in(
+    key: &ConversationKey,
+    payload: &ReceiptPayload,
+    ctx: &Context,
+) -> Result<Envelope, E2eError> {
+    check_message_id(&payload.mid)?;
+    Ok(Envelope::Receipt {
+        v: ENVELOPE_VERSION,
+        key_id: key.id.clone(),
+        token: seal_json(key, &SealedOut { payload, ctx }, "receipt")?,
+    })
+}
+
+/// Opens a receipt, refusing it unless its sealed context is `expected`.
+pub fn open_receipt_in(
+    key: &ConversationKey,
+    token: &str,
+    expected: &Context,
+) -> Result<ReceiptPayload, E2eError> {
+    let sealed: SealedIn<ReceiptPayload> = open_json(key, token, "receipt")?;
+    check_message_id(&sealed.payload.mid)?;
+    expected.check(sealed.ctx)?;
+    Ok(sealed.payload)
+}
+
+/// Opens a text token sealed with `key` (without a context check: the load tester's
+/// own texts, and tools).
 pub fn open_text(key: &ConversationKey, token: &str) -> Result<TextPayload, E2eError> {
     let payload: TextPayload = open_json(key, token, "text")?;
     check_message_id(&payload.mid)?;

@@ -497,6 +497,18 @@ impl Chat {
         };
         self.file_requests.retain(|_, f| *f != file_id);
         let partial = self.partial_path(file_id);
+        // An empty file has no chunks, so nothing made its partial file.
+        if outcome.is_ok() && pending.offer.size == 0 && !partial.exists() {
+            if let Some(dir) = partial.parent() {
+                fastchat_common::keys::create_private_dir(dir).map_err(io_err(dir))?;
+            }
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(&partial)
+                .map_err(io_err(&partial))?;
+        }
         let checked = outcome.and_then(|()| match sha256_of(&partial) {
             Ok((sha, size)) if sha == pending.offer.sha256 && size == pending.offer.size => Ok(()),
             Ok(_) => Err("its size or SHA-256 does not match the announcement".to_string()),

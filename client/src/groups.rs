@@ -235,7 +235,8 @@ impl Chat {
                 ),
             ));
         };
-        let body = e2e::seal_group_text(&key, group_id, epoch, &payload)?.to_body();
+        let ctx = e2e::Context::group(self.user(), group_id, epoch);
+        let body = e2e::seal_group_text_in(&key, &payload, &ctx)?.to_body();
         if record {
             let name = state.map(|s| s.name);
             self.record_outgoing(&conversation(group_id), name, &payload)?;
@@ -368,8 +369,9 @@ impl Chat {
         Ok(self.store.inbox()?.iter().filter(|r| r.held).any(|r| {
             matches!(
                 e2e::Envelope::from_body(&r.entry.body),
-                Ok(e2e::Envelope::GroupText { group_id: g, key_id, token, .. })
-                    if g == group_id && key_id == key.id && e2e::open_text(key, &token).is_ok()
+                Ok(e2e::Envelope::GroupText { group_id: g, key_id, token, epoch, .. })
+                    if g == group_id && key_id == key.id
+                        && e2e::open_text_in(key, &token, &e2e::Context::group(&r.entry.from, g, epoch)).is_ok()
             )
         }))
     }
@@ -446,6 +448,7 @@ impl Chat {
         &mut self,
         m: InboxEntry,
         group_id: i64,
+        epoch: i32,
         key_id: &str,
         token: &str,
     ) -> Result<Opened, ClientError> {
@@ -455,7 +458,8 @@ impl Chat {
                 key_id: key_id.to_string(),
             })));
         };
-        let payload = match e2e::open_text(&key, token) {
+        let ctx = e2e::Context::group(&m.from, group_id, epoch);
+        let payload = match e2e::open_text_in(&key, token, &ctx) {
             Ok(p) => p,
             Err(e) => {
                 return Ok(Opened::Shown(Event::Undecryptable {

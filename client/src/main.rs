@@ -640,21 +640,22 @@ fn read(chat: &mut Chat, wait: Option<u64>, json: bool) -> Result<(), ClientErro
                             "group": m.group,
                             "text": m.text,
                             "ts": time::rfc3339(m.ts),
+                            "server_ts": time::rfc3339(m.server_ts),
                         })
                         .to_string()
                     } else {
                         let ts = time::rfc3339(m.ts);
+                        // The sender's time; the relay's too when they are far apart.
+                        let server = if m.ts.abs_diff(m.server_ts) > chat::CLOCK_SKEW_SHOWN_MS {
+                            let s = time::rfc3339(m.server_ts);
+                            format!(" (server {} {})", &s[..10], &s[11..19])
+                        } else {
+                            String::new()
+                        };
+                        let when = format!("[{} {}]{server}", &ts[..10], &ts[11..19]);
                         match &m.group {
-                            Some(g) => format!(
-                                "[{} {}] {} @ {g}: {}",
-                                &ts[..10],
-                                &ts[11..19],
-                                m.from,
-                                m.text
-                            ),
-                            None => {
-                                format!("[{} {}] {}: {}", &ts[..10], &ts[11..19], m.from, m.text)
-                            }
+                            Some(g) => format!("{when} {} @ {g}: {}", m.from, m.text),
+                            None => format!("{when} {}: {}", m.from, m.text),
                         }
                     };
                     let _ = writeln!(out, "{line}");

@@ -106,7 +106,8 @@ impl Chat {
                     ts: time::now_ms(),
                     mids: chunk.to_vec(),
                 };
-                let body = e2e::seal_receipt(&key, &payload)?.to_body();
+                let body = e2e::seal_receipt_in(&key, &payload, &e2e::Context::direct(&me, &peer))?
+                    .to_body();
                 let id = self.relay.next_id();
                 self.relay.queue(&ClientToRelay::Send {
                     id,
@@ -159,7 +160,8 @@ impl Chat {
         token: &str,
     ) -> Result<Opened, ClientError> {
         let key = self.conversation_key(&m.from, key_id)?;
-        let Some(Ok(receipt)) = key.map(|key| e2e::open_receipt(&key, token)) else {
+        let ctx = e2e::Context::direct(&m.from, self.user());
+        let Some(Ok(receipt)) = key.map(|key| e2e::open_receipt_in(&key, token, &ctx)) else {
             return Ok(Opened::Nothing);
         };
         if receipt.mids.len() > MAX_MIDS {

@@ -314,7 +314,9 @@ impl Chat {
                 ts: entry.ts,
                 text: entry.text,
             };
-            bodies.push(e2e::seal_text(&key, &payload)?.to_body());
+            bodies.push(
+                e2e::seal_text_in(&key, &payload, &e2e::Context::direct(&me, peer))?.to_body(),
+            );
         }
         self.deliver(&SendTarget::User(peer.to_string()), &bodies)?;
         Ok(())

@@ -366,3 +366,19 @@ fn texts_are_shown_while_a_large_file_is_still_downloading() {
         "the text is shown before the file has finished"
     );
 }
+
+#[test]
+fn an_empty_file_arrives_empty() {
+    let net = TestNet::start();
+    register(&net, &["alice", "bob"]);
+    let src = random_file(&net.home.join("src"), "empty.txt", 0);
+    let mut alice = Chat::login(&net.opts("alice"), false).unwrap();
+    let sent = alice.send_file(Some("bob"), None, &src, None).unwrap();
+    assert_eq!(sent.size, 0);
+    let mut bob = net.login("bob");
+    let got = receive_files(&mut bob, 1);
+    assert_eq!(got.len(), 1, "{got:?}");
+    let f = file_of(&got[0]);
+    assert_eq!(f.size, 0);
+    assert_eq!(std::fs::read(&f.path).unwrap(), Vec::<u8>::new());
+}

@@ -61,6 +61,26 @@ impl Link {
                 ))
             })?;
         let stream = TcpStream::connect_timeout(&sockaddr, timeout).map_err(connect_err)?;
+        Link::handshake(stream, role, max_frame, timeout)
+    }
+
+    /// Completes the handshake for `role` on an accepted connection within `timeout`
+    /// (the responder's side, for tools and tests; the servers use the mio loop).
+    pub fn accept(
+        stream: TcpStream,
+        role: Role<'_>,
+        max_frame: usize,
+        timeout: Duration,
+    ) -> Result<Link, LinkError> {
+        Link::handshake(stream, role, max_frame, timeout)
+    }
+
+    fn handshake(
+        stream: TcpStream,
+        role: Role<'_>,
+        max_frame: usize,
+        timeout: Duration,
+    ) -> Result<Link, LinkError> {
         stream.set_nodelay(true)?;
         let mut wire = Vec::new();
         let codec = NoiseCodec::new(role, max_frame, &mut wire)?;

@@ -1,0 +1,206 @@
+//! A hostile database operator against the end-to-end promise: messages copied,
+//! re-attributed, re-routed and replayed with SQL straight into PostgreSQL, read by the
+//! real clients. None may be shown as what it is not, or twice.
+
+mod harness;
+
+use fastchat_client::chat::{Chat, Event};
+use fastchat_client::store::Store;
+use harness::{TestNet, PASSWORD};
+use std::time::{Duration, Instant};
+
+/// Everything `chat` reports for `secs` seconds.
+fn events_for(chat: &mut Chat, secs: u64) -> Vec<Event> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut events = Vec::new();
+    while Instant::now() < deadline {
+        events.extend(
+            chat.receive(Instant::now() + Duration::from_millis(300))
+                .unwrap(),
+        );
+    }
+    events
+}
+
+fn texts(events: &[Event]) -> Vec<(String, String)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Message(m) => Some((m.from.clone(), m.text.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn refused(events: &[Event]) -> usize {
+    events
+        .iter()
+        .filter(|e| matches!(e, Event::Undecryptable { why, .. } if why.contains("refused") || why.contains("did not come through")))
+        .count()
+}
+
+fn db(net: &TestNet) -> postgres::Client {
+    postgres::Client::connect(&net.db_url, postgres::NoTls).unwrap()
+}
+
+/// The body of the message waiting for `recipient` whose sender is `sender`.
+fn waiting_body(net: &TestNet, recipient: &str, sender: &str) -> String {
+    db(net)
+        .query_one(
+            "SELECT m.body FROM messages m JOIN users r ON r.id = m.recipient_id
+             JOIN users s ON s.id = m.sender_id WHERE r.name = $1 AND s.name = $2
+             ORDER BY m.id DESC LIMIT 1",
+            &[&recipient, &sender],
+        )
+        .unwrap()
+        .get(0)
+}
+
+/// Writes a message row as the operator would.
+fn insert(net: &TestNet, recipient: &str, sender: &str, group_id: Option<i64>, body: &str) {
+    db(net)
+        .execute(
+            "INSERT INTO messages (recipient_id, sender_id, body, sent_at_ms, group_id)
+             SELECT r.id, s.id, $3, 0, $4 FROM users r, users s WHERE r.name = $1 AND s.name = $2",
+            &[&recipient, &sender, &body, &group_id],
+        )
+        .unwrap();
+}
+
+#[test]
+fn a_message_reflected_to_its_sender_is_refused() {
+    let net = TestNet::start();
+    net.register("alice");
+    net.register("bob");
+    let mut alice = net.login("alice");
+    alice.send_text("bob", "for bob's eyes").unwrap();
+    // One key serves both directions: the operator copies alice's text to bob into
+    // alice's own mailbox, as from bob.
+    let body = waiting_body(&net, "bob", "alice");
+    insert(&net, "alice", "bob", None, &body);
+    // Rows the operator writes are delivered at the next login.
+    alice.close();
+    let mut alice = net.login("alice");
+    let events = events_for(&mut alice, 4);
+    assert!(texts(&events).is_empty(), "shown: {events:?}");
+    assert_eq!(refused(&events), 1, "{events:?}");
+    assert_eq!(alice.integrity_refusals(), 1);
+    // Bob still reads it, once.
+    let mut bob = net.login("bob");
+    let events = events_for(&mut bob, 3);
+    assert_eq!(texts(&events), [("alice".into(), "for bob's eyes".into())]);
+}
+
+#[test]
+fn a_group_message_under_another_sender_or_outside_its_group_is_refused() {
+    let net = TestNet::start();
+    for u in ["alice", "bob", "carol"] {
+        net.register(u);
+    }
+    let mut alice = net.login("alice");
+    let g = alice.group_create("crew").unwrap();
+    alice.group_add(g.group_id, "bob").unwrap();
+    alice.group_add(g.group_id, "carol").unwrap();
+    let mut bob = net.login("bob");
+    // Bob takes his keys first, then is offline while alice writes.
+    events_for(&mut bob, 3);
+    bob.close();
+    alice.send_group(g.group_id, "from alice").unwrap();
+    let body = waiting_body(&net, "bob", "alice");
+    // The same text again, as from carol; and as a direct message from alice (what a
+    // removed member with an old key could send).
+    insert(&net, "bob", "carol", Some(g.group_id), &body);
+    insert(&net, "bob", "alice", None, &body);
+    let mut bob = net.login("bob");
+    let events = events_for(&mut bob, 5);
+    assert_eq!(
+        texts(&events),
+        [("alice".into(), "from alice".into())],
+        "only the real one: {events:?}"
+    );
+    assert_eq!(refused(&events), 2, "{events:?}");
+}
+
+#[test]
+fn a_text_replayed_after_the_duplicate_window_is_not_shown_again() {
+    let net = TestNet::start();
+    net.register("alice");
+    net.register("bob");
+    let mut alice = Chat::login(&net.opts("alice"), false).unwrap();
+    alice.send_text("bob", "only once").unwrap();
+    let body = waiting_body(&net, "bob", "alice");
+    let mut bob = net.login("bob");
+    let events = events_for(&mut bob, 3);
+    assert_eq!(texts(&events), [("alice".into(), "only once".into())]);
+    bob.close();
+    // Long after: the bounded windows of server and sender ids have moved on (as after
+    // 100,000 other messages), and the operator writes the old ciphertext again.
+    {
+        let store = Store::open(&net.opts("bob").data_dir, "bob", PASSWORD).unwrap();
+        drop(store);
+        let conn =
+            rusqlite::Connection::open(net.opts("bob").data_dir.join("bob/store.db")).unwrap();
+        conn.execute_batch("DELETE FROM seen_mids; DELETE FROM seen_msg_ids;")
+            .unwrap();
+    }
+    insert(&net, "bob", "alice", None, &body);
+    let mut bob = net.login("bob");
+    let events = events_for(&mut bob, 4);
+    assert!(texts(&events).is_empty(), "shown again: {events:?}");
+}
+
+#[test]
+fn a_welcome_for_another_user_is_refused() {
+    use fastchat_client::connect::{RelayLink, RelayTarget};
+    use fastchat_common::link::Link;
+    use fastchat_common::noise::{Role, StaticKeypair};
+    use fastchat_common::proto::{ClientToRelay, RelayToClient};
+    // A relay (here a fake one with its own key) that welcomes the session under
+    // another name: offers would then be signed as "mallory".
+    let key = StaticKeypair::generate();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let private = StaticKeypair {
+        private: key.private.clone(),
+        public: key.public.clone(),
+    };
+    let relay = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let mut link = Link::accept(
+            stream,
+            Role::NkResponder(&private),
+            fastchat_common::frame::DEFAULT_MAX_FRAME,
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        let deadline = Some(Instant::now() + Duration::from_secs(5));
+        let hello = link.recv::<ClientToRelay>(deadline).unwrap();
+        assert!(
+            matches!(hello, Some(ClientToRelay::Hello { .. })),
+            "{hello:?}"
+        );
+        let login = link.recv::<ClientToRelay>(deadline).unwrap();
+        assert!(
+            matches!(login, Some(ClientToRelay::Resume { .. })),
+            "{login:?}"
+        );
+        link.send(&RelayToClient::Hello { version: 1 }).unwrap();
+        link.send(&RelayToClient::Welcome {
+            user: "mallory".into(),
+            user_id: 7,
+        })
+        .unwrap();
+        // Hold the link until the client has decided.
+        let _ = link.recv::<ClientToRelay>(deadline);
+    });
+    let target = RelayTarget {
+        addr,
+        key: key.public.clone(),
+    };
+    let result = RelayLink::resume(&target, "alice", "a-credential", true);
+    let Err(e) = result else {
+        panic!("a session welcomed as another user was taken")
+    };
+    assert!(e.to_string().contains("mallory"), "{e}");
+    relay.join().unwrap();
+}
