@@ -50,6 +50,10 @@ pub struct Received {
     pub mid: String,
 }
 
+/// Most message ids in one `ack` (PROTOCOL.md §3: the relay closes a link that sends
+/// more).
+pub const MAX_ACK_IDS: usize = 10_000;
+
 /// How the reason of a message refused for its context starts.
 pub(crate) const REFUSED: &str = "refused: ";
 
@@ -993,7 +997,12 @@ impl Chat {
             // Stored (committed, one transaction) first, acknowledged second, decrypted
             // last.
             self.store.store_batch(&batch)?;
-            self.relay.queue(&ClientToRelay::Ack { msg_ids: acks });
+            // The relay takes at most MAX_ACK_IDS ids per `ack`.
+            for chunk in acks.chunks(MAX_ACK_IDS) {
+                self.relay.queue(&ClientToRelay::Ack {
+                    msg_ids: chunk.to_vec(),
+                });
+            }
             self.relay.flush()?;
         }
         events.extend(self.open_inbox()?);
@@ -1185,9 +1194,17 @@ impl Chat {
                 // A grant or a file is acted on first and then remembered (both are
                 // idempotent), so a crash in between repeats it rather than losing it.
                 if let Some(grant) = payload.group_key {
-                    self.accept_grant(&m.from, grant)?;
+                    if self.store.seen_mid(&seen)? {
+                        return Ok(Opened::Nothing);
+                    }
+                    let notice = self.accept_grant(&m.from, grant)?;
                     self.store.remember_mid(&seen)?;
-                    return Ok(Opened::Nothing);
+                    return Ok(notice.map_or(Opened::Nothing, |mut e| {
+                        if let Event::Undecryptable { msg_id, .. } = &mut e {
+                            *msg_id = m.msg_id;
+                        }
+                        Opened::Shown(e)
+                    }));
                 }
                 if let Some(offer) = payload.file {
                     if self.store.seen_mid(&seen)? {

@@ -319,13 +319,32 @@ impl Chat {
         &mut self,
         from: &str,
         grant: GroupKeyGrant,
-    ) -> Result<(), ClientError> {
-        let members = match self.group_members(grant.group_id) {
-            Ok((_, members)) => members,
-            // Not (or no longer) a member: the key is of no use.
-            Err(ClientError::Refused { .. }) => return Ok(()),
+    ) -> Result<Option<Event>, ClientError> {
+        let (summary, members) = match self.group_members(grant.group_id) {
+            Ok(g) => g,
+            // Not (or no longer) a member: who granted it cannot be checked, so the key
+            // is not taken, and what was sent while this user was a member stays
+            // unreadable. Said, not silent.
+            Err(ClientError::Refused { .. }) => {
+                return Ok(Some(Event::Undecryptable {
+                    msg_id: 0,
+                    from: from.to_string(),
+                    group_id: Some(grant.group_id),
+                    why: format!(
+                        "a key for group #{} came after you left it and cannot be checked: \
+                         messages sent to you while you were a member cannot be read",
+                        grant.group_id
+                    ),
+                    key_changed: false,
+                }))
+            }
             Err(e) => return Err(e),
         };
+        // A key for an epoch the group has not reached would win over every later
+        // rotation (removing someone would then revoke nothing): refused.
+        if grant.epoch > summary.epoch || grant.epoch < 0 {
+            return Ok(None);
+        }
         let from_admin = members.iter().any(|m| m.user == from && m.role == "admin");
         let key = ConversationKey {
             id: grant.key_id,
@@ -339,7 +358,7 @@ impl Chat {
             && self.store.waits_for_group_key(grant.group_id, &key.id)?
             && self.opens_a_held_text(grant.group_id, &key)?;
         if !from_admin && !asked {
-            return Ok(());
+            return Ok(None);
         }
         // A malformed key would only fail later; check it now.
         if e2e::seal_text(
@@ -354,14 +373,15 @@ impl Chat {
         )
         .is_err()
         {
-            return Ok(());
+            return Ok(None);
         }
         let current = if from_admin {
             MakeCurrent::IfNewestEpoch
         } else {
             MakeCurrent::Never
         };
-        self.keep_group_key(grant.group_id, &key, grant.epoch, current)
+        self.keep_group_key(grant.group_id, &key, grant.epoch, current)?;
+        Ok(None)
     }
 
     /// Whether `key` opens a held text of group `group_id` sealed with it.

@@ -204,3 +204,56 @@ fn a_welcome_for_another_user_is_refused() {
     assert!(e.to_string().contains("mallory"), "{e}");
     relay.join().unwrap();
 }
+
+#[test]
+fn a_grant_for_an_epoch_the_group_has_not_reached_never_becomes_current() {
+    use fastchat_client::e2e::{self, Context, ConversationKey, GroupKeyGrant, TextPayload};
+    let net = TestNet::start();
+    for u in ["alice", "bob"] {
+        net.register(u);
+    }
+    let mut alice = net.login("alice");
+    let g = alice.group_create("crew").unwrap();
+    alice.group_add(g.group_id, "bob").unwrap();
+    let mut bob = net.login("bob");
+    events_for(&mut bob, 3);
+    assert_eq!(bob.group_key_epoch(g.group_id), Some(1));
+    bob.close();
+    // A grant from the admin's own pairwise key (as a colluding admin client, or
+    // anyone holding that key, could write) for epoch 2^31-1.
+    let key = {
+        let store = Store::open(&net.opts("alice").data_dir, "alice", PASSWORD).unwrap();
+        let (key, _) = store.current_key("bob").unwrap().unwrap();
+        key
+    };
+    let fake = ConversationKey::generate();
+    let payload = TextPayload {
+        group_key: Some(GroupKeyGrant {
+            group_id: g.group_id,
+            key_id: fake.id.clone(),
+            epoch: i32::MAX,
+            key: fake.key.clone(),
+        }),
+        file: None,
+        mid: e2e::new_message_id(),
+        ts: fastchat_common::time::now_ms(),
+        text: String::new(),
+    };
+    let body = e2e::seal_text_in(&key, &payload, &Context::direct("alice", "bob"))
+        .unwrap()
+        .to_body();
+    insert(&net, "bob", "alice", None, &body);
+    let mut bob = net.login("bob");
+    events_for(&mut bob, 3);
+    assert_eq!(
+        bob.group_key_epoch(g.group_id),
+        Some(1),
+        "the group's real epoch stays current"
+    );
+    // A rotation after a removal still takes over.
+    net.register("carol");
+    alice.group_add(g.group_id, "carol").unwrap();
+    alice.group_remove(g.group_id, "carol").unwrap();
+    events_for(&mut bob, 4);
+    assert_eq!(bob.group_key_epoch(g.group_id), Some(2));
+}
