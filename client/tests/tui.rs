@@ -20,8 +20,11 @@ impl Tmux {
             found.is_ok_and(|o| o.status.success()),
             "tmux is not installed: run scripts/test.sh (it installs it) or apt-get install tmux"
         );
+        // One server per test: tests of this file run at once in one process.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Tmux {
-            socket: format!("fastchat-tui-{}", std::process::id()),
+            socket: format!("fastchat-tui-{}-{n}", std::process::id()),
         }
     }
 
@@ -202,6 +205,33 @@ fn two_uis_chat_see_delivery_and_survive_a_resize() {
     // /quit leaves the UI cleanly: the shell's `sleep` is what remains.
     tmux.type_line("alice", "/quit");
     tmux.wait_for("alice", "the UI gone", |s| !s.contains("connected"));
+}
+
+#[test]
+fn the_ui_shows_what_another_process_of_the_user_sent_and_searches_history() {
+    let net = TestNet::start();
+    net.register("alice");
+    net.register("bob");
+    let tmux = Tmux::start();
+    tmux.open_ui(&net, "alice", 100, 30);
+    tmux.wait_for("alice", "the status line", |s| {
+        s.contains(" alice @ 127.0.0.1:") && s.contains("connected")
+    });
+    // A script (another process, the same store) sends while the UI is open.
+    let (ok, _, err) = net.cli("alice", &["send", "--to", "bob", "sent by a cron job"]);
+    assert!(ok, "{err}");
+    tmux.wait_for("alice", "the chat the script wrote to", |s| {
+        s.lines().any(|l| l.starts_with("1 bob"))
+    });
+    tmux.keys("alice", &["M-1"]);
+    tmux.wait_for("alice", "the script's message in the chat", |s| {
+        s.contains("alice: sent by a cron job")
+    });
+    // Search finds it in the local history.
+    tmux.type_line("alice", "/search CRON");
+    tmux.wait_for("alice", "the search result", |s| {
+        s.contains("1 message(s) hold") && s.contains("<alice> sent by a cron job")
+    });
 }
 
 /// `FASTCHAT_NO_BELL` takes the usual spellings (1/0, true/false, yes/no, on/off, empty)
