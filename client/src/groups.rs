@@ -74,6 +74,9 @@ impl Chat {
             name: name.to_string(),
         })?;
         let group = self.expect_group(reply)?;
+        // The chain starts with this user's signed `create` (7.9).
+        let me = self.user().to_string();
+        self.roster_append(group.group_id, "create", &me)?;
         self.new_group_key(group.group_id, group.epoch)?;
         Ok(group)
     }
@@ -146,6 +149,9 @@ impl Chat {
             user: user.to_string(),
         })?;
         let group = self.expect_group(reply)?;
+        // Signed into the roster before the key is handed over: members grant only to
+        // those the chain shows.
+        self.roster_append(group_id, "add", user)?;
         match self.newest_group_key(group_id)? {
             Some((key, epoch)) => self.grant(group_id, user, &key, epoch)?,
             None => {
@@ -164,6 +170,7 @@ impl Chat {
             user: user.to_string(),
         })?;
         let group = self.expect_group(reply)?;
+        self.roster_append(group_id, "remove", user)?;
         self.rotate(group_id, group.epoch)?;
         Ok(group)
     }
@@ -179,13 +186,32 @@ impl Chat {
             group_id,
             user: user.to_string(),
         })?;
+        let group = self.expect_group(reply)?;
+        self.roster_append(group_id, "promote", user)?;
+        Ok(group)
+    }
+
+    /// Leaves the group. Its keys stay, to read the history. The signed `leave` goes
+    /// first (only members may append to the chain).
+    pub fn group_leave(&mut self, group_id: i64) -> Result<GroupSummary, ClientError> {
+        let me = self.user().to_string();
+        match self.roster_append(group_id, "leave", &me) {
+            // A group without a chain (an older client's) is left all the same.
+            Ok(_) | Err(ClientError::Usage(_)) => {}
+            Err(e) => return Err(e),
+        }
+        let reply = self.group_request(|id| ClientToRelay::GroupLeave { id, group_id })?;
         self.expect_group(reply)
     }
 
-    /// Leaves the group. Its keys stay, to read the history.
-    pub fn group_leave(&mut self, group_id: i64) -> Result<GroupSummary, ClientError> {
-        let reply = self.group_request(|id| ClientToRelay::GroupLeave { id, group_id })?;
-        self.expect_group(reply)
+    /// Who may be handed the group key: the members of the verified roster or, for a
+    /// group with no chain at all (made by an older client), the relay's list.
+    pub(crate) fn key_holders(&mut self, group_id: i64) -> Result<Vec<String>, ClientError> {
+        if let Some(roster) = self.roster(group_id)? {
+            return Ok(roster.members.into_iter().map(|(u, _)| u).collect());
+        }
+        let (_, members) = self.group_members(group_id)?;
+        Ok(members.into_iter().map(|m| m.user).collect())
     }
 
     /// Encrypts `text` with the newest group key and sends it to every other member;
@@ -305,11 +331,13 @@ impl Chat {
 
     /// Makes a key for `epoch` and hands it to every other current member.
     pub fn rotate(&mut self, group_id: i64, epoch: i32) -> Result<(), ClientError> {
-        let (_, members) = self.group_members(group_id)?;
+        // Only those the signed roster shows: a member the relay adds on its own (a
+        // ghost) gets nothing.
+        let holders = self.key_holders(group_id)?;
         let key = self.new_group_key(group_id, epoch)?;
         let me = self.user().to_string();
-        for m in members.iter().filter(|m| m.user != me) {
-            self.grant(group_id, &m.user, &key, epoch)?;
+        for user in holders.iter().filter(|u| **u != me) {
+            self.grant(group_id, user, &key, epoch)?;
         }
         Ok(())
     }
@@ -345,7 +373,15 @@ impl Chat {
         if grant.epoch > summary.epoch || grant.epoch < 0 {
             return Ok(None);
         }
-        let from_admin = members.iter().any(|m| m.user == from && m.role == "admin");
+        // Who is an admin, and who a member: the verified roster if the group has one.
+        let roster = self.roster(grant.group_id)?;
+        let (from_admin, from_member) = match &roster {
+            Some(r) => (r.is_admin(from), r.is_member(from)),
+            None => (
+                members.iter().any(|m| m.user == from && m.role == "admin"),
+                members.iter().any(|m| m.user == from),
+            ),
+        };
         let key = ConversationKey {
             id: grant.key_id,
             key: grant.key,
@@ -354,7 +390,7 @@ impl Chat {
         // recovery this client asked for) if it opens that message: kept to read, never
         // to send with.
         let asked = !from_admin
-            && members.iter().any(|m| m.user == from)
+            && from_member
             && self.store.waits_for_group_key(grant.group_id, &key.id)?
             && self.opens_a_held_text(grant.group_id, &key)?;
         if !from_admin && !asked {

@@ -338,12 +338,12 @@ impl Chat {
         if key.id != key_id {
             return Ok(());
         }
-        let members = match self.group_members(group_id) {
-            Ok((_, members)) => members,
+        let holders = match self.key_holders(group_id) {
+            Ok(holders) => holders,
             Err(ClientError::Refused { .. }) => return Ok(()),
             Err(e) => return Err(e),
         };
-        if !members.iter().any(|m| m.user == member) {
+        if !holders.iter().any(|u| u == member) {
             return Ok(());
         }
         self.grant(group_id, member, &key, epoch.unwrap_or(0))

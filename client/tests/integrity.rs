@@ -257,3 +257,49 @@ fn a_grant_for_an_epoch_the_group_has_not_reached_never_becomes_current() {
     events_for(&mut bob, 4);
     assert_eq!(bob.group_key_epoch(g.group_id), Some(2));
 }
+
+#[test]
+fn a_ghost_member_the_operator_adds_is_handed_no_key() {
+    let net = TestNet::start();
+    for u in ["alice", "bob", "mallory"] {
+        net.register(u);
+    }
+    let mut alice = net.login("alice");
+    let g = alice.group_create("crew").unwrap();
+    alice.group_add(g.group_id, "bob").unwrap();
+    alice.close();
+    // The operator adds mallory to the group's rows and forges a removal (epoch + 1),
+    // which makes an admin rotate the key and hand it to every member.
+    let mut db = db(&net);
+    db.batch_execute(&format!(
+        "INSERT INTO group_members (group_id, user_id, role)
+             SELECT {gid}, id, 'member' FROM users WHERE name = 'mallory';
+         UPDATE groups SET epoch = epoch + 1 WHERE id = {gid};
+         INSERT INTO messages (recipient_id, sender_id, body, sent_at_ms, group_id, system)
+             SELECT a.id, a.id, '{{\"event\":\"removed\",\"user\":\"bob\",\"by\":\"alice\",\"epoch\":2}}',
+                    0, {gid}, true
+             FROM users a WHERE a.name = 'alice';",
+        gid = g.group_id
+    ))
+    .unwrap();
+    let mut alice = net.login("alice");
+    let events = events_for(&mut alice, 4);
+    assert!(
+        events.iter().any(|e| matches!(e, Event::Group(_))),
+        "the forged event arrived: {events:?}"
+    );
+    assert_eq!(alice.group_key_epoch(g.group_id), Some(2), "alice rotated");
+    let to_mallory: i64 = db
+        .query_one(
+            "SELECT count(*) FROM messages m JOIN users u ON u.id = m.recipient_id
+             WHERE u.name = 'mallory'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(to_mallory, 0, "nothing was sent to the ghost");
+    // Bob, a member the roster shows, gets the new key.
+    let mut bob = net.login("bob");
+    events_for(&mut bob, 3);
+    assert_eq!(bob.group_key_epoch(g.group_id), Some(2));
+}

@@ -37,6 +37,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0005_queue_vacuum.sql",
         include_str!("../../sql/0005_queue_vacuum.sql"),
     ),
+    (
+        6,
+        "0006_rosters.sql",
+        include_str!("../../sql/0006_rosters.sql"),
+    ),
 ];
 
 /// Key of the advisory lock held while migrating.

@@ -63,6 +63,9 @@ pub enum ErrorCode {
     GroupFull,
     /// The recipient has too many messages waiting; nothing was stored.
     MailboxFull,
+    /// A roster statement that does not follow the chain's head (another was appended
+    /// first): fetch the chain and sign again.
+    StaleHead,
     /// Anything else on the server side.
     Internal,
 }
@@ -376,6 +379,26 @@ pub enum ClientToRelay {
     GroupLeave { id: u64, group_id: i64 },
     /// The sender's groups. Reply: `groups`.
     GroupList { id: u64 },
+    /// Appends a signed roster statement (opaque to the relay; PROTOCOL.md §7.9) as
+    /// number `seq` of the group's chain, after the statement whose hash is `prev`
+    /// (members only). Reply: `roster_ok`, or `error` `stale_head` when `seq` and
+    /// `prev` are not the chain's head.
+    RosterAppend {
+        id: u64,
+        group_id: i64,
+        seq: i32,
+        prev: String,
+        hash: String,
+        statement: String,
+    },
+    /// The group's roster statements from number `from_seq` on, oldest first, as many
+    /// as fit 48 KiB (at least one; none past the end): ask again from where a reply
+    /// ended (members only). Reply: `roster`.
+    RosterGet {
+        id: u64,
+        group_id: i64,
+        from_seq: i32,
+    },
     /// A group's members and roles (members only). Reply: `members`.
     GroupMembers { id: u64, group_id: i64 },
     /// Start an upload of `chunks` encrypted chunks for a user or a group's other
@@ -497,6 +520,18 @@ pub enum RelayToClient {
     Groups {
         id: u64,
         groups: Vec<GroupSummary>,
+    },
+    /// A roster statement was appended as number `seq`.
+    RosterOk {
+        id: u64,
+        group_id: i64,
+        seq: i32,
+    },
+    /// Roster statements, oldest first.
+    Roster {
+        id: u64,
+        group_id: i64,
+        statements: Vec<String>,
     },
     /// A group's members.
     Members {

@@ -14,14 +14,51 @@ use postgres::Transaction;
 /// What a member asked for.
 #[derive(Debug, Clone)]
 pub enum GroupOp {
-    Create { name: String },
-    Add { group_id: i64, user: String },
-    Remove { group_id: i64, user: String },
-    Promote { group_id: i64, user: String },
-    Leave { group_id: i64 },
+    Create {
+        name: String,
+    },
+    Add {
+        group_id: i64,
+        user: String,
+    },
+    Remove {
+        group_id: i64,
+        user: String,
+    },
+    Promote {
+        group_id: i64,
+        user: String,
+    },
+    Leave {
+        group_id: i64,
+    },
     List,
-    Members { group_id: i64 },
+    Members {
+        group_id: i64,
+    },
+    RosterAppend {
+        group_id: i64,
+        seq: i32,
+        prev: String,
+        hash: String,
+        statement: String,
+    },
+    Roster {
+        group_id: i64,
+        from_seq: i32,
+    },
 }
+
+/// Largest roster statement kept.
+pub const MAX_STATEMENT_BYTES: usize = 8 * 1024;
+
+/// Most statements read for one `roster` reply, and most bytes of statements in it
+/// (the reply must fit a frame): the client asks again from where a reply ended.
+const ROSTER_PAGE: i64 = 200;
+const ROSTER_PAGE_BYTES: usize = 48 * 1024;
+
+/// `prev` of a chain's first statement.
+const NO_PREV: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 /// How an operation ended.
 pub enum GroupOutcome {
@@ -81,7 +118,90 @@ impl Op<'_, '_> {
             GroupOp::Leave { group_id } => self.leave(group_id),
             GroupOp::List => self.list(),
             GroupOp::Members { group_id } => self.members(group_id),
+            GroupOp::RosterAppend {
+                group_id,
+                seq,
+                prev,
+                hash,
+                statement,
+            } => self.roster_append(group_id, seq, &prev, &hash, &statement),
+            GroupOp::Roster { group_id, from_seq } => self.roster(group_id, from_seq),
         }
+    }
+
+    /// Appends a statement if it follows the head (the group row is locked, so two
+    /// appends take turns and the second is told `stale_head`). The relay cannot check
+    /// the signature's meaning; members' clients verify the whole chain.
+    fn roster_append(
+        &mut self,
+        group_id: i64,
+        seq: i32,
+        prev: &str,
+        hash: &str,
+        statement: &str,
+    ) -> Result<GroupOutcome, postgres::Error> {
+        if let Err(refusal) = self.require(group_id, false)? {
+            return Ok(refusal);
+        }
+        let head: Option<(i32, String)> = self
+            .tx
+            .query_opt(
+                "SELECT seq, hash FROM group_roster WHERE group_id = $1 ORDER BY seq DESC LIMIT 1",
+                &[&group_id],
+            )?
+            .map(|r| (r.get(0), r.get(1)));
+        let (next, head_hash) = match &head {
+            Some((s, h)) => (s + 1, h.as_str()),
+            None => (0, NO_PREV),
+        };
+        if seq != next || prev != head_hash {
+            return refused(
+                ErrorCode::StaleHead,
+                format!("the roster's next statement is number {next}, after {head_hash}"),
+            );
+        }
+        self.tx.execute(
+            "INSERT INTO group_roster (group_id, seq, hash, body) VALUES ($1, $2, $3, $4)",
+            &[&group_id, &seq, &hash, &statement],
+        )?;
+        Ok(GroupOutcome::Done {
+            reply: RelayToClient::RosterOk {
+                id: self.req,
+                group_id,
+                seq,
+            },
+            events: Vec::new(),
+        })
+    }
+
+    /// The chain from `from_seq` on (members only).
+    fn roster(&mut self, group_id: i64, from_seq: i32) -> Result<GroupOutcome, postgres::Error> {
+        if let Err(refusal) = self.require(group_id, false)? {
+            return Ok(refusal);
+        }
+        let rows = self.tx.query(
+            "SELECT body FROM group_roster WHERE group_id = $1 AND seq >= $2
+             ORDER BY seq LIMIT $3",
+            &[&group_id, &from_seq, &ROSTER_PAGE],
+        )?;
+        let mut statements: Vec<String> = Vec::new();
+        let mut bytes = 0;
+        for row in rows {
+            let body: String = row.get(0);
+            bytes += body.len() + 3;
+            if bytes > ROSTER_PAGE_BYTES && !statements.is_empty() {
+                break;
+            }
+            statements.push(body);
+        }
+        Ok(GroupOutcome::Done {
+            reply: RelayToClient::Roster {
+                id: self.req,
+                group_id,
+                statements,
+            },
+            events: Vec::new(),
+        })
     }
 
     fn lock(&mut self, group_id: i64) -> Result<Option<Locked>, postgres::Error> {

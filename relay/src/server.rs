@@ -1541,6 +1541,8 @@ fn frame_name(frame: &ClientToRelay) -> &'static str {
         ClientToRelay::GroupLeave { .. } => "group_leave",
         ClientToRelay::GroupList { .. } => "group_list",
         ClientToRelay::GroupMembers { .. } => "group_members",
+        ClientToRelay::RosterAppend { .. } => "roster_append",
+        ClientToRelay::RosterGet { .. } => "roster_get",
         ClientToRelay::FileBegin { .. } => "file_begin",
         ClientToRelay::FilePut { .. } => "file_put",
         ClientToRelay::FileStatus { .. } => "file_status",
@@ -1620,6 +1622,28 @@ fn group_op(frame: &ClientToRelay) -> Option<(u64, GroupOp)> {
         ClientToRelay::GroupLeave { id, group_id } => (id, GroupOp::Leave { group_id }),
         ClientToRelay::GroupList { id } => (id, GroupOp::List),
         ClientToRelay::GroupMembers { id, group_id } => (id, GroupOp::Members { group_id }),
+        ClientToRelay::RosterAppend {
+            id,
+            group_id,
+            seq,
+            prev,
+            hash,
+            statement,
+        } => (
+            id,
+            GroupOp::RosterAppend {
+                group_id,
+                seq,
+                prev,
+                hash,
+                statement,
+            },
+        ),
+        ClientToRelay::RosterGet {
+            id,
+            group_id,
+            from_seq,
+        } => (id, GroupOp::Roster { group_id, from_seq }),
         _ => return None,
     })
 }
@@ -1637,8 +1661,33 @@ fn check_group_op(op: &GroupOp) -> Result<(), String> {
         {
             Err(format!("there is no user called {user:?}"))
         }
+        GroupOp::RosterAppend {
+            seq,
+            prev,
+            hash,
+            statement,
+            ..
+        } if *seq < 0
+            || !is_hash(prev)
+            || !is_hash(hash)
+            || statement.is_empty()
+            || statement.len() > crate::groups::MAX_STATEMENT_BYTES =>
+        {
+            Err(
+                "a roster statement needs seq >= 0, prev and hash of 64 hex and at most 8 KiB"
+                    .into(),
+            )
+        }
+        GroupOp::Roster { from_seq, .. } if *from_seq < 0 => Err("from_seq must be >= 0".into()),
         _ => Ok(()),
     }
+}
+
+/// 64 lowercase hex characters (a SHA-256).
+fn is_hash(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// Relay ids: letters, digits, '_', '.', '-', 1–64 characters.

@@ -96,3 +96,9 @@ CREATE TABLE IF NOT EXISTS resume (
     server BLOB PRIMARY KEY,
     rec    TEXT NOT NULL
 );
+
+-- Verified group rosters (PROTOCOL.md §7.9): rec = the sealed (group id, roster).
+CREATE TABLE IF NOT EXISTS rosters (
+    group_id INTEGER PRIMARY KEY,
+    rec      TEXT NOT NULL
+);

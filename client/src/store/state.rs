@@ -288,6 +288,45 @@ impl Store {
         Ok(new)
     }
 
+    /// The verified roster of group `group_id`, as last checked.
+    pub fn roster(&self, group_id: i64) -> Result<Option<crate::roster::Roster>, StoreError> {
+        let rec: Option<String> = self
+            .conn
+            .prepare_cached("SELECT rec FROM rosters WHERE group_id = ?1")
+            .and_then(|mut s| s.query_row([group_id], |r| r.get(0)).optional())
+            .map_err(|e| self.db_error(e))?;
+        let Some(rec) = rec else { return Ok(None) };
+        let (id, roster): (i64, crate::roster::Roster) = self.sealer.open(&rec, "rosters")?;
+        if id != group_id || roster.group_id != group_id {
+            return Err(StoreError::Corrupt(format!(
+                "roster row {group_id} was altered"
+            )));
+        }
+        Ok(Some(roster))
+    }
+
+    /// Keeps a verified roster; one older than the one kept (a lower `seq`, as another
+    /// process may have gone further) changes nothing.
+    pub fn put_roster(&mut self, roster: &crate::roster::Roster) -> Result<(), StoreError> {
+        let rec = self.sealer.seal(&(roster.group_id, roster));
+        let group_id = roster.group_id;
+        let newer = match self.roster(group_id)? {
+            Some(kept) => roster.seq > kept.seq,
+            None => true,
+        };
+        if !newer {
+            return Ok(());
+        }
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO rosters (group_id, rec) VALUES (?1, ?2)
+                 ON CONFLICT (group_id) DO UPDATE SET rec = excluded.rec",
+                params![group_id, rec],
+            )?;
+            Ok(())
+        })
+    }
+
     /// The saved resumption credential for auth server `server`.
     pub fn resume(&self, server: &str) -> Result<Option<ResumeCredential>, StoreError> {
         let h = self.sealer.hash("server", server);

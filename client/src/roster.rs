@@ -1,0 +1,317 @@
+//! Signed group rosters (PROTOCOL.md §7.9): who is in a group is what its members
+//! signed, not what the relay says.
+//!
+//! Every membership change is a statement signed (RSA-PSS) by the member who makes it
+//! and naming the previous statement's hash, so the chain from the group's creation
+//! cannot be forged, reordered or cut short by the server. Clients verify the chain,
+//! keep the roster it yields, and hand the group key only to members of it and take
+//! grants only from its admins. Two different statements at one place of a chain
+//! prove a misbehaving server: the client says so.
+
+use crate::e2e::{E2eError, Identity, PeerKey};
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use rsa::sha2::{Digest, Sha256};
+use serde::{Deserialize, Serialize};
+
+/// `prev` of a chain's first statement.
+pub const NO_PREV: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// Domain separation of roster signatures.
+const CONTEXT: &str = "fastchat-roster-v1";
+
+/// One signed membership change.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Statement {
+    pub group_id: i64,
+    /// Its place in the chain, from 0 (the creation).
+    pub seq: i32,
+    /// The previous statement's hash ([`NO_PREV`] for the first).
+    pub prev: String,
+    /// `create`, `add`, `remove`, `promote` or `leave`.
+    pub op: String,
+    /// Who is created-with, added, removed, promoted, or leaves.
+    pub user: String,
+    /// Who signed it.
+    pub by: String,
+    /// The signer's clock, unix ms.
+    pub ts: u64,
+    /// Std base64 of the RSA-PSS(SHA-256) signature by `by` over [`Statement::signed`].
+    pub sig: String,
+}
+
+impl Statement {
+    /// An unsigned statement (see [`Statement::signed_by`]).
+    pub fn new(
+        group_id: i64,
+        seq: i32,
+        prev: &str,
+        op: &str,
+        user: &str,
+        by: &str,
+        ts: u64,
+    ) -> Statement {
+        Statement {
+            group_id,
+            seq,
+            prev: prev.to_string(),
+            op: op.to_string(),
+            user: user.to_string(),
+            by: by.to_string(),
+            ts,
+            sig: String::new(),
+        }
+    }
+
+    /// Signs it with `me` (the key of `by`).
+    pub fn signed_by(mut self, me: &Identity) -> Result<Statement, E2eError> {
+        self.sig = STANDARD.encode(me.sign(&self.signed())?);
+        Ok(self)
+    }
+
+    /// The bytes the signature covers: the context and every field, one per line.
+    fn signed(&self) -> Vec<u8> {
+        format!(
+            "{CONTEXT}\n{}\n{}\n{}\n{}\n{}\n{}\n{}",
+            self.group_id, self.seq, self.prev, self.op, self.user, self.by, self.ts
+        )
+        .into_bytes()
+    }
+
+    /// Lowercase hex SHA-256 of the signed bytes, a newline and the signature: what the
+    /// next statement names as `prev`.
+    pub fn hash(&self) -> String {
+        let mut h = Sha256::new();
+        h.update(self.signed());
+        h.update(b"\n");
+        h.update(self.sig.as_bytes());
+        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The JSON the relay stores.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a statement of strings and integers serialises")
+    }
+
+    /// Parses a stored statement.
+    pub fn from_json(json: &str) -> Result<Statement, RosterError> {
+        serde_json::from_str(json).map_err(|e| RosterError::Malformed(e.to_string()))
+    }
+}
+
+/// The members of a group as its verified chain says, in the order they joined.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Roster {
+    pub group_id: i64,
+    /// The last statement applied, and its hash.
+    pub seq: i32,
+    pub head: String,
+    /// (user, role): `admin` or `member`.
+    pub members: Vec<(String, String)>,
+}
+
+impl Roster {
+    /// Whether `user` is a member.
+    pub fn is_member(&self, user: &str) -> bool {
+        self.members.iter().any(|(u, _)| u == user)
+    }
+
+    /// Whether `user` is an admin.
+    pub fn is_admin(&self, user: &str) -> bool {
+        self.members.iter().any(|(u, r)| u == user && r == "admin")
+    }
+
+    /// The next statement's place and `prev`.
+    pub fn next(&self) -> (i32, String) {
+        (self.seq + 1, self.head.clone())
+    }
+}
+
+/// Why a chain does not verify.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RosterError {
+    #[error("a roster statement is not valid JSON: {0}")]
+    Malformed(String),
+    #[error("roster statement {seq} of group #{group_id} does not follow the chain: {why}")]
+    Broken {
+        group_id: i64,
+        seq: i32,
+        why: String,
+    },
+    #[error("roster statement {seq} of group #{group_id} is not signed by {by}")]
+    BadSignature { group_id: i64, seq: i32, by: String },
+}
+
+/// Applies `s` (whose signer's pinned key is `by_key`) to `roster` (`None` before the
+/// creation): the new roster, or why `s` does not follow.
+pub fn apply(
+    roster: Option<&Roster>,
+    s: &Statement,
+    by_key: &PeerKey,
+) -> Result<Roster, RosterError> {
+    let broken = |why: &str| RosterError::Broken {
+        group_id: s.group_id,
+        seq: s.seq,
+        why: why.to_string(),
+    };
+    let sig = STANDARD
+        .decode(&s.sig)
+        .map_err(|_| RosterError::BadSignature {
+            group_id: s.group_id,
+            seq: s.seq,
+            by: s.by.clone(),
+        })?;
+    if by_key.verify(&s.signed(), &sig).is_err() {
+        return Err(RosterError::BadSignature {
+            group_id: s.group_id,
+            seq: s.seq,
+            by: s.by.clone(),
+        });
+    }
+    let Some(r) = roster else {
+        if s.seq != 0 || s.prev != NO_PREV || s.op != "create" || s.user != s.by {
+            return Err(broken("a chain starts with its creator's `create`"));
+        }
+        return Ok(Roster {
+            group_id: s.group_id,
+            seq: 0,
+            head: s.hash(),
+            members: vec![(s.by.clone(), "admin".into())],
+        });
+    };
+    if s.group_id != r.group_id {
+        return Err(broken("it is of another group"));
+    }
+    if s.seq != r.seq + 1 || s.prev != r.head {
+        return Err(broken("it does not name the previous statement"));
+    }
+    let mut members = r.members.clone();
+    match s.op.as_str() {
+        "add" if r.is_admin(&s.by) && !r.is_member(&s.user) => {
+            members.push((s.user.clone(), "member".into()));
+        }
+        "remove" if r.is_admin(&s.by) && r.is_member(&s.user) && s.user != s.by => {
+            members.retain(|(u, _)| *u != s.user);
+        }
+        "promote" if r.is_admin(&s.by) && r.is_member(&s.user) => {
+            for (u, role) in &mut members {
+                if *u == s.user {
+                    *role = "admin".into();
+                }
+            }
+        }
+        "leave" if s.user == s.by && r.is_member(&s.user) => {
+            members.retain(|(u, _)| *u != s.user);
+            // As the relay does: the last admin leaving makes the longest-standing
+            // member admin.
+            if !members.iter().any(|(_, role)| role == "admin") {
+                if let Some((_, role)) = members.first_mut() {
+                    *role = "admin".into();
+                }
+            }
+        }
+        _ => return Err(broken(&format!("{} may not {} {}", s.by, s.op, s.user))),
+    }
+    Ok(Roster {
+        group_id: r.group_id,
+        seq: s.seq,
+        head: s.hash(),
+        members,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids() -> &'static [(String, Identity)] {
+        static IDS: std::sync::OnceLock<Vec<(String, Identity)>> = std::sync::OnceLock::new();
+        IDS.get_or_init(|| {
+            ["alice", "bob", "carol"]
+                .iter()
+                .map(|n| (n.to_string(), Identity::generate().unwrap()))
+                .collect()
+        })
+    }
+
+    fn id(name: &str) -> &'static Identity {
+        &ids().iter().find(|(n, _)| n == name).unwrap().1
+    }
+
+    fn step(r: Option<&Roster>, op: &str, user: &str, by: &str) -> Result<Roster, RosterError> {
+        let (seq, prev) = r.map_or((0, NO_PREV.to_string()), Roster::next);
+        let s = Statement::new(7, seq, &prev, op, user, by, 1)
+            .signed_by(id(by))
+            .unwrap();
+        apply(
+            r,
+            &Statement::from_json(&s.to_json()).unwrap(),
+            id(by).peer_key(),
+        )
+    }
+
+    #[test]
+    fn a_chain_yields_the_members_its_admins_signed() {
+        let r = step(None, "create", "alice", "alice").unwrap();
+        let r = step(Some(&r), "add", "bob", "alice").unwrap();
+        let r = step(Some(&r), "add", "carol", "alice").unwrap();
+        assert!(r.is_member("carol") && !r.is_admin("bob"));
+        // A member cannot add or remove; an admin can promote.
+        assert!(step(Some(&r), "add", "mallory", "bob").is_err());
+        assert!(step(Some(&r), "remove", "carol", "bob").is_err());
+        let r = step(Some(&r), "promote", "bob", "alice").unwrap();
+        let r = step(Some(&r), "remove", "carol", "bob").unwrap();
+        assert_eq!(
+            r.members,
+            [
+                ("alice".to_string(), "admin".to_string()),
+                ("bob".into(), "admin".into())
+            ]
+        );
+        // The last admin leaving promotes the longest-standing member.
+        let r = step(Some(&r), "leave", "alice", "alice").unwrap();
+        let r2 = step(Some(&r), "add", "carol", "bob").unwrap();
+        let r3 = step(Some(&r2), "leave", "bob", "bob").unwrap();
+        assert!(r3.is_admin("carol"));
+    }
+
+    #[test]
+    fn forged_reordered_and_foreign_statements_are_refused() {
+        let r = step(None, "create", "alice", "alice").unwrap();
+        // Signed by someone else than it says.
+        let (seq, prev) = r.next();
+        let s = Statement::new(7, seq, &prev, "add", "mallory", "alice", 1)
+            .signed_by(id("bob"))
+            .unwrap();
+        assert!(matches!(
+            apply(Some(&r), &s, id("alice").peer_key()),
+            Err(RosterError::BadSignature { .. })
+        ));
+        // Naming another previous statement, or the wrong place.
+        let s = Statement::new(7, seq, NO_PREV, "add", "bob", "alice", 1)
+            .signed_by(id("alice"))
+            .unwrap();
+        assert!(apply(Some(&r), &s, id("alice").peer_key()).is_err());
+        let s = Statement::new(7, seq + 1, &prev, "add", "bob", "alice", 1)
+            .signed_by(id("alice"))
+            .unwrap();
+        assert!(apply(Some(&r), &s, id("alice").peer_key()).is_err());
+        // Another group's statement.
+        let s = Statement::new(8, seq, &prev, "add", "bob", "alice", 1)
+            .signed_by(id("alice"))
+            .unwrap();
+        assert!(apply(Some(&r), &s, id("alice").peer_key()).is_err());
+        // A chain must start with its creator's create.
+        let s = Statement::new(7, 0, NO_PREV, "create", "alice", "bob", 1)
+            .signed_by(id("bob"))
+            .unwrap();
+        assert!(apply(None, &s, id("bob").peer_key()).is_err());
+        // Altered after signing.
+        let (seq, prev) = r.next();
+        let mut s = Statement::new(7, seq, &prev, "add", "bob", "alice", 1)
+            .signed_by(id("alice"))
+            .unwrap();
+        s.user = "mallory".into();
+        assert!(apply(Some(&r), &s, id("alice").peer_key()).is_err());
+    }
+}
