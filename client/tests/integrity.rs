@@ -303,3 +303,48 @@ fn a_ghost_member_the_operator_adds_is_handed_no_key() {
     events_for(&mut bob, 3);
     assert_eq!(bob.group_key_epoch(g.group_id), Some(2));
 }
+
+#[test]
+fn an_altered_roster_is_a_warning_and_takes_no_grant() {
+    let net = TestNet::start();
+    for u in ["alice", "bob"] {
+        net.register(u);
+    }
+    let mut alice = net.login("alice");
+    let g = alice.group_create("crew").unwrap();
+    // The operator rewrites the creation so that it names someone else.
+    db(&net)
+        .execute(
+            "UPDATE group_roster SET body = replace(body, '\"user\":\"alice\"', '\"user\":\"mallory\"')
+             WHERE group_id = $1 AND seq = 0",
+            &[&g.group_id],
+        )
+        .unwrap();
+    // Alice has verified her own chain already; bob has not: the grant alice sends
+    // him cannot be checked against it.
+    let err = alice.group_add(g.group_id, "bob");
+    assert!(
+        err.is_ok(),
+        "alice appends on the chain she verified: {err:?}"
+    );
+    alice
+        .send_text("bob", "a direct message still arrives")
+        .unwrap();
+    let mut bob = net.login("bob");
+    let events = events_for(&mut bob, 4);
+    assert!(
+        events.iter().any(
+            |e| matches!(e, Event::Undecryptable { why, .. } if why.contains("does not verify"))
+        ),
+        "{events:?}"
+    );
+    assert_eq!(
+        bob.group_key_epoch(g.group_id),
+        None,
+        "no key taken on a forged chain"
+    );
+    assert!(
+        texts(&events).contains(&("alice".into(), "a direct message still arrives".into())),
+        "{events:?}"
+    );
+}
