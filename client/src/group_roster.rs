@@ -5,7 +5,6 @@ use crate::chat::Chat;
 use crate::error::ClientError;
 use crate::roster::{self, Roster, RosterError, Statement, NO_PREV};
 use fastchat_common::proto::{ClientToRelay, ErrorCode, RelayToClient};
-use fastchat_common::time;
 
 /// Tries to append one statement when other members append at the same time.
 const APPEND_TRIES: usize = 5;
@@ -71,7 +70,8 @@ impl Chat {
             let (seq, prev) = current
                 .as_ref()
                 .map_or((0, NO_PREV.to_string()), Roster::next);
-            let statement = Statement::new(group_id, seq, &prev, op, user, &me, time::now_ms())
+            let epoch = Statement::epoch_after(current.as_ref(), op);
+            let statement = Statement::new(group_id, seq, &prev, op, user, &me, epoch)
                 .signed_by(&self.identity)?;
             // What others would refuse is never appended.
             let next = roster::apply(current.as_ref(), &statement, self.identity.peer_key())

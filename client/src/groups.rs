@@ -156,7 +156,8 @@ impl Chat {
             Some((key, epoch)) => self.grant(group_id, user, &key, epoch)?,
             None => {
                 // An admin without a key: make one for the current epoch (everyone gets it).
-                self.rotate(group_id, group.epoch)?;
+                let epoch = self.chain_epoch(group_id)?.unwrap_or(group.epoch);
+                self.rotate(group_id, epoch)?;
             }
         }
         Ok(group)
@@ -170,8 +171,9 @@ impl Chat {
             user: user.to_string(),
         })?;
         let group = self.expect_group(reply)?;
-        self.roster_append(group_id, "remove", user)?;
-        self.rotate(group_id, group.epoch)?;
+        // The chain's epoch is the one keys are made for (the relay's is only a hint).
+        let roster = self.roster_append(group_id, "remove", user)?;
+        self.rotate(group_id, roster.epoch)?;
         Ok(group)
     }
 
@@ -202,6 +204,11 @@ impl Chat {
         }
         let reply = self.group_request(|id| ClientToRelay::GroupLeave { id, group_id })?;
         self.expect_group(reply)
+    }
+
+    /// The epoch the group's verified chain has reached (`None` without a chain).
+    fn chain_epoch(&mut self, group_id: i64) -> Result<Option<i32>, ClientError> {
+        Ok(self.roster(group_id)?.map(|r| r.epoch))
     }
 
     /// Who may be handed the group key: the members of the verified roster or, for a
@@ -246,11 +253,16 @@ impl Chat {
         record: bool,
     ) -> Result<Sent, ClientError> {
         let state = self.store.group(group_id)?;
-        // An admin whose newest key predates the group's epoch rotates first.
+        // An admin whose newest key predates the group's epoch rotates first (the
+        // chain's epoch as last verified here; the relay's for a group without one).
         if let Some(state) = &state {
             let newest = self.newest_group_key(group_id)?.map_or(0, |(_, e)| e);
-            if state.role == "admin" && newest < state.epoch {
-                self.rotate(group_id, state.epoch)?;
+            let epoch = match self.store.roster(group_id)? {
+                Some(r) => r.epoch,
+                None => state.epoch,
+            };
+            if state.role == "admin" && newest < epoch {
+                self.rotate(group_id, epoch)?;
             }
         }
         let Some((key, epoch)) = self.newest_group_key(group_id)? else {
@@ -368,11 +380,7 @@ impl Chat {
             }
             Err(e) => return Err(e),
         };
-        // A key for an epoch the group has not reached would win over every later
-        // rotation (removing someone would then revoke nothing): refused.
-        if grant.epoch > summary.epoch || grant.epoch < 0 {
-            return Ok(None);
-        }
+
         // Who is an admin, and who a member: the verified roster if the group has one.
         // A chain that does not verify takes no grant, and is said (never an error that
         // would hold up the inbox).
@@ -389,13 +397,20 @@ impl Chat {
             }
             Err(e) => return Err(e),
         };
-        let (from_admin, from_member) = match &roster {
-            Some(r) => (r.is_admin(from), r.is_member(from)),
+        let (from_admin, from_member, epoch) = match &roster {
+            Some(r) => (r.is_admin(from), r.is_member(from), r.epoch),
             None => (
                 members.iter().any(|m| m.user == from && m.role == "admin"),
                 members.iter().any(|m| m.user == from),
+                summary.epoch,
             ),
         };
+        // A key for an epoch the group has not reached (by its chain, else the relay's
+        // word) would win over every later rotation: removing someone would then revoke
+        // nothing. Refused.
+        if grant.epoch > epoch || grant.epoch < 0 {
+            return Ok(None);
+        }
         let key = ConversationKey {
             id: grant.key_id,
             key: grant.key,
@@ -577,13 +592,24 @@ impl Chat {
             if newest >= epoch {
                 continue;
             }
-            let (group, _) = match self.group_members(group_id) {
-                Ok(g) => g,
-                Err(ClientError::Refused { .. }) => continue,
+            // The chain decides (a removal the relay announces without its signed
+            // statement moves no epoch); the relay's word only for a group without one.
+            let target = match self.roster(group_id) {
+                Ok(Some(r)) => {
+                    (r.is_admin(&me) && r.epoch >= epoch && newest < r.epoch).then_some(r.epoch)
+                }
+                Ok(None) => match self.group_members(group_id) {
+                    Ok((group, _)) => {
+                        (group.role == "admin" && group.epoch >= epoch).then_some(group.epoch)
+                    }
+                    Err(ClientError::Refused { .. }) => continue,
+                    Err(e) => return Err(e),
+                },
+                Err(ClientError::Protocol(_)) | Err(ClientError::Refused { .. }) => continue,
                 Err(e) => return Err(e),
             };
-            if group.role == "admin" && group.epoch >= epoch {
-                match self.rotate(group_id, group.epoch) {
+            if let Some(target) = target {
+                match self.rotate(group_id, target) {
                     // A roster that does not verify: nobody is handed a key (the
                     // warning shows on the user's next group operation).
                     Ok(()) | Err(ClientError::Protocol(_)) => {}

@@ -34,6 +34,9 @@ pub struct Statement {
     pub user: String,
     /// Who signed it.
     pub by: String,
+    /// The group key's epoch after it: 1 at the creation, one more at each `remove`
+    /// and `leave`, unchanged otherwise.
+    pub epoch: i32,
     /// The signer's clock, unix ms.
     pub ts: u64,
     /// Std base64 of the RSA-PSS(SHA-256) signature by `by` over [`Statement::signed`].
@@ -41,7 +44,7 @@ pub struct Statement {
 }
 
 impl Statement {
-    /// An unsigned statement (see [`Statement::signed_by`]).
+    /// An unsigned statement, stamped now (see [`Statement::signed_by`]).
     pub fn new(
         group_id: i64,
         seq: i32,
@@ -49,7 +52,7 @@ impl Statement {
         op: &str,
         user: &str,
         by: &str,
-        ts: u64,
+        epoch: i32,
     ) -> Statement {
         Statement {
             group_id,
@@ -58,8 +61,18 @@ impl Statement {
             op: op.to_string(),
             user: user.to_string(),
             by: by.to_string(),
-            ts,
+            epoch,
+            ts: fastchat_common::time::now_ms(),
             sig: String::new(),
+        }
+    }
+
+    /// The epoch a statement of `op` after `roster` must carry.
+    pub fn epoch_after(roster: Option<&Roster>, op: &str) -> i32 {
+        match (roster, op) {
+            (None, _) => 1,
+            (Some(r), "remove" | "leave") => r.epoch.saturating_add(1),
+            (Some(r), _) => r.epoch,
         }
     }
 
@@ -72,8 +85,8 @@ impl Statement {
     /// The bytes the signature covers: the context and every field, one per line.
     fn signed(&self) -> Vec<u8> {
         format!(
-            "{CONTEXT}\n{}\n{}\n{}\n{}\n{}\n{}\n{}",
-            self.group_id, self.seq, self.prev, self.op, self.user, self.by, self.ts
+            "{CONTEXT}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}",
+            self.group_id, self.seq, self.prev, self.op, self.user, self.by, self.epoch, self.ts
         )
         .into_bytes()
     }
@@ -106,6 +119,8 @@ pub struct Roster {
     /// The last statement applied, and its hash.
     pub seq: i32,
     pub head: String,
+    /// The group key's epoch the chain has reached.
+    pub epoch: i32,
     /// (user, role): `admin` or `member`.
     pub members: Vec<(String, String)>,
 }
@@ -168,6 +183,9 @@ pub fn apply(
             by: s.by.clone(),
         });
     }
+    if s.epoch != Statement::epoch_after(roster, &s.op) {
+        return Err(broken("its epoch does not follow the chain"));
+    }
     let Some(r) = roster else {
         if s.seq != 0 || s.prev != NO_PREV || s.op != "create" || s.user != s.by {
             return Err(broken("a chain starts with its creator's `create`"));
@@ -176,6 +194,7 @@ pub fn apply(
             group_id: s.group_id,
             seq: 0,
             head: s.hash(),
+            epoch: s.epoch,
             members: vec![(s.by.clone(), "admin".into())],
         });
     };
@@ -216,6 +235,7 @@ pub fn apply(
         group_id: r.group_id,
         seq: s.seq,
         head: s.hash(),
+        epoch: s.epoch,
         members,
     })
 }
@@ -240,7 +260,7 @@ mod tests {
 
     fn step(r: Option<&Roster>, op: &str, user: &str, by: &str) -> Result<Roster, RosterError> {
         let (seq, prev) = r.map_or((0, NO_PREV.to_string()), Roster::next);
-        let s = Statement::new(7, seq, &prev, op, user, by, 1)
+        let s = Statement::new(7, seq, &prev, op, user, by, Statement::epoch_after(r, op))
             .signed_by(id(by))
             .unwrap();
         apply(
@@ -306,6 +326,20 @@ mod tests {
             .signed_by(id("bob"))
             .unwrap();
         assert!(apply(None, &s, id("bob").peer_key()).is_err());
+        // An epoch that does not follow: an `add` may not move it, a `remove` moves it
+        // by exactly one.
+        let (seq, prev) = r.next();
+        let s = Statement::new(7, seq, &prev, "add", "bob", "alice", i32::MAX)
+            .signed_by(id("alice"))
+            .unwrap();
+        assert!(apply(Some(&r), &s, id("alice").peer_key()).is_err());
+        let r2 = step(Some(&r), "add", "bob", "alice").unwrap();
+        let (seq, prev) = r2.next();
+        let s = Statement::new(7, seq, &prev, "remove", "bob", "alice", 1)
+            .signed_by(id("alice"))
+            .unwrap();
+        assert!(apply(Some(&r2), &s, id("alice").peer_key()).is_err());
+        assert_eq!(step(Some(&r2), "remove", "bob", "alice").unwrap().epoch, 2);
         // Altered after signing.
         let (seq, prev) = r.next();
         let mut s = Statement::new(7, seq, &prev, "add", "bob", "alice", 1)

@@ -288,7 +288,12 @@ fn a_ghost_member_the_operator_adds_is_handed_no_key() {
         events.iter().any(|e| matches!(e, Event::Group(_))),
         "the forged event arrived: {events:?}"
     );
-    assert_eq!(alice.group_key_epoch(g.group_id), Some(2), "alice rotated");
+    // The chain shows no removal, so the forged epoch moves nothing.
+    assert_eq!(
+        alice.group_key_epoch(g.group_id),
+        Some(1),
+        "no rotation on the relay's word"
+    );
     let to_mallory: i64 = db
         .query_one(
             "SELECT count(*) FROM messages m JOIN users u ON u.id = m.recipient_id
@@ -298,10 +303,31 @@ fn a_ghost_member_the_operator_adds_is_handed_no_key() {
         .unwrap()
         .get(0);
     assert_eq!(to_mallory, 0, "nothing was sent to the ghost");
-    // Bob, a member the roster shows, gets the new key.
+    // A real rotation (alice removes carol, signed) goes to the roster's members only.
+    net.register("carol");
+    alice.group_add(g.group_id, "carol").unwrap();
+    alice.group_remove(g.group_id, "carol").unwrap();
+    assert_eq!(alice.group_key_epoch(g.group_id), Some(2));
+    let to_mallory: i64 = db
+        .query_one(
+            "SELECT count(*) FROM messages m JOIN users u ON u.id = m.recipient_id
+             WHERE u.name = 'mallory' AND NOT m.system",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    // (The relay's own membership events do reach the rows it lists: they hold no key.)
+    assert_eq!(
+        to_mallory, 0,
+        "nothing was sent to the ghost after a rotation either"
+    );
     let mut bob = net.login("bob");
     events_for(&mut bob, 3);
-    assert_eq!(bob.group_key_epoch(g.group_id), Some(2));
+    assert_eq!(
+        bob.group_key_epoch(g.group_id),
+        Some(2),
+        "bob, in the roster, got it"
+    );
 }
 
 #[test]
