@@ -1036,34 +1036,41 @@ impl Chat {
     fn open_inbox_into(&mut self, events: &mut Vec<Event>) -> Result<(), ClientError> {
         let mut waiting = Vec::new();
         for row in self.store.inbox()? {
-            match self.open(row.entry.clone())? {
-                Opened::Shown(event) => {
-                    if matches!(&event, Event::Undecryptable { why, .. } if why.starts_with(REFUSED))
-                    {
-                        self.refusals += 1;
-                    }
-                    self.store.inbox_done(row.entry.msg_id)?;
-                    events.push(event);
-                }
-                Opened::Nothing => self.store.inbox_done(row.entry.msg_id)?,
-                Opened::Held(need) => waiting.push((row, need)),
+            if let Some(need) = self.open_row(&row, events)? {
+                waiting.push((row, need));
             }
         }
         let mut held = Vec::new();
         for (row, first_need) in waiting {
-            match self.open(row.entry.clone())? {
-                Opened::Shown(event) => {
-                    self.store.inbox_done(row.entry.msg_id)?;
-                    events.push(event);
-                }
-                Opened::Nothing => self.store.inbox_done(row.entry.msg_id)?,
-                Opened::Held(need) => held.push((row, need.or(first_need))),
+            if let Some(need) = self.open_row(&row, events)? {
+                held.push((row, need.or(first_need)));
             }
         }
         self.recover(held, events)?;
         self.check_keys_of_unopened(events);
         self.after_events(events)?;
         Ok(())
+    }
+
+    /// Opens one stored message: what it shows goes to `events` and it leaves the
+    /// inbox; or it stays, and what it waits for is returned (`Some`).
+    fn open_row(
+        &mut self,
+        row: &crate::store::InboxRow,
+        events: &mut Vec<Event>,
+    ) -> Result<Option<Option<crate::recovery::Need>>, ClientError> {
+        match self.open(row.entry.clone())? {
+            Opened::Held(need) => return Ok(Some(need)),
+            Opened::Shown(event) => {
+                if matches!(&event, Event::Undecryptable { why, .. } if why.starts_with(REFUSED)) {
+                    self.refusals += 1;
+                }
+                self.store.inbox_done(row.entry.msg_id)?;
+                events.push(event);
+            }
+            Opened::Nothing => self.store.inbox_done(row.entry.msg_id)?,
+        }
+        Ok(None)
     }
 
     /// Opens the inbox again if a held message's next recovery step is due.

@@ -818,8 +818,19 @@ pub fn open_text_in(
     token: &str,
     expected: &Context,
 ) -> Result<TextPayload, E2eError> {
-    let sealed: SealedIn<TextPayload> = open_json(key, token, "text")?;
-    check_message_id(&sealed.payload.mid)?;
+    let payload: TextPayload = open_in(key, token, "text", expected)?;
+    check_message_id(&payload.mid)?;
+    Ok(payload)
+}
+
+/// Opens a payload sealed with its context, refusing it unless that is `expected`.
+fn open_in<T: serde::de::DeserializeOwned>(
+    key: &ConversationKey,
+    token: &str,
+    what: &str,
+    expected: &Context,
+) -> Result<T, E2eError> {
+    let sealed: SealedIn<T> = open_json(key, token, what)?;
     expected.check(sealed.ctx)?;
     Ok(sealed.payload)
 }
@@ -844,10 +855,9 @@ pub fn open_receipt_in(
     token: &str,
     expected: &Context,
 ) -> Result<ReceiptPayload, E2eError> {
-    let sealed: SealedIn<ReceiptPayload> = open_json(key, token, "receipt")?;
-    check_message_id(&sealed.payload.mid)?;
-    expected.check(sealed.ctx)?;
-    Ok(sealed.payload)
+    let payload: ReceiptPayload = open_in(key, token, "receipt", expected)?;
+    check_message_id(&payload.mid)?;
+    Ok(payload)
 }
 
 /// Opens a text token sealed with `key` (without a context check: the load tester's

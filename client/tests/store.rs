@@ -8,23 +8,15 @@ use fastchat_client::recovery::RecoveryPolicy;
 use fastchat_client::store::Store;
 use harness::{eventually, Settings, TestNet, PASSWORD};
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 /// Starts `fastchat read --wait SECS --json` for `user`, its stdout and stderr in files.
 fn reader(net: &TestNet, user: &str, secs: u64, tag: &str) -> (Child, std::path::PathBuf) {
-    let opts = net.opts(user);
     let out = net.home.join(format!("{user}-{tag}.out"));
-    let child = Command::new(env!("CARGO_BIN_EXE_fastchat"))
-        .arg("--server")
-        .arg(&opts.server)
-        .arg("--user")
-        .arg(user)
-        .arg("--data-dir")
-        .arg(&opts.data_dir)
+    let child = net
+        .fastchat(user)
         .args(["read", "--wait", &secs.to_string(), "--json"])
-        .env("FASTCHAT_PASSWORD", PASSWORD)
-        .stdin(Stdio::null())
         .stdout(std::fs::File::create(&out).unwrap())
         .stderr(std::fs::File::create(out.with_extension("err")).unwrap())
         .spawn()
@@ -141,17 +133,8 @@ fn twenty_concurrent_sends_and_two_readers_lose_no_key_and_no_history() {
     let sends: Vec<_> = (0..20)
         .map(|i| {
             let to = peers[i % peers.len()];
-            let opts = net.opts("alice");
-            Command::new(env!("CARGO_BIN_EXE_fastchat"))
-                .arg("--server")
-                .arg(&opts.server)
-                .arg("--user")
-                .arg("alice")
-                .arg("--data-dir")
-                .arg(&opts.data_dir)
+            net.fastchat("alice")
                 .args(["send", "--to", to, &format!("note {i} to {to}")])
-                .env("FASTCHAT_PASSWORD", PASSWORD)
-                .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
                 .spawn()

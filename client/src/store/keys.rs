@@ -43,11 +43,7 @@ impl Store {
     /// The pinned key of `name`, if any.
     pub fn peer(&self, name: &str) -> Result<Option<PeerEntry>, StoreError> {
         let h = self.sealer.hash("peer", name);
-        let rec: Option<String> = self
-            .conn
-            .prepare_cached("SELECT rec FROM peers WHERE h = ?1")
-            .and_then(|mut s| s.query_row([&h], |r| r.get(0)).optional())
-            .map_err(|e| self.db_error(e))?;
+        let rec: Option<String> = self.query_rec("SELECT rec FROM peers WHERE h = ?1", [&h])?;
         let Some(rec) = rec else { return Ok(None) };
         let rec: PeerRecord = self.sealer.open(&rec, "peers")?;
         if rec.name != name {
@@ -60,11 +56,7 @@ impl Store {
 
     /// Every pinned key, by name.
     pub fn peers(&self) -> Result<Vec<(String, PeerEntry)>, StoreError> {
-        let recs: Vec<String> = self
-            .conn
-            .prepare_cached("SELECT rec FROM peers")
-            .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
-            .map_err(|e| self.db_error(e))?;
+        let recs: Vec<String> = self.query_recs("SELECT rec FROM peers")?;
         let mut peers = recs
             .iter()
             .map(|rec| {
@@ -177,11 +169,7 @@ impl Store {
 
     /// Every conversation's keys, by conversation.
     pub fn conversations(&self) -> Result<BTreeMap<String, ConversationKeys>, StoreError> {
-        let recs: Vec<String> = self
-            .conn
-            .prepare_cached("SELECT rec FROM conv_keys")
-            .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
-            .map_err(|e| self.db_error(e))?;
+        let recs: Vec<String> = self.query_recs("SELECT rec FROM conv_keys")?;
         let mut out = BTreeMap::new();
         for rec in recs {
             let rec: KeyRecord = self.sealer.open(&rec, "conv_keys")?;
@@ -200,11 +188,10 @@ impl Store {
         key_id: &str,
     ) -> Result<Option<ConversationKey>, StoreError> {
         let h = self.sealer.hash("conv", conv);
-        let rec: Option<String> = self
-            .conn
-            .prepare_cached("SELECT rec FROM conv_keys WHERE conv = ?1 AND key_id = ?2")
-            .and_then(|mut s| s.query_row(params![h, key_id], |r| r.get(0)).optional())
-            .map_err(|e| self.db_error(e))?;
+        let rec: Option<String> = self.query_rec(
+            "SELECT rec FROM conv_keys WHERE conv = ?1 AND key_id = ?2",
+            params![h, key_id],
+        )?;
         rec.map(|rec| {
             Ok(ConversationKey {
                 id: key_id.to_string(),

@@ -550,6 +550,26 @@ impl Store {
     fn db_error(&self, e: rusqlite::Error) -> StoreError {
         db_error(&self.path, e)
     }
+
+    /// The one text column of the row `sql` finds, if any (a sealed record).
+    fn query_rec(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+    ) -> Result<Option<String>, StoreError> {
+        self.conn
+            .prepare_cached(sql)
+            .and_then(|mut s| s.query_row(params, |r| r.get(0)).optional())
+            .map_err(|e| self.db_error(e))
+    }
+
+    /// The one text column of every row `sql` finds (sealed records).
+    fn query_recs(&self, sql: &str) -> Result<Vec<String>, StoreError> {
+        self.conn
+            .prepare_cached(sql)
+            .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+            .map_err(|e| self.db_error(e))
+    }
 }
 
 /// Opens the database file with the store's settings. `create` makes the file (0600)

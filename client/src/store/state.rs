@@ -162,11 +162,7 @@ impl Store {
 
     /// Downloads not finished yet.
     pub fn downloads(&self) -> Result<Vec<PendingDownload>, StoreError> {
-        let recs: Vec<String> = self
-            .conn
-            .prepare_cached("SELECT rec FROM downloads ORDER BY file_id")
-            .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
-            .map_err(|e| self.db_error(e))?;
+        let recs: Vec<String> = self.query_recs("SELECT rec FROM downloads ORDER BY file_id")?;
         recs.iter()
             .map(|r| self.sealer.open(r, "downloads"))
             .collect()
@@ -174,11 +170,8 @@ impl Store {
 
     /// The unfinished download of `file_id`, if any.
     pub fn download(&self, file_id: i64) -> Result<Option<PendingDownload>, StoreError> {
-        let rec: Option<String> = self
-            .conn
-            .prepare_cached("SELECT rec FROM downloads WHERE file_id = ?1")
-            .and_then(|mut s| s.query_row([file_id], |r| r.get(0)).optional())
-            .map_err(|e| self.db_error(e))?;
+        let rec: Option<String> =
+            self.query_rec("SELECT rec FROM downloads WHERE file_id = ?1", [file_id])?;
         rec.map(|r| self.sealer.open(&r, "downloads")).transpose()
     }
 
@@ -236,11 +229,8 @@ impl Store {
 
     /// What is known of group `group_id`.
     pub fn group(&self, group_id: i64) -> Result<Option<GroupState>, StoreError> {
-        let rec: Option<String> = self
-            .conn
-            .prepare_cached("SELECT rec FROM groups WHERE group_id = ?1")
-            .and_then(|mut s| s.query_row([group_id], |r| r.get(0)).optional())
-            .map_err(|e| self.db_error(e))?;
+        let rec: Option<String> =
+            self.query_rec("SELECT rec FROM groups WHERE group_id = ?1", [group_id])?;
         rec.map(|r| self.open_group(group_id, &r)).transpose()
     }
 
@@ -290,11 +280,8 @@ impl Store {
 
     /// The verified roster of group `group_id`, as last checked.
     pub fn roster(&self, group_id: i64) -> Result<Option<crate::roster::Roster>, StoreError> {
-        let rec: Option<String> = self
-            .conn
-            .prepare_cached("SELECT rec FROM rosters WHERE group_id = ?1")
-            .and_then(|mut s| s.query_row([group_id], |r| r.get(0)).optional())
-            .map_err(|e| self.db_error(e))?;
+        let rec: Option<String> =
+            self.query_rec("SELECT rec FROM rosters WHERE group_id = ?1", [group_id])?;
         let Some(rec) = rec else { return Ok(None) };
         let (id, roster): (i64, crate::roster::Roster) = self.sealer.open(&rec, "rosters")?;
         if id != group_id || roster.group_id != group_id {
@@ -330,11 +317,8 @@ impl Store {
     /// The saved resumption credential for auth server `server`.
     pub fn resume(&self, server: &str) -> Result<Option<ResumeCredential>, StoreError> {
         let h = self.sealer.hash("server", server);
-        let rec: Option<String> = self
-            .conn
-            .prepare_cached("SELECT rec FROM resume WHERE server = ?1")
-            .and_then(|mut s| s.query_row([&h], |r| r.get(0)).optional())
-            .map_err(|e| self.db_error(e))?;
+        let rec: Option<String> =
+            self.query_rec("SELECT rec FROM resume WHERE server = ?1", [&h])?;
         let rec: Option<(String, ResumeCredential)> =
             rec.map(|r| self.sealer.open(&r, "resume")).transpose()?;
         Ok(rec.filter(|(s, _)| s == server).map(|(_, c)| c))
@@ -342,11 +326,7 @@ impl Store {
 
     /// Every saved credential, by auth server.
     pub fn resume_all(&self) -> Result<BTreeMap<String, ResumeCredential>, StoreError> {
-        let recs: Vec<String> = self
-            .conn
-            .prepare_cached("SELECT rec FROM resume")
-            .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
-            .map_err(|e| self.db_error(e))?;
+        let recs: Vec<String> = self.query_recs("SELECT rec FROM resume")?;
         recs.iter().map(|r| self.sealer.open(r, "resume")).collect()
     }
 

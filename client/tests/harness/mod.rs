@@ -628,19 +628,27 @@ impl TestNet {
         Chat::login(&self.opts(user), true).unwrap_or_else(|e| panic!("login of {user}: {e}"))
     }
 
-    /// Runs the `fastchat` CLI as `user`; returns (success, stdout, stderr).
-    pub fn cli(&self, user: &str, args: &[&str]) -> (bool, String, String) {
+    /// The `fastchat` CLI as `user` (server, data directory, password set; no input).
+    pub fn fastchat(&self, user: &str) -> Command {
         let opts = self.opts(user);
-        let out = Command::new(env!("CARGO_BIN_EXE_fastchat"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_fastchat"));
+        command
             .arg("--server")
             .arg(&opts.server)
             .arg("--user")
             .arg(user)
             .arg("--data-dir")
             .arg(&opts.data_dir)
-            .args(args)
             .env("FASTCHAT_PASSWORD", PASSWORD)
-            .stdin(Stdio::null())
+            .stdin(Stdio::null());
+        command
+    }
+
+    /// Runs the `fastchat` CLI as `user`; returns (success, stdout, stderr).
+    pub fn cli(&self, user: &str, args: &[&str]) -> (bool, String, String) {
+        let out = self
+            .fastchat(user)
+            .args(args)
             .output()
             .expect("running fastchat");
         (
