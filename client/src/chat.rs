@@ -11,6 +11,7 @@
 use crate::connect::{AuthLink, RelayLink, RelayTarget};
 use crate::e2e::{self, ConversationKey, Envelope, Identity, PeerKey, TextPayload};
 use crate::error::ClientError;
+use crate::replay::{Verdict, WINDOW};
 use crate::store::{
     DeliveryState, HistoryEntry, InboxEntry, MakeCurrent, PeerEntry, ResumeCredential, Store,
 };
@@ -718,7 +719,8 @@ impl Chat {
             let offer = e2e::make_offer(&self.identity, self.user(), to, &peer_key, &key)?;
             bodies.push(offer.to_body());
         }
-        let ctx = e2e::Context::direct(self.user(), to);
+        let n = self.store.next_counter(to)?;
+        let ctx = e2e::Context::direct(self.user(), to).numbered(n);
         bodies.push(e2e::seal_text_in(&key, &payload, &ctx)?.to_body());
         if record {
             self.record_outgoing(to, None, &payload)?;
@@ -1059,7 +1061,7 @@ impl Chat {
         row: &crate::store::InboxRow,
         events: &mut Vec<Event>,
     ) -> Result<Option<Option<crate::recovery::Need>>, ClientError> {
-        match self.open(row.entry.clone())? {
+        match self.open(row.entry.clone(), row.held)? {
             Opened::Held(need) => return Ok(Some(need)),
             Opened::Shown(event) => {
                 if matches!(&event, Event::Undecryptable { why, .. } if why.starts_with(REFUSED)) {
@@ -1119,8 +1121,8 @@ impl Chat {
         }
     }
 
-    /// Decrypts one stored message.
-    fn open(&mut self, m: InboxEntry) -> Result<Opened, ClientError> {
+    /// Decrypts one stored message (`held`: it waited for its key).
+    fn open(&mut self, m: InboxEntry, held: bool) -> Result<Opened, ClientError> {
         if let (Some(event), Some(group_id)) = (m.event.clone(), m.group_id) {
             return self.group_event(&m, group_id, event);
         }
@@ -1188,42 +1190,18 @@ impl Chat {
                 };
                 let me = self.user().to_string();
                 let ctx = e2e::Context::direct(&m.from, &me);
-                let payload = match e2e::open_text_in(&key, &token, &ctx) {
+                let (payload, n) = match e2e::open_text_in(&key, &token, &ctx) {
                     Ok(p) => p,
                     Err(e) => return undecryptable(e.to_string()),
                 };
-                // Opened: a text owes a receipt, a duplicate too (receipts are
-                // idempotent); a group key grant does not (nothing to mark).
-                if payload.group_key.is_none() {
-                    self.owe_receipt(&m.from, None, &payload.mid);
+                let from = m.from.clone();
+                if let Some(why) = self.replayed(&from, &from, n, held)? {
+                    return undecryptable(why);
                 }
-                let seen = format!("{}/{}", m.from, payload.mid);
-                // A grant or a file is acted on first and then remembered (both are
-                // idempotent), so a crash in between repeats it rather than losing it.
-                if let Some(grant) = payload.group_key {
-                    if self.store.seen_mid(&seen)? {
-                        return Ok(Opened::Nothing);
-                    }
-                    let notice = self.accept_grant(&m.from, grant)?;
-                    self.store.remember_mid(&seen)?;
-                    return Ok(notice.map_or(Opened::Nothing, |mut e| {
-                        if let Event::Undecryptable { msg_id, .. } = &mut e {
-                            *msg_id = m.msg_id;
-                        }
-                        Opened::Shown(e)
-                    }));
-                }
-                if let Some(offer) = payload.file {
-                    if self.store.seen_mid(&seen)? {
-                        return Ok(Opened::Nothing);
-                    }
-                    let mid = payload.mid.clone();
-                    let opened = self.receive_file(&m, None, &mid, offer)?;
-                    self.store.remember_mid(&seen)?;
-                    return Ok(opened);
-                }
-                let peer = m.from.clone();
-                self.show_received(m, peer, None, None, payload)
+                let opened = self.open_pairwise(m, payload)?;
+                // Marked once acted on: a crash in between opens it again (idempotent).
+                self.store.replay_mark(&from, &from, n)?;
+                Ok(opened)
             }
             Envelope::GroupText {
                 group_id,
@@ -1239,7 +1217,7 @@ impl Chat {
                         "refused: a text for group #{group_id} that did not come through the group"
                     ));
                 }
-                self.open_group_text(m, group_id, epoch, &key_id, &token)
+                self.open_group_text(m, held, group_id, epoch, &key_id, &token)
             }
             Envelope::Receipt { key_id, token, .. } => self.open_receipt(&m, &key_id, &token),
             Envelope::KeyRequest {
@@ -1262,6 +1240,67 @@ impl Chat {
                 Ok(Opened::Nothing)
             }
         }
+    }
+
+    /// Why a payload of `from` in `conv` with counter `n` is refused as a replay
+    /// (`None`: it is fresh). See the replay module.
+    pub(crate) fn replayed(
+        &self,
+        from: &str,
+        conv: &str,
+        n: u64,
+        held: bool,
+    ) -> Result<Option<String>, ClientError> {
+        Ok(match self.store.replay_verdict(from, conv, n, held)? {
+            Verdict::Fresh => None,
+            Verdict::Seen => Some(format!(
+                "{REFUSED}a replay (counter {n} from {from} was seen before)"
+            )),
+            Verdict::TooOld => Some(format!(
+                "{REFUSED}a replay (counter {n} from {from} is {WINDOW} or more below the newest)"
+            )),
+        })
+    }
+
+    /// Acts on an opened pairwise text: a group key grant, a file announcement, or a
+    /// text to show.
+    fn open_pairwise(
+        &mut self,
+        m: InboxEntry,
+        payload: TextPayload,
+    ) -> Result<Opened, ClientError> {
+        // Opened: a text owes a receipt, a duplicate too (receipts are
+        // idempotent); a group key grant does not (nothing to mark).
+        if payload.group_key.is_none() {
+            self.owe_receipt(&m.from, None, &payload.mid);
+        }
+        let seen = format!("{}/{}", m.from, payload.mid);
+        // A grant or a file is acted on first and then remembered (both are
+        // idempotent), so a crash in between repeats it rather than losing it.
+        if let Some(grant) = payload.group_key {
+            if self.store.seen_mid(&seen)? {
+                return Ok(Opened::Nothing);
+            }
+            let notice = self.accept_grant(&m.from, grant)?;
+            self.store.remember_mid(&seen)?;
+            return Ok(notice.map_or(Opened::Nothing, |mut e| {
+                if let Event::Undecryptable { msg_id, .. } = &mut e {
+                    *msg_id = m.msg_id;
+                }
+                Opened::Shown(e)
+            }));
+        }
+        if let Some(offer) = payload.file {
+            if self.store.seen_mid(&seen)? {
+                return Ok(Opened::Nothing);
+            }
+            let mid = payload.mid.clone();
+            let opened = self.receive_file(&m, None, &mid, offer)?;
+            self.store.remember_mid(&seen)?;
+            return Ok(opened);
+        }
+        let peer = m.from.clone();
+        self.show_received(m, peer, None, None, payload)
     }
 
     /// A received text goes into the history (under `peer`: the sender, or the group's

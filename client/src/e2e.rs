@@ -93,6 +93,10 @@ pub struct Context {
     /// The group key's epoch (group texts).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epoch: Option<i32>,
+    /// The sender's counter in this conversation (the peer, or the group), from 1: see
+    /// `crate::replay`. Not compared by [`Context::check`]; the receiver's window is.
+    #[serde(default)]
+    pub n: u64,
 }
 
 impl Context {
@@ -103,6 +107,7 @@ impl Context {
             to: Some(to.to_string()),
             group_id: None,
             epoch: None,
+            n: 0,
         }
     }
 
@@ -113,11 +118,19 @@ impl Context {
             to: None,
             group_id: Some(group_id),
             epoch: Some(epoch),
+            n: 0,
         }
     }
 
-    /// Refuses a sealed context that is missing or differs from `self` (the expected).
-    fn check(&self, sealed: Option<Context>) -> Result<(), E2eError> {
+    /// The same context with the sender's counter `n` (what a sender seals).
+    pub fn numbered(mut self, n: u64) -> Context {
+        self.n = n;
+        self
+    }
+
+    /// Refuses a sealed context that is missing, has no counter, or differs from `self`
+    /// (the expected); gives the sealed counter.
+    fn check(&self, sealed: Option<Context>) -> Result<u64, E2eError> {
         match sealed {
             None => Err(E2eError::Context(
                 "the payload names no sender and recipient (an older client, or forged)".into(),
@@ -136,7 +149,10 @@ impl Context {
                     c.group_id, c.epoch, self.group_id, self.epoch
                 )))
             }
-            Some(_) => Ok(()),
+            Some(c) if c.n == 0 => Err(E2eError::Context(
+                "the payload carries no counter (an older client, or forged)".into(),
+            )),
+            Some(c) => Ok(c.n),
         }
     }
 }
@@ -817,10 +833,10 @@ pub fn open_text_in(
     key: &ConversationKey,
     token: &str,
     expected: &Context,
-) -> Result<TextPayload, E2eError> {
-    let payload: TextPayload = open_in(key, token, "text", expected)?;
+) -> Result<(TextPayload, u64), E2eError> {
+    let (payload, n): (TextPayload, u64) = open_in(key, token, "text", expected)?;
     check_message_id(&payload.mid)?;
-    Ok(payload)
+    Ok((payload, n))
 }
 
 /// Opens a payload sealed with its context, refusing it unless that is `expected`.
@@ -829,10 +845,10 @@ fn open_in<T: serde::de::DeserializeOwned>(
     token: &str,
     what: &str,
     expected: &Context,
-) -> Result<T, E2eError> {
+) -> Result<(T, u64), E2eError> {
     let sealed: SealedIn<T> = open_json(key, token, what)?;
-    expected.check(sealed.ctx)?;
-    Ok(sealed.payload)
+    let n = expected.check(sealed.ctx)?;
+    Ok((sealed.payload, n))
 }
 
 /// Seals a receipt with its context.
@@ -854,10 +870,10 @@ pub fn open_receipt_in(
     key: &ConversationKey,
     token: &str,
     expected: &Context,
-) -> Result<ReceiptPayload, E2eError> {
-    let payload: ReceiptPayload = open_in(key, token, "receipt", expected)?;
+) -> Result<(ReceiptPayload, u64), E2eError> {
+    let (payload, n): (ReceiptPayload, u64) = open_in(key, token, "receipt", expected)?;
     check_message_id(&payload.mid)?;
-    Ok(payload)
+    Ok((payload, n))
 }
 
 /// Opens a text token sealed with `key` (without a context check: the load tester's
@@ -1199,6 +1215,40 @@ mod tests {
         let parsed = Envelope::from_body(&env.to_body()).unwrap();
         assert_eq!(parsed, env);
         assert_eq!(open_text(&key, token).unwrap(), payload);
+    }
+
+    #[test]
+    fn the_sealed_context_and_counter_are_checked_and_given_back() {
+        let key = ConversationKey::generate();
+        let payload = TextPayload {
+            group_key: None,
+            file: None,
+            mid: new_message_id(),
+            ts: 1_700_000_000_123,
+            text: "hi".into(),
+        };
+        let sealed = |ctx: &Context| match seal_text_in(&key, &payload, ctx).unwrap() {
+            Envelope::Text { token, .. } => token,
+            other => panic!("{other:?}"),
+        };
+        let token = sealed(&Context::direct("alice", "bob").numbered(7));
+        let (opened, n) = open_text_in(&key, &token, &Context::direct("alice", "bob")).unwrap();
+        assert_eq!((opened, n), (payload.clone(), 7));
+        for wrong in [
+            Context::direct("bob", "alice"),
+            Context::direct("carol", "bob"),
+            Context::group("alice", 7, 1),
+        ] {
+            assert!(matches!(
+                open_text_in(&key, &token, &wrong),
+                Err(E2eError::Context(_))
+            ));
+        }
+        let unnumbered = sealed(&Context::direct("alice", "bob"));
+        assert!(matches!(
+            open_text_in(&key, &unnumbered, &Context::direct("alice", "bob")),
+            Err(E2eError::Context(why)) if why.contains("counter")
+        ));
     }
 
     #[test]

@@ -151,14 +151,11 @@ impl Chat {
         let group = self.expect_group(reply)?;
         // Signed into the roster before the key is handed over: members grant only to
         // those the chain shows.
-        self.roster_append(group_id, "add", user)?;
+        let roster = self.roster_append(group_id, "add", user)?;
         match self.newest_group_key(group_id)? {
             Some((key, epoch)) => self.grant(group_id, user, &key, epoch)?,
-            None => {
-                // An admin without a key: make one for the current epoch (everyone gets it).
-                let epoch = self.chain_epoch(group_id)?.unwrap_or(group.epoch);
-                self.rotate(group_id, epoch)?;
-            }
+            // An admin without a key: make one for the chain's epoch (everyone gets it).
+            None => self.rotate(group_id, roster.epoch)?,
         }
         Ok(group)
     }
@@ -206,19 +203,14 @@ impl Chat {
         self.expect_group(reply)
     }
 
-    /// The epoch the group's verified chain has reached (`None` without a chain).
-    fn chain_epoch(&mut self, group_id: i64) -> Result<Option<i32>, ClientError> {
-        Ok(self.roster(group_id)?.map(|r| r.epoch))
-    }
-
-    /// Who may be handed the group key: the members of the verified roster or, for a
-    /// group with no chain at all (made by an older client), the relay's list.
+    /// Who may be handed the group key: the members of the verified roster, and nobody
+    /// for a group whose chain the relay does not show (hiding the chain must not hand
+    /// the say back to the relay's list).
     pub(crate) fn key_holders(&mut self, group_id: i64) -> Result<Vec<String>, ClientError> {
-        if let Some(roster) = self.roster(group_id)? {
-            return Ok(roster.members.into_iter().map(|(u, _)| u).collect());
-        }
-        let (_, members) = self.group_members(group_id)?;
-        Ok(members.into_iter().map(|m| m.user).collect())
+        Ok(self
+            .roster(group_id)?
+            .map(|r| r.members.into_iter().map(|(u, _)| u).collect())
+            .unwrap_or_default())
     }
 
     /// Encrypts `text` with the newest group key and sends it to every other member;
@@ -254,15 +246,11 @@ impl Chat {
     ) -> Result<Sent, ClientError> {
         let state = self.store.group(group_id)?;
         // An admin whose newest key predates the group's epoch rotates first (the
-        // chain's epoch as last verified here; the relay's for a group without one).
-        if let Some(state) = &state {
+        // chain's epoch and roles as last verified here; the relay's say nothing).
+        if let Some(roster) = self.store.roster(group_id)? {
             let newest = self.newest_group_key(group_id)?.map_or(0, |(_, e)| e);
-            let epoch = match self.store.roster(group_id)? {
-                Some(r) => r.epoch,
-                None => state.epoch,
-            };
-            if state.role == "admin" && newest < epoch {
-                self.rotate(group_id, epoch)?;
+            if roster.is_admin(self.user()) && newest < roster.epoch {
+                self.rotate(group_id, roster.epoch)?;
             }
         }
         let Some((key, epoch)) = self.newest_group_key(group_id)? else {
@@ -273,7 +261,8 @@ impl Chat {
                 ),
             ));
         };
-        let ctx = e2e::Context::group(self.user(), group_id, epoch);
+        let n = self.store.next_counter(&conversation(group_id))?;
+        let ctx = e2e::Context::group(self.user(), group_id, epoch).numbered(n);
         let body = e2e::seal_group_text_in(&key, &payload, &ctx)?.to_body();
         if record {
             let name = state.map(|s| s.name);
@@ -360,51 +349,41 @@ impl Chat {
         from: &str,
         grant: GroupKeyGrant,
     ) -> Result<Option<Event>, ClientError> {
-        let (summary, members) = match self.group_members(grant.group_id) {
-            Ok(g) => g,
+        let group_id = grant.group_id;
+        let notice = |why: String| {
+            Ok(Some(Event::Undecryptable {
+                msg_id: 0,
+                from: from.to_string(),
+                group_id: Some(group_id),
+                why,
+                key_changed: false,
+            }))
+        };
+        // Who is an admin, and who a member: the verified roster, never the relay's list.
+        // A chain that does not verify, or none at all, takes no grant, and is said
+        // (never an error that would hold up the inbox).
+        let roster = match self.roster(group_id) {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                return notice(format!(
+                    "WARNING: the server shows no signed roster of group #{group_id}, so a \
+                     key from {from} cannot be checked and is not taken"
+                ))
+            }
             // Not (or no longer) a member: who granted it cannot be checked, so the key
             // is not taken, and what was sent while this user was a member stays
             // unreadable. Said, not silent.
             Err(ClientError::Refused { .. }) => {
-                return Ok(Some(Event::Undecryptable {
-                    msg_id: 0,
-                    from: from.to_string(),
-                    group_id: Some(grant.group_id),
-                    why: format!(
-                        "a key for group #{} came after you left it and cannot be checked: \
-                         messages sent to you while you were a member cannot be read",
-                        grant.group_id
-                    ),
-                    key_changed: false,
-                }))
+                return notice(format!(
+                    "a key for group #{group_id} came after you left it and cannot be checked: \
+                     messages sent to you while you were a member cannot be read"
+                ))
             }
+            Err(ClientError::Protocol(why)) => return notice(why),
             Err(e) => return Err(e),
         };
-
-        // Who is an admin, and who a member: the verified roster if the group has one.
-        // A chain that does not verify takes no grant, and is said (never an error that
-        // would hold up the inbox).
-        let roster = match self.roster(grant.group_id) {
-            Ok(r) => r,
-            Err(ClientError::Protocol(why)) => {
-                return Ok(Some(Event::Undecryptable {
-                    msg_id: 0,
-                    from: from.to_string(),
-                    group_id: Some(grant.group_id),
-                    why,
-                    key_changed: false,
-                }))
-            }
-            Err(e) => return Err(e),
-        };
-        let (from_admin, from_member, epoch) = match &roster {
-            Some(r) => (r.is_admin(from), r.is_member(from), r.epoch),
-            None => (
-                members.iter().any(|m| m.user == from && m.role == "admin"),
-                members.iter().any(|m| m.user == from),
-                summary.epoch,
-            ),
-        };
+        let (from_admin, from_member, epoch) =
+            (roster.is_admin(from), roster.is_member(from), roster.epoch);
         // A key for an epoch the group has not reached (by its chain, else the relay's
         // word) would win over every later rotation: removing someone would then revoke
         // nothing. Refused.
@@ -532,6 +511,7 @@ impl Chat {
     pub(crate) fn open_group_text(
         &mut self,
         m: InboxEntry,
+        held: bool,
         group_id: i64,
         epoch: i32,
         key_id: &str,
@@ -544,18 +524,36 @@ impl Chat {
             })));
         };
         let ctx = e2e::Context::group(&m.from, group_id, epoch);
-        let payload = match e2e::open_text_in(&key, token, &ctx) {
-            Ok(p) => p,
-            Err(e) => {
-                return Ok(Opened::Shown(Event::Undecryptable {
-                    msg_id: m.msg_id,
-                    from: m.from.clone(),
-                    group_id: Some(group_id),
-                    why: e.to_string(),
-                    key_changed: false,
-                }))
-            }
+        let undecryptable = |why: String| {
+            Ok(Opened::Shown(Event::Undecryptable {
+                msg_id: m.msg_id,
+                from: m.from.clone(),
+                group_id: Some(group_id),
+                why,
+                key_changed: false,
+            }))
         };
+        let (payload, n) = match e2e::open_text_in(&key, token, &ctx) {
+            Ok(p) => p,
+            Err(e) => return undecryptable(e.to_string()),
+        };
+        let (from, conv) = (m.from.clone(), conversation(group_id));
+        if let Some(why) = self.replayed(&from, &conv, n, held)? {
+            return undecryptable(why);
+        }
+        let opened = self.show_group_text(m, group_id, payload)?;
+        // Marked once acted on: a crash in between opens it again (idempotent).
+        self.store.replay_mark(&from, &conv, n)?;
+        Ok(opened)
+    }
+
+    /// Acts on an opened group text: a file announcement, or a text to show.
+    fn show_group_text(
+        &mut self,
+        m: InboxEntry,
+        group_id: i64,
+        payload: TextPayload,
+    ) -> Result<Opened, ClientError> {
         // Opened: owed a receipt, a duplicate too (receipts are idempotent).
         self.owe_receipt(&m.from, Some(group_id), &payload.mid);
         let name = match m.group.clone() {
@@ -598,13 +596,8 @@ impl Chat {
                 Ok(Some(r)) => {
                     (r.is_admin(&me) && r.epoch >= epoch && newest < r.epoch).then_some(r.epoch)
                 }
-                Ok(None) => match self.group_members(group_id) {
-                    Ok((group, _)) => {
-                        (group.role == "admin" && group.epoch >= epoch).then_some(group.epoch)
-                    }
-                    Err(ClientError::Refused { .. }) => continue,
-                    Err(e) => return Err(e),
-                },
+                // No chain shown: nothing to rotate for, whatever the relay says.
+                Ok(None) => None,
                 Err(ClientError::Protocol(_)) | Err(ClientError::Refused { .. }) => continue,
                 Err(e) => return Err(e),
             };

@@ -8,6 +8,7 @@
 //! - [`chat`]: end-to-end encrypted sending and receiving on top of them.
 //! - [`groups`]: group membership and group keys.
 //! - [`files`]: end-to-end encrypted file transfer.
+//! - [`replay`]: replay windows of the counters sealed in every payload.
 //! - [`receipts`]: delivery receipts (pending → stored → delivered).
 //! - [`ui`]: the terminal UI of `fastchat` (screen model, rendering, terminal, backend).
 //! - [`error`]: the errors a person may see.
@@ -22,6 +23,7 @@ pub mod groups;
 pub mod pins;
 pub mod receipts;
 pub mod recovery;
+pub mod replay;
 pub mod roster;
 pub mod store;
 pub mod ui;

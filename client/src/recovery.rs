@@ -314,9 +314,9 @@ impl Chat {
                 ts: entry.ts,
                 text: entry.text,
             };
-            bodies.push(
-                e2e::seal_text_in(&key, &payload, &e2e::Context::direct(&me, peer))?.to_body(),
-            );
+            // A fresh counter: the re-send is a new payload (its `mid` keeps it shown once).
+            let ctx = e2e::Context::direct(&me, peer).numbered(self.store.next_counter(peer)?);
+            bodies.push(e2e::seal_text_in(&key, &payload, &ctx)?.to_body());
         }
         self.deliver(&SendTarget::User(peer.to_string()), &bodies)?;
         Ok(())

@@ -147,6 +147,27 @@ fn a_text_replayed_after_the_duplicate_window_is_not_shown_again() {
     let mut bob = net.login("bob");
     let events = events_for(&mut bob, 4);
     assert!(texts(&events).is_empty(), "shown again: {events:?}");
+    bob.close();
+    // Even with the history's record of it gone, the counter sealed inside refuses it;
+    // and it is said.
+    rusqlite::Connection::open(net.opts("bob").data_dir.join("bob/store.db"))
+        .unwrap()
+        .execute_batch("DELETE FROM seen_msg_ids; UPDATE history SET dedup = NULL;")
+        .unwrap();
+    insert(&net, "bob", "alice", None, &body);
+    let mut bob = net.login("bob");
+    let events = events_for(&mut bob, 4);
+    assert!(texts(&events).is_empty(), "shown again: {events:?}");
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::Undecryptable { why, .. } if why.contains("a replay"))),
+        "{events:?}"
+    );
+    // A new message after all that is shown.
+    alice.send_text("bob", "and this one").unwrap();
+    let events = events_for(&mut bob, 3);
+    assert_eq!(texts(&events), [("alice".into(), "and this one".into())]);
 }
 
 #[test]
@@ -239,7 +260,7 @@ fn a_grant_for_an_epoch_the_group_has_not_reached_never_becomes_current() {
         ts: fastchat_common::time::now_ms(),
         text: String::new(),
     };
-    let body = e2e::seal_text_in(&key, &payload, &Context::direct("alice", "bob"))
+    let body = e2e::seal_text_in(&key, &payload, &Context::direct("alice", "bob").numbered(1))
         .unwrap()
         .to_body();
     insert(&net, "bob", "alice", None, &body);
@@ -373,4 +394,50 @@ fn an_altered_roster_is_a_warning_and_takes_no_grant() {
         texts(&events).contains(&("alice".into(), "a direct message still arrives".into())),
         "{events:?}"
     );
+}
+
+#[test]
+fn a_hidden_roster_hands_the_relay_no_say() {
+    let net = TestNet::start();
+    for u in ["alice", "bob", "mallory"] {
+        net.register(u);
+    }
+    let mut alice = net.login("alice");
+    let g = alice.group_create("crew").unwrap();
+    alice.group_add(g.group_id, "bob").unwrap();
+    alice.group_promote(g.group_id, "bob").unwrap();
+    alice.close();
+    // Before bob has seen the chain, the operator hides it, adds a ghost and forges a
+    // removal: with no chain to check, a client must not fall back to the relay's list.
+    let mut db = db(&net);
+    db.batch_execute(&format!(
+        "DELETE FROM group_roster WHERE group_id = {gid};
+         INSERT INTO group_members (group_id, user_id, role)
+             SELECT {gid}, id, 'member' FROM users WHERE name = 'mallory';
+         UPDATE groups SET epoch = epoch + 1 WHERE id = {gid};
+         INSERT INTO messages (recipient_id, sender_id, body, sent_at_ms, group_id, system)
+             SELECT b.id, a.id, '{{\"event\":\"removed\",\"user\":\"carol\",\"by\":\"alice\",\"epoch\":2}}',
+                    0, {gid}, true
+             FROM users a, users b WHERE a.name = 'alice' AND b.name = 'bob';",
+        gid = g.group_id
+    ))
+    .unwrap();
+    let mut bob = net.login("bob");
+    let events = events_for(&mut bob, 4);
+    let to_mallory: i64 = db
+        .query_one(
+            "SELECT count(*) FROM messages m JOIN users u ON u.id = m.recipient_id
+             WHERE u.name = 'mallory' AND NOT m.system",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(to_mallory, 0, "nothing was handed to the ghost");
+    assert!(
+        events.iter().any(
+            |e| matches!(e, Event::Undecryptable { why, .. } if why.contains("no signed roster"))
+        ),
+        "said: {events:?}"
+    );
+    assert_eq!(bob.group_key_epoch(g.group_id), None, "no key taken");
 }

@@ -25,6 +25,7 @@
 //! another process may change, so processes of one user see each other's writes at
 //! once. A received batch is committed before it is acknowledged.
 
+mod counters;
 mod history;
 mod kdf;
 mod keys;
@@ -55,7 +56,7 @@ use std::time::Duration;
 pub const MAX_SEEN_IDS: usize = 100_000;
 
 /// The store format this code writes (`PRAGMA user_version`).
-const FORMAT: i64 = 2;
+const FORMAT: i64 = 3;
 /// First words of the `meta.kdf` line.
 const KDF_MAGIC: &str = "fastchat-store v2";
 /// How long a statement waits for another process's write lock.
@@ -398,7 +399,14 @@ impl Store {
         let format: i64 = conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .map_err(db_error)?;
-        if format != FORMAT {
+        if format == 2 {
+            // Format 3 only adds tables (counters, replay windows, roster forks).
+            let tx = conn.unchecked_transaction().map_err(db_error)?;
+            tx.execute_batch(SCHEMA).map_err(db_error)?;
+            tx.pragma_update(None, "user_version", FORMAT)
+                .map_err(db_error)?;
+            tx.commit().map_err(db_error)?;
+        } else if format != FORMAT {
             return Err(StoreError::Corrupt(format!(
                 "{}: store format {format}, this client reads format {FORMAT}",
                 path.display()
