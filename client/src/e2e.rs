@@ -15,8 +15,8 @@
 //! of a `send` frame:
 //!
 //! ```text
-//! {"type":"offer","v":1,"key_id":"<16 hex>","wrapped":"<std base64>","sig":"<std base64>"}
-//! {"type":"text","v":1,"key_id":"<16 hex>","token":"<Fernet token>"}
+//! {"type":"offer","v":2,"key_id":"<16 hex>","wrapped":"<std base64>","sig":"<std base64>"}
+//! {"type":"text","v":2,"key_id":"<16 hex>","token":"<Fernet token>"}
 //! ```
 //!
 //! All randomness comes from the operating system RNG (`getrandom`).
@@ -40,7 +40,7 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// The only envelope version this client writes and accepts.
-pub const ENVELOPE_VERSION: u32 = 1;
+pub const ENVELOPE_VERSION: u32 = 2;
 
 /// Smallest RSA modulus accepted from a peer or a stored identity (we make 3072-bit keys).
 pub const MIN_RSA_BITS: usize = 2048;
@@ -360,9 +360,9 @@ impl ConversationKey {
 
 /// What travels as the opaque `body` string of a `send` frame, as JSON:
 ///
-/// `{"v":1,"type":"offer","key_id":"..","wrapped":"<std base64 of RSA-OAEP(SHA-256)
+/// `{"v":2,"type":"offer","key_id":"..","wrapped":"<std base64 of RSA-OAEP(SHA-256)
 /// ciphertext of the Fernet key string's UTF-8 bytes>","sig":"<std base64 RSA-PSS(SHA-256)
-/// signature>"}` or `{"v":1,"type":"text","key_id":"..","token":"<Fernet token>"}`.
+/// signature>"}` or `{"v":2,"type":"text","key_id":"..","token":"<Fernet token>"}`.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Envelope {
@@ -527,10 +527,15 @@ impl Envelope {
     pub fn from_body(body: &str) -> Result<Envelope, E2eError> {
         let envelope: Envelope = serde_json::from_str(body)
             .map_err(|e| E2eError::BadPayload(format!("not an envelope: {e}")))?;
-        if envelope.version() != ENVELOPE_VERSION {
+        let v = envelope.version();
+        if v != ENVELOPE_VERSION {
+            let whose = if v < ENVELOPE_VERSION {
+                "the sender's client is older than this one and must be updated"
+            } else {
+                "the sender's client is newer than this one: update this one"
+            };
             return Err(E2eError::BadPayload(format!(
-                "unsupported envelope version {}",
-                envelope.version()
+                "unsupported envelope version {v} ({whose})"
             )));
         }
         check_key_id(envelope.key_id())?;
@@ -1182,7 +1187,7 @@ mod tests {
         let env = seal_receipt(&key, &payload).unwrap();
         let body = env.to_body();
         assert!(
-            body.starts_with(r#"{"type":"receipt","v":1,"key_id":""#),
+            body.starts_with(r#"{"type":"receipt","v":2,"key_id":""#),
             "{body}"
         );
         let Envelope::Receipt { token, .. } = Envelope::from_body(&body).unwrap() else {
@@ -1210,7 +1215,7 @@ mod tests {
         let Envelope::Text { v, key_id, token } = &env else {
             panic!("expected text, got {env:?}");
         };
-        assert_eq!((*v, key_id.as_str()), (1, key.id.as_str()));
+        assert_eq!((*v, key_id.as_str()), (2, key.id.as_str()));
         assert!(!token.contains("héllo"));
         let parsed = Envelope::from_body(&env.to_body()).unwrap();
         assert_eq!(parsed, env);
@@ -1400,7 +1405,7 @@ mod tests {
     #[test]
     fn envelope_json_is_exactly_the_wire_format() {
         let offer = Envelope::Offer {
-            v: 1,
+            v: 2,
             key_id: "00112233445566ff".into(),
             wrapped: "d3JhcHBlZA==".into(),
             sig: "c2ln".into(),
@@ -1408,21 +1413,21 @@ mod tests {
         let json: serde_json::Value = serde_json::from_str(&offer.to_body()).unwrap();
         assert_eq!(
             json,
-            serde_json::json!({"v":1,"type":"offer","key_id":"00112233445566ff",
+            serde_json::json!({"v":2,"type":"offer","key_id":"00112233445566ff",
                                "wrapped":"d3JhcHBlZA==","sig":"c2ln"})
         );
         let text = Envelope::Text {
-            v: 1,
+            v: 2,
             key_id: "00112233445566ff".into(),
             token: "gAAAA".into(),
         };
         let json: serde_json::Value = serde_json::from_str(&text.to_body()).unwrap();
         assert_eq!(
             json,
-            serde_json::json!({"v":1,"type":"text","key_id":"00112233445566ff","token":"gAAAA"})
+            serde_json::json!({"v":2,"type":"text","key_id":"00112233445566ff","token":"gAAAA"})
         );
         let parsed = Envelope::from_body(
-            r#"{"v":1,"type":"offer","key_id":"00112233445566ff","wrapped":"d3JhcHBlZA==","sig":"c2ln"}"#,
+            r#"{"v":2,"type":"offer","key_id":"00112233445566ff","wrapped":"d3JhcHBlZA==","sig":"c2ln"}"#,
         )
         .unwrap();
         assert_eq!(parsed, offer);
@@ -1445,10 +1450,10 @@ mod tests {
         for body in [
             "",
             "{}",
-            r#"{"v":2,"type":"text","key_id":"00112233445566ff","token":"t"}"#,
-            r#"{"v":1,"type":"shout","key_id":"00112233445566ff","token":"t"}"#,
-            r#"{"v":1,"type":"text","key_id":"ABC","token":"t"}"#,
-            r#"{"v":1,"type":"text","key_id":"00112233445566ff"}"#,
+            r#"{"v":1,"type":"text","key_id":"00112233445566ff","token":"t"}"#,
+            r#"{"v":2,"type":"shout","key_id":"00112233445566ff","token":"t"}"#,
+            r#"{"v":2,"type":"text","key_id":"ABC","token":"t"}"#,
+            r#"{"v":2,"type":"text","key_id":"00112233445566ff"}"#,
         ] {
             let r = Envelope::from_body(body);
             assert!(matches!(r, Err(E2eError::BadPayload(_))), "{body}: {r:?}");

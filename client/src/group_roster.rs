@@ -4,6 +4,7 @@
 use crate::chat::Chat;
 use crate::error::ClientError;
 use crate::roster::{self, Roster, RosterError, Statement, NO_PREV};
+use crate::store::RosterFork;
 use fastchat_common::proto::{ClientToRelay, ErrorCode, RelayToClient};
 
 /// Tries to append one statement when other members append at the same time.
@@ -19,7 +20,9 @@ impl Chat {
     pub fn roster(&mut self, group_id: i64) -> Result<Option<Roster>, ClientError> {
         let mut roster = self.store.roster(group_id)?;
         loop {
-            let from_seq = roster.as_ref().map_or(0, |r| r.seq + 1);
+            // From the last statement verified here (it must come back unchanged), or
+            // from the creation.
+            let from_seq = roster.as_ref().map_or(0, |r| r.seq);
             let reply = self.request(
                 |id| ClientToRelay::RosterGet {
                     id,
@@ -31,11 +34,19 @@ impl Chat {
             let RelayToClient::Roster { statements, .. } = reply else {
                 return Err(ClientError::Protocol(format!("{reply:?}")));
             };
+            let mut statements = statements
+                .iter()
+                .map(|json| Statement::from_json(json))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(untrusted(group_id))?;
+            if let Some(r) = &roster {
+                self.check_head(r, statements.first())?;
+                statements.remove(0);
+            }
             if statements.is_empty() {
                 break;
             }
-            for json in statements {
-                let statement = Statement::from_json(&json).map_err(untrusted(group_id))?;
+            for statement in statements {
                 if statement.group_id != group_id {
                     return Err(untrusted(group_id)(RosterError::Broken {
                         group_id,
@@ -53,6 +64,47 @@ impl Chat {
             self.store.put_roster(r)?;
         }
         Ok(roster)
+    }
+
+    /// The relay's statement at the place of `r`'s last must be that one. Another one,
+    /// signed and naming the same previous statement, proves that the server shows two
+    /// histories of the group: kept as evidence and said.
+    fn check_head(&mut self, r: &Roster, first: Option<&Statement>) -> Result<(), ClientError> {
+        let group_id = r.group_id;
+        let broken = |why: String| {
+            untrusted(group_id)(RosterError::Broken {
+                group_id,
+                seq: r.seq,
+                why,
+            })
+        };
+        let Some(theirs) = first else {
+            return Err(broken("the server no longer shows it".into()));
+        };
+        if theirs.seq == r.seq && theirs.hash() == r.head {
+            return Ok(());
+        }
+        let key = self.pinned_key(&theirs.by)?;
+        if roster::verify(theirs, &key).is_ok() && roster::forks(r, theirs) {
+            let ours = r.last.clone().expect("forks() needs the last statement");
+            self.store.put_roster_fork(&RosterFork {
+                group_id,
+                seq: r.seq,
+                ours: ours.to_json(),
+                theirs: theirs.to_json(),
+                seen_ms: fastchat_common::time::now_ms(),
+            })?;
+            return Err(ClientError::Protocol(format!(
+                "WARNING: the server shows two histories of group #{group_id}: statement {} \
+                 is {} {} by {} here and {} {} by {} there, both signed and following the \
+                 same statement. The server is misbehaving; nobody is handed the group's \
+                 key. Both are kept as evidence (`fastchat group evidence #{group_id}`).",
+                r.seq, ours.op, ours.user, ours.by, theirs.op, theirs.user, theirs.by
+            )));
+        }
+        Err(broken(
+            "the server shows another statement in its place than the one verified here".into(),
+        ))
     }
 
     /// Signs `op` of `user` on the chain's head and appends it; when another member

@@ -161,6 +161,9 @@ impl Chat {
     }
 
     /// Removes `user` (admins only) and rotates the key so they cannot read what follows.
+    /// The relay's refusals (not an admin, not a member) come first, as for every
+    /// change; the remover itself rotates, so other admins need not see the signed
+    /// `remove` before the relay's `removed` event.
     pub fn group_remove(&mut self, group_id: i64, user: &str) -> Result<GroupSummary, ClientError> {
         let reply = self.group_request(|id| ClientToRelay::GroupRemove {
             id,

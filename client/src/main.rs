@@ -149,8 +149,12 @@ enum GroupCommand {
     /// Leave the group (if you are its last admin, the longest-standing member
     /// becomes admin).
     Leave { name: String },
-    /// List the group's members and their roles.
+    /// List the group's members and their roles (marking any the relay lists that
+    /// the group's signed roster does not show).
     Members { name: String },
+    /// Print the proof kept when the server showed two histories of the group: both
+    /// signed statements, as one JSON object per line.
+    Evidence { name: String },
     /// List your groups.
     List,
 }
@@ -787,12 +791,48 @@ fn group(chat: &mut Chat, command: &GroupCommand) -> Result<(), ClientError> {
             let g = chat.resolve_group(name)?;
             let (g, members) = chat.group_members(g.group_id)?;
             show(&g);
-            for m in members {
-                if m.role == "admin" {
-                    println!("  {} (admin)", m.user);
-                } else {
-                    println!("  {}", m.user);
+            let roster = match chat.roster(g.group_id) {
+                Ok(r) => r,
+                Err(ClientError::Protocol(why)) => {
+                    eprintln!("{why}");
+                    None
                 }
+                Err(e) => return Err(e),
+            };
+            for m in members {
+                let role = if m.role == "admin" { " (admin)" } else { "" };
+                let unsigned = if roster.as_ref().is_some_and(|r| r.is_member(&m.user)) {
+                    ""
+                } else {
+                    " (NOT in the signed roster: gets no key)"
+                };
+                println!("  {}{role}{unsigned}", m.user);
+            }
+        }
+        GroupCommand::Evidence { name } => {
+            // By #ID without asking the relay (the group may be gone from there).
+            let group_id = match name.strip_prefix('#').and_then(|n| n.parse::<i64>().ok()) {
+                Some(id) => id,
+                None => chat.resolve_group(name)?.group_id,
+            };
+            let forks = chat.store().roster_forks(group_id)?;
+            if forks.is_empty() {
+                eprintln!("no evidence kept for group #{group_id}");
+            }
+            for f in forks {
+                let statement = |json: &str| {
+                    serde_json::from_str::<serde_json::Value>(json).unwrap_or(json.into())
+                };
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "group_id": f.group_id,
+                        "seq": f.seq,
+                        "ours": statement(&f.ours),
+                        "theirs": statement(&f.theirs),
+                        "seen_ms": f.seen_ms,
+                    })
+                );
             }
         }
         GroupCommand::List => {

@@ -123,6 +123,10 @@ pub struct Roster {
     pub epoch: i32,
     /// (user, role): `admin` or `member`.
     pub members: Vec<(String, String)>,
+    /// The last statement applied (whose hash is `head`): what a different statement
+    /// at its place is compared with (two of them prove a misbehaving server).
+    #[serde(default)]
+    pub last: Option<Statement>,
 }
 
 impl Roster {
@@ -157,6 +161,26 @@ pub enum RosterError {
     BadSignature { group_id: i64, seq: i32, by: String },
 }
 
+/// Checks `s`'s signature against its signer's pinned key `by_key`.
+pub fn verify(s: &Statement, by_key: &PeerKey) -> Result<(), RosterError> {
+    let bad = || RosterError::BadSignature {
+        group_id: s.group_id,
+        seq: s.seq,
+        by: s.by.clone(),
+    };
+    let sig = STANDARD.decode(&s.sig).map_err(|_| bad())?;
+    by_key.verify(&s.signed(), &sig).map_err(|_| bad())
+}
+
+/// Whether `theirs`, a statement that verified, proves with `roster` that the server
+/// shows two histories of one group: it stands at the place of the roster's last
+/// statement and names the same previous statement, but is another one.
+pub fn forks(roster: &Roster, theirs: &Statement) -> bool {
+    roster.last.as_ref().is_some_and(|ours| {
+        ours.seq == theirs.seq && ours.prev == theirs.prev && ours.hash() != theirs.hash()
+    })
+}
+
 /// Applies `s` (whose signer's pinned key is `by_key`) to `roster` (`None` before the
 /// creation): the new roster, or why `s` does not follow.
 pub fn apply(
@@ -169,20 +193,7 @@ pub fn apply(
         seq: s.seq,
         why: why.to_string(),
     };
-    let sig = STANDARD
-        .decode(&s.sig)
-        .map_err(|_| RosterError::BadSignature {
-            group_id: s.group_id,
-            seq: s.seq,
-            by: s.by.clone(),
-        })?;
-    if by_key.verify(&s.signed(), &sig).is_err() {
-        return Err(RosterError::BadSignature {
-            group_id: s.group_id,
-            seq: s.seq,
-            by: s.by.clone(),
-        });
-    }
+    verify(s, by_key)?;
     if s.epoch != Statement::epoch_after(roster, &s.op) {
         return Err(broken("its epoch does not follow the chain"));
     }
@@ -196,6 +207,7 @@ pub fn apply(
             head: s.hash(),
             epoch: s.epoch,
             members: vec![(s.by.clone(), "admin".into())],
+            last: Some(s.clone()),
         });
     };
     if s.group_id != r.group_id {
@@ -237,6 +249,7 @@ pub fn apply(
         head: s.hash(),
         epoch: s.epoch,
         members,
+        last: Some(s.clone()),
     })
 }
 
@@ -347,5 +360,23 @@ mod tests {
             .unwrap();
         s.user = "mallory".into();
         assert!(apply(Some(&r), &s, id("alice").peer_key()).is_err());
+    }
+
+    #[test]
+    fn two_statements_at_one_place_prove_a_fork() {
+        let r = step(None, "create", "alice", "alice").unwrap();
+        let r = step(Some(&r), "add", "bob", "alice").unwrap();
+        let r = step(Some(&r), "promote", "bob", "alice").unwrap();
+        let ours = step(Some(&r), "add", "carol", "alice").unwrap();
+        let theirs = step(Some(&r), "add", "dave", "bob").unwrap();
+        let theirs = theirs.last.unwrap();
+        assert!(forks(&ours, &theirs));
+        assert!(!forks(&ours, ours.last.as_ref().unwrap()), "the same one");
+        // Another place, or another previous statement, is no proof of a fork.
+        let later = step(Some(&ours), "add", "erin", "alice").unwrap();
+        assert!(!forks(&later, &theirs));
+        assert!(!forks(&r, &theirs));
+        assert!(verify(&theirs, id("bob").peer_key()).is_ok());
+        assert!(verify(&theirs, id("alice").peer_key()).is_err());
     }
 }

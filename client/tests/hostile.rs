@@ -162,12 +162,12 @@ fn relay_survives_bad_input() {
     for frames in [
         vec![&br#"{"t":"send","id":1,"to":"bob","body":"x"}"#[..]],
         vec![
-            &br#"{"t":"hello","version":1}"#[..],
+            &br#"{"t":"hello","version":2}"#[..],
             &br#"{"t":"send","id":1,"to":"bob","body":"x"}"#[..],
         ],
         vec![
-            &br#"{"t":"hello","version":1}"#[..],
-            &br#"{"t":"hello","version":1}"#[..],
+            &br#"{"t":"hello","version":2}"#[..],
+            &br#"{"t":"hello","version":2}"#[..],
         ],
         vec![&br#"{"t":"auth","user":"bob","ticket":"00"}"#[..]],
     ] {
@@ -197,7 +197,7 @@ fn relay_survives_bad_input() {
 
     // A frame split across many writes still works (not an error).
     let mut link = relay_link(&net);
-    let hello = raw_frame(br#"{"t":"hello","version":1}"#);
+    let hello = raw_frame(br#"{"t":"hello","version":2}"#);
     for b in &hello {
         send_raw(&mut link, &[*b]);
     }
@@ -250,7 +250,7 @@ fn auth_server_survives_bad_input() {
         ),
         (
             vec![
-                &br#"{"t":"hello","version":1}"#[..],
+                &br#"{"t":"hello","version":2}"#[..],
                 &br#"{"t":"login","id":"one"}"#[..],
             ],
             ErrorCode::BadFrame,
@@ -264,7 +264,7 @@ fn auth_server_survives_bad_input() {
 
     // Registration input is checked, without closing the connection.
     let mut link = auth_link(&net);
-    send_raw(&mut link, &raw_frame(br#"{"t":"hello","version":1}"#));
+    send_raw(&mut link, &raw_frame(br#"{"t":"hello","version":2}"#));
     for (frame, code) in [
         (
             &br#"{"t":"register","id":1,"user":"Bad Name","password":"longenough","pubkey":"x"}"#[..],
@@ -326,7 +326,7 @@ fn random_frames_never_hurt_the_relay() {
         for _ in 0..(next() % 6) {
             let tag = tags[(next() % tags.len() as u64) as usize];
             let json = match next() % 4 {
-                0 => format!(r#"{{"t":"{tag}","version":1}}"#),
+                0 => format!(r#"{{"t":"{tag}","version":2}}"#),
                 1 => format!(
                     r#"{{"t":"{tag}","id":{},"to":"bob","body":"{}"}}"#,
                     next(),

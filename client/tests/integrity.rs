@@ -359,7 +359,9 @@ fn an_altered_roster_is_a_warning_and_takes_no_grant() {
     }
     let mut alice = net.login("alice");
     let g = alice.group_create("crew").unwrap();
-    // The operator rewrites the creation so that it names someone else.
+    alice.group_add(g.group_id, "bob").unwrap();
+    // The operator rewrites the creation so that it names someone else. Bob has not
+    // verified the chain yet: the grant alice sent him cannot be checked against it.
     db(&net)
         .execute(
             "UPDATE group_roster SET body = replace(body, '\"user\":\"alice\"', '\"user\":\"mallory\"')
@@ -367,13 +369,6 @@ fn an_altered_roster_is_a_warning_and_takes_no_grant() {
             &[&g.group_id],
         )
         .unwrap();
-    // Alice has verified her own chain already; bob has not: the grant alice sends
-    // him cannot be checked against it.
-    let err = alice.group_add(g.group_id, "bob");
-    assert!(
-        err.is_ok(),
-        "alice appends on the chain she verified: {err:?}"
-    );
     alice
         .send_text("bob", "a direct message still arrives")
         .unwrap();
@@ -394,6 +389,16 @@ fn an_altered_roster_is_a_warning_and_takes_no_grant() {
         texts(&events).contains(&("alice".into(), "a direct message still arrives".into())),
         "{events:?}"
     );
+    // Alice's own last statement altered: she is told at her next look at the chain.
+    db(&net)
+        .execute(
+            "UPDATE group_roster SET body = replace(body, '\"user\":\"bob\"', '\"user\":\"mallory\"')
+             WHERE group_id = $1 AND seq = 1",
+            &[&g.group_id],
+        )
+        .unwrap();
+    let err = alice.roster(g.group_id).unwrap_err().to_string();
+    assert!(err.contains("does not verify"), "{err}");
 }
 
 #[test]
@@ -440,4 +445,49 @@ fn a_hidden_roster_hands_the_relay_no_say() {
         "said: {events:?}"
     );
     assert_eq!(bob.group_key_epoch(g.group_id), None, "no key taken");
+}
+
+#[test]
+fn two_histories_of_a_group_are_kept_as_evidence_and_said() {
+    let net = TestNet::start();
+    for u in ["alice", "bob", "carol", "dave"] {
+        net.register(u);
+    }
+    let mut alice = net.login("alice");
+    let g = alice.group_create("crew").unwrap();
+    alice.group_add(g.group_id, "bob").unwrap();
+    alice.group_promote(g.group_id, "bob").unwrap();
+    let mut bob = net.login("bob");
+    events_for(&mut bob, 2);
+    assert!(bob.roster(g.group_id).unwrap().is_some_and(|r| r.seq == 2));
+    // Alice adds carol (statement 3); the operator then takes it away, so that bob's
+    // next change is accepted at the same place: two histories of one group.
+    alice.group_add(g.group_id, "carol").unwrap();
+    db(&net)
+        .execute(
+            "DELETE FROM group_roster WHERE group_id = $1 AND seq = 3",
+            &[&g.group_id],
+        )
+        .unwrap();
+    bob.group_add(g.group_id, "dave").unwrap();
+    // Alice sees a statement 3 that is not hers, signed, naming the same previous one.
+    let err = alice.roster(g.group_id).unwrap_err().to_string();
+    assert!(err.contains("two histories"), "{err}");
+    let forks = alice.store().roster_forks(g.group_id).unwrap();
+    assert_eq!(forks.len(), 1, "{forks:?}");
+    assert!(forks[0].ours.contains("\"carol\"") && forks[0].theirs.contains("\"dave\""));
+    alice.close();
+    // And the evidence can be printed.
+    let out = net
+        .fastchat("alice")
+        .args(["group", "evidence", &format!("#{}", g.group_id)])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let line: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+    assert_eq!(line["seq"], 3);
+    assert_eq!(line["ours"]["user"], "carol");
+    assert_eq!(line["theirs"]["user"], "dave");
+    assert_eq!(line["ours"]["prev"], line["theirs"]["prev"]);
 }

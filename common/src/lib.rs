@@ -31,4 +31,4 @@ pub mod startup;
 pub mod time;
 
 /// Version stated by the first frame on every link.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;

@@ -1,6 +1,6 @@
 //! The client's at-rest store: identity, pinned peer keys, conversation and group keys,
 //! duplicate detection, the inbox of messages not opened yet, and history — an embedded
-//! SQLite database (format 2), safe for several processes of one user at once.
+//! SQLite database (format 3), safe for several processes of one user at once.
 //!
 //! # Location and permissions
 //!
@@ -36,7 +36,7 @@ mod state;
 pub use history::HistoryRow;
 pub use keys::MakeCurrent;
 pub use legacy::StoreData;
-pub use state::InboxRow;
+pub use state::{InboxRow, RosterFork};
 
 use kdf::KdfHeader;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior};

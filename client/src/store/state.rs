@@ -9,6 +9,19 @@ use std::collections::BTreeMap;
 /// handle (so they may briefly hold this many more).
 const PRUNE_EVERY: u64 = 1024;
 
+/// Proof that a server showed two histories of one group (PROTOCOL.md §7.9): the
+/// statement this client verified and another, both signed, at one place of the chain
+/// and naming the same previous statement. Statements as the relay's JSON.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RosterFork {
+    pub group_id: i64,
+    pub seq: i32,
+    pub ours: String,
+    pub theirs: String,
+    /// When this client saw it, unix ms.
+    pub seen_ms: u64,
+}
+
 /// A stored message not opened yet, with its recovery state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InboxRow {
@@ -312,6 +325,48 @@ impl Store {
             )?;
             Ok(())
         })
+    }
+
+    /// Keeps proof of a misbehaving server: two signed statements at one place of
+    /// group `fork.group_id`'s chain (kept once each).
+    pub fn put_roster_fork(&mut self, fork: &RosterFork) -> Result<(), StoreError> {
+        if self
+            .roster_forks(fork.group_id)?
+            .iter()
+            .any(|f| f.theirs == fork.theirs)
+        {
+            return Ok(());
+        }
+        let rec = self.sealer.seal(fork);
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO roster_forks (group_id, rec) VALUES (?1, ?2)",
+                params![fork.group_id, rec],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// The proofs kept for group `group_id`, oldest first.
+    pub fn roster_forks(&self, group_id: i64) -> Result<Vec<RosterFork>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT rec FROM roster_forks WHERE group_id = ?1 ORDER BY id")
+            .map_err(|e| self.db_error(e))?;
+        let recs: Vec<String> = stmt
+            .query_map([group_id], |r| r.get(0))
+            .and_then(|rows| rows.collect())
+            .map_err(|e| self.db_error(e))?;
+        let forks: Vec<RosterFork> = recs
+            .iter()
+            .map(|r| self.sealer.open(r, "roster_forks"))
+            .collect::<Result<_, _>>()?;
+        if forks.iter().any(|f| f.group_id != group_id) {
+            return Err(StoreError::Corrupt(format!(
+                "a roster_forks row of group {group_id} was altered"
+            )));
+        }
+        Ok(forks)
     }
 
     /// The saved resumption credential for auth server `server`.
