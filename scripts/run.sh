@@ -214,6 +214,10 @@ print_usage_hint() {
     for name in $(known_relays); do
         live_pid "$name" >/dev/null && relays+=("127.0.0.1:$(relay_port "${name#relay-}")")
     done
+    # The client's default server is 127.0.0.1:7400; anything else goes in the hint.
+    if [ "$AUTH_PORT" != 7400 ]; then
+        client="$client --server 127.0.0.1:$AUTH_PORT"
+    fi
     cat <<EOF
 FastChat is running: auth 127.0.0.1:$AUTH_PORT, relays ${relays[*]:-none}
 Chat in the terminal UI (in two terminals; it offers to register a new name):

@@ -352,7 +352,7 @@ impl ConversationKey {
     /// If the operating system RNG fails (as `Fernet::encrypt` itself would for its IV).
     pub fn generate() -> ConversationKey {
         ConversationKey {
-            id: to_hex(&os_random::<8>()),
+            id: fastchat_common::hex::encode(&os_random::<8>()),
             key: URL_SAFE.encode(os_random::<32>()),
         }
     }
@@ -681,7 +681,7 @@ pub fn seal_group_text(
 /// # Panics
 /// If the operating system RNG fails.
 pub fn new_message_id() -> String {
-    to_hex(&os_random::<16>())
+    fastchat_common::hex::encode(&os_random::<16>())
 }
 
 /// Wraps `key` for `peer` and signs the offer as `me`.
@@ -983,15 +983,6 @@ fn is_lower_hex(s: &str, len: usize) -> bool {
     s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
-fn to_hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for &b in bytes {
-        out.push(char::from(DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
-    }
-    out
-}
 
 /// `N` bytes from the OS RNG, or a clear error.
 pub(crate) fn try_os_random<const N: usize>() -> Result<[u8; N], E2eError> {
