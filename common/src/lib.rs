@@ -7,6 +7,7 @@
 //! - [`proto`]: the protocol types of every link, one enum per direction.
 //! - [`link`]: a blocking Noise link over `std::net::TcpStream` (clients, tests).
 //! - [`conn`]: a non-blocking server connection for a mio poll loop.
+//! - [`reactor`]: the poll loop both servers run on (connections, accept, read, flush).
 //! - [`pool`]: the fixed worker pool with batching that servers feed over channels.
 //! - [`limits`]: connection caps and token buckets for what strangers can cost.
 //! - [`db`]: the PostgreSQL connection pool and schema migrations.
@@ -27,6 +28,7 @@ pub mod log;
 pub mod noise;
 pub mod pool;
 pub mod proto;
+pub mod reactor;
 pub mod startup;
 pub mod time;
 

@@ -1,0 +1,352 @@
+//! The client link of the auth server: `hello`, then registrations, logins,
+//! resumptions, logouts and password changes (at most [`MAX_IN_FLIGHT`] at once), each
+//! a worker job; a login that passes becomes a ticket its relay must confirm before the
+//! client is redirected.
+
+use super::{version_error, Core, PeerState, Peers, PendingRedirect};
+use crate::accounts::{self, Credential, Done, Job};
+use fastchat_common::proto::{
+    valid_user_name, AuthToClient, AuthToRelay, ClientToAuth, ErrorCode, ErrorFrame,
+};
+use fastchat_common::reactor::Link;
+use fastchat_common::{hex, info, PROTOCOL_VERSION};
+use mio::Token;
+use std::time::{Duration, Instant};
+
+/// How long a relay has to confirm a ticket before the login fails over or fails.
+const TICKET_CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
+/// Requests a client may have in flight at once.
+const MAX_IN_FLIGHT: u32 = 4;
+
+impl Core {
+    pub(super) fn client_frame(&mut self, io: &mut Peers, token: Token, frame: ClientToAuth) {
+        let Some(peer) = io.get_mut(token) else {
+            return;
+        };
+        let addr = peer.conn.peer.ip();
+        match (&mut peer.state, frame) {
+            (PeerState::ClientAwaitingHello, ClientToAuth::Hello { version }) => {
+                if version != PROTOCOL_VERSION {
+                    return self.fail(io, token, version_error(version));
+                }
+                peer.state = PeerState::ClientReady { in_flight: 0 };
+                peer.conn.queue(&AuthToClient::Hello {
+                    version: PROTOCOL_VERSION,
+                });
+            }
+            (PeerState::ClientReady { in_flight }, _) if *in_flight >= MAX_IN_FLIGHT => {
+                self.fail(
+                    io,
+                    token,
+                    ErrorFrame::new(None, ErrorCode::BadState, "too many requests in flight"),
+                );
+            }
+            (
+                PeerState::ClientReady { in_flight },
+                ClientToAuth::Register {
+                    id,
+                    user,
+                    password,
+                    pubkey,
+                },
+            ) => {
+                if let Err((code, message)) =
+                    accounts::check_registration(&user, &password, &pubkey)
+                {
+                    return self.reply_error(io, token, id, code, &message);
+                }
+                *in_flight += 1;
+                let job = Job::Register {
+                    conn: token,
+                    req: id,
+                    user,
+                    password,
+                    pubkey,
+                };
+                self.pool.submit(job.shard(), job);
+            }
+            (PeerState::ClientReady { in_flight }, ClientToAuth::Login { id, user, password }) => {
+                if !valid_user_name(&user) || password.len() > accounts::MAX_PASSWORD_BYTES {
+                    return self.reply_error(
+                        io,
+                        token,
+                        id,
+                        ErrorCode::BadCredentials,
+                        "unknown user or wrong password",
+                    );
+                }
+                if let Err(wait) = self.limiter.begin(&user, addr, Instant::now()) {
+                    info!("login for {user} from {addr} rate limited");
+                    return self.rate_limited(io, token, id, wait);
+                }
+                *in_flight += 1;
+                let job = Job::Login {
+                    conn: token,
+                    req: id,
+                    user,
+                    password,
+                    addr,
+                };
+                self.pool.submit(job.shard(), job);
+            }
+            (
+                PeerState::ClientReady { in_flight },
+                ClientToAuth::Resume {
+                    id,
+                    user,
+                    credential,
+                },
+            ) => {
+                if !valid_user_name(&user) || credential.len() > 128 {
+                    return self.reply_error(
+                        io,
+                        token,
+                        id,
+                        ErrorCode::BadCredentials,
+                        "unknown user or bad credential",
+                    );
+                }
+                if let Err(wait) = self.limiter.begin(&user, addr, Instant::now()) {
+                    return self.rate_limited(io, token, id, wait);
+                }
+                *in_flight += 1;
+                let job = Job::Resume {
+                    conn: token,
+                    req: id,
+                    user,
+                    credential,
+                    addr,
+                };
+                self.pool.submit(job.shard(), job);
+            }
+            (
+                PeerState::ClientReady { in_flight },
+                ClientToAuth::Logout {
+                    id,
+                    user,
+                    credential,
+                },
+            ) => {
+                if !valid_user_name(&user) || credential.len() > 128 {
+                    io.send(token, &AuthToClient::LoggedOut { id });
+                    return;
+                }
+                *in_flight += 1;
+                let job = Job::Logout {
+                    conn: token,
+                    req: id,
+                    user,
+                    credential,
+                };
+                self.pool.submit(job.shard(), job);
+            }
+            (
+                PeerState::ClientReady { in_flight },
+                ClientToAuth::ChangePassword {
+                    id,
+                    user,
+                    old_password,
+                    new_password,
+                },
+            ) => {
+                if new_password.chars().count() < accounts::MIN_PASSWORD_CHARS
+                    || new_password.len() > accounts::MAX_PASSWORD_BYTES
+                {
+                    return self.reply_error(
+                        io,
+                        token,
+                        id,
+                        ErrorCode::WeakPassword,
+                        &format!(
+                            "passwords must be at least {} characters",
+                            accounts::MIN_PASSWORD_CHARS
+                        ),
+                    );
+                }
+                if !valid_user_name(&user) || old_password.len() > accounts::MAX_PASSWORD_BYTES {
+                    return self.reply_error(
+                        io,
+                        token,
+                        id,
+                        ErrorCode::BadCredentials,
+                        "unknown user or wrong password",
+                    );
+                }
+                if let Err(wait) = self.limiter.begin(&user, addr, Instant::now()) {
+                    return self.rate_limited(io, token, id, wait);
+                }
+                *in_flight += 1;
+                let job = Job::ChangePassword {
+                    conn: token,
+                    req: id,
+                    user,
+                    old_password,
+                    new_password,
+                    addr,
+                };
+                self.pool.submit(job.shard(), job);
+            }
+            (_, frame) => self.fail(
+                io,
+                token,
+                ErrorFrame::new(
+                    None,
+                    ErrorCode::BadState,
+                    format!("{} is not allowed now", frame_name(&frame)),
+                ),
+            ),
+        }
+        io.touch(token);
+    }
+
+    pub(super) fn rate_limited(&mut self, io: &mut Peers, token: Token, id: u64, wait: Duration) {
+        let e = ErrorFrame::rate_limited(
+            Some(id),
+            format!(
+                "too many failed logins; try again in {} s",
+                wait.as_secs().max(1)
+            ),
+            wait.as_millis().try_into().unwrap_or(u64::MAX),
+        );
+        io.send(token, &AuthToClient::Error(e));
+    }
+
+    pub(super) fn complete(&mut self, io: &mut Peers, done: Done) {
+        match done {
+            Done::Registered { conn, req, user } => {
+                info!("registered {user}");
+                self.counters.registrations += 1;
+                self.release(io, conn);
+                io.send(conn, &AuthToClient::Registered { id: req, user });
+            }
+            Done::LoggedIn {
+                conn,
+                req,
+                user,
+                user_id,
+                addr,
+                credential,
+            } => {
+                self.limiter.succeeded(&user, addr);
+                if credential.is_some() {
+                    self.counters.logins += 1;
+                } else {
+                    self.counters.resumes += 1;
+                }
+                if io.contains(conn) {
+                    self.dispatch_ticket(io, conn, req, user, user_id, credential);
+                } else {
+                    self.release(io, conn);
+                }
+            }
+            Done::LoggedOut { conn, req } => {
+                self.release(io, conn);
+                io.send(conn, &AuthToClient::LoggedOut { id: req });
+            }
+            Done::PasswordChanged {
+                conn,
+                req,
+                user,
+                addr,
+            } => {
+                info!("{user} changed their password; resumption credentials revoked");
+                self.limiter.succeeded(&user, addr);
+                self.release(io, conn);
+                io.send(conn, &AuthToClient::PasswordChanged { id: req });
+            }
+            Done::Refused {
+                conn,
+                req,
+                code,
+                message,
+                login,
+            } => {
+                if let Some((user, addr)) = login {
+                    info!("failed login for {user} from {addr}: {code:?}");
+                    self.counters.failed_logins += 1;
+                }
+                self.release(io, conn);
+                self.reply_error(io, conn, req, code, &message);
+            }
+        }
+    }
+
+    pub(super) fn redirect(&mut self, io: &mut Peers, p: PendingRedirect, ticket: &str) {
+        let Some(relay) = self.directory.get(p.relay) else {
+            return self.reply_error(io, p.client, p.req, ErrorCode::NoRelay, "relay went away");
+        };
+        let frame = AuthToClient::Redirect {
+            id: p.req,
+            user: p.user.clone(),
+            relay_addr: relay.client_addr.clone(),
+            relay_key: relay.static_key.clone(),
+            ticket: ticket.to_string(),
+            credential_expires_ms: p.credential.as_ref().map(|c| c.expires_ms),
+            credential: p.credential.map(|c| c.secret),
+            relays: self.directory.client_addrs(),
+        };
+        info!("{} logged in, sent to {}", p.user, relay.relay_id);
+        io.send(p.client, &frame);
+        self.release(io, p.client);
+    }
+
+    /// One request of the client finished.
+    pub(super) fn release(&mut self, io: &mut Peers, token: Token) {
+        if let Some(Link {
+            state: PeerState::ClientReady { in_flight },
+            ..
+        }) = io.get_mut(token)
+        {
+            *in_flight = in_flight.saturating_sub(1);
+        }
+    }
+
+    /// Mints a ticket for the user and pushes it to the least-loaded relay.
+    pub(super) fn dispatch_ticket(
+        &mut self,
+        io: &mut Peers,
+        client: Token,
+        req: u64,
+        user: String,
+        user_id: i64,
+        credential: Option<Credential>,
+    ) {
+        let Some((relay, _)) = self.directory.pick_least_loaded() else {
+            self.release(io, client);
+            return self.reply_error(io, client, req, ErrorCode::NoRelay, "no relay is available");
+        };
+        let ticket = hex::encode(&rand::random::<[u8; 16]>());
+        if let Some(peer) = io.get_mut(relay) {
+            peer.conn.queue(&AuthToRelay::Ticket {
+                ticket: ticket.clone(),
+                user: user.clone(),
+                user_id,
+                ttl_ms: self.cfg.ticket_ttl_secs * 1000,
+            });
+            io.touch(relay);
+        }
+        self.pending.insert(
+            ticket,
+            PendingRedirect {
+                client,
+                req,
+                user,
+                user_id,
+                relay,
+                deadline: Instant::now() + TICKET_CONFIRM_TIMEOUT,
+                credential,
+            },
+        );
+    }
+}
+
+fn frame_name(frame: &ClientToAuth) -> &'static str {
+    match frame {
+        ClientToAuth::Hello { .. } => "hello",
+        ClientToAuth::Register { .. } => "register",
+        ClientToAuth::Login { .. } => "login",
+        ClientToAuth::Resume { .. } => "resume",
+        ClientToAuth::Logout { .. } => "logout",
+        ClientToAuth::ChangePassword { .. } => "change_password",
+    }
+}
