@@ -11,7 +11,7 @@
 use crate::connect::{AuthLink, RelayLink, RelayTarget};
 use crate::e2e::{self, ConversationKey, Envelope, Identity, PeerKey, TextPayload};
 use crate::error::ClientError;
-use crate::replay::{Verdict, WINDOW};
+use crate::replay::{Verdict, MAX_JUMP, WINDOW};
 use crate::store::{
     DeliveryState, HistoryEntry, InboxEntry, MakeCurrent, PeerEntry, ResumeCredential, Store,
 };
@@ -719,8 +719,7 @@ impl Chat {
             let offer = e2e::make_offer(&self.identity, self.user(), to, &peer_key, &key)?;
             bodies.push(offer.to_body());
         }
-        let n = self.store.next_counter(to)?;
-        let ctx = e2e::Context::direct(self.user(), to).numbered(n);
+        let ctx = e2e::Context::direct(self.user(), to).stamped(self.store.next_stamp(to)?);
         bodies.push(e2e::seal_text_in(&key, &payload, &ctx)?.to_body());
         if record {
             self.record_outgoing(to, None, &payload)?;
@@ -1190,17 +1189,17 @@ impl Chat {
                 };
                 let me = self.user().to_string();
                 let ctx = e2e::Context::direct(&m.from, &me);
-                let (payload, n) = match e2e::open_text_in(&key, &token, &ctx) {
+                let (payload, stamp) = match e2e::open_text_in(&key, &token, &ctx) {
                     Ok(p) => p,
                     Err(e) => return undecryptable(e.to_string()),
                 };
                 let from = m.from.clone();
-                if let Some(why) = self.replayed(&from, &from, n, held)? {
-                    return undecryptable(why);
+                if let Some(instead) = self.not_fresh(&m, &from, &stamp, held)? {
+                    return Ok(instead);
                 }
                 let opened = self.open_pairwise(m, payload)?;
                 // Marked once acted on: a crash in between opens it again (idempotent).
-                self.store.replay_mark(&from, &from, n)?;
+                self.store.replay_mark(&from, &from, &stamp)?;
                 Ok(opened)
             }
             Envelope::GroupText {
@@ -1242,24 +1241,37 @@ impl Chat {
         }
     }
 
-    /// Why a payload of `from` in `conv` with counter `n` is refused as a replay
-    /// (`None`: it is fresh). See the replay module.
-    pub(crate) fn replayed(
+    /// What to do instead of acting on `m`, a payload of its sender in `conv` with
+    /// `stamp`, if it is not fresh (`None`: it is; see the replay module): one acted on
+    /// already is a duplicate and is dropped quietly (the relay may deliver a re-sent
+    /// copy twice); one out of the window is refused as a replay, and said.
+    pub(crate) fn not_fresh(
         &self,
-        from: &str,
+        m: &InboxEntry,
         conv: &str,
-        n: u64,
+        stamp: &e2e::Stamp,
         held: bool,
-    ) -> Result<Option<String>, ClientError> {
-        Ok(match self.store.replay_verdict(from, conv, n, held)? {
-            Verdict::Fresh => None,
-            Verdict::Seen => Some(format!(
-                "{REFUSED}a replay (counter {n} from {from} was seen before)"
-            )),
-            Verdict::TooOld => Some(format!(
-                "{REFUSED}a replay (counter {n} from {from} is {WINDOW} or more below the newest)"
-            )),
-        })
+    ) -> Result<Option<Opened>, ClientError> {
+        let n = stamp.n;
+        let why = match self.store.replay_verdict(&m.from, conv, stamp, held)? {
+            Verdict::Fresh => return Ok(None),
+            Verdict::Seen => return Ok(Some(Opened::Nothing)),
+            Verdict::TooOld => format!(
+                "{REFUSED}a replay (counter {n} from {} is {WINDOW} or more below the newest)",
+                m.from
+            ),
+            Verdict::TooFar => format!(
+                "{REFUSED}a forged counter ({n} from {} is more than {MAX_JUMP} above the newest)",
+                m.from
+            ),
+        };
+        Ok(Some(Opened::Shown(Event::Undecryptable {
+            msg_id: m.msg_id,
+            from: m.from.clone(),
+            group_id: m.group_id,
+            why,
+            key_changed: false,
+        })))
     }
 
     /// Acts on an opened pairwise text: a group key grant, a file announcement, or a

@@ -93,9 +93,21 @@ pub struct Context {
     /// The group key's epoch (group texts).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epoch: Option<i32>,
-    /// The sender's counter in this conversation (the peer, or the group), from 1: see
-    /// `crate::replay`. Not compared by [`Context::check`]; the receiver's window is.
+    /// The sending store's random id (16 hex): see [`Stamp`].
     #[serde(default)]
+    pub sid: String,
+    /// The sender's counter in this conversation (the peer, or the group), from 1: see
+    /// [`Stamp`]. Not compared by [`Context::check`]; the receiver's window is.
+    #[serde(default)]
+    pub n: u64,
+}
+
+/// Where a payload stands in its sender's sequence (PROTOCOL.md §7.3): the sending
+/// store's random id and its counter in the conversation. Receivers keep a replay
+/// window per (sender, conversation, `sid`) — `crate::replay`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stamp {
+    pub sid: String,
     pub n: u64,
 }
 
@@ -107,6 +119,7 @@ impl Context {
             to: Some(to.to_string()),
             group_id: None,
             epoch: None,
+            sid: String::new(),
             n: 0,
         }
     }
@@ -118,19 +131,21 @@ impl Context {
             to: None,
             group_id: Some(group_id),
             epoch: Some(epoch),
+            sid: String::new(),
             n: 0,
         }
     }
 
-    /// The same context with the sender's counter `n` (what a sender seals).
-    pub fn numbered(mut self, n: u64) -> Context {
-        self.n = n;
+    /// The same context with the sender's stamp (what a sender seals).
+    pub fn stamped(mut self, stamp: Stamp) -> Context {
+        self.sid = stamp.sid;
+        self.n = stamp.n;
         self
     }
 
     /// Refuses a sealed context that is missing, has no counter, or differs from `self`
-    /// (the expected); gives the sealed counter.
-    fn check(&self, sealed: Option<Context>) -> Result<u64, E2eError> {
+    /// (the expected); gives the sealed stamp.
+    fn check(&self, sealed: Option<Context>) -> Result<Stamp, E2eError> {
         match sealed {
             None => Err(E2eError::Context(
                 "the payload names no sender and recipient (an older client, or forged)".into(),
@@ -149,10 +164,10 @@ impl Context {
                     c.group_id, c.epoch, self.group_id, self.epoch
                 )))
             }
-            Some(c) if c.n == 0 => Err(E2eError::Context(
+            Some(c) if c.n == 0 || !is_lower_hex(&c.sid, 16) => Err(E2eError::Context(
                 "the payload carries no counter (an older client, or forged)".into(),
             )),
-            Some(c) => Ok(c.n),
+            Some(c) => Ok(Stamp { sid: c.sid, n: c.n }),
         }
     }
 }
@@ -838,10 +853,10 @@ pub fn open_text_in(
     key: &ConversationKey,
     token: &str,
     expected: &Context,
-) -> Result<(TextPayload, u64), E2eError> {
-    let (payload, n): (TextPayload, u64) = open_in(key, token, "text", expected)?;
+) -> Result<(TextPayload, Stamp), E2eError> {
+    let (payload, stamp): (TextPayload, Stamp) = open_in(key, token, "text", expected)?;
     check_message_id(&payload.mid)?;
-    Ok((payload, n))
+    Ok((payload, stamp))
 }
 
 /// Opens a payload sealed with its context, refusing it unless that is `expected`.
@@ -850,10 +865,10 @@ fn open_in<T: serde::de::DeserializeOwned>(
     token: &str,
     what: &str,
     expected: &Context,
-) -> Result<(T, u64), E2eError> {
+) -> Result<(T, Stamp), E2eError> {
     let sealed: SealedIn<T> = open_json(key, token, what)?;
-    let n = expected.check(sealed.ctx)?;
-    Ok((sealed.payload, n))
+    let stamp = expected.check(sealed.ctx)?;
+    Ok((sealed.payload, stamp))
 }
 
 /// Seals a receipt with its context.
@@ -875,10 +890,10 @@ pub fn open_receipt_in(
     key: &ConversationKey,
     token: &str,
     expected: &Context,
-) -> Result<(ReceiptPayload, u64), E2eError> {
-    let (payload, n): (ReceiptPayload, u64) = open_in(key, token, "receipt", expected)?;
+) -> Result<(ReceiptPayload, Stamp), E2eError> {
+    let (payload, stamp): (ReceiptPayload, Stamp) = open_in(key, token, "receipt", expected)?;
     check_message_id(&payload.mid)?;
-    Ok((payload, n))
+    Ok((payload, stamp))
 }
 
 /// Opens a text token sealed with `key` (without a context check: the load tester's
@@ -982,7 +997,6 @@ fn check_message_id(mid: &str) -> Result<(), E2eError> {
 fn is_lower_hex(s: &str, len: usize) -> bool {
     s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
-
 
 /// `N` bytes from the OS RNG, or a clear error.
 pub(crate) fn try_os_random<const N: usize>() -> Result<[u8; N], E2eError> {
@@ -1227,9 +1241,13 @@ mod tests {
             Envelope::Text { token, .. } => token,
             other => panic!("{other:?}"),
         };
-        let token = sealed(&Context::direct("alice", "bob").numbered(7));
-        let (opened, n) = open_text_in(&key, &token, &Context::direct("alice", "bob")).unwrap();
-        assert_eq!((opened, n), (payload.clone(), 7));
+        let stamp = Stamp {
+            sid: "0123456789abcdef".into(),
+            n: 7,
+        };
+        let token = sealed(&Context::direct("alice", "bob").stamped(stamp.clone()));
+        let opened = open_text_in(&key, &token, &Context::direct("alice", "bob")).unwrap();
+        assert_eq!(opened, (payload.clone(), stamp));
         for wrong in [
             Context::direct("bob", "alice"),
             Context::direct("carol", "bob"),
@@ -1240,11 +1258,19 @@ mod tests {
                 Err(E2eError::Context(_))
             ));
         }
-        let unnumbered = sealed(&Context::direct("alice", "bob"));
-        assert!(matches!(
-            open_text_in(&key, &unnumbered, &Context::direct("alice", "bob")),
-            Err(E2eError::Context(why)) if why.contains("counter")
-        ));
+        let no_sid = Stamp {
+            sid: String::new(),
+            n: 7,
+        };
+        for unstamped in [
+            sealed(&Context::direct("alice", "bob")),
+            sealed(&Context::direct("alice", "bob").stamped(no_sid)),
+        ] {
+            assert!(matches!(
+                open_text_in(&key, &unstamped, &Context::direct("alice", "bob")),
+                Err(E2eError::Context(why)) if why.contains("counter")
+            ));
+        }
     }
 
     #[test]

@@ -264,8 +264,8 @@ impl Chat {
                 ),
             ));
         };
-        let n = self.store.next_counter(&conversation(group_id))?;
-        let ctx = e2e::Context::group(self.user(), group_id, epoch).numbered(n);
+        let stamp = self.store.next_stamp(&conversation(group_id))?;
+        let ctx = e2e::Context::group(self.user(), group_id, epoch).stamped(stamp);
         let body = e2e::seal_group_text_in(&key, &payload, &ctx)?.to_body();
         if record {
             let name = state.map(|s| s.name);
@@ -536,17 +536,17 @@ impl Chat {
                 key_changed: false,
             }))
         };
-        let (payload, n) = match e2e::open_text_in(&key, token, &ctx) {
+        let (payload, stamp) = match e2e::open_text_in(&key, token, &ctx) {
             Ok(p) => p,
             Err(e) => return undecryptable(e.to_string()),
         };
         let (from, conv) = (m.from.clone(), conversation(group_id));
-        if let Some(why) = self.replayed(&from, &conv, n, held)? {
-            return undecryptable(why);
+        if let Some(instead) = self.not_fresh(&m, &conv, &stamp, held)? {
+            return Ok(instead);
         }
         let opened = self.show_group_text(m, group_id, payload)?;
         // Marked once acted on: a crash in between opens it again (idempotent).
-        self.store.replay_mark(&from, &conv, n)?;
+        self.store.replay_mark(&from, &conv, &stamp)?;
         Ok(opened)
     }
 

@@ -106,8 +106,7 @@ impl Chat {
                     ts: time::now_ms(),
                     mids: chunk.to_vec(),
                 };
-                let ctx =
-                    e2e::Context::direct(&me, &peer).numbered(self.store.next_counter(&peer)?);
+                let ctx = e2e::Context::direct(&me, &peer).stamped(self.store.next_stamp(&peer)?);
                 let body = e2e::seal_receipt_in(&key, &payload, &ctx)?.to_body();
                 let id = self.relay.next_id();
                 self.relay.queue(&ClientToRelay::Send {
@@ -162,14 +161,15 @@ impl Chat {
     ) -> Result<Opened, ClientError> {
         let key = self.conversation_key(&m.from, key_id)?;
         let ctx = e2e::Context::direct(&m.from, self.user());
-        let Some(Ok((receipt, n))) = key.map(|key| e2e::open_receipt_in(&key, token, &ctx)) else {
+        let Some(Ok((receipt, stamp))) = key.map(|key| e2e::open_receipt_in(&key, token, &ctx))
+        else {
             return Ok(Opened::Nothing);
         };
-        if receipt.mids.len() > MAX_MIDS || self.replayed(&m.from, &m.from, n, false)?.is_some() {
+        if receipt.mids.len() > MAX_MIDS || self.not_fresh(m, &m.from, &stamp, false)?.is_some() {
             return Ok(Opened::Nothing);
         }
         let delivered = self.store.mark_delivered(&m.from, &receipt.mids)?;
-        self.store.replay_mark(&m.from, &m.from, n)?;
+        self.store.replay_mark(&m.from, &m.from, &stamp)?;
         if delivered.is_empty() {
             return Ok(Opened::Nothing);
         }

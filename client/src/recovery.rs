@@ -315,7 +315,7 @@ impl Chat {
                 text: entry.text,
             };
             // A fresh counter: the re-send is a new payload (its `mid` keeps it shown once).
-            let ctx = e2e::Context::direct(&me, peer).numbered(self.store.next_counter(peer)?);
+            let ctx = e2e::Context::direct(&me, peer).stamped(self.store.next_stamp(peer)?);
             bodies.push(e2e::seal_text_in(&key, &payload, &ctx)?.to_body());
         }
         self.deliver(&SendTarget::User(peer.to_string()), &bodies)?;

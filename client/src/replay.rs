@@ -12,6 +12,11 @@
 /// How far below the highest counter seen a counter is still taken (out of order).
 pub const WINDOW: u64 = 1024;
 
+/// How far above the highest counter seen a counter may jump (counters used by sends
+/// that never reached the relay, say). More is refused: a jump to near `u64::MAX` by
+/// someone holding the group key would make every later real one look old.
+pub const MAX_JUMP: u64 = 1 << 20;
+
 /// One (sender, conversation)'s window.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Window {
@@ -30,6 +35,8 @@ pub enum Verdict {
     Seen,
     /// [`WINDOW`] or more below the highest: a replay, or too late to tell.
     TooOld,
+    /// More than [`MAX_JUMP`] above the highest: forged.
+    TooFar,
 }
 
 impl Window {
@@ -40,7 +47,11 @@ impl Window {
             return Verdict::TooOld;
         }
         if n > self.high {
-            return Verdict::Fresh;
+            return if self.high > 0 && n - self.high > MAX_JUMP {
+                Verdict::TooFar
+            } else {
+                Verdict::Fresh
+            };
         }
         let back = self.high - n;
         if back >= WINDOW {
@@ -133,6 +144,14 @@ mod tests {
         w.mark(10 * WINDOW);
         assert_eq!(w.verdict(5 + WINDOW, false), Verdict::TooOld);
         assert_eq!(w.verdict(10 * WINDOW, true), Verdict::Seen);
+        assert_eq!(w.verdict(10 * WINDOW + MAX_JUMP, false), Verdict::Fresh);
+        assert_eq!(
+            w.verdict(10 * WINDOW + MAX_JUMP + 1, false),
+            Verdict::TooFar
+        );
+        assert_eq!(w.verdict(u64::MAX, false), Verdict::TooFar);
+        // The first counter of a window may be anything (a member joining late).
+        assert_eq!(Window::default().verdict(u64::MAX, false), Verdict::Fresh);
     }
 
     #[test]

@@ -127,6 +127,10 @@ pub struct Roster {
     /// at its place is compared with (two of them prove a misbehaving server).
     #[serde(default)]
     pub last: Option<Statement>,
+    /// The roster before `last` (`None` before the creation; its own `prior` is
+    /// dropped): what a statement competing with `last` is checked against.
+    #[serde(default)]
+    pub prior: Option<Box<Roster>>,
 }
 
 impl Roster {
@@ -172,13 +176,20 @@ pub fn verify(s: &Statement, by_key: &PeerKey) -> Result<(), RosterError> {
     by_key.verify(&s.signed(), &sig).map_err(|_| bad())
 }
 
-/// Whether `theirs`, a statement that verified, proves with `roster` that the server
-/// shows two histories of one group: it stands at the place of the roster's last
-/// statement and names the same previous statement, but is another one.
-pub fn forks(roster: &Roster, theirs: &Statement) -> bool {
-    roster.last.as_ref().is_some_and(|ours| {
-        ours.seq == theirs.seq && ours.prev == theirs.prev && ours.hash() != theirs.hash()
-    })
+/// Whether `theirs` (whose signer's pinned key is `by_key`) proves with `roster` that
+/// the server shows two histories of one group: another statement of the group at the
+/// place of the roster's last one, naming the same previous statement, that follows
+/// the roster before it as validly as the last one did (signed, by a member entitled
+/// to make it, with the right epoch).
+pub fn forks(roster: &Roster, theirs: &Statement, by_key: &PeerKey) -> bool {
+    let Some(ours) = &roster.last else {
+        return false;
+    };
+    theirs.group_id == roster.group_id
+        && theirs.seq == ours.seq
+        && theirs.prev == ours.prev
+        && theirs.hash() != ours.hash()
+        && apply(roster.prior.as_deref(), theirs, by_key).is_ok()
 }
 
 /// Applies `s` (whose signer's pinned key is `by_key`) to `roster` (`None` before the
@@ -208,6 +219,7 @@ pub fn apply(
             epoch: s.epoch,
             members: vec![(s.by.clone(), "admin".into())],
             last: Some(s.clone()),
+            prior: None,
         });
     };
     if s.group_id != r.group_id {
@@ -250,6 +262,10 @@ pub fn apply(
         epoch: s.epoch,
         members,
         last: Some(s.clone()),
+        prior: Some(Box::new(Roster {
+            prior: None,
+            ..r.clone()
+        })),
     })
 }
 
@@ -370,12 +386,27 @@ mod tests {
         let ours = step(Some(&r), "add", "carol", "alice").unwrap();
         let theirs = step(Some(&r), "add", "dave", "bob").unwrap();
         let theirs = theirs.last.unwrap();
-        assert!(forks(&ours, &theirs));
-        assert!(!forks(&ours, ours.last.as_ref().unwrap()), "the same one");
+        let bob = id("bob").peer_key();
+        assert!(forks(&ours, &theirs, bob));
+        assert!(
+            !forks(&ours, ours.last.as_ref().unwrap(), id("alice").peer_key()),
+            "the same one"
+        );
         // Another place, or another previous statement, is no proof of a fork.
         let later = step(Some(&ours), "add", "erin", "alice").unwrap();
-        assert!(!forks(&later, &theirs));
-        assert!(!forks(&r, &theirs));
+        assert!(!forks(&later, &theirs, bob));
+        assert!(!forks(&r, &theirs, bob));
+        // Nor is one its signer was not entitled to make there (carol is no admin), nor
+        // one of another group.
+        let (seq, prev) = r.next();
+        let by_carol = Statement::new(7, seq, &prev, "add", "dave", "carol", 1)
+            .signed_by(id("carol"))
+            .unwrap();
+        assert!(!forks(&ours, &by_carol, id("carol").peer_key()));
+        let other_group = Statement::new(8, seq, &prev, "add", "dave", "bob", 1)
+            .signed_by(id("bob"))
+            .unwrap();
+        assert!(!forks(&ours, &other_group, bob));
         assert!(verify(&theirs, id("bob").peer_key()).is_ok());
         assert!(verify(&theirs, id("alice").peer_key()).is_err());
     }

@@ -148,8 +148,8 @@ fn a_text_replayed_after_the_duplicate_window_is_not_shown_again() {
     let events = events_for(&mut bob, 4);
     assert!(texts(&events).is_empty(), "shown again: {events:?}");
     bob.close();
-    // Even with the history's record of it gone, the counter sealed inside refuses it;
-    // and it is said.
+    // Even with the history's record of it gone, the counter sealed inside refuses it
+    // (quietly: a counter acted on before is a duplicate).
     rusqlite::Connection::open(net.opts("bob").data_dir.join("bob/store.db"))
         .unwrap()
         .execute_batch("DELETE FROM seen_msg_ids; UPDATE history SET dedup = NULL;")
@@ -157,12 +157,9 @@ fn a_text_replayed_after_the_duplicate_window_is_not_shown_again() {
     insert(&net, "bob", "alice", None, &body);
     let mut bob = net.login("bob");
     let events = events_for(&mut bob, 4);
-    assert!(texts(&events).is_empty(), "shown again: {events:?}");
     assert!(
-        events
-            .iter()
-            .any(|e| matches!(e, Event::Undecryptable { why, .. } if why.contains("a replay"))),
-        "{events:?}"
+        events.iter().all(|e| matches!(e, Event::Synced)),
+        "shown again: {events:?}"
     );
     // A new message after all that is shown.
     alice.send_text("bob", "and this one").unwrap();
@@ -260,9 +257,16 @@ fn a_grant_for_an_epoch_the_group_has_not_reached_never_becomes_current() {
         ts: fastchat_common::time::now_ms(),
         text: String::new(),
     };
-    let body = e2e::seal_text_in(&key, &payload, &Context::direct("alice", "bob").numbered(1))
-        .unwrap()
-        .to_body();
+    let body = e2e::seal_text_in(
+        &key,
+        &payload,
+        &Context::direct("alice", "bob").stamped(e2e::Stamp {
+            sid: "00112233445566ff".into(),
+            n: 1,
+        }),
+    )
+    .unwrap()
+    .to_body();
     insert(&net, "bob", "alice", None, &body);
     let mut bob = net.login("bob");
     events_for(&mut bob, 3);

@@ -176,7 +176,10 @@ pub trait Handler: Sized {
 
     /// The next whole frame of `conn`, parsed as what a connection in `state` sends:
     /// `None` until one is complete, an error frame when the stream is malformed.
-    fn decode(state: &Self::State, conn: &mut Connection) -> Option<Result<Self::Frame, ErrorFrame>>;
+    fn decode(
+        state: &Self::State,
+        conn: &mut Connection,
+    ) -> Option<Result<Self::Frame, ErrorFrame>>;
 
     /// A frame from `token`.
     fn on_frame(&mut self, io: &mut Io<Self::State>, token: Token, frame: Self::Frame);

@@ -1,15 +1,17 @@
 //! Send counters and replay windows (PROTOCOL.md §7.3; the logic is in `crate::replay`).
 
 use super::{Store, StoreError};
+use crate::e2e::Stamp;
 use crate::replay::{Verdict, Window};
 use rusqlite::{params, OptionalExtension};
 
 impl Store {
-    /// The next counter to seal into a payload for conversation `conv` (a peer, or
-    /// `#<group id>`): one more than the last, in one statement, so processes of this
-    /// user never use one twice.
-    pub fn next_counter(&mut self, conv: &str) -> Result<u64, StoreError> {
+    /// The stamp to seal into the next payload for conversation `conv` (a peer, or
+    /// `#<group id>`): this store's sender id and one more than the last counter, taken
+    /// in one statement, so processes of this user never use one twice.
+    pub fn next_stamp(&mut self, conv: &str) -> Result<Stamp, StoreError> {
         let h = self.sealer.hash("conv", conv);
+        let sid = self.sid()?;
         let n: i64 = self.write(|tx| {
             tx.query_row(
                 "INSERT INTO send_counters (conv, n) VALUES (?1, 1)
@@ -18,43 +20,55 @@ impl Store {
                 |r| r.get(0),
             )
         })?;
-        Ok(n as u64)
+        Ok(Stamp { sid, n: n as u64 })
     }
 
-    /// What a payload of `sender` in `conv` with counter `n` is (`held`: it was kept
+    /// This store's random sender id (made with the store: a new install has a new one,
+    /// so its counters starting again are not taken for replays).
+    pub fn sid(&self) -> Result<String, StoreError> {
+        self.conn
+            .prepare_cached("SELECT value FROM meta WHERE name = 'sid'")
+            .and_then(|mut s| s.query_row([], |r| r.get(0)))
+            .map_err(|e| self.db_error(e))
+    }
+
+    /// What a payload of `sender` in `conv` with `stamp` is (`held`: it was kept
     /// unopened, waiting for its key).
     pub fn replay_verdict(
         &self,
         sender: &str,
         conv: &str,
-        n: u64,
+        stamp: &Stamp,
         held: bool,
     ) -> Result<Verdict, StoreError> {
-        Ok(self.window(sender, conv)?.verdict(n, held))
+        let h = self.window_hash(sender, conv, stamp);
+        let window = read_window(&self.conn, &h).map_err(|e| self.db_error(e))?;
+        Ok(window.verdict(stamp.n, held))
     }
 
-    /// Records counter `n` of `sender` in `conv` as acted on.
-    pub fn replay_mark(&mut self, sender: &str, conv: &str, n: u64) -> Result<(), StoreError> {
-        let h = self.window_hash(sender, conv);
-        let peer = self.sealer.hash("peer", sender);
+    /// Records `stamp` of `sender` in `conv` as acted on.
+    pub fn replay_mark(
+        &mut self,
+        sender: &str,
+        conv: &str,
+        stamp: &Stamp,
+    ) -> Result<(), StoreError> {
+        let h = self.window_hash(sender, conv, stamp);
         self.write(|tx| {
             let mut window = read_window(tx, &h)?;
-            window.mark(n);
+            window.mark(stamp.n);
             tx.execute(
-                "INSERT INTO replay (h, peer, high, bits) VALUES (?1, ?2, ?3, ?4)
+                "INSERT INTO replay (h, high, bits) VALUES (?1, ?2, ?3)
                  ON CONFLICT (h) DO UPDATE SET high = excluded.high, bits = excluded.bits",
-                params![h, peer, window.high as i64, window.bits],
+                params![h, window.high as i64, window.bits],
             )?;
             Ok(())
         })
     }
 
-    fn window(&self, sender: &str, conv: &str) -> Result<Window, StoreError> {
-        read_window(&self.conn, &self.window_hash(sender, conv)).map_err(|e| self.db_error(e))
-    }
-
-    fn window_hash(&self, sender: &str, conv: &str) -> Vec<u8> {
-        self.sealer.hash("replay", &format!("{sender}\0{conv}"))
+    fn window_hash(&self, sender: &str, conv: &str, stamp: &Stamp) -> Vec<u8> {
+        self.sealer
+            .hash("replay", &format!("{sender}\0{conv}\0{}", stamp.sid))
     }
 }
 

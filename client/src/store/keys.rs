@@ -394,9 +394,6 @@ impl Store {
             )?;
             tx.execute("DELETE FROM conv_current WHERE conv = ?1", [&conv])?;
             tx.execute("UPDATE conv_keys SET shared = 0 WHERE conv = ?1", [&conv])?;
-            // The new identity's counters start again (a new install): its replay
-            // windows too. What the old one sent stays shown once by its history rows.
-            tx.execute("DELETE FROM replay WHERE peer = ?1", [&peer])?;
             Ok(())
         })
     }

@@ -394,24 +394,9 @@ impl Store {
             // A conversion committed the new store and stopped before removing the old.
             fs::remove_file(&legacy).map_err(|source| io_error(&legacy, source))?;
         }
-        let conn = open_connection(&path, false)?;
+        let mut conn = open_connection(&path, false)?;
+        upgrade(&mut conn, &path)?;
         let db_error = |e: rusqlite::Error| db_error(&path, e);
-        let format: i64 = conn
-            .pragma_query_value(None, "user_version", |r| r.get(0))
-            .map_err(db_error)?;
-        if format == 2 {
-            // Format 3 only adds tables (counters, replay windows, roster forks).
-            let tx = conn.unchecked_transaction().map_err(db_error)?;
-            tx.execute_batch(SCHEMA).map_err(db_error)?;
-            tx.pragma_update(None, "user_version", FORMAT)
-                .map_err(db_error)?;
-            tx.commit().map_err(db_error)?;
-        } else if format != FORMAT {
-            return Err(StoreError::Corrupt(format!(
-                "{}: store format {format}, this client reads format {FORMAT}",
-                path.display()
-            )));
-        }
         let meta = |name: &str| -> Result<String, StoreError> {
             conn.query_row("SELECT value FROM meta WHERE name = ?1", [name], |r| {
                 r.get(0)
@@ -502,6 +487,7 @@ impl Store {
             put.execute(["kdf", &kdf])?;
             put.execute(["data_key", wrapped])?;
             put.execute(["owner", &owner])?;
+            put.execute(["sid", &new_sid()])?;
             drop(put);
             tx.pragma_update(None, "user_version", FORMAT)?;
             Ok(())
@@ -582,6 +568,45 @@ impl Store {
 
 /// Opens the database file with the store's settings. `create` makes the file (0600)
 /// first; otherwise a missing file is an error, never an empty store.
+/// Brings a store of an earlier SQLite format up to [`FORMAT`]: format 3 adds the
+/// tables of send counters, replay windows and roster evidence, and the store's random
+/// sender id (`meta` `sid`). In one `BEGIN IMMEDIATE` that reads the format again, so
+/// processes opening one store at once upgrade it once.
+fn upgrade(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let db_error = |e: rusqlite::Error| db_error(path, e);
+    let format = |c: &Connection| -> rusqlite::Result<i64> {
+        c.pragma_query_value(None, "user_version", |r| r.get(0))
+    };
+    let found = format(conn).map_err(db_error)?;
+    if found == 2 {
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db_error)?;
+        if format(&tx).map_err(db_error)? == 2 {
+            tx.execute_batch(SCHEMA).map_err(db_error)?;
+            tx.execute(
+                "INSERT OR IGNORE INTO meta (name, value) VALUES ('sid', ?1)",
+                [new_sid()],
+            )
+            .map_err(db_error)?;
+            tx.pragma_update(None, "user_version", FORMAT)
+                .map_err(db_error)?;
+        }
+        tx.commit().map_err(db_error)?;
+    } else if found != FORMAT {
+        return Err(StoreError::Corrupt(format!(
+            "{}: store format {found}, this client reads format {FORMAT}",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// A store's random sender id: 16 lower-case hex characters (PROTOCOL.md §7.3).
+fn new_sid() -> String {
+    fastchat_common::hex::encode(&rand::random::<[u8; 8]>())
+}
+
 fn open_connection(path: &Path, create: bool) -> Result<Connection, StoreError> {
     if create {
         OpenOptions::new()

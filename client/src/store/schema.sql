@@ -106,22 +106,20 @@ CREATE TABLE IF NOT EXISTS rosters (
 -- Format 3 --------------------------------------------------------------------------
 
 -- The last counter used to send in a conversation (PROTOCOL.md §7.3): conv =
--- hash('conv', peer or '#<group id>').
+-- hash('conv', peer or '#<group id>'). The store's sender id is `meta` `sid`.
 CREATE TABLE IF NOT EXISTS send_counters (
     conv BLOB PRIMARY KEY,
     n    INTEGER NOT NULL
 );
 
--- Replay windows (see replay.rs): h = hash('replay', sender NUL conversation), peer =
--- hash('peer', sender); high = the highest counter acted on, bits = which of the 1,024
--- below it were.
+-- Replay windows (see replay.rs): h = hash('replay', sender NUL conversation NUL the
+-- sender's store id `sid`); high = the highest counter acted on, bits = which of the
+-- 1,024 below it were.
 CREATE TABLE IF NOT EXISTS replay (
     h    BLOB PRIMARY KEY,
-    peer BLOB NOT NULL,
     high INTEGER NOT NULL,
     bits BLOB NOT NULL
 );
-CREATE INDEX IF NOT EXISTS replay_peer ON replay (peer);
 
 -- Proof of a misbehaving server (PROTOCOL.md §7.9): two signed roster statements of one
 -- group at one place of its chain, both naming the same previous statement. rec = the

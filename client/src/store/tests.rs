@@ -1,5 +1,6 @@
 use super::*;
 use crate::e2e::ConversationKey;
+use crate::replay::Verdict;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// A fresh directory under the system temp dir, removed on drop.
@@ -535,4 +536,72 @@ fn rows_altered_in_the_file_are_refused() {
         .unwrap();
     assert!(matches!(s.group(4), Err(StoreError::Corrupt(_))));
     assert!(s.group(5).unwrap().is_some());
+}
+
+#[test]
+fn counters_count_up_and_windows_are_per_sender_store() {
+    let dir = TempDir::new("counters");
+    let mut store = new_store(&dir);
+    let sid = store.sid().unwrap();
+    assert_eq!(sid.len(), 16);
+    let stamps: Vec<u64> = (0..3).map(|_| store.next_stamp("bob").unwrap().n).collect();
+    assert_eq!(stamps, [1, 2, 3]);
+    assert_eq!(store.next_stamp("#7").unwrap().n, 1, "per conversation");
+    // A second handle (another process) continues the count.
+    let mut other = Store::open(&dir.0, "alice", "pw").unwrap();
+    assert_eq!(other.next_stamp("bob").unwrap().n, 4);
+    // Receiving: one window per (sender, conversation, sender's store).
+    let old = crate::e2e::Stamp {
+        sid: "00000000000000aa".into(),
+        n: 5,
+    };
+    let reinstalled = crate::e2e::Stamp {
+        sid: "00000000000000bb".into(),
+        n: 1,
+    };
+    assert_eq!(
+        store.replay_verdict("bob", "bob", &old, false).unwrap(),
+        Verdict::Fresh
+    );
+    store.replay_mark("bob", "bob", &old).unwrap();
+    assert_eq!(
+        store.replay_verdict("bob", "bob", &old, false).unwrap(),
+        Verdict::Seen
+    );
+    assert_eq!(
+        other.replay_verdict("bob", "bob", &old, false).unwrap(),
+        Verdict::Seen
+    );
+    assert_eq!(
+        store.replay_verdict("bob", "#7", &old, false).unwrap(),
+        Verdict::Fresh
+    );
+    assert_eq!(
+        store
+            .replay_verdict("bob", "bob", &reinstalled, false)
+            .unwrap(),
+        Verdict::Fresh,
+        "a new install of bob starts again at 1"
+    );
+}
+
+#[test]
+fn a_format_2_store_is_upgraded_on_open() {
+    let dir = TempDir::new("upgrade");
+    let store = new_store(&dir);
+    let path = store.path().to_path_buf();
+    drop(store);
+    // As the previous format left it: no counters, windows, evidence or sender id.
+    let conn = Connection::open(&path).unwrap();
+    conn.execute_batch(
+        "DROP TABLE send_counters; DROP TABLE replay; DROP TABLE roster_forks;
+         DELETE FROM meta WHERE name = 'sid'; PRAGMA user_version = 2;",
+    )
+    .unwrap();
+    drop(conn);
+    let mut store = Store::open(&dir.0, "alice", "pw").unwrap();
+    assert_eq!(store.sid().unwrap().len(), 16);
+    assert_eq!(store.next_stamp("bob").unwrap().n, 1);
+    let again = Store::open(&dir.0, "alice", "pw").unwrap();
+    assert_eq!(again.sid().unwrap(), store.sid().unwrap(), "upgraded once");
 }
