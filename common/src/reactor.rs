@@ -9,7 +9,7 @@
 //! on (once per turn, so frames of one turn share Noise messages and writes), re-arm
 //! write interest, close what failed or finished closing — and never blocks.
 //!
-//! One turn: `before_poll` → poll (at most `tick`) → accepts and reads → completions →
+//! One turn: `before_poll` → poll (at most `wait`) → accepts and reads → completions →
 //! `on_tick` when due → `after_turn` → flush of touched connections.
 
 use crate::conn::{accept_pending, Accepted, Connection, ReadStatus};
@@ -71,17 +71,20 @@ pub struct Io<S> {
 }
 
 impl<S> Io<S> {
-    /// Registers `conn` and keeps it with `state`; `None` (logged) if it cannot be
-    /// registered.
+    /// Writes what `conn` has queued, registers it and keeps it with `state`; `None`
+    /// (logged) if it cannot be written to or registered.
     pub fn add(&mut self, mut conn: Connection, state: S) -> Option<Token> {
         let token = Token(self.next_token);
         self.next_token += 1;
+        // What an initiator queued (its first handshake message) goes out at once.
+        if let Err(e) = conn.flush() {
+            crate::debug!("cannot start a connection to {}: {e}", conn.peer);
+            return None;
+        }
         if let Err(e) = conn.update_interest(&self.registry, token) {
             crate::warn!("cannot register {}: {e}", conn.peer);
             return None;
         }
-        // Whatever an initiator queued (its first handshake message) goes out this turn.
-        self.touched.insert(token);
         self.links.insert(token, Link { conn, state });
         Some(token)
     }
@@ -219,18 +222,20 @@ pub struct Reactor<H: Handler> {
     done_rx: Receiver<H::Done>,
     waker: Arc<Waker>,
     scratch: Vec<u8>,
+    wait: Duration,
     tick: Duration,
     last_tick: Instant,
 }
 
 impl<H: Handler> Reactor<H> {
     /// A loop whose connections are made with frames of at most `max_frame` bytes,
-    /// ticking every `tick`; `listeners` are bound and registered (each with how its
+    /// polling at least every `wait` and ticking every `tick`; `listeners` are bound and registered (each with how its
     /// connections start and the server's name for it). Returns the waker (for the
     /// completion channel and for whoever stops the server) and the bound addresses, in
     /// the order given.
     pub fn new(
         max_frame: usize,
+        wait: Duration,
         tick: Duration,
         listeners: Vec<(&str, Accepting, H::Listener)>,
         done_rx: impl FnOnce(Arc<Waker>) -> Receiver<H::Done>,
@@ -268,6 +273,7 @@ impl<H: Handler> Reactor<H> {
                 done_rx,
                 waker,
                 scratch: vec![0; 64 * 1024],
+                wait,
                 tick,
                 last_tick: Instant::now(),
             },
@@ -286,7 +292,7 @@ impl<H: Handler> Reactor<H> {
         let mut events = Events::with_capacity(1024);
         while !stop.load(Ordering::Relaxed) {
             handler.before_poll(&mut self.io);
-            if let Err(e) = self.poll.poll(&mut events, Some(self.tick)) {
+            if let Err(e) = self.poll.poll(&mut events, Some(self.wait)) {
                 if e.kind() == std::io::ErrorKind::Interrupted {
                     continue;
                 }
@@ -401,4 +407,234 @@ fn parse_addr(addr: &str) -> std::io::Result<SocketAddr> {
             format!("{addr} is not an IP:port address"),
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::link::Link;
+    use crate::pool::Completions;
+    use serde::Deserialize;
+    use std::sync::Mutex;
+
+    /// What the test server reads and writes.
+    #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    #[serde(tag = "t", rename_all = "snake_case")]
+    enum Frame {
+        Echo { n: u32 },
+        Bye,
+        Error { why: String },
+        Done { what: String },
+    }
+
+    const SECRET: [u8; KEY_LEN] = [7; KEY_LEN];
+
+    /// Echoes, fails on `bye`, forwards completions to every connection, and records
+    /// what happened.
+    #[derive(Default)]
+    struct Echo {
+        closed: Arc<Mutex<Vec<String>>>,
+        ticks: Arc<Mutex<u32>>,
+    }
+
+    impl Handler for Echo {
+        type State = u32;
+        type Frame = Frame;
+        type Done = String;
+        type Listener = ();
+
+        fn decode(_: &u32, conn: &mut Connection) -> Option<Result<Frame, ErrorFrame>> {
+            conn.next_message()
+        }
+
+        fn on_frame(&mut self, io: &mut Io<u32>, token: Token, frame: Frame) {
+            if let Some(link) = io.get_mut(token) {
+                link.state += 1;
+            }
+            match frame {
+                Frame::Bye => io.fail(token, &Frame::Error { why: "bye".into() }),
+                other => {
+                    io.send(token, &other);
+                }
+            }
+        }
+
+        fn on_bad_stream(&mut self, io: &mut Io<u32>, token: Token, error: ErrorFrame) {
+            io.fail(token, &Frame::Error { why: error.message });
+        }
+
+        fn room(&self, io: &Io<u32>, _: ()) -> usize {
+            2usize.saturating_sub(io.len())
+        }
+
+        fn on_accept(&mut self, io: &mut Io<u32>, _: (), accepted: Accepted) {
+            for conn in accepted.connections {
+                io.add(conn, 0);
+            }
+        }
+
+        fn on_close(&mut self, io: &mut Io<u32>, token: Token, why: &str) {
+            let frames = io.remove(token).map_or(0, |l| l.state);
+            self.closed
+                .lock()
+                .unwrap()
+                .push(format!("{frames} frames: {why}"));
+        }
+
+        fn on_completion(&mut self, io: &mut Io<u32>, done: String) {
+            for token in io.tokens() {
+                io.send(token, &Frame::Done { what: done.clone() });
+            }
+        }
+
+        fn on_tick(&mut self, _: &mut Io<u32>, _: Instant) {
+            *self.ticks.lock().unwrap() += 1;
+        }
+    }
+
+    struct Running {
+        addr: String,
+        stop: Arc<AtomicBool>,
+        waker: Arc<Waker>,
+        done: Completions<String>,
+        closed: Arc<Mutex<Vec<String>>>,
+        ticks: Arc<Mutex<u32>>,
+        thread: Option<std::thread::JoinHandle<()>>,
+    }
+
+    impl Drop for Running {
+        fn drop(&mut self) {
+            self.stop.store(true, Ordering::Relaxed);
+            let _ = self.waker.wake();
+            if let Some(t) = self.thread.take() {
+                t.join().unwrap();
+            }
+        }
+    }
+
+    fn start() -> Running {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handler = Echo::default();
+        let (closed, ticks) = (handler.closed.clone(), handler.ticks.clone());
+        let thread = std::thread::spawn(move || {
+            let mut handler = handler;
+            let mut done = None;
+            let (mut reactor, bound) = Reactor::<Echo>::new(
+                4096,
+                Duration::from_millis(20),
+                Duration::from_millis(20),
+                vec![("127.0.0.1:0", Accepting::Psk(SECRET), ())],
+                |waker| {
+                    let (tx, rx) = Completions::new(waker);
+                    done = Some(tx);
+                    rx
+                },
+            )
+            .unwrap();
+            tx.send((bound[0], reactor.waker(), done.unwrap())).unwrap();
+            reactor.run(&mut handler, &flag).unwrap();
+        });
+        let (addr, waker, done) = rx.recv().unwrap();
+        Running {
+            addr: addr.to_string(),
+            stop,
+            waker,
+            done,
+            closed,
+            ticks,
+            thread: Some(thread),
+        }
+    }
+
+    fn connect(r: &Running) -> Link {
+        Link::connect(
+            &r.addr,
+            Role::PskInitiator(&SECRET),
+            4096,
+            Duration::from_secs(5),
+        )
+        .unwrap()
+    }
+
+    fn recv(link: &mut Link) -> Option<Frame> {
+        link.recv(Some(Instant::now() + Duration::from_secs(5)))
+            .ok()
+            .flatten()
+    }
+
+    /// Waits until `what` holds.
+    fn eventually(what: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !what() {
+            assert!(Instant::now() < deadline, "timed out");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn frames_are_answered_in_order_and_completions_reach_the_handler() {
+        let r = start();
+        let mut link = connect(&r);
+        for n in 0..3 {
+            link.queue(&Frame::Echo { n });
+        }
+        link.flush().unwrap();
+        for n in 0..3 {
+            assert_eq!(recv(&mut link), Some(Frame::Echo { n }));
+        }
+        r.done.send("stored".into());
+        assert_eq!(
+            recv(&mut link),
+            Some(Frame::Done {
+                what: "stored".into()
+            })
+        );
+        eventually(|| *r.ticks.lock().unwrap() > 0);
+        // The peer closing is a close with what it had sent counted.
+        drop(link);
+        eventually(|| r.closed.lock().unwrap().len() == 1);
+        assert_eq!(r.closed.lock().unwrap()[0], "3 frames: closed by peer");
+    }
+
+    #[test]
+    fn a_failed_or_malformed_connection_gets_its_error_then_closes_alone() {
+        let r = start();
+        let mut other = connect(&r);
+        let mut link = connect(&r);
+        link.send(&Frame::Bye).unwrap();
+        assert_eq!(recv(&mut link), Some(Frame::Error { why: "bye".into() }));
+        assert_eq!(recv(&mut link), None, "closed after its error");
+        let mut bad = connect(&r);
+        bad.queue_raw_bytes(br#"{"t":"nonsense"}"#);
+        bad.flush().unwrap();
+        assert!(matches!(recv(&mut bad), Some(Frame::Error { .. })));
+        eventually(|| r.closed.lock().unwrap().len() == 2);
+        assert!(r
+            .closed
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|why| why.ends_with("closed after an error")));
+        // The other connection is untouched.
+        other.send(&Frame::Echo { n: 9 }).unwrap();
+        assert_eq!(recv(&mut other), Some(Frame::Echo { n: 9 }));
+    }
+
+    #[test]
+    fn beyond_its_room_a_listener_closes_new_connections_at_once() {
+        let r = start();
+        let mut first = connect(&r);
+        let _second = connect(&r);
+        first.send(&Frame::Echo { n: 1 }).unwrap();
+        assert_eq!(recv(&mut first), Some(Frame::Echo { n: 1 }));
+        let third = Link::connect(
+            &r.addr,
+            Role::PskInitiator(&SECRET),
+            4096,
+            Duration::from_secs(2),
+        );
+        assert!(third.is_err(), "the third connection is refused");
+    }
 }

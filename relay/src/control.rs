@@ -6,6 +6,7 @@ use fastchat_common::conn::Connection;
 use fastchat_common::noise::{Role, KEY_LEN};
 use fastchat_common::proto::RelayToAuth;
 use fastchat_common::{info, warn, PROTOCOL_VERSION};
+use mio::Token;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
@@ -26,7 +27,8 @@ pub enum Phase {
 /// The control link and its reconnect schedule.
 pub struct ControlLink {
     pub auth_addr: String,
-    pub conn: Option<Connection>,
+    /// The link's connection in the reactor's table, while there is one.
+    pub token: Option<Token>,
     pub phase: Phase,
     retry_at: Instant,
     backoff: Duration,
@@ -48,7 +50,7 @@ impl ControlLink {
     pub fn new(auth_addr: String) -> ControlLink {
         ControlLink {
             auth_addr,
-            conn: None,
+            token: None,
             phase: Phase::Down,
             retry_at: Instant::now(),
             backoff: MIN_BACKOFF,
@@ -62,13 +64,14 @@ impl ControlLink {
     }
 
     /// Starts a non-blocking connection and queues the announcement; the frames go out
-    /// once the handshake completes.
+    /// once the handshake completes. The caller puts the connection in its table and
+    /// the token in [`ControlLink::token`].
     pub fn connect(
         &mut self,
         secret: &[u8; KEY_LEN],
         max_frame: usize,
         me: &Announcement<'_>,
-    ) -> Result<(), String> {
+    ) -> Result<Connection, String> {
         let addr: SocketAddr = self
             .auth_addr
             .to_socket_addrs()
@@ -90,9 +93,8 @@ impl ControlLink {
             clients: me.clients,
         });
         self.reported_clients = Some(me.clients);
-        self.conn = Some(conn);
         self.phase = Phase::Announcing;
-        Ok(())
+        Ok(conn)
     }
 
     /// For `stats`: the link's state.
@@ -111,8 +113,9 @@ impl ControlLink {
         info!("registered with auth server at {}", self.auth_addr);
     }
 
-    /// The link failed or closed: drop it and schedule the next attempt.
-    pub fn down(&mut self, why: &str, now: Instant) -> Option<Connection> {
+    /// The link failed or closed: schedule the next attempt; gives the token of its
+    /// connection to take out.
+    pub fn down(&mut self, why: &str, now: Instant) -> Option<Token> {
         if self.phase == Phase::Up {
             warn!("lost the auth server link: {why}");
         } else {
@@ -126,6 +129,6 @@ impl ControlLink {
         self.retry_at = now + self.backoff + jitter;
         self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
         self.reported_clients = None;
-        self.conn.take()
+        self.token.take()
     }
 }

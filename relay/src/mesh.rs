@@ -5,7 +5,6 @@
 //!
 //! The same port answers `stats_request` from operator tools.
 
-use fastchat_common::conn::Connection;
 use fastchat_common::proto::PeerRelay;
 use mio::Token;
 use std::collections::{BTreeMap, HashMap};
@@ -27,9 +26,8 @@ pub enum MeshState {
     Admin,
 }
 
-/// One mesh connection.
+/// One mesh connection (its socket is in the reactor's table under the same token).
 pub struct MeshLink {
-    pub conn: Connection,
     pub state: MeshState,
     /// For links we dialled: the relay we dialled.
     pub dialled: Option<String>,
@@ -142,13 +140,12 @@ impl Mesh {
     }
 
     /// A dialled connection exists now (handshake pending).
-    pub fn dialled(&mut self, token: Token, id: String, conn: Connection) {
+    pub fn dialled(&mut self, token: Token, id: String) {
         // While the link exists it is not dialled again; closing it re-schedules.
         self.dials.remove(&id);
         self.links.insert(
             token,
             MeshLink {
-                conn,
                 state: MeshState::AwaitingHello,
                 dialled: Some(id),
             },
@@ -156,11 +153,10 @@ impl Mesh {
     }
 
     /// An accepted connection.
-    pub fn accepted(&mut self, token: Token, conn: Connection) {
+    pub fn accepted(&mut self, token: Token) {
         self.links.insert(
             token,
             MeshLink {
-                conn,
                 state: MeshState::AwaitingHello,
                 dialled: None,
             },

@@ -1,6 +1,7 @@
-//! The relay's poll loop: one thread owns the client listener, every client connection
-//! and the control link to the auth server; database work goes to the worker pool and
-//! comes back through the completion channel and the waker.
+//! The relay on the shared reactor (`fastchat_common::reactor`): one thread owns both
+//! listeners, every client connection, the mesh links and the control link to the auth
+//! server; database work goes to the worker pool and comes back through the completion
+//! channel and the waker.
 //!
 //! Client connection: `AwaitingHello → AwaitingAuth → Ready(Session)`, through
 //! `Resuming` while a worker checks a resumption credential presented instead of a
@@ -15,8 +16,7 @@ use crate::mesh::{Mesh, MeshState};
 use crate::session::{Next, Session};
 use crate::store::{Done, Job, StoreMetrics, Stored, Target, Worker};
 use crate::tickets::{Admission, TicketBook};
-use crossbeam_channel::Receiver;
-use fastchat_common::conn::{accept_pending, Connection, ReadStatus};
+use fastchat_common::conn::{Accepted, Connection};
 use fastchat_common::db::DbPool;
 use fastchat_common::limits::{Bucket, FailureCounter};
 use fastchat_common::noise::{Role, StaticKeypair, KEY_LEN};
@@ -25,20 +25,20 @@ use fastchat_common::proto::{
     valid_group_name, valid_user_name, AuthToRelay, ClientToRelay, ErrorCode, ErrorFrame,
     MeshFrame, RelayToAuth, RelayToClient,
 };
+use fastchat_common::reactor::{Accepting, Handler, Io, Link, Reactor};
 use fastchat_common::{debug, hex, info, warn, PROTOCOL_VERSION};
-use mio::net::TcpListener;
-use mio::{Events, Interest, Poll, Token, Waker};
-use std::collections::{HashMap, HashSet};
+use mio::{Token, Waker};
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const LISTENER: Token = Token(0);
-const WAKER: Token = Token(1);
-const CONTROL: Token = Token(2);
-const MESH_LISTENER: Token = Token(3);
-const FIRST_CLIENT: usize = 4;
+/// The `conn` of jobs no connection waits for (the file retention sweep).
+const NO_CONN: Token = Token(usize::MAX);
+
+/// How often the sweep runs (deadlines, idle sessions, slow readers).
+const TICK: Duration = Duration::from_millis(500);
 
 /// How often a busy relay logs a summary line.
 const SUMMARY_INTERVAL: Duration = Duration::from_secs(5);
@@ -59,7 +59,7 @@ struct Counters {
 /// Most ids one `ack` may carry.
 const MAX_ACK_IDS: usize = 10_000;
 
-enum ClientState {
+pub(crate) enum ClientState {
     AwaitingHello,
     AwaitingAuth,
     /// A `resume`'s credential is being checked by a worker.
@@ -69,30 +69,77 @@ enum ClientState {
     Ready(Box<Session>),
 }
 
-struct Client {
-    conn: Connection,
-    state: ClientState,
+/// What a connection of the relay is: a client's, a mesh link (its state is in
+/// [`Mesh`]), or the control link to the auth server (its state is in
+/// [`ControlLink`]).
+pub(crate) enum Peer {
+    Client(ClientState),
+    Mesh,
+    Control,
 }
 
-/// The running relay.
+/// A frame of one of the relay's links.
+pub(crate) enum Inbound {
+    Client(ClientToRelay),
+    Mesh(MeshFrame),
+    Control(AuthToRelay),
+}
+
+/// The relay's listeners.
+#[derive(Clone, Copy)]
+pub(crate) enum Listening {
+    Clients,
+    Mesh,
+}
+
+/// The reactor's table of the relay's connections.
+type Links = Io<Peer>;
+
+/// A client connection, seen through the table.
+struct ClientMut<'a> {
+    conn: &'a mut Connection,
+    state: &'a mut ClientState,
+}
+
+fn client_mut(io: &mut Links, token: Token) -> Option<ClientMut<'_>> {
+    match io.get_mut(token)? {
+        Link {
+            conn,
+            state: Peer::Client(state),
+        } => Some(ClientMut { conn, state }),
+        _ => None,
+    }
+}
+
+fn client_ref(io: &Links, token: Token) -> Option<(&Connection, &ClientState)> {
+    match io.get(token)? {
+        Link {
+            conn,
+            state: Peer::Client(state),
+        } => Some((conn, state)),
+        _ => None,
+    }
+}
+
+/// The running relay: the reactor and the relay's logic on it.
 pub struct RelayServer {
+    reactor: Reactor<Core>,
+    core: Core,
+    stop: Arc<AtomicBool>,
+    mesh_addr: String,
+}
+
+/// Everything but the connections.
+pub(crate) struct Core {
     cfg: Config,
-    poll: Poll,
-    listener: TcpListener,
     public_addr: String,
     keypair: StaticKeypair,
     secret: [u8; KEY_LEN],
-    clients: HashMap<Token, Client>,
     /// Sessions of each user on this relay.
     local: HashMap<i64, Vec<Token>>,
-    next_token: usize,
     pool: WorkerPool<Job>,
-    done_rx: Receiver<Done>,
     control: ControlLink,
     tickets: TicketBook,
-    touched: HashSet<Token>,
-    scratch: Vec<u8>,
-    stop: Arc<AtomicBool>,
     db: DbPool,
     /// Authenticated sessions (kept as a count: it is read every poll turn).
     ready_sessions: u32,
@@ -110,7 +157,6 @@ pub struct RelayServer {
     last_file_sweep: Instant,
     /// Set once shutdown has begun: sessions end without per-user presence jobs.
     stopping: bool,
-    mesh_listener: TcpListener,
     mesh_addr: String,
     mesh: Mesh,
     metrics: Arc<StoreMetrics>,
@@ -120,7 +166,7 @@ pub struct RelayServer {
 }
 
 impl RelayServer {
-    /// Binds the listener and starts the worker pool.
+    /// Binds the listeners and starts the worker pool.
     pub fn new(
         cfg: Config,
         db: DbPool,
@@ -128,33 +174,38 @@ impl RelayServer {
         secret: [u8; KEY_LEN],
         stop: Arc<AtomicBool>,
     ) -> std::io::Result<(RelayServer, SocketAddr, Arc<Waker>)> {
-        let poll = Poll::new()?;
-        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
-        let addr: SocketAddr = cfg.listen.parse().map_err(|_| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!("{} is not an IP:port address", cfg.listen),
-            )
-        })?;
-        let mut listener = TcpListener::bind(addr)?;
-        poll.registry()
-            .register(&mut listener, LISTENER, Interest::READABLE)?;
-        let bound = listener.local_addr()?;
-        let public_addr = cfg.public_addr.clone().unwrap_or_else(|| bound.to_string());
-        let mesh_sockaddr: SocketAddr = cfg.mesh_listen.parse().map_err(|_| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!("{} is not an IP:port address", cfg.mesh_listen),
-            )
-        })?;
-        let mut mesh_listener = TcpListener::bind(mesh_sockaddr)?;
-        poll.registry()
-            .register(&mut mesh_listener, MESH_LISTENER, Interest::READABLE)?;
+        let mut done = None;
+        let (reactor, bound) = Reactor::new(
+            cfg.max_frame,
+            Duration::from_millis(100),
+            TICK,
+            vec![
+                (
+                    cfg.listen.as_str(),
+                    Accepting::Nk(keypair.clone()),
+                    Listening::Clients,
+                ),
+                (
+                    cfg.mesh_listen.as_str(),
+                    Accepting::Psk(secret),
+                    Listening::Mesh,
+                ),
+            ],
+            |waker| {
+                let (tx, rx) = Completions::new(waker);
+                done = Some(tx);
+                rx
+            },
+        )?;
+        let done = done.expect("Reactor::new makes the completion channel");
+        let public_addr = cfg
+            .public_addr
+            .clone()
+            .unwrap_or_else(|| bound[0].to_string());
         let mesh_addr = match &cfg.mesh_public_addr {
             Some(a) => a.clone(),
-            None => mesh_listener.local_addr()?.to_string(),
+            None => bound[1].to_string(),
         };
-        let (done, done_rx) = Completions::new(waker.clone());
         let metrics = Arc::new(StoreMetrics::default());
         let pool = WorkerPool::start("relay-worker", cfg.workers, cfg.max_batch, |_| {
             let mut worker = Worker::new(
@@ -176,119 +227,190 @@ impl RelayServer {
             cfg.resume_failures_per_addr,
             Duration::from_secs(cfg.resume_failure_window_secs),
         );
+        let waker = reactor.waker();
+        let core = Core {
+            cfg,
+            public_addr,
+            keypair,
+            secret,
+            local: HashMap::new(),
+            pool,
+            control,
+            tickets: TicketBook::default(),
+            db,
+            ready_sessions: 0,
+            uploads: HashMap::new(),
+            send_budgets: HashMap::new(),
+            resume_failures,
+            max_connections,
+            refused: 0,
+            last_file_sweep: Instant::now(),
+            stopping: false,
+            mesh_addr: mesh_addr.clone(),
+            mesh,
+            metrics,
+            counters: Counters::default(),
+            last_summary: (Counters::default(), 0, 0, 0),
+            last_summary_at: Instant::now(),
+        };
         Ok((
             RelayServer {
-                cfg,
-                poll,
-                listener,
-                public_addr,
-                keypair,
-                secret,
-                clients: HashMap::new(),
-                local: HashMap::new(),
-                next_token: FIRST_CLIENT,
-                pool,
-                done_rx,
-                control,
-                tickets: TicketBook::default(),
-                touched: HashSet::new(),
-                scratch: vec![0; 64 * 1024],
+                reactor,
+                core,
                 stop,
-                db,
-                ready_sessions: 0,
-                uploads: HashMap::new(),
-                send_budgets: HashMap::new(),
-                resume_failures,
-                max_connections,
-                refused: 0,
-                last_file_sweep: Instant::now(),
-                stopping: false,
-                mesh_listener,
                 mesh_addr,
-                mesh,
-                metrics,
-                counters: Counters::default(),
-                last_summary: (Counters::default(), 0, 0, 0),
-                last_summary_at: Instant::now(),
             },
-            bound,
+            bound[0],
             waker,
         ))
+    }
+
+    /// The address other relays reach this one at.
+    pub fn mesh_addr(&self) -> &str {
+        &self.mesh_addr
     }
 
     /// Runs until the stop flag is set, then finishes the batches in flight, answers
     /// what they committed, and returns.
     pub fn run(mut self) -> std::io::Result<()> {
-        let mut events = Events::with_capacity(1024);
-        let mut last_sweep = Instant::now();
-        while !self.stop.load(Ordering::Relaxed) {
-            self.maybe_connect_control();
-            self.dial_mesh();
-            if let Err(e) = self
-                .poll
-                .poll(&mut events, Some(Duration::from_millis(100)))
-            {
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            for event in events.iter() {
-                match event.token() {
-                    LISTENER => self.accept(),
-                    MESH_LISTENER => self.accept_mesh(),
-                    WAKER => {}
-                    CONTROL => self.control_ready(event.is_readable() || event.is_error()),
-                    token if self.mesh.links.contains_key(&token) => {
-                        self.mesh_ready(token, event.is_readable() || event.is_error())
-                    }
-                    token => self.client_ready(token, event.is_readable()),
-                }
-            }
-            self.drain_completions();
-            if last_sweep.elapsed() >= Duration::from_millis(500) {
-                self.sweep();
-                last_sweep = Instant::now();
-            }
-            self.report_load();
-            self.flush_touched();
-            if self.last_summary_at.elapsed() >= SUMMARY_INTERVAL {
-                self.summarise();
-            }
-        }
+        self.reactor.run(&mut self.core, &self.stop)?;
         self.shut_down();
         Ok(())
     }
 
     fn shut_down(mut self) {
         info!("stopping: no new connections, finishing the batches in flight");
-        let _ = self.poll.registry().deregister(&mut self.listener);
-        let _ = self.poll.registry().deregister(&mut self.mesh_listener);
-        self.pool.shutdown();
-        self.drain_completions();
-        self.flush_touched();
-        self.flush_before_closing(Duration::from_secs(2));
-        self.stopping = true;
-        let tokens: Vec<Token> = self.clients.keys().copied().collect();
-        for token in tokens {
-            self.close(token, "relay stopping");
+        let (reactor, core) = (&mut self.reactor, &mut self.core);
+        core.pool.shutdown();
+        reactor.drain_completions(core);
+        reactor.flush(core);
+        core.flush_before_closing(&mut reactor.io, Duration::from_secs(2));
+        core.stopping = true;
+        let clients: Vec<Token> = reactor
+            .io
+            .iter()
+            .filter(|(_, l)| matches!(l.state, Peer::Client(_)))
+            .map(|(t, _)| t)
+            .collect();
+        for token in clients {
+            core.close(&mut reactor.io, token, "relay stopping");
         }
         // The poll loop is done, so it may block now: nobody is on this relay any more.
-        match crate::store::clear_stale_presence(&self.db, &self.cfg.id) {
+        match crate::store::clear_stale_presence(&core.db, &core.cfg.id) {
             Ok(n) => info!("stopped; cleared {n} presence rows"),
             Err(e) => warn!("stopped; could not clear presence rows (cleared at next start): {e}"),
         }
+    }
+}
+
+impl Handler for Core {
+    type State = Peer;
+    type Frame = Inbound;
+    type Done = Done;
+    type Listener = Listening;
+
+    fn decode(state: &Peer, conn: &mut Connection) -> Option<Result<Inbound, ErrorFrame>> {
+        match state {
+            Peer::Client(_) => conn.next_message().map(|r| r.map(Inbound::Client)),
+            Peer::Mesh => conn.next_message().map(|r| r.map(Inbound::Mesh)),
+            Peer::Control => conn.next_message().map(|r| r.map(Inbound::Control)),
+        }
+    }
+
+    fn on_frame(&mut self, io: &mut Links, token: Token, frame: Inbound) {
+        match frame {
+            Inbound::Client(frame) => self.client_frame(io, token, frame),
+            Inbound::Mesh(frame) => self.mesh_frame(io, token, frame),
+            Inbound::Control(frame) => self.control_frame(io, frame),
+        }
+    }
+
+    fn on_bad_stream(&mut self, io: &mut Links, token: Token, error: ErrorFrame) {
+        match io.get(token).map(|l| &l.state) {
+            Some(Peer::Client(_)) => self.fail(io, token, error),
+            Some(Peer::Mesh) => self.fail_mesh(io, token, error),
+            Some(Peer::Control) => self.control_down(io, &error.message),
+            None => {}
+        }
+    }
+
+    fn room(&self, io: &Links, _: Listening) -> usize {
+        self.room(io)
+    }
+
+    fn on_accept(&mut self, io: &mut Links, listener: Listening, accepted: Accepted) {
+        match listener {
+            Listening::Clients => {
+                if accepted.refused > 0 {
+                    if self.refused == 0 {
+                        warn!(
+                            "full ({} connections): closing new connections at once",
+                            self.client_count(io)
+                        );
+                    }
+                    self.refused += accepted.refused;
+                }
+                for conn in accepted.connections {
+                    io.add(conn, Peer::Client(ClientState::AwaitingHello));
+                }
+            }
+            Listening::Mesh => {
+                for conn in accepted.connections {
+                    if let Some(token) = io.add(conn, Peer::Mesh) {
+                        self.mesh.accepted(token);
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_close(&mut self, io: &mut Links, token: Token, why: &str) {
+        if matches!(io.get(token).map(|l| &l.state), Some(Peer::Control)) {
+            self.control_down(io, why);
+        } else {
+            self.close(io, token, why);
+        }
+    }
+
+    fn on_completion(&mut self, io: &mut Links, done: Done) {
+        self.complete(io, done);
+    }
+
+    fn on_tick(&mut self, io: &mut Links, _: Instant) {
+        self.sweep(io);
+    }
+
+    fn before_poll(&mut self, io: &mut Links) {
+        self.maybe_connect_control(io);
+        self.dial_mesh(io);
+    }
+
+    fn after_turn(&mut self, io: &mut Links) {
+        self.report_load(io);
+        if self.last_summary_at.elapsed() >= SUMMARY_INTERVAL {
+            self.summarise();
+        }
+    }
+}
+
+impl Core {
+    /// Client connections held (the table also holds mesh links and the control link).
+    fn client_count(&self, io: &Links) -> usize {
+        io.len() - self.mesh.links.len() - usize::from(self.control.token.is_some())
     }
 
     /// At shutdown: gives clients up to `grace` to take what is queued for them (the
     /// last `sent` replies above all), so they need not resend what was committed. The
     /// poll loop is done, so waiting here blocks no one.
-    fn flush_before_closing(&mut self, grace: Duration) {
+    fn flush_before_closing(&mut self, io: &mut Links, grace: Duration) {
         let deadline = Instant::now() + grace;
         loop {
             let mut waiting = false;
-            for client in self.clients.values_mut() {
-                if client.conn.flush().is_ok() && !client.conn.is_flushed() {
+            for (_, link) in io.iter_mut() {
+                if matches!(link.state, Peer::Client(_))
+                    && link.conn.flush().is_ok()
+                    && !link.conn.is_flushed()
+                {
                     waiting = true;
                 }
             }
@@ -300,7 +422,7 @@ impl RelayServer {
     }
 
     /// Periodic work: expired tickets, connections that never logged in.
-    fn sweep(&mut self) {
+    fn sweep(&mut self, io: &mut Links) {
         let now = Instant::now();
         self.tickets.expire(now);
         self.uploads
@@ -308,7 +430,7 @@ impl RelayServer {
         if now.duration_since(self.last_file_sweep) >= Duration::from_secs(60) {
             self.last_file_sweep = now;
             self.submit(Job::File {
-                conn: LISTENER,
+                conn: NO_CONN,
                 req: 0,
                 user_id: 0,
                 op: FileOp::Expire {
@@ -325,10 +447,13 @@ impl RelayServer {
         let stall = Duration::from_secs(self.cfg.output_stall_secs);
         let deadline = Duration::from_secs(self.cfg.auth_deadline_secs);
         let mut closing: Vec<(Token, &str)> = Vec::new();
-        for (token, client) in self.clients.iter_mut() {
-            let conn = &client.conn;
+        for (token, link) in io.iter_mut() {
+            let Peer::Client(state) = &mut link.state else {
+                continue;
+            };
+            let conn = &link.conn;
             let mut held = 0;
-            let why = match &mut client.state {
+            let why = match state {
                 ClientState::Ready(session) => {
                     session.forget_backlog(now);
                     held = session.held_bytes();
@@ -356,22 +481,24 @@ impl RelayServer {
                         .then_some("reading too slowly: more output waiting than the hard limit")
                 });
             if let Some(why) = why {
-                closing.push((*token, why));
+                closing.push((token, why));
             }
         }
         closing.extend(self.mesh.links.iter().filter_map(|(t, l)| {
             (matches!(l.state, MeshState::AwaitingHello | MeshState::AwaitingIntro)
-                && now.duration_since(l.conn.opened) >= deadline)
-                .then_some((*t, "no ticket or introduction before the deadline"))
+                && io
+                    .get(*t)
+                    .is_some_and(|c| now.duration_since(c.conn.opened) >= deadline))
+            .then_some((*t, "no ticket or introduction before the deadline"))
         }));
         for (token, why) in closing {
-            self.close(token, why);
+            self.close(io, token, why);
         }
     }
 
     // ----- control link -------------------------------------------------------------
 
-    fn maybe_connect_control(&mut self) {
+    fn maybe_connect_control(&mut self, io: &mut Links) {
         let now = Instant::now();
         if !self.control.due(now) {
             return;
@@ -384,56 +511,28 @@ impl RelayServer {
             mesh_addr: &self.mesh_addr,
             clients: self.clients_count(),
         };
-        if let Err(e) = self.control.connect(&self.secret, self.cfg.max_frame, &me) {
-            self.control.down(&e, now);
-            return;
-        }
-        let registry = self.poll.registry();
-        let ok = self
-            .control
-            .conn
-            .as_mut()
-            .map(|c| c.flush().is_ok() && c.update_interest(registry, CONTROL).is_ok());
-        if ok != Some(true) {
-            self.control_down("cannot start the connection");
-        }
-    }
-
-    fn control_down(&mut self, why: &str) {
-        if let Some(mut conn) = self.control.down(why, Instant::now()) {
-            conn.deregister(self.poll.registry());
-        }
-    }
-
-    fn control_ready(&mut self, readable: bool) {
-        let Some(conn) = self.control.conn.as_mut() else {
-            return;
-        };
-        if readable {
-            match conn.read_ready(&mut self.scratch) {
-                Ok(ReadStatus::Open) => {}
-                Ok(ReadStatus::Eof) => return self.control_down("closed by the auth server"),
-                Err(e) => return self.control_down(&e.to_string()),
+        match self.control.connect(&self.secret, self.cfg.max_frame, &me) {
+            Ok(conn) => match io.add(conn, Peer::Control) {
+                Some(token) => self.control.token = Some(token),
+                None => self.control_down(io, "cannot start the connection"),
+            },
+            Err(e) => {
+                self.control.down(&e, now);
             }
         }
-        loop {
-            let Some(conn) = self.control.conn.as_mut() else {
-                return;
-            };
-            match conn.next_message::<AuthToRelay>() {
-                None => break,
-                Some(Ok(frame)) => self.control_frame(frame),
-                Some(Err(e)) => return self.control_down(&e.message),
-            }
-        }
-        self.flush_control();
     }
 
-    fn control_frame(&mut self, frame: AuthToRelay) {
+    fn control_down(&mut self, io: &mut Links, why: &str) {
+        if let Some(token) = self.control.down(why, Instant::now()) {
+            io.remove(token);
+        }
+    }
+
+    fn control_frame(&mut self, io: &mut Links, frame: AuthToRelay) {
         match frame {
             AuthToRelay::Hello { version } if version == PROTOCOL_VERSION => {}
             AuthToRelay::Hello { version } => {
-                self.control_down(&format!("auth server speaks protocol {version}"))
+                self.control_down(io, &format!("auth server speaks protocol {version}"))
             }
             AuthToRelay::RelayWelcome {} => self.control.welcomed(),
             AuthToRelay::Ticket {
@@ -448,36 +547,22 @@ impl RelayServer {
                     Duration::from_millis(ttl_ms),
                     Instant::now(),
                 );
-                if let Some(conn) = self.control.conn.as_mut() {
-                    conn.queue(&RelayToAuth::TicketAccepted { ticket });
+                if let Some(token) = self.control.token {
+                    io.send(token, &RelayToAuth::TicketAccepted { ticket });
                 }
             }
             AuthToRelay::Peers { relays } => {
                 let names: Vec<&str> = relays.iter().map(|r| r.relay_id.as_str()).collect();
                 info!("relays in rotation: {names:?}");
                 for token in self.mesh.set_peers(&relays, Instant::now()) {
-                    self.close(token, "relay left the directory");
+                    self.close(io, token, "relay left the directory");
                 }
             }
             AuthToRelay::Stats { .. } => {}
             AuthToRelay::Error(e) => {
                 warn!("auth server refused us: {:?}: {}", e.code, e.message);
-                self.control_down("refused by the auth server");
+                self.control_down(io, "refused by the auth server");
             }
-        }
-    }
-
-    fn flush_control(&mut self) {
-        let registry = self.poll.registry();
-        let result = match self.control.conn.as_mut() {
-            Some(conn) => conn.flush().map_err(|e| e.to_string()).and_then(|()| {
-                conn.update_interest(registry, CONTROL)
-                    .map_err(|e| e.to_string())
-            }),
-            None => return,
-        };
-        if let Err(e) = result {
-            self.control_down(&e);
         }
     }
 
@@ -486,7 +571,7 @@ impl RelayServer {
     }
 
     /// Tells the auth server the client count when it changed.
-    fn report_load(&mut self) {
+    fn report_load(&mut self, io: &mut Links) {
         if self.control.phase != Phase::Up {
             return;
         }
@@ -495,39 +580,15 @@ impl RelayServer {
             return;
         }
         self.control.reported_clients = Some(clients);
-        if let Some(conn) = self.control.conn.as_mut() {
-            conn.queue(&RelayToAuth::Load { clients });
+        if let Some(token) = self.control.token {
+            io.send(token, &RelayToAuth::Load { clients });
         }
-        self.flush_control();
     }
 
     // ----- mesh ---------------------------------------------------------------------
 
-    /// The address other relays reach this one at.
-    pub fn mesh_addr(&self) -> &str {
-        &self.mesh_addr
-    }
-
-    fn accept_mesh(&mut self) {
-        let accepted = accept_pending(
-            &self.mesh_listener,
-            || Role::PskResponder(&self.secret),
-            self.cfg.max_frame,
-            self.room(),
-        );
-        for mut conn in accepted.connections {
-            let token = Token(self.next_token);
-            self.next_token += 1;
-            if let Err(e) = conn.update_interest(self.poll.registry(), token) {
-                warn!("cannot register {}: {e}", conn.peer);
-                continue;
-            }
-            self.mesh.accepted(token, conn);
-        }
-    }
-
     /// Dials the relays the mesh wants links to.
-    fn dial_mesh(&mut self) {
+    fn dial_mesh(&mut self, io: &mut Links) {
         let now = Instant::now();
         for (id, addr) in self.mesh.due_dials(now) {
             let Ok(sockaddr) = addr.parse::<SocketAddr>() else {
@@ -563,71 +624,33 @@ impl RelayServer {
             conn.queue(&MeshFrame::MeshHello {
                 relay_id: self.cfg.id.clone(),
             });
-            let token = Token(self.next_token);
-            self.next_token += 1;
-            if conn.flush().is_err() || conn.update_interest(self.poll.registry(), token).is_err() {
-                self.mesh.dial_failed(&id, now);
-                continue;
-            }
-            self.mesh.dialled(token, id, conn);
-        }
-    }
-
-    fn mesh_ready(&mut self, token: Token, readable: bool) {
-        self.touched.insert(token);
-        if !readable {
-            return;
-        }
-        let Some(link) = self.mesh.links.get_mut(&token) else {
-            return;
-        };
-        match link.conn.read_ready(&mut self.scratch) {
-            Ok(ReadStatus::Open) => self.process_mesh_frames(token),
-            Ok(ReadStatus::Eof) => {
-                self.process_mesh_frames(token);
-                self.close(token, "closed by peer");
-            }
-            Err(e) => self.close(token, &e.to_string()),
-        }
-    }
-
-    fn process_mesh_frames(&mut self, token: Token) {
-        loop {
-            let Some(link) = self.mesh.links.get_mut(&token) else {
-                return;
-            };
-            if link.conn.closing {
-                return;
-            }
-            match link.conn.next_message::<MeshFrame>() {
-                None => return,
-                Some(Ok(frame)) => self.mesh_frame(token, frame),
-                Some(Err(e)) => self.fail_mesh(token, e),
+            match io.add(conn, Peer::Mesh) {
+                Some(token) => self.mesh.dialled(token, id),
+                None => self.mesh.dial_failed(&id, now),
             }
         }
     }
 
-    fn fail_mesh(&mut self, token: Token, error: ErrorFrame) {
-        if let Some(link) = self.mesh.links.get_mut(&token) {
+    fn fail_mesh(&mut self, io: &mut Links, token: Token, error: ErrorFrame) {
+        if let Some(link) = io.get(token) {
             warn!(
                 "closing mesh connection {}: {:?}: {}",
                 link.conn.peer, error.code, error.message
             );
-            link.conn.queue(&MeshFrame::Error(error));
-            link.conn.closing = true;
-            self.touched.insert(token);
+            io.fail(token, &MeshFrame::Error(error));
         }
     }
 
-    fn mesh_frame(&mut self, token: Token, frame: MeshFrame) {
+    fn mesh_frame(&mut self, io: &mut Links, token: Token, frame: MeshFrame) {
         let Some(link) = self.mesh.links.get_mut(&token) else {
             return;
         };
-        self.touched.insert(token);
+        io.touch(token);
         match (&link.state, frame) {
             (MeshState::AwaitingHello, MeshFrame::Hello { version }) => {
                 if version != PROTOCOL_VERSION {
                     return self.fail_mesh(
+                        io,
                         token,
                         ErrorFrame::new(
                             None,
@@ -641,30 +664,34 @@ impl RelayServer {
                     Some(id) => {
                         info!("mesh link to {id} is up");
                         if let Some(old) = self.mesh.link_up(token, id) {
-                            self.close(old, "replaced by a newer link");
+                            self.close(io, old, "replaced by a newer link");
                         }
-                        self.catch_up_all();
+                        self.catch_up_all(io);
                     }
                     None => {
-                        link.conn.queue(&MeshFrame::Hello {
-                            version: PROTOCOL_VERSION,
-                        });
                         link.state = MeshState::AwaitingIntro;
+                        io.send(
+                            token,
+                            &MeshFrame::Hello {
+                                version: PROTOCOL_VERSION,
+                            },
+                        );
                     }
                 }
             }
             (MeshState::AwaitingIntro, MeshFrame::MeshHello { relay_id }) => {
                 if !valid_relay_id(&relay_id) || relay_id == self.cfg.id {
                     return self.fail_mesh(
+                        io,
                         token,
                         ErrorFrame::new(None, ErrorCode::BadFrame, "bad relay id"),
                     );
                 }
                 info!("mesh link from {relay_id} is up");
                 if let Some(old) = self.mesh.link_up(token, relay_id) {
-                    self.close(old, "replaced by a newer link");
+                    self.close(io, old, "replaced by a newer link");
                 }
-                self.catch_up_all();
+                self.catch_up_all(io);
             }
             (
                 MeshState::AwaitingIntro | MeshState::Admin | MeshState::Up(_),
@@ -673,10 +700,8 @@ impl RelayServer {
                 if link.state == MeshState::AwaitingIntro {
                     link.state = MeshState::Admin;
                 }
-                let stats = self.stats();
-                if let Some(link) = self.mesh.links.get_mut(&token) {
-                    link.conn.queue(&MeshFrame::Stats { id, stats });
-                }
+                let stats = self.stats(io);
+                io.send(token, &MeshFrame::Stats { id, stats });
             }
             (
                 MeshState::Up(_),
@@ -693,6 +718,7 @@ impl RelayServer {
             ) => {
                 self.counters.arrived += 1;
                 self.deliver_local(
+                    io,
                     recipient_id,
                     Stored {
                         msg_id,
@@ -707,9 +733,10 @@ impl RelayServer {
             }
             (_, MeshFrame::Error(e)) => {
                 warn!("mesh peer reported {:?}: {}", e.code, e.message);
-                self.close(token, "peer reported an error");
+                self.close(io, token, "peer reported an error");
             }
             (_, _) => self.fail_mesh(
+                io,
                 token,
                 ErrorFrame::new(None, ErrorCode::BadState, "frame not allowed now"),
             ),
@@ -719,7 +746,7 @@ impl RelayServer {
     // ----- figures ------------------------------------------------------------------
 
     /// The figures `stats` reports.
-    fn stats(&self) -> serde_json::Value {
+    fn stats(&self, io: &Links) -> serde_json::Value {
         let m = &self.metrics;
         let batches = m.batches.load(Ordering::Relaxed);
         let c = self.counters;
@@ -729,7 +756,7 @@ impl RelayServer {
             "client_addr": self.public_addr,
             "mesh_addr": self.mesh_addr,
             "clients": self.clients_count(),
-            "connections": self.clients.len(),
+            "connections": self.client_count(io),
             "auth_link": self.control.describe(),
             "mesh": self.mesh.describe(),
             "received": c.received,
@@ -788,92 +815,22 @@ impl RelayServer {
 
     /// Connections the relay may still take: clients and mesh links count against
     /// the same descriptor budget.
-    fn room(&self) -> usize {
+    fn room(&self, io: &Links) -> usize {
         self.max_connections
-            .saturating_sub(self.clients.len() + self.mesh.links.len())
-    }
-
-    fn accept(&mut self) {
-        let accepted = accept_pending(
-            &self.listener,
-            || Role::NkResponder(&self.keypair),
-            self.cfg.max_frame,
-            self.room(),
-        );
-        if accepted.refused > 0 {
-            if self.refused == 0 {
-                warn!(
-                    "full ({} connections): closing new connections at once",
-                    self.clients.len()
-                );
-            }
-            self.refused += accepted.refused;
-        }
-        for conn in accepted.connections {
-            let token = Token(self.next_token);
-            self.next_token += 1;
-            let mut client = Client {
-                conn,
-                state: ClientState::AwaitingHello,
-            };
-            if let Err(e) = client.conn.update_interest(self.poll.registry(), token) {
-                warn!("cannot register {}: {e}", client.conn.peer);
-                continue;
-            }
-            self.clients.insert(token, client);
-        }
-    }
-
-    fn client_ready(&mut self, token: Token, readable: bool) {
-        self.touched.insert(token);
-        if !readable {
-            return;
-        }
-        let Some(client) = self.clients.get_mut(&token) else {
-            return;
-        };
-        match client.conn.read_ready(&mut self.scratch) {
-            Ok(ReadStatus::Open) => self.process_frames(token),
-            Ok(ReadStatus::Eof) => {
-                self.process_frames(token);
-                self.close(token, "closed by client");
-            }
-            Err(e) => self.close(token, &e.to_string()),
-        }
-    }
-
-    fn process_frames(&mut self, token: Token) {
-        loop {
-            let Some(client) = self.clients.get_mut(&token) else {
-                return;
-            };
-            if client.conn.closing {
-                return;
-            }
-            match client.conn.next_message::<ClientToRelay>() {
-                None => return,
-                Some(Ok(frame)) => self.client_frame(token, frame),
-                Some(Err(e)) => self.fail(token, e),
-            }
-        }
+            .saturating_sub(self.client_count(io) + self.mesh.links.len())
     }
 
     /// Sends an error frame and closes the connection once it is written.
-    fn fail(&mut self, token: Token, error: ErrorFrame) {
-        if let Some(client) = self.clients.get_mut(&token) {
-            warn!(
-                "closing {}: {:?}: {}",
-                client.conn.peer, error.code, error.message
-            );
-            client.conn.queue(&RelayToClient::Error(error));
-            client.conn.closing = true;
-            self.touched.insert(token);
+    fn fail(&mut self, io: &mut Links, token: Token, error: ErrorFrame) {
+        if let Some((conn, _)) = client_ref(io, token) {
+            warn!("closing {}: {:?}: {}", conn.peer, error.code, error.message);
+            io.fail(token, &RelayToClient::Error(error));
         }
     }
 
     /// Makes `token` a session of the admitted user: welcome, then the backlog.
-    fn admit(&mut self, token: Token, admission: Admission, receive: bool) {
-        let Some(client) = self.clients.get_mut(&token) else {
+    fn admit(&mut self, io: &mut Links, token: Token, admission: Admission, receive: bool) {
+        let Some(client) = client_mut(io, token) else {
             return;
         };
         if client.conn.closing || self.stopping {
@@ -884,14 +841,14 @@ impl RelayServer {
             user: admission.user.clone(),
             user_id: admission.user_id,
         });
-        self.touched.insert(token);
         let user_id = admission.user_id;
-        client.state = ClientState::Ready(Box::new(Session::new(
+        *client.state = ClientState::Ready(Box::new(Session::new(
             admission.user,
             user_id,
             receive,
             self.cfg.page_size as usize,
         )));
+        io.touch(token);
         // Registered locally before presence commits, so no live message completing
         // meanwhile can miss this session.
         self.local.entry(user_id).or_default().push(token);
@@ -905,16 +862,16 @@ impl RelayServer {
 
     /// Closes a connection whose resumption credential is not valid, counting it
     /// against the client's address.
-    fn refuse_credential(&mut self, token: Token, user: &str) {
-        if let Some(client) = self.clients.get(&token) {
+    fn refuse_credential(&mut self, io: &mut Links, token: Token, user: &str) {
+        if let Some((conn, _)) = client_ref(io, token) {
             info!(
                 "refused a resumption credential for {user} from {}",
-                client.conn.peer
+                conn.peer
             );
-            self.resume_failures
-                .add(&client.conn.peer.ip(), Instant::now());
+            self.resume_failures.add(&conn.peer.ip(), Instant::now());
         }
         self.fail(
+            io,
             token,
             ErrorFrame::new(
                 None,
@@ -924,29 +881,34 @@ impl RelayServer {
         );
     }
 
-    fn send(&mut self, token: Token, frame: &RelayToClient) {
-        if let Some(client) = self.clients.get_mut(&token) {
-            client.conn.queue(frame);
-            self.touched.insert(token);
-        }
+    fn send(&mut self, io: &mut Links, token: Token, frame: &RelayToClient) {
+        io.send(token, frame);
     }
 
-    fn reply_error(&mut self, token: Token, req: u64, code: ErrorCode, message: String) {
+    fn reply_error(
+        &mut self,
+        io: &mut Links,
+        token: Token,
+        req: u64,
+        code: ErrorCode,
+        message: String,
+    ) {
         self.send(
+            io,
             token,
             &RelayToClient::Error(ErrorFrame::new(Some(req), code, message)),
         );
     }
 
-    fn client_frame(&mut self, token: Token, frame: ClientToRelay) {
-        let Some(client) = self.clients.get_mut(&token) else {
+    fn client_frame(&mut self, io: &mut Links, token: Token, frame: ClientToRelay) {
+        io.touch(token);
+        let Some(client) = client_mut(io, token) else {
             return;
         };
-        self.touched.insert(token);
-        match (&mut client.state, frame) {
+        match (&mut *client.state, frame) {
             (ClientState::AwaitingHello, ClientToRelay::Hello { version }) => {
                 if version != PROTOCOL_VERSION {
-                    return self.fail(
+                    return self.fail(io,
                         token,
                         ErrorFrame::new(
                             None,
@@ -955,7 +917,7 @@ impl RelayServer {
                         ),
                     );
                 }
-                client.state = ClientState::AwaitingAuth;
+                *client.state = ClientState::AwaitingAuth;
                 client.conn.queue(&RelayToClient::Hello {
                     version: PROTOCOL_VERSION,
                 });
@@ -968,13 +930,14 @@ impl RelayServer {
                     receive,
                 },
             ) => match self.tickets.redeem(&ticket, &user, Instant::now()) {
-                Ok(admission) => self.admit(token, admission, receive),
+                Ok(admission) => self.admit(io, token, admission, receive),
                 Err(why) => {
                     info!(
                         "refused a ticket for {user} from {}: {why:?}",
                         client.conn.peer
                     );
                     self.fail(
+                        io,
                         token,
                         ErrorFrame::new(
                             None,
@@ -1000,12 +963,12 @@ impl RelayServer {
                         "too many refused credentials from this address; log in at the auth server",
                         wait.as_millis().try_into().unwrap_or(u64::MAX),
                     );
-                    return self.fail(token, error);
+                    return self.fail(io, token, error);
                 }
                 if !valid_user_name(&user) || credential.len() > 128 {
-                    return self.refuse_credential(token, &user);
+                    return self.refuse_credential(io, token, &user);
                 }
-                client.state = ClientState::Resuming { receive };
+                *client.state = ClientState::Resuming { receive };
                 self.submit(Job::Resume {
                     conn: token,
                     user,
@@ -1034,11 +997,12 @@ impl RelayServer {
                         format!("sending too fast (at most {rate} messages a second); nothing was stored, retry later"),
                         wait_ms,
                     );
-                    return self.send(token, &RelayToClient::Error(error));
+                    return self.send(io, token, &RelayToClient::Error(error));
                 }
                 if body.len() > self.cfg.max_body {
                     let max = self.cfg.max_body;
                     return self.reply_error(
+                        io,
                         token,
                         id,
                         ErrorCode::TooLarge,
@@ -1047,6 +1011,7 @@ impl RelayServer {
                 }
                 if body.contains('\0') {
                     return self.reply_error(
+                        io,
                         token,
                         id,
                         ErrorCode::BadFrame,
@@ -1057,6 +1022,7 @@ impl RelayServer {
                     (Some(to), None) if valid_user_name(&to) => Target::User(to),
                     (Some(to), None) => {
                         return self.reply_error(
+                            io,
                             token,
                             id,
                             ErrorCode::UnknownUser,
@@ -1066,6 +1032,7 @@ impl RelayServer {
                     (None, Some(group_id)) => Target::Group(group_id),
                     _ => {
                         return self.reply_error(
+                            io,
                             token,
                             id,
                             ErrorCode::BadFrame,
@@ -1089,7 +1056,7 @@ impl RelayServer {
                     return;
                 };
                 if let Err((code, message)) = self.check_file_op(user_id, &op) {
-                    return self.reply_error(token, id, code, message);
+                    return self.reply_error(io, token, id, code, message);
                 }
                 self.submit(Job::File {
                     conn: token,
@@ -1104,7 +1071,7 @@ impl RelayServer {
                     return;
                 };
                 if let Err(message) = check_group_op(&op) {
-                    return self.reply_error(token, id, ErrorCode::InvalidName, message);
+                    return self.reply_error(io, token, id, ErrorCode::InvalidName, message);
                 }
                 self.submit(Job::Group {
                     conn: token,
@@ -1117,6 +1084,7 @@ impl RelayServer {
             (ClientState::Ready(session), ClientToRelay::Ack { msg_ids }) => {
                 if msg_ids.len() > MAX_ACK_IDS {
                     return self.fail(
+                        io,
                         token,
                         ErrorFrame::new(
                             None,
@@ -1143,6 +1111,7 @@ impl RelayServer {
                 let user_id = session.user_id;
                 if !valid_user_name(&user) {
                     return self.reply_error(
+                        io,
                         token,
                         id,
                         ErrorCode::UnknownUser,
@@ -1160,6 +1129,7 @@ impl RelayServer {
                 client.conn.queue(&RelayToClient::Pong { id });
             }
             (_, frame) => self.fail(
+                io,
                 token,
                 ErrorFrame::new(
                     None,
@@ -1231,13 +1201,7 @@ impl RelayServer {
         }
     }
 
-    fn drain_completions(&mut self) {
-        while let Ok(done) = self.done_rx.try_recv() {
-            self.complete(done);
-        }
-    }
-
-    fn complete(&mut self, done: Done) {
+    fn complete(&mut self, io: &mut Links, done: Done) {
         match done {
             Done::Pending {
                 conn,
@@ -1245,10 +1209,10 @@ impl RelayServer {
                 more,
                 ..
             } => {
-                let Some(Client {
+                let Some(ClientMut {
                     state: ClientState::Ready(session),
                     ..
-                }) = self.clients.get_mut(&conn)
+                }) = client_mut(io, conn)
                 else {
                     return;
                 };
@@ -1258,18 +1222,14 @@ impl RelayServer {
                 let (out, synced) = session.page_arrived(messages, more);
                 self.counters.delivered += out.len() as u64;
                 for m in out {
-                    self.send(conn, &deliver(m));
+                    self.send(io, conn, &deliver(m));
                 }
                 if synced {
-                    self.send(conn, &RelayToClient::Synced {});
+                    self.send(io, conn, &RelayToClient::Synced {});
                 }
             }
             Done::CatchUp { conn, messages } => {
-                let Some(Client {
-                    state: ClientState::Ready(session),
-                    ..
-                }) = self.clients.get(&conn)
-                else {
+                let Some((_, ClientState::Ready(session))) = client_ref(io, conn) else {
                     return;
                 };
                 if !session.receive || session.in_backlog() {
@@ -1277,7 +1237,7 @@ impl RelayServer {
                 }
                 self.counters.delivered += messages.len() as u64;
                 for m in messages {
-                    self.send(conn, &deliver(m));
+                    self.send(io, conn, &deliver(m));
                 }
             }
             Done::Resumed {
@@ -1285,20 +1245,17 @@ impl RelayServer {
                 user,
                 user_id,
             } => {
-                let Some(Client {
-                    state: ClientState::Resuming { receive },
-                    ..
-                }) = self.clients.get(&conn)
-                else {
+                let Some((_, ClientState::Resuming { receive })) = client_ref(io, conn) else {
                     return; // closed meanwhile
                 };
                 let receive = *receive;
                 match user_id {
-                    Some(user_id) => self.admit(conn, Admission { user, user_id }, receive),
-                    None => self.refuse_credential(conn, &user),
+                    Some(user_id) => self.admit(io, conn, Admission { user, user_id }, receive),
+                    None => self.refuse_credential(io, conn, &user),
                 }
             }
             Done::LoginFailed { conn } => self.fail(
+                io,
                 conn,
                 ErrorFrame::new(
                     None,
@@ -1314,6 +1271,7 @@ impl RelayServer {
                 deliveries,
             } => {
                 self.send(
+                    io,
                     conn,
                     &RelayToClient::Sent {
                         id: req,
@@ -1321,11 +1279,11 @@ impl RelayServer {
                         ts,
                     },
                 );
-                self.route(deliveries);
+                self.route(io, deliveries);
             }
             Done::Frames { conn, frames } => {
                 for frame in &frames {
-                    self.send(conn, frame);
+                    self.send(io, conn, frame);
                 }
             }
             Done::Group {
@@ -1333,15 +1291,15 @@ impl RelayServer {
                 reply,
                 deliveries,
             } => {
-                self.send(conn, &reply);
-                self.route(deliveries);
+                self.send(io, conn, &reply);
+                self.route(io, deliveries);
             }
             Done::Failed {
                 conn,
                 req,
                 code,
                 message,
-            } => self.reply_error(conn, req, code, message),
+            } => self.reply_error(io, conn, req, code, message),
             Done::Key {
                 conn,
                 req,
@@ -1349,6 +1307,7 @@ impl RelayServer {
                 pubkey,
             } => match pubkey {
                 Some(pubkey) => self.send(
+                    io,
                     conn,
                     &RelayToClient::Key {
                         id: req,
@@ -1357,6 +1316,7 @@ impl RelayServer {
                     },
                 ),
                 None => self.reply_error(
+                    io,
                     conn,
                     req,
                     ErrorCode::UnknownUser,
@@ -1369,15 +1329,16 @@ impl RelayServer {
     /// Every live session re-reads what is stored for it: messages another relay
     /// committed but could not forward (it died, or the link was down) arrive now
     /// rather than at the next login. Clients drop what they already have.
-    fn catch_up_all(&mut self) {
+    fn catch_up_all(&mut self, io: &mut Links) {
         if self.stopping {
             return;
         }
-        let sessions: Vec<(Token, i64)> = self
-            .clients
+        let sessions: Vec<(Token, i64)> = io
             .iter()
-            .filter_map(|(t, c)| match &c.state {
-                ClientState::Ready(s) if s.receive && !s.in_backlog() => Some((*t, s.user_id)),
+            .filter_map(|(t, l)| match &l.state {
+                Peer::Client(ClientState::Ready(s)) if s.receive && !s.in_backlog() => {
+                    Some((t, s.user_id))
+                }
                 _ => None,
             })
             .collect();
@@ -1397,18 +1358,18 @@ impl RelayServer {
     }
 
     /// Pushes stored messages to their recipients' sessions, here and on other relays.
-    fn route(&mut self, deliveries: Vec<crate::store::Delivery>) {
+    fn route(&mut self, io: &mut Links, deliveries: Vec<crate::store::Delivery>) {
         for d in deliveries {
             for relay in &d.remote_relays {
-                self.forward(relay, d.recipient_id, &d.message);
+                self.forward(io, relay, d.recipient_id, &d.message);
             }
-            self.deliver_local(d.recipient_id, d.message);
+            self.deliver_local(io, d.recipient_id, d.message);
         }
     }
 
     /// Sends a stored message to the relay where its recipient has a session. Without a
     /// link it simply waits in the table for the recipient's next login.
-    fn forward(&mut self, relay: &str, recipient_id: i64, m: &Stored) {
+    fn forward(&mut self, io: &mut Links, relay: &str, recipient_id: i64, m: &Stored) {
         let Some(token) = self.mesh.route(relay) else {
             debug!(
                 "no link to {relay}: message {} waits in the store",
@@ -1416,8 +1377,9 @@ impl RelayServer {
             );
             return;
         };
-        if let Some(link) = self.mesh.links.get_mut(&token) {
-            link.conn.queue(&MeshFrame::Deliver {
+        if io.send(
+            token,
+            &MeshFrame::Deliver {
                 recipient_id,
                 msg_id: m.msg_id,
                 from: m.from.clone(),
@@ -1426,53 +1388,51 @@ impl RelayServer {
                 body: m.body.clone(),
                 ts: m.ts,
                 event: m.event.clone(),
-            });
-            self.touched.insert(token);
+            },
+        ) {
             self.counters.forwarded += 1;
         }
     }
 
     /// Pushes a freshly stored message to the recipient's sessions on this relay.
-    fn deliver_local(&mut self, recipient_id: i64, message: Stored) {
+    fn deliver_local(&mut self, io: &mut Links, recipient_id: i64, message: Stored) {
         let Some(tokens) = self.local.get(&recipient_id) else {
             return;
         };
         for token in tokens.clone() {
-            if let Some(Client {
-                state: ClientState::Ready(session),
-                conn,
-            }) = self.clients.get_mut(&token)
-            {
-                if let Some(m) = session.live(message.clone()) {
-                    conn.queue(&deliver(m));
-                    self.touched.insert(token);
-                    self.counters.delivered += 1;
-                }
+            let live = match client_mut(io, token) {
+                Some(ClientMut {
+                    state: ClientState::Ready(session),
+                    ..
+                }) => session.live(message.clone()),
+                _ => None,
+            };
+            if let Some(m) = live {
+                io.send(token, &deliver(m));
+                self.counters.delivered += 1;
             }
         }
     }
 
-    fn close(&mut self, token: Token, why: &str) {
-        if let Some(mut link) = self.mesh.link_closed(token, Instant::now()) {
-            let _ = link.conn.flush();
-            link.conn.deregister(self.poll.registry());
-            self.touched.remove(&token);
-            match link.state {
+    fn close(&mut self, io: &mut Links, token: Token, why: &str) {
+        let Some(link) = io.remove(token) else {
+            return;
+        };
+        let peer = link.conn.peer;
+        if let Some(mesh_link) = self.mesh.link_closed(token, Instant::now()) {
+            match mesh_link.state {
                 MeshState::Up(id) => {
                     warn!("mesh link to {id} closed: {why}");
-                    self.catch_up_all();
+                    self.catch_up_all(io);
                 }
-                _ => debug!("mesh connection {} closed: {why}", link.conn.peer),
+                _ => debug!("mesh connection {peer} closed: {why}"),
             }
             return;
         }
-        let Some(mut client) = self.clients.remove(&token) else {
+        let Peer::Client(state) = link.state else {
             return;
         };
-        let _ = client.conn.flush();
-        client.conn.deregister(self.poll.registry());
-        self.touched.remove(&token);
-        if let ClientState::Ready(session) = client.state {
+        if let ClientState::Ready(session) = state {
             self.ready_sessions = self.ready_sessions.saturating_sub(1);
             info!("{} disconnected: {why}", session.user);
             let user_id = session.user_id;
@@ -1490,25 +1450,7 @@ impl RelayServer {
                 }
             }
         } else {
-            debug!("connection {} closed: {why}", client.conn.peer);
-        }
-    }
-
-    fn flush_touched(&mut self) {
-        let touched: Vec<Token> = self.touched.drain().collect();
-        for token in touched {
-            let conn = match self.clients.get_mut(&token) {
-                Some(client) => &mut client.conn,
-                None => match self.mesh.links.get_mut(&token) {
-                    Some(link) => &mut link.conn,
-                    None => continue,
-                },
-            };
-            match conn.flush_and_rearm(self.poll.registry(), token) {
-                Err(e) => self.close(token, &e.to_string()),
-                Ok(true) => self.close(token, "closed after an error"),
-                Ok(false) => {}
-            }
+            debug!("connection {peer} closed: {why}");
         }
     }
 }

@@ -121,6 +121,7 @@ impl AuthServer {
         let (reactor, bound) = Reactor::new(
             cfg.max_frame,
             TICK,
+            TICK,
             vec![
                 (
                     cfg.listen.as_str(),
