@@ -7,6 +7,9 @@ use std::path::PathBuf;
 #[derive(Parser, Debug, Clone)]
 #[command(name = "fastchat-auth", version)]
 pub struct Config {
+    /// Flags both servers take.
+    #[command(flatten)]
+    pub common: fastchat_common::flags::ServerFlags,
     /// Address clients connect to (Noise NX).
     #[arg(long, env = "FASTCHAT_AUTH_LISTEN", default_value = "127.0.0.1:7400")]
     pub listen: String,
@@ -17,17 +20,6 @@ pub struct Config {
         default_value = "127.0.0.1:7401"
     )]
     pub relay_listen: String,
-    /// PostgreSQL connection string (libpq key=value or URI).
-    #[arg(
-        long,
-        env = "FASTCHAT_DB_URL",
-        default_value = "host=127.0.0.1 port=54329 user=fastchat dbname=fastchat"
-    )]
-    pub db_url: String,
-    /// Milliseconds a worker waits for a database connection before it answers
-    /// `store_failed` (while PostgreSQL is down); also the connect timeout.
-    #[arg(long, env = "FASTCHAT_DB_TIMEOUT_MS", default_value_t = fastchat_common::db::DEFAULT_TIMEOUT_MS)]
-    pub db_timeout_ms: u64,
     /// The server's static Noise key pair; created (mode 0600) if missing.
     #[arg(
         long,
@@ -35,19 +27,9 @@ pub struct Config {
         default_value = ".fastchat/keys/auth.key"
     )]
     pub key_file: PathBuf,
-    /// The cluster secret shared with the relays (64 hex characters).
-    #[arg(
-        long,
-        env = "FASTCHAT_SECRET_FILE",
-        default_value = ".fastchat/cluster.secret"
-    )]
-    pub secret_file: PathBuf,
     /// Worker threads for password hashing and database work.
     #[arg(long, env = "FASTCHAT_AUTH_WORKERS", default_value_t = 2)]
     pub workers: usize,
-    /// Largest frame accepted, in bytes.
-    #[arg(long, env = "FASTCHAT_MAX_FRAME", default_value_t = fastchat_common::frame::DEFAULT_MAX_FRAME)]
-    pub max_frame: usize,
     /// Failed logins allowed per user name within the window.
     #[arg(long, env = "FASTCHAT_LOGIN_FAILURES_PER_USER", default_value_t = 5)]
     pub login_failures_per_user: u32,
@@ -64,14 +46,6 @@ pub struct Config {
     /// How long a ticket stays valid, in seconds.
     #[arg(long, env = "FASTCHAT_TICKET_TTL_SECS", default_value_t = 30)]
     pub ticket_ttl_secs: u64,
-    /// Seconds a new connection has to complete its handshake and hello (and, on a
-    /// relay, present its ticket) before it is closed.
-    #[arg(long, env = "FASTCHAT_AUTH_DEADLINE_SECS", default_value_t = 10)]
-    pub auth_deadline_secs: u64,
-    /// Most client connections held at once; more are closed as they arrive
-    /// [default: the process's descriptor limit less 256].
-    #[arg(long, env = "FASTCHAT_MAX_CONNECTIONS")]
-    pub max_connections: Option<usize>,
     #[command(subcommand)]
     pub command: Option<Command>,
     /// How long a resumption credential stays valid, in seconds.

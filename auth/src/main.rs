@@ -1,18 +1,9 @@
-//! `fastchat-auth`: the FastChat auth server.
-//!
-//! Layout: [`config`] (flags), [`accounts`] (names, passwords, the worker jobs),
-//! [`ratelimit`] (failed logins), [`directory`] (live relays, least-loaded choice),
-//! [`server`] (the poll loop tying them together).
-
-mod accounts;
-mod cluster_stats;
-mod config;
-mod directory;
-mod passwords;
-mod ratelimit;
-mod server;
+//! `fastchat-auth`: the FastChat auth server. The work is in the `fastchat_auth` library
+//! (see its crate documentation for the layout); this is flags, keys, the database and
+//! the signal handler.
 
 use clap::Parser;
+use fastchat_auth::{cluster_stats, config, server};
 use fastchat_common::{error, info, startup};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -21,7 +12,7 @@ use std::time::Duration;
 fn main() {
     let cfg = config::Config::parse();
     if let Some(config::Command::Stats { json }) = cfg.command {
-        match cluster_stats::gather(&cfg.relay_listen, &cfg.secret_file) {
+        match cluster_stats::gather(&cfg.relay_listen, &cfg.common.secret_file) {
             Ok(stats) if json => println!("{stats}"),
             Ok(stats) => cluster_stats::print_table(&stats),
             Err(e) => {
@@ -40,11 +31,11 @@ fn main() {
 
 fn run(cfg: config::Config) -> Result<(), Box<dyn std::error::Error>> {
     let base = startup::prepare(
-        &cfg.secret_file,
+        &cfg.common.secret_file,
         &cfg.key_file,
-        &cfg.db_url,
+        &cfg.common.db_url,
         cfg.workers as u32 + 1,
-        Duration::from_millis(cfg.db_timeout_ms),
+        Duration::from_millis(cfg.common.db_timeout_ms),
     )?;
     let stop = Arc::new(AtomicBool::new(false));
     let (server, bound, waker) =

@@ -19,6 +19,7 @@
 pub mod conn;
 pub mod credential;
 pub mod db;
+pub mod flags;
 pub mod frame;
 pub mod hex;
 pub mod keys;

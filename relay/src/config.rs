@@ -7,6 +7,9 @@ use std::path::PathBuf;
 #[derive(Parser, Debug, Clone)]
 #[command(name = "fastchat-relay", version)]
 pub struct Config {
+    /// Flags both servers take.
+    #[command(flatten)]
+    pub common: fastchat_common::flags::ServerFlags,
     /// This relay's name, unique in the cluster (recorded in presence rows).
     #[arg(long, env = "FASTCHAT_RELAY_ID", default_value = "relay-1")]
     pub id: String,
@@ -33,17 +36,6 @@ pub struct Config {
         default_value = "127.0.0.1:7401"
     )]
     pub auth: String,
-    /// PostgreSQL connection string (libpq key=value or URI).
-    #[arg(
-        long,
-        env = "FASTCHAT_DB_URL",
-        default_value = "host=127.0.0.1 port=54329 user=fastchat dbname=fastchat"
-    )]
-    pub db_url: String,
-    /// Milliseconds a worker waits for a database connection before it answers
-    /// `store_failed` (while PostgreSQL is down); also the connect timeout.
-    #[arg(long, env = "FASTCHAT_DB_TIMEOUT_MS", default_value_t = fastchat_common::db::DEFAULT_TIMEOUT_MS)]
-    pub db_timeout_ms: u64,
     /// The relay's static Noise key pair; created (mode 0600) if missing.
     #[arg(
         long,
@@ -51,22 +43,12 @@ pub struct Config {
         default_value = ".fastchat/keys/relay-1.key"
     )]
     pub key_file: PathBuf,
-    /// The cluster secret shared with the auth server (64 hex characters).
-    #[arg(
-        long,
-        env = "FASTCHAT_SECRET_FILE",
-        default_value = ".fastchat/cluster.secret"
-    )]
-    pub secret_file: PathBuf,
     /// Database worker threads (each commits its own batches).
     #[arg(long, env = "FASTCHAT_RELAY_WORKERS", default_value_t = 4)]
     pub workers: usize,
     /// Most jobs a worker commits in one transaction.
     #[arg(long, env = "FASTCHAT_RELAY_MAX_BATCH", default_value_t = 256)]
     pub max_batch: usize,
-    /// Largest frame accepted, in bytes.
-    #[arg(long, env = "FASTCHAT_MAX_FRAME", default_value_t = fastchat_common::frame::DEFAULT_MAX_FRAME)]
-    pub max_frame: usize,
     /// Largest message body accepted, in bytes.
     #[arg(long, env = "FASTCHAT_MAX_BODY", default_value_t = 48 * 1024)]
     pub max_body: usize,
@@ -90,14 +72,6 @@ pub struct Config {
     /// client has acknowledged half of the previous one.
     #[arg(long, env = "FASTCHAT_PAGE_SIZE", default_value_t = 1000)]
     pub page_size: i64,
-    /// Seconds a new connection has to complete its handshake and hello (and, on a
-    /// relay, present its ticket) before it is closed.
-    #[arg(long, env = "FASTCHAT_AUTH_DEADLINE_SECS", default_value_t = 10)]
-    pub auth_deadline_secs: u64,
-    /// Most client connections held at once; more are closed as they arrive
-    /// [default: the process's descriptor limit less 256].
-    #[arg(long, env = "FASTCHAT_MAX_CONNECTIONS")]
-    pub max_connections: Option<usize>,
     /// Seconds a logged-in session may stay silent (clients send a `ping` every 60 s
     /// when they have nothing else to say) before it is closed; 0: never.
     #[arg(long, env = "FASTCHAT_IDLE_TIMEOUT_SECS", default_value_t = 300)]

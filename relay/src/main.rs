@@ -20,11 +20,11 @@ fn main() {
 
 fn run(cfg: config::Config) -> Result<(), Box<dyn std::error::Error>> {
     let base = startup::prepare(
-        &cfg.secret_file,
+        &cfg.common.secret_file,
         &cfg.key_file,
-        &cfg.db_url,
+        &cfg.common.db_url,
         cfg.workers as u32 + 1,
-        Duration::from_millis(cfg.db_timeout_ms),
+        Duration::from_millis(cfg.common.db_timeout_ms),
     )?;
     let cleared = store::clear_stale_presence(&base.db, &cfg.id)?;
     if cleared > 0 {

@@ -119,7 +119,7 @@ impl AuthServer {
     ) -> std::io::Result<(AuthServer, Bound, Arc<Waker>)> {
         let mut done = None;
         let (reactor, bound) = Reactor::new(
-            cfg.max_frame,
+            cfg.common.max_frame,
             TICK,
             TICK,
             vec![
@@ -161,6 +161,7 @@ impl AuthServer {
             last_summary: Counters::default(),
             last_summary_at: Instant::now(),
             max_connections: cfg
+                .common
                 .max_connections
                 .unwrap_or_else(fastchat_common::limits::default_max_connections),
             full_warned_at: None,
@@ -333,7 +334,7 @@ impl Core {
         }
         self.limiter.expire(now);
         // Connections that never finished their handshake and hello (slowloris).
-        let deadline = Duration::from_secs(self.cfg.auth_deadline_secs);
+        let deadline = Duration::from_secs(self.cfg.common.auth_deadline_secs);
         let stalled: Vec<Token> = io
             .iter()
             .filter(|(_, p)| {

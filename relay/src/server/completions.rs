@@ -1,0 +1,131 @@
+//! What the workers' results mean for the connections: pages of backlog, sent replies,
+//! group and file answers, resumptions and failures.
+
+use super::*;
+
+impl Core {
+    pub(super) fn complete(&mut self, io: &mut Links, done: Done) {
+        match done {
+            Done::Pending {
+                conn,
+                messages,
+                more,
+                ..
+            } => {
+                let Some(ClientMut {
+                    state: ClientState::Ready(session),
+                    ..
+                }) = client_mut(io, conn)
+                else {
+                    return;
+                };
+                if !session.receive {
+                    return;
+                }
+                let (out, synced) = session.page_arrived(messages, more);
+                self.counters.delivered += out.len() as u64;
+                for m in out {
+                    self.send(io, conn, &deliver(m));
+                }
+                if synced {
+                    self.send(io, conn, &RelayToClient::Synced {});
+                }
+            }
+            Done::CatchUp { conn, messages } => {
+                let Some((_, ClientState::Ready(session))) = client_ref(io, conn) else {
+                    return;
+                };
+                if !session.receive || session.in_backlog() {
+                    return;
+                }
+                self.counters.delivered += messages.len() as u64;
+                for m in messages {
+                    self.send(io, conn, &deliver(m));
+                }
+            }
+            Done::Resumed {
+                conn,
+                user,
+                user_id,
+            } => {
+                let Some((_, ClientState::Resuming { receive })) = client_ref(io, conn) else {
+                    return; // closed meanwhile
+                };
+                let receive = *receive;
+                match user_id {
+                    Some(user_id) => self.admit(io, conn, Admission { user, user_id }, receive),
+                    None => self.refuse_credential(io, conn, &user),
+                }
+            }
+            Done::LoginFailed { conn } => self.fail(
+                io,
+                conn,
+                ErrorFrame::new(
+                    None,
+                    ErrorCode::StoreFailed,
+                    "the message store is unavailable; log in again later",
+                ),
+            ),
+            Done::Sent {
+                conn,
+                req,
+                msg_id,
+                ts,
+                deliveries,
+            } => {
+                self.send(
+                    io,
+                    conn,
+                    &RelayToClient::Sent {
+                        id: req,
+                        msg_id,
+                        ts,
+                    },
+                );
+                self.route(io, deliveries);
+            }
+            Done::Frames { conn, frames } => {
+                for frame in &frames {
+                    self.send(io, conn, frame);
+                }
+            }
+            Done::Group {
+                conn,
+                reply,
+                deliveries,
+            } => {
+                self.send(io, conn, &reply);
+                self.route(io, deliveries);
+            }
+            Done::Failed {
+                conn,
+                req,
+                code,
+                message,
+            } => self.reply_error(io, conn, req, code, message),
+            Done::Key {
+                conn,
+                req,
+                user,
+                pubkey,
+            } => match pubkey {
+                Some(pubkey) => self.send(
+                    io,
+                    conn,
+                    &RelayToClient::Key {
+                        id: req,
+                        user,
+                        pubkey,
+                    },
+                ),
+                None => self.reply_error(
+                    io,
+                    conn,
+                    req,
+                    ErrorCode::UnknownUser,
+                    format!("there is no user called {user}"),
+                ),
+            },
+        }
+    }
+}

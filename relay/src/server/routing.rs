@@ -1,0 +1,106 @@
+//! Where a stored message goes: the recipient's sessions on this relay and the relays
+//! where it has others, and the catch-up after a mesh change.
+
+use super::*;
+
+impl Core {
+    /// Every live session re-reads what is stored for it: messages another relay
+    /// committed but could not forward (it died, or the link was down) arrive now
+    /// rather than at the next login. Clients drop what they already have.
+    pub(super) fn catch_up_all(&mut self, io: &mut Links) {
+        if self.stopping {
+            return;
+        }
+        let sessions: Vec<(Token, i64)> = io
+            .iter()
+            .filter_map(|(t, l)| match &l.state {
+                Peer::Client(ClientState::Ready(s)) if s.receive && !s.in_backlog() => {
+                    Some((t, s.user_id))
+                }
+                _ => None,
+            })
+            .collect();
+        if !sessions.is_empty() {
+            info!(
+                "catching up {} sessions after a mesh change",
+                sessions.len()
+            );
+        }
+        for (conn, user_id) in sessions {
+            self.submit(Job::CatchUp {
+                conn,
+                user_id,
+                limit: self.cfg.page_size,
+            });
+        }
+    }
+
+    /// Pushes stored messages to their recipients' sessions, here and on other relays.
+    pub(super) fn route(&mut self, io: &mut Links, deliveries: Vec<crate::store::Delivery>) {
+        for d in deliveries {
+            for relay in &d.remote_relays {
+                self.forward(io, relay, d.recipient_id, &d.message);
+            }
+            self.deliver_local(io, d.recipient_id, d.message);
+        }
+    }
+
+    /// Sends a stored message to the relay where its recipient has a session. Without a
+    /// link it simply waits in the table for the recipient's next login.
+    pub(super) fn forward(&mut self, io: &mut Links, relay: &str, recipient_id: i64, m: &Stored) {
+        let Some(token) = self.mesh.route(relay) else {
+            debug!(
+                "no link to {relay}: message {} waits in the store",
+                m.msg_id
+            );
+            return;
+        };
+        if io.send(
+            token,
+            &MeshFrame::Deliver {
+                recipient_id,
+                msg_id: m.msg_id,
+                from: m.from.clone(),
+                group_id: m.group_id,
+                group: m.group.clone(),
+                body: m.body.clone(),
+                ts: m.ts,
+                event: m.event.clone(),
+            },
+        ) {
+            self.counters.forwarded += 1;
+        }
+    }
+
+    /// Pushes a freshly stored message to the recipient's sessions on this relay.
+    pub(super) fn deliver_local(&mut self, io: &mut Links, recipient_id: i64, message: Stored) {
+        let Some(tokens) = self.local.get(&recipient_id) else {
+            return;
+        };
+        for token in tokens.clone() {
+            let live = match client_mut(io, token) {
+                Some(ClientMut {
+                    state: ClientState::Ready(session),
+                    ..
+                }) => session.live(message.clone()),
+                _ => None,
+            };
+            if let Some(m) = live {
+                io.send(token, &deliver(m));
+                self.counters.delivered += 1;
+            }
+        }
+    }
+}
+
+pub(super) fn deliver(m: Stored) -> RelayToClient {
+    RelayToClient::Msg {
+        msg_id: m.msg_id,
+        from: m.from,
+        group_id: m.group_id,
+        group: m.group,
+        body: m.body,
+        ts: m.ts,
+        event: m.event,
+    }
+}
