@@ -14,6 +14,7 @@
 
 use crate::conn::{accept_pending, Accepted, Connection, ReadStatus};
 use crate::noise::{Role, StaticKeypair, KEY_LEN};
+use crate::pool::Completions;
 use crate::proto::ErrorFrame;
 use crossbeam_channel::Receiver;
 use mio::net::TcpListener;
@@ -214,6 +215,14 @@ pub trait Handler: Sized {
     fn after_turn(&mut self, _io: &mut Io<Self::State>) {}
 }
 
+/// A new loop, the addresses its listeners are bound to, and the sending side of its
+/// completion channel (for the worker pool).
+pub type Built<H> = (
+    Reactor<H>,
+    Vec<SocketAddr>,
+    Completions<<H as Handler>::Done>,
+);
+
 /// The loop of one server.
 pub struct Reactor<H: Handler> {
     poll: Poll,
@@ -229,17 +238,16 @@ pub struct Reactor<H: Handler> {
 
 impl<H: Handler> Reactor<H> {
     /// A loop whose connections are made with frames of at most `max_frame` bytes,
-    /// polling at least every `wait` and ticking every `tick`; `listeners` are bound and registered (each with how its
-    /// connections start and the server's name for it). Returns the waker (for the
-    /// completion channel and for whoever stops the server) and the bound addresses, in
-    /// the order given.
+    /// polling at least every `wait` and ticking every `tick`; `listeners` are bound and
+    /// registered, each with how its connections start and the server's name for it.
+    /// Gives the bound addresses in the order given, and the completion channel's
+    /// sending side (its waker is this loop's, see [`Reactor::waker`]).
     pub fn new(
         max_frame: usize,
         wait: Duration,
         tick: Duration,
         listeners: Vec<(&str, Accepting, H::Listener)>,
-        done_rx: impl FnOnce(Arc<Waker>) -> Receiver<H::Done>,
-    ) -> std::io::Result<(Reactor<H>, Vec<SocketAddr>)> {
+    ) -> std::io::Result<Built<H>> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let mut bound = Vec::new();
@@ -264,7 +272,7 @@ impl<H: Handler> Reactor<H> {
             next_token: 1 + held.len(),
             max_frame,
         };
-        let done_rx = done_rx(waker.clone());
+        let (done, done_rx) = Completions::new(waker.clone());
         Ok((
             Reactor {
                 poll,
@@ -278,6 +286,7 @@ impl<H: Handler> Reactor<H> {
                 last_tick: Instant::now(),
             },
             bound,
+            done,
         ))
     }
 
@@ -413,7 +422,6 @@ fn parse_addr(addr: &str) -> std::io::Result<SocketAddr> {
 mod tests {
     use super::*;
     use crate::link::Link;
-    use crate::pool::Completions;
     use serde::Deserialize;
     use std::sync::Mutex;
 
@@ -520,20 +528,14 @@ mod tests {
         let (closed, ticks) = (handler.closed.clone(), handler.ticks.clone());
         let thread = std::thread::spawn(move || {
             let mut handler = handler;
-            let mut done = None;
-            let (mut reactor, bound) = Reactor::<Echo>::new(
+            let (mut reactor, bound, done) = Reactor::<Echo>::new(
                 4096,
                 Duration::from_millis(20),
                 Duration::from_millis(20),
                 vec![("127.0.0.1:0", Accepting::Psk(SECRET), ())],
-                |waker| {
-                    let (tx, rx) = Completions::new(waker);
-                    done = Some(tx);
-                    rx
-                },
             )
             .unwrap();
-            tx.send((bound[0], reactor.waker(), done.unwrap())).unwrap();
+            tx.send((bound[0], reactor.waker(), done)).unwrap();
             reactor.run(&mut handler, &flag).unwrap();
         });
         let (addr, waker, done) = rx.recv().unwrap();

@@ -18,7 +18,7 @@ use crate::ratelimit::LoginLimiter;
 use fastchat_common::conn::{Accepted, Connection};
 use fastchat_common::db::DbPool;
 use fastchat_common::noise::{StaticKeypair, KEY_LEN};
-use fastchat_common::pool::{Completions, WorkerPool};
+use fastchat_common::pool::WorkerPool;
 use fastchat_common::proto::{
     AuthToClient, AuthToRelay, ClientToAuth, ErrorCode, ErrorFrame, RelayToAuth,
 };
@@ -117,8 +117,7 @@ impl AuthServer {
         secret: [u8; KEY_LEN],
         stop: Arc<AtomicBool>,
     ) -> std::io::Result<(AuthServer, Bound, Arc<Waker>)> {
-        let mut done = None;
-        let (reactor, bound) = Reactor::new(
+        let (reactor, bound, done) = Reactor::new(
             cfg.common.max_frame,
             TICK,
             TICK,
@@ -134,13 +133,7 @@ impl AuthServer {
                     Listening::Relays,
                 ),
             ],
-            |waker| {
-                let (tx, rx) = Completions::new(waker);
-                done = Some(tx);
-                rx
-            },
         )?;
-        let done = done.expect("Reactor::new makes the completion channel");
         let resume_ttl = Duration::from_secs(cfg.resume_ttl_secs);
         let pool = WorkerPool::start("auth-worker", cfg.workers, 16, |_| {
             let mut worker = Worker::new(db.clone(), done.clone(), resume_ttl);

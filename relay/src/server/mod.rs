@@ -33,7 +33,7 @@ use fastchat_common::conn::{Accepted, Connection};
 use fastchat_common::db::DbPool;
 use fastchat_common::limits::{Bucket, FailureCounter};
 use fastchat_common::noise::{Role, StaticKeypair, KEY_LEN};
-use fastchat_common::pool::{Completions, WorkerPool};
+use fastchat_common::pool::WorkerPool;
 use fastchat_common::proto::{
     valid_group_name, valid_user_name, AuthToRelay, ClientToRelay, ErrorCode, ErrorFrame,
     MeshFrame, RelayToAuth, RelayToClient,
@@ -170,8 +170,7 @@ impl RelayServer {
         secret: [u8; KEY_LEN],
         stop: Arc<AtomicBool>,
     ) -> std::io::Result<(RelayServer, SocketAddr, Arc<Waker>)> {
-        let mut done = None;
-        let (reactor, bound) = Reactor::new(
+        let (reactor, bound, done) = Reactor::new(
             cfg.common.max_frame,
             Duration::from_millis(100),
             TICK,
@@ -187,13 +186,7 @@ impl RelayServer {
                     Listening::Mesh,
                 ),
             ],
-            |waker| {
-                let (tx, rx) = Completions::new(waker);
-                done = Some(tx);
-                rx
-            },
         )?;
-        let done = done.expect("Reactor::new makes the completion channel");
         let public_addr = cfg
             .public_addr
             .clone()
