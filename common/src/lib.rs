@@ -8,6 +8,7 @@
 //! - [`link`]: a blocking Noise link over `std::net::TcpStream` (clients, tests).
 //! - [`conn`]: a non-blocking server connection for a mio poll loop.
 //! - [`reactor`]: the poll loop both servers run on (connections, accept, read, flush).
+//! - [`flags`]: the command-line flags both servers take.
 //! - [`pool`]: the fixed worker pool with batching that servers feed over channels.
 //! - [`limits`]: connection caps and token buckets for what strangers can cost.
 //! - [`db`]: the PostgreSQL connection pool and schema migrations.

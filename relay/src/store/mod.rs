@@ -7,15 +7,24 @@
 //!
 //! Group membership operations run in a transaction of their own, in the batch's order,
 //! so a member added before a group message gets it.
+//!
+//! Files: [`jobs`] (what passes between the loop and the workers), `sql` (the prepared
+//! statements and the reads outside a batch), `mailbox` (mailbox limits); this file:
+//! the worker and its batch.
+
+mod jobs;
+mod mailbox;
+mod sql;
+
+pub use jobs::*;
+use mailbox::*;
+pub use sql::clear_stale_presence;
+use sql::*;
 
 use crate::files::{self, FileOp};
 use crate::groups::{self, GroupOp, GroupOutcome};
 use crate::session::PAGE_BYTES;
 
-/// Most bytes of bodies one catch-up delivers again (a live session acknowledges as it
-/// goes, so it holds little; more waits for its next login), well inside the hard
-/// output limit's least value.
-const CATCH_UP_BYTES: usize = 2 * PAGE_BYTES;
 use fastchat_common::credential;
 use fastchat_common::db::{DbConn, DbPool, HeldConnection};
 use fastchat_common::pool::Completions;
@@ -27,256 +36,6 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// A stored message as it is delivered.
-#[derive(Debug, Clone)]
-pub struct Stored {
-    pub msg_id: i64,
-    pub from: String,
-    pub body: String,
-    pub ts: u64,
-    pub group_id: Option<i64>,
-    pub group: Option<String>,
-    /// A membership event (then `body` is empty).
-    pub event: Option<GroupEvent>,
-}
-
-/// A stored message and where its recipient has sessions.
-#[derive(Debug, Clone)]
-pub struct Delivery {
-    pub recipient_id: i64,
-    pub message: Stored,
-    /// Relays other than this one where the recipient has sessions.
-    pub remote_relays: Vec<String>,
-}
-
-/// Who a message is for.
-#[derive(Debug, Clone)]
-pub enum Target {
-    User(String),
-    Group(i64),
-}
-
-/// Work for the pool. Every job is sharded by the user it acts for.
-#[derive(Debug)]
-pub enum Job {
-    /// Record presence, then read the first page of pending messages.
-    Login {
-        conn: Token,
-        user_id: i64,
-        page: i64,
-    },
-    /// Read the next page of pending messages after `after`.
-    FetchPending {
-        conn: Token,
-        user_id: i64,
-        after: i64,
-        page: i64,
-    },
-    /// Store a message durably.
-    Send {
-        conn: Token,
-        req: u64,
-        sender_id: i64,
-        sender: String,
-        target: Target,
-        body: String,
-    },
-    /// Re-read what is stored for a live session: after a mesh link went down or
-    /// came back, a message another relay committed may never have been forwarded.
-    CatchUp {
-        conn: Token,
-        user_id: i64,
-        limit: i64,
-    },
-    /// Delete messages the recipient has stored.
-    Ack { user_id: i64, msg_ids: Vec<i64> },
-    /// The user's last session on this relay ended.
-    Logout { user_id: i64 },
-    /// Check a resumption credential a client presented instead of a ticket.
-    Resume {
-        conn: Token,
-        user: String,
-        credential: String,
-    },
-    /// Look up a user's public key.
-    LookupKey {
-        conn: Token,
-        user_id: i64,
-        req: u64,
-        user: String,
-    },
-    /// A file operation.
-    File {
-        conn: Token,
-        req: u64,
-        user_id: i64,
-        op: FileOp,
-    },
-    /// A group operation.
-    Group {
-        conn: Token,
-        req: u64,
-        user_id: i64,
-        user: String,
-        op: GroupOp,
-    },
-}
-
-impl Job {
-    /// The worker shard: the acting user's id.
-    pub fn shard(&self) -> u64 {
-        match self {
-            Job::Login { user_id, .. }
-            | Job::FetchPending { user_id, .. }
-            | Job::CatchUp { user_id, .. }
-            | Job::Ack { user_id, .. }
-            | Job::Logout { user_id }
-            | Job::LookupKey { user_id, .. }
-            | Job::File { user_id, .. }
-            | Job::Group { user_id, .. } => *user_id as u64,
-            Job::Send { sender_id, .. } => *sender_id as u64,
-            // No id yet: any stable spread will do.
-            Job::Resume { user, .. } => user
-                .bytes()
-                .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(b.into())),
-        }
-    }
-}
-
-/// Results for the poll loop.
-#[derive(Debug)]
-pub enum Done {
-    /// A page of pending messages (`more`: the page was full).
-    Pending {
-        conn: Token,
-        messages: Vec<Stored>,
-        more: bool,
-    },
-    /// A resumption credential checked: the user's id, or `None` if it is not valid.
-    Resumed {
-        conn: Token,
-        user: String,
-        user_id: Option<i64>,
-    },
-    /// What is stored for a live session (delivered again; clients drop what they have).
-    CatchUp { conn: Token, messages: Vec<Stored> },
-    /// The login could not be recorded; the session must end.
-    LoginFailed { conn: Token },
-    /// The message is durable (`msg_id`: its id, or for a group message the first
-    /// member's copy); deliver it.
-    Sent {
-        conn: Token,
-        req: u64,
-        msg_id: i64,
-        ts: u64,
-        deliveries: Vec<Delivery>,
-    },
-    /// A request was refused or failed; nothing was stored.
-    Failed {
-        conn: Token,
-        req: u64,
-        code: ErrorCode,
-        message: String,
-    },
-    Key {
-        conn: Token,
-        req: u64,
-        user: String,
-        pubkey: Option<String>,
-    },
-    /// Frames answering a request (file operations).
-    Frames {
-        conn: Token,
-        frames: Vec<RelayToClient>,
-    },
-    /// A group operation's reply and the events it wrote.
-    Group {
-        conn: Token,
-        reply: RelayToClient,
-        deliveries: Vec<Delivery>,
-    },
-}
-
-/// The relay's hot statements, prepared once per connection.
-pub struct Prepared {
-    locate: Statement,
-    names: Statement,
-    store: Statement,
-    waiting: Statement,
-    member: Statement,
-    group_insert: Statement,
-    presence: Statement,
-    key: Statement,
-    pending: Statement,
-    resume: Statement,
-}
-
-impl Prepared {
-    fn new(conn: &mut DbConn) -> Result<Prepared, postgres::Error> {
-        Ok(Prepared {
-            locate: conn.prepare(LOCATE)?,
-            names: conn.prepare("SELECT name, id FROM users WHERE name = ANY($1)")?,
-            // The batch's direct messages and acknowledgements in one statement (one
-            // round trip, and its own transaction when the batch has nothing else).
-            // Acknowledgements delete exact (recipient, id) pairs with a plan shape no
-            // plan choice can change: one primary-key probe per pair inside a
-            // subquery, then a TID scan (a join with `unnest` let a generic plan, or
-            // stale statistics, scan the whole table). Ids are drawn as unnest
-            // produces the rows, in input order.
-            store: conn.prepare(
-                "WITH acked AS (
-                     DELETE FROM messages WHERE ctid = ANY (ARRAY(
-                         SELECT (SELECT m.ctid FROM messages m
-                                 WHERE m.recipient_id = a.r AND m.id = a.i)
-                         FROM unnest($5::int8[], $6::int8[]) AS a(r, i)))
-                 )
-                 INSERT INTO messages (recipient_id, id, sender_id, body, sent_at_ms)
-                 SELECT r, nextval('messages_id_seq'), s, b, t
-                 FROM unnest($1::int8[], $2::int8[], $3::text[], $4::int8[])
-                      WITH ORDINALITY AS x(r, s, b, t, o)
-                 ORDER BY o
-                 RETURNING id",
-            )?,
-            // Messages waiting for each recipient, counted up to a limit.
-            waiting: conn.prepare(
-                "SELECT r, (SELECT count(*) FROM (SELECT 1 FROM messages m
-                            WHERE m.recipient_id = r LIMIT $2) w)
-                 FROM unnest($1::int8[]) AS r",
-            )?,
-            member: conn.prepare("SELECT g.name FROM group_members gm JOIN groups g ON g.id = gm.group_id WHERE gm.group_id = $1 AND gm.user_id = $2")?,
-            group_insert: conn.prepare("INSERT INTO messages (recipient_id, id, sender_id, body, sent_at_ms, group_id) SELECT gm.user_id, nextval(pg_get_serial_sequence('messages', 'id')), $2, $3, $4, $1 FROM group_members gm WHERE gm.group_id = $1 AND gm.user_id <> $2 ORDER BY gm.joined_seq RETURNING id, recipient_id")?,
-            // A batch's presence changes in one statement: the users whose last change
-            // in the batch is a login ($1), and those whose last is a logout ($2);
-            // no user is in both, nor twice in one.
-            presence: conn.prepare(
-                "WITH gone AS (
-                     DELETE FROM presence WHERE user_id = ANY($2::int8[]) AND relay_id = $3
-                 )
-                 INSERT INTO presence (user_id, relay_id) SELECT u, $3 FROM unnest($1::int8[]) u
-                 ON CONFLICT (user_id, relay_id) DO UPDATE SET since = now()",
-            )?,
-            key: conn.prepare("SELECT pubkey FROM users WHERE name = $1")?,
-            resume: conn.prepare(credential::LOOKUP)?,
-            // The page is cut from the recipient's index range first, then joined: a
-            // prepared statement's generic plan cannot see the LIMIT, and joining first
-            // would read the whole backlog for every page.
-            pending: conn.prepare(
-                "SELECT m.id, u.name, m.body, m.sent_at_ms, m.group_id, g.name, m.system
-                 FROM (SELECT * FROM messages WHERE recipient_id = $1 AND id > $2
-                       ORDER BY id LIMIT $3) m
-                 JOIN users u ON u.id = m.sender_id
-                 LEFT JOIN groups g ON g.id = m.group_id
-                 ORDER BY m.id",
-            )?,
-        })
-    }
-}
-
-const LOCATE: &str =
-    "SELECT user_id, relay_id FROM presence WHERE user_id = ANY($1) AND relay_id <> $2";
-
-type Held = fastchat_common::db::Held<Prepared>;
 
 /// Figures the workers keep for the relay's summary and `stats`.
 #[derive(Default)]
@@ -307,21 +66,6 @@ const USER_CACHE_LIMIT: usize = 100_000;
 
 /// A message row inserted by this batch: (msg_id, recipient).
 type Inserted = (i64, i64);
-
-/// What a worker knows of how many messages wait for a recipient: counted in the
-/// database now and then (counting stops at the limit, so a full mailbox costs at most
-/// one index range of that length), and counted up by the worker's own inserts in
-/// between. Acknowledgements and other workers' inserts show at the next count, so the
-/// limit is kept to within what arrives between counts.
-struct Mailbox {
-    waiting: i64,
-    counted_at: Instant,
-}
-
-/// A count is used this long before the database is asked again...
-const MAILBOX_RECOUNT: Duration = Duration::from_secs(10);
-/// ...or this long, for a mailbox at its limit (its owner may be reading it down).
-const FULL_MAILBOX_RECOUNT: Duration = Duration::from_secs(1);
 
 /// A group message's rows: the group's name and one row per other member.
 type GroupRows = (String, Vec<Inserted>);
@@ -815,61 +559,6 @@ impl Worker {
         Ok((results, after_commit))
     }
 
-    /// Takes the sends whose recipient's mailbox is full out of `direct` (job position,
-    /// recipient) and returns their positions: counts what is stale in one statement,
-    /// then admits sends in order while there is room, counting them in.
-    fn full_mailboxes(
-        &mut self,
-        conn: &mut DbConn,
-        st: &Prepared,
-        direct: &mut Vec<(usize, i64)>,
-    ) -> Result<HashSet<usize>, postgres::Error> {
-        let now = Instant::now();
-        let mut incoming: HashMap<i64, i64> = HashMap::new();
-        for (_, r) in direct.iter() {
-            *incoming.entry(*r).or_default() += 1;
-        }
-        let stale: Vec<i64> = incoming
-            .iter()
-            .filter(|(r, k)| match self.mailboxes.get(r) {
-                None => true,
-                Some(m) => {
-                    let age = now.duration_since(m.counted_at);
-                    age >= MAILBOX_RECOUNT
-                        || (m.waiting + **k > self.max_pending && age >= FULL_MAILBOX_RECOUNT)
-                }
-            })
-            .map(|(r, _)| *r)
-            .collect();
-        if !stale.is_empty() {
-            if self.mailboxes.len() > USER_CACHE_LIMIT {
-                self.mailboxes.clear();
-            }
-            for row in conn.query(&st.waiting, &[&stale, &self.max_pending])? {
-                self.mailboxes.insert(
-                    row.get(0),
-                    Mailbox {
-                        waiting: row.get(1),
-                        counted_at: now,
-                    },
-                );
-            }
-        }
-        let mut refused = HashSet::new();
-        direct.retain(|(i, r)| match self.mailboxes.get_mut(r) {
-            Some(m) if m.waiting >= self.max_pending => {
-                refused.insert(*i);
-                false
-            }
-            Some(m) => {
-                m.waiting += 1;
-                true
-            }
-            None => true,
-        });
-        Ok(refused)
-    }
-
     /// Records the batch's logins and logouts on this relay: each user ends as their
     /// last job in the batch says (a logout then a login of one user leaves them here).
     fn store_presence(
@@ -994,98 +683,4 @@ fn unless_failed<T>(
         return None;
     }
     query().map_err(|e| *failed = Some(e)).ok()
-}
-
-/// Stores the batch's group messages: one row per other member, one statement per
-/// message, only if the sender is a member. One entry per group send, in job order:
-/// the group's name and the rows, or `None` for a sender who is not a member.
-fn store_group(
-    tx: &mut postgres::Transaction<'_>,
-    st: &Prepared,
-    jobs: &[Job],
-    now: u64,
-) -> Result<Vec<Option<GroupRows>>, postgres::Error> {
-    let mut group_rows = Vec::new();
-    for job in jobs {
-        if let Job::Send {
-            sender_id,
-            target: Target::Group(group_id),
-            body,
-            ..
-        } = job
-        {
-            let Some(member) = tx.query_opt(&st.member, &[group_id, sender_id])? else {
-                group_rows.push(None);
-                continue;
-            };
-            let rows = tx.query(
-                &st.group_insert,
-                &[group_id, sender_id, body, &(now as i64)],
-            )?;
-            group_rows.push(Some((
-                member.get(0),
-                rows.iter().map(|r| (r.get(0), r.get(1))).collect(),
-            )));
-        }
-    }
-    Ok(group_rows)
-}
-
-/// Pending messages of `user_id` after id `after`, oldest first.
-/// Up to `page` messages stored for `user_id` after id `after`, oldest first, cut after
-/// `max_bytes` of bodies if given (at least one is returned). The flag: more may wait
-/// (the page was full or cut).
-fn fetch_pending(
-    conn: &mut DbConn,
-    pending: &Statement,
-    user_id: i64,
-    after: i64,
-    page: i64,
-    max_bytes: Option<usize>,
-) -> Result<(Vec<Stored>, bool), postgres::Error> {
-    let rows = conn.query(pending, &[&user_id, &after, &page])?;
-    let full = rows.len() as i64 >= page;
-    let mut bytes = 0usize;
-    let keep = rows
-        .iter()
-        .take_while(|r| {
-            let size = r.get::<_, &str>(2).len();
-            let fits = bytes == 0 || max_bytes.is_none_or(|max| bytes + size <= max);
-            bytes += size;
-            fits
-        })
-        .count();
-    let cut = keep < rows.len();
-    let messages = rows[..keep]
-        .iter()
-        .map(|r| {
-            let system: bool = r.get(6);
-            let body: String = r.get(2);
-            let event = if system {
-                serde_json::from_str::<GroupEvent>(&body).ok()
-            } else {
-                None
-            };
-            Stored {
-                msg_id: r.get(0),
-                from: r.get(1),
-                body: if system { String::new() } else { body },
-                ts: r.get::<_, i64>(3) as u64,
-                group_id: r.get(4),
-                group: r.get(5),
-                event,
-            }
-        })
-        .collect();
-    Ok((messages, full || cut))
-}
-
-/// Removes presence rows a previous run of this relay left behind.
-pub fn clear_stale_presence(
-    db: &DbPool,
-    relay_id: &str,
-) -> Result<u64, Box<dyn std::error::Error>> {
-    Ok(db
-        .get()?
-        .execute("DELETE FROM presence WHERE relay_id = $1", &[&relay_id])?)
 }

@@ -1,0 +1,174 @@
+//! What passes between the poll loop and the workers: jobs, their results, and the
+//! stored messages both carry.
+
+use super::*;
+
+/// A stored message as it is delivered.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub msg_id: i64,
+    pub from: String,
+    pub body: String,
+    pub ts: u64,
+    pub group_id: Option<i64>,
+    pub group: Option<String>,
+    /// A membership event (then `body` is empty).
+    pub event: Option<GroupEvent>,
+}
+
+/// A stored message and where its recipient has sessions.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub recipient_id: i64,
+    pub message: Stored,
+    /// Relays other than this one where the recipient has sessions.
+    pub remote_relays: Vec<String>,
+}
+
+/// Who a message is for.
+#[derive(Debug, Clone)]
+pub enum Target {
+    User(String),
+    Group(i64),
+}
+
+/// Work for the pool. Every job is sharded by the user it acts for.
+#[derive(Debug)]
+pub enum Job {
+    /// Record presence, then read the first page of pending messages.
+    Login {
+        conn: Token,
+        user_id: i64,
+        page: i64,
+    },
+    /// Read the next page of pending messages after `after`.
+    FetchPending {
+        conn: Token,
+        user_id: i64,
+        after: i64,
+        page: i64,
+    },
+    /// Store a message durably.
+    Send {
+        conn: Token,
+        req: u64,
+        sender_id: i64,
+        sender: String,
+        target: Target,
+        body: String,
+    },
+    /// Re-read what is stored for a live session: after a mesh link went down or
+    /// came back, a message another relay committed may never have been forwarded.
+    CatchUp {
+        conn: Token,
+        user_id: i64,
+        limit: i64,
+    },
+    /// Delete messages the recipient has stored.
+    Ack { user_id: i64, msg_ids: Vec<i64> },
+    /// The user's last session on this relay ended.
+    Logout { user_id: i64 },
+    /// Check a resumption credential a client presented instead of a ticket.
+    Resume {
+        conn: Token,
+        user: String,
+        credential: String,
+    },
+    /// Look up a user's public key.
+    LookupKey {
+        conn: Token,
+        user_id: i64,
+        req: u64,
+        user: String,
+    },
+    /// A file operation.
+    File {
+        conn: Token,
+        req: u64,
+        user_id: i64,
+        op: FileOp,
+    },
+    /// A group operation.
+    Group {
+        conn: Token,
+        req: u64,
+        user_id: i64,
+        user: String,
+        op: GroupOp,
+    },
+}
+
+impl Job {
+    /// The worker shard: the acting user's id.
+    pub fn shard(&self) -> u64 {
+        match self {
+            Job::Login { user_id, .. }
+            | Job::FetchPending { user_id, .. }
+            | Job::CatchUp { user_id, .. }
+            | Job::Ack { user_id, .. }
+            | Job::Logout { user_id }
+            | Job::LookupKey { user_id, .. }
+            | Job::File { user_id, .. }
+            | Job::Group { user_id, .. } => *user_id as u64,
+            Job::Send { sender_id, .. } => *sender_id as u64,
+            // No id yet: any stable spread will do.
+            Job::Resume { user, .. } => user
+                .bytes()
+                .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(b.into())),
+        }
+    }
+}
+
+/// Results for the poll loop.
+#[derive(Debug)]
+pub enum Done {
+    /// A page of pending messages (`more`: the page was full).
+    Pending {
+        conn: Token,
+        messages: Vec<Stored>,
+        more: bool,
+    },
+    /// A resumption credential checked: the user's id, or `None` if it is not valid.
+    Resumed {
+        conn: Token,
+        user: String,
+        user_id: Option<i64>,
+    },
+    /// What is stored for a live session (delivered again; clients drop what they have).
+    CatchUp { conn: Token, messages: Vec<Stored> },
+    /// The login could not be recorded; the session must end.
+    LoginFailed { conn: Token },
+    /// The message is durable (`msg_id`: its id, or for a group message the first
+    /// member's copy); deliver it.
+    Sent {
+        conn: Token,
+        req: u64,
+        msg_id: i64,
+        ts: u64,
+        deliveries: Vec<Delivery>,
+    },
+    /// A request was refused or failed; nothing was stored.
+    Failed {
+        conn: Token,
+        req: u64,
+        code: ErrorCode,
+        message: String,
+    },
+    Key {
+        conn: Token,
+        req: u64,
+        user: String,
+        pubkey: Option<String>,
+    },
+    /// Frames answering a request (file operations).
+    Frames {
+        conn: Token,
+        frames: Vec<RelayToClient>,
+    },
+    /// A group operation's reply and the events it wrote.
+    Group {
+        conn: Token,
+        reply: RelayToClient,
+        deliveries: Vec<Delivery>,
+    },
+}
