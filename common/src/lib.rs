@@ -19,7 +19,9 @@
 
 pub mod conn;
 pub mod credential;
+#[cfg(feature = "server")]
 pub mod db;
+#[cfg(feature = "server")]
 pub mod flags;
 pub mod frame;
 pub mod hex;
@@ -31,6 +33,7 @@ pub mod noise;
 pub mod pool;
 pub mod proto;
 pub mod reactor;
+#[cfg(feature = "server")]
 pub mod startup;
 pub mod time;
 
