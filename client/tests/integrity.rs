@@ -56,6 +56,17 @@ fn waiting_body(net: &TestNet, recipient: &str, sender: &str) -> String {
         .get(0)
 }
 
+/// Messages stored for `user`; with `system`, the relay's own membership events too.
+fn messages_to(db: &mut postgres::Client, user: &str, system: bool) -> i64 {
+    db.query_one(
+        "SELECT count(*) FROM messages m JOIN users u ON u.id = m.recipient_id
+         WHERE u.name = $1 AND ($2 OR NOT m.system)",
+        &[&user, &system],
+    )
+    .unwrap()
+    .get(0)
+}
+
 /// Writes a message row as the operator would.
 fn insert(net: &TestNet, recipient: &str, sender: &str, group_id: Option<i64>, body: &str) {
     db(net)
@@ -319,28 +330,14 @@ fn a_ghost_member_the_operator_adds_is_handed_no_key() {
         Some(1),
         "no rotation on the relay's word"
     );
-    let to_mallory: i64 = db
-        .query_one(
-            "SELECT count(*) FROM messages m JOIN users u ON u.id = m.recipient_id
-             WHERE u.name = 'mallory'",
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    let to_mallory = messages_to(&mut db, "mallory", true);
     assert_eq!(to_mallory, 0, "nothing was sent to the ghost");
     // A real rotation (alice removes carol, signed) goes to the roster's members only.
     net.register("carol");
     alice.group_add(g.group_id, "carol").unwrap();
     alice.group_remove(g.group_id, "carol").unwrap();
     assert_eq!(alice.group_key_epoch(g.group_id), Some(2));
-    let to_mallory: i64 = db
-        .query_one(
-            "SELECT count(*) FROM messages m JOIN users u ON u.id = m.recipient_id
-             WHERE u.name = 'mallory' AND NOT m.system",
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    let to_mallory = messages_to(&mut db, "mallory", false);
     // (The relay's own membership events do reach the rows it lists: they hold no key.)
     assert_eq!(
         to_mallory, 0,
@@ -433,14 +430,7 @@ fn a_hidden_roster_hands_the_relay_no_say() {
     .unwrap();
     let mut bob = net.login("bob");
     let events = events_for(&mut bob, 4);
-    let to_mallory: i64 = db
-        .query_one(
-            "SELECT count(*) FROM messages m JOIN users u ON u.id = m.recipient_id
-             WHERE u.name = 'mallory' AND NOT m.system",
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    let to_mallory = messages_to(&mut db, "mallory", false);
     assert_eq!(to_mallory, 0, "nothing was handed to the ghost");
     assert!(
         events.iter().any(

@@ -161,11 +161,6 @@ impl<S> Io<S> {
     pub fn tokens(&self) -> Vec<Token> {
         self.links.keys().copied().collect()
     }
-
-    /// The frame limit connections are made with.
-    pub fn max_frame(&self) -> usize {
-        self.max_frame
-    }
 }
 
 /// A server's side of the loop. `State` is what it keeps per connection, `Frame` what

@@ -26,10 +26,16 @@ impl Store {
     /// This store's random sender id (made with the store: a new install has a new one,
     /// so its counters starting again are not taken for replays).
     pub fn sid(&self) -> Result<String, StoreError> {
-        self.conn
-            .prepare_cached("SELECT value FROM meta WHERE name = 'sid'")
-            .and_then(|mut s| s.query_row([], |r| r.get(0)))
-            .map_err(|e| self.db_error(e))
+        if let Some(sid) = self.sid.get() {
+            return Ok(sid.clone());
+        }
+        let sid: String = self
+            .conn
+            .query_row("SELECT value FROM meta WHERE name = 'sid'", [], |r| {
+                r.get(0)
+            })
+            .map_err(|e| self.db_error(e))?;
+        Ok(self.sid.get_or_init(|| sid).clone())
     }
 
     /// What a payload of `sender` in `conv` with `stamp` is (`held`: it was kept

@@ -264,6 +264,8 @@ pub struct Store {
     writer: i64,
     /// Rows added to the seen windows by this handle (they are pruned now and then).
     seen_added: u64,
+    /// The store's sender id once read (it never changes).
+    sid: std::cell::OnceCell<String>,
 }
 
 impl fmt::Debug for Store {
@@ -471,6 +473,7 @@ impl Store {
             sealer,
             writer: rand::random::<i64>(),
             seen_added: 0,
+            sid: std::cell::OnceCell::new(),
         })
     }
 

@@ -122,7 +122,6 @@ pub struct RelayServer {
     reactor: Reactor<Core>,
     core: Core,
     stop: Arc<AtomicBool>,
-    mesh_addr: String,
 }
 
 /// Everything but the connections.
@@ -236,7 +235,7 @@ impl RelayServer {
             refused: 0,
             last_file_sweep: Instant::now(),
             stopping: false,
-            mesh_addr: mesh_addr.clone(),
+            mesh_addr,
             mesh,
             metrics,
             counters: Counters::default(),
@@ -248,7 +247,6 @@ impl RelayServer {
                 reactor,
                 core,
                 stop,
-                mesh_addr,
             },
             bound[0],
             waker,
@@ -257,7 +255,7 @@ impl RelayServer {
 
     /// The address other relays reach this one at.
     pub fn mesh_addr(&self) -> &str {
-        &self.mesh_addr
+        &self.core.mesh_addr
     }
 
     /// Runs until the stop flag is set, then finishes the batches in flight, answers
