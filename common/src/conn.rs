@@ -75,9 +75,12 @@ pub enum ConnError {
     Noise(#[from] NoiseError),
 }
 
-/// One socket of a poll loop.
+/// One socket of a poll loop — or, in tests of the servers' protocol logic, a
+/// connection without a socket whose frames are kept as queued (see
+/// [`Connection::recorded`]).
 pub struct Connection {
-    pub stream: TcpStream,
+    /// `None` for a recorded connection.
+    stream: Option<TcpStream>,
     pub peer: SocketAddr,
     codec: NoiseCodec,
     /// Encrypted bytes not yet accepted by the kernel, from `written` on.
@@ -107,7 +110,7 @@ impl Connection {
         let mut wire_out = Vec::new();
         let codec = NoiseCodec::new(role, max_frame, &mut wire_out)?;
         Ok(Connection {
-            stream,
+            stream: Some(stream),
             peer,
             codec,
             wire_out,
@@ -124,7 +127,7 @@ impl Connection {
     /// [`crate::link::Link::into_parts`]).
     pub fn from_established(stream: TcpStream, peer: SocketAddr, codec: NoiseCodec) -> Connection {
         Connection {
-            stream,
+            stream: Some(stream),
             peer,
             codec,
             wire_out: Vec::new(),
@@ -137,6 +140,44 @@ impl Connection {
         }
     }
 
+    /// A connection from `peer` with no socket, for tests of a server's protocol logic
+    /// without I/O: nothing is read or written, and every frame queued on it stays
+    /// queued until [`Connection::take_recorded`] takes it.
+    pub fn recorded(peer: SocketAddr, max_frame: usize) -> Connection {
+        let mut discarded = Vec::new();
+        // An NX initiator needs no key; its handshake never finishes here, so the codec
+        // never seals: queued frames stay as they were queued.
+        let codec = NoiseCodec::new(Role::NxInitiator, max_frame, &mut discarded)
+            .expect("an NX initiator needs no key");
+        Connection {
+            stream: None,
+            peer,
+            codec,
+            wire_out: Vec::new(),
+            written: 0,
+            closing: false,
+            registered: None,
+            opened: std::time::Instant::now(),
+            last_read: std::time::Instant::now(),
+            last_drained: std::time::Instant::now(),
+        }
+    }
+
+    /// The frames queued on a [`Connection::recorded`] connection since the last call,
+    /// as JSON, in order (empty for a real connection, whose frames are sealed).
+    pub fn take_recorded(&mut self) -> Vec<serde_json::Value> {
+        let bytes = self.codec.take_queued();
+        let mut frames = Vec::new();
+        let mut rest = &bytes[..];
+        while rest.len() >= 4 {
+            let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+            let json = &rest[4..4 + len];
+            frames.push(serde_json::from_slice(json).expect("queued frames are JSON"));
+            rest = &rest[4 + len..];
+        }
+        frames
+    }
+
     /// Whether the handshake is done.
     pub fn is_ready(&self) -> bool {
         self.codec.is_ready()
@@ -145,8 +186,11 @@ impl Connection {
     /// Reads until `WouldBlock`, feeding the codec. `scratch` is the poll loop's shared
     /// read buffer, so idle connections own no read buffer of their own.
     pub fn read_ready(&mut self, scratch: &mut [u8]) -> Result<ReadStatus, ConnError> {
+        let Some(stream) = self.stream.as_mut() else {
+            return Ok(ReadStatus::Open);
+        };
         loop {
-            match self.stream.read(scratch) {
+            match stream.read(scratch) {
                 Ok(0) => return Ok(ReadStatus::Eof),
                 Ok(n) => {
                     self.last_read = std::time::Instant::now();
@@ -182,12 +226,15 @@ impl Connection {
 
     /// Seals queued frames and writes as much as the socket takes.
     pub fn flush(&mut self) -> Result<(), ConnError> {
+        let Some(stream) = self.stream.as_mut() else {
+            return Ok(());
+        };
         if self.written == self.wire_out.len() {
             self.last_drained = std::time::Instant::now();
         }
         self.codec.seal(&mut self.wire_out)?;
         while self.written < self.wire_out.len() {
-            match self.stream.write(&self.wire_out[self.written..]) {
+            match stream.write(&self.wire_out[self.written..]) {
                 Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
                 Ok(n) => {
                     self.written += n;
@@ -242,10 +289,13 @@ impl Connection {
         } else {
             Interest::READABLE | Interest::WRITABLE
         };
+        let Some(stream) = self.stream.as_mut() else {
+            return Ok(());
+        };
         match self.registered {
-            None => registry.register(&mut self.stream, token, wanted)?,
+            None => registry.register(stream, token, wanted)?,
             Some(current) if current == wanted => return Ok(()),
-            Some(_) => registry.reregister(&mut self.stream, token, wanted)?,
+            Some(_) => registry.reregister(stream, token, wanted)?,
         }
         self.registered = Some(wanted);
         Ok(())
@@ -265,8 +315,8 @@ impl Connection {
 
     /// Removes the socket from the poll.
     pub fn deregister(&mut self, registry: &Registry) {
-        if self.registered.take().is_some() {
-            let _ = registry.deregister(&mut self.stream);
+        if let (Some(_), Some(stream)) = (self.registered.take(), self.stream.as_mut()) {
+            let _ = registry.deregister(stream);
         }
     }
 }

@@ -98,6 +98,18 @@ pub fn connect(url: &str, size: u32, timeout: Duration) -> Result<DbPool, DbErro
     Ok(pool)
 }
 
+/// A pool that has never connected and connects only when asked (then to nothing that
+/// listens): for tests of a server's protocol logic, whose workers are not running.
+pub fn unconnected() -> DbPool {
+    let config: postgres::Config = "host=127.0.0.1 port=1 connect_timeout=1"
+        .parse()
+        .expect("a fixed, valid configuration");
+    r2d2::Pool::builder()
+        .max_size(1)
+        .min_idle(Some(0))
+        .build_unchecked(PostgresConnectionManager::new(config, NoTls))
+}
+
 /// A worker's own connection and the statements it prepared on it (`S`).
 pub struct Held<S> {
     pub conn: DbConn,

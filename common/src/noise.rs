@@ -268,6 +268,11 @@ impl NoiseCodec {
         self.outbound.extend_from_slice(bytes);
     }
 
+    /// Takes the frames queued and not sealed (length-prefixed JSON, as queued).
+    pub fn take_queued(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.outbound)
+    }
+
     /// Whether frames are queued but not sealed.
     pub fn has_queued(&self) -> bool {
         !self.outbound.is_empty()

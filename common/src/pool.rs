@@ -46,6 +46,17 @@ impl<J: Send + 'static> WorkerPool<J> {
         Ok(WorkerPool { senders, handles })
     }
 
+    /// A pool with no threads whose jobs all go to the returned receiver: for tests of
+    /// a server's protocol logic, which read the jobs it submits.
+    pub fn recording() -> (WorkerPool<J>, Receiver<J>) {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let pool = WorkerPool {
+            senders: vec![tx],
+            handles: Vec::new(),
+        };
+        (pool, rx)
+    }
+
     /// Queues `job` on the worker owning `shard`. Returns `false` if that worker has
     /// stopped (only during shutdown).
     pub fn submit(&self, shard: u64, job: J) -> bool {

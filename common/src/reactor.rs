@@ -72,6 +72,29 @@ pub struct Io<S> {
 }
 
 impl<S> Io<S> {
+    /// A table outside any reactor, for tests of a server's protocol logic: hold
+    /// [`Connection::recorded`] connections in it, call the handler's hooks, and read
+    /// what they did with [`Io::recorded`].
+    pub fn detached(max_frame: usize) -> std::io::Result<Io<S>> {
+        Ok(Io {
+            registry: Poll::new()?.registry().try_clone()?,
+            links: HashMap::new(),
+            touched: HashSet::new(),
+            next_token: 1,
+            max_frame,
+        })
+    }
+
+    /// The frames queued on a recorded connection since the last call (see
+    /// [`Connection::take_recorded`]); empty if the connection is gone.
+    pub fn recorded(&mut self, token: Token) -> Vec<serde_json::Value> {
+        self.touched.remove(&token);
+        self.links
+            .get_mut(&token)
+            .map(|l| l.conn.take_recorded())
+            .unwrap_or_default()
+    }
+
     /// Writes what `conn` has queued, registers it and keeps it with `state`; `None`
     /// (logged) if it cannot be written to or registered.
     pub fn add(&mut self, mut conn: Connection, state: S) -> Option<Token> {

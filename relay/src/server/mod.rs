@@ -20,6 +20,8 @@ mod completions;
 mod figures;
 mod mesh_links;
 mod routing;
+#[cfg(test)]
+mod tests;
 
 use crate::config::Config;
 use crate::control::{Announcement, ControlLink, Phase};
@@ -206,42 +208,19 @@ impl RelayServer {
             );
             move |jobs| worker.run_batch(jobs)
         })?;
-        let max_connections = cfg
-            .common
-            .max_connections
-            .unwrap_or_else(fastchat_common::limits::default_max_connections);
-        let mesh = Mesh::new(cfg.id.clone());
-        let control = ControlLink::new(cfg.auth.clone());
-        let resume_failures = FailureCounter::new(
-            cfg.resume_failures_per_addr,
-            Duration::from_secs(cfg.resume_failure_window_secs),
-        );
         let waker = reactor.waker();
-        let core = Core {
+        let core = Core::new(
             cfg,
-            public_addr,
+            Addresses {
+                public: public_addr,
+                mesh: mesh_addr,
+            },
             keypair,
             secret,
-            local: HashMap::new(),
             pool,
-            control,
-            tickets: TicketBook::default(),
             db,
-            ready_sessions: 0,
-            uploads: HashMap::new(),
-            send_budgets: HashMap::new(),
-            resume_failures,
-            max_connections,
-            refused: 0,
-            last_file_sweep: Instant::now(),
-            stopping: false,
-            mesh_addr,
-            mesh,
             metrics,
-            counters: Counters::default(),
-            last_summary: (Counters::default(), 0, 0, 0),
-            last_summary_at: Instant::now(),
-        };
+        );
         Ok((
             RelayServer {
                 reactor,
@@ -287,6 +266,63 @@ impl RelayServer {
         match crate::store::clear_stale_presence(&core.db, &core.cfg.id) {
             Ok(n) => info!("stopped; cleared {n} presence rows"),
             Err(e) => warn!("stopped; could not clear presence rows (cleared at next start): {e}"),
+        }
+    }
+}
+
+/// Where clients and other relays reach this relay (as announced to the auth server).
+pub(crate) struct Addresses {
+    pub public: String,
+    pub mesh: String,
+}
+
+impl Core {
+    /// The relay's logic with no connection yet: `pool` takes its jobs, `db` is used
+    /// only at shutdown.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        cfg: Config,
+        addresses: Addresses,
+        keypair: StaticKeypair,
+        secret: [u8; KEY_LEN],
+        pool: WorkerPool<Job>,
+        db: DbPool,
+        metrics: Arc<StoreMetrics>,
+    ) -> Core {
+        let max_connections = cfg
+            .common
+            .max_connections
+            .unwrap_or_else(fastchat_common::limits::default_max_connections);
+        let mesh = Mesh::new(cfg.id.clone());
+        let control = ControlLink::new(cfg.auth.clone());
+        let resume_failures = FailureCounter::new(
+            cfg.resume_failures_per_addr,
+            Duration::from_secs(cfg.resume_failure_window_secs),
+        );
+        Core {
+            cfg,
+            public_addr: addresses.public,
+            keypair,
+            secret,
+            local: HashMap::new(),
+            pool,
+            control,
+            tickets: TicketBook::default(),
+            db,
+            ready_sessions: 0,
+            uploads: HashMap::new(),
+            send_budgets: HashMap::new(),
+            resume_failures,
+            max_connections,
+            refused: 0,
+            last_file_sweep: Instant::now(),
+            stopping: false,
+            mesh_addr: addresses.mesh,
+            mesh,
+            metrics,
+            counters: Counters::default(),
+            last_summary: (Counters::default(), 0, 0, 0),
+            last_summary_at: Instant::now(),
         }
     }
 }
