@@ -10,6 +10,8 @@
 mod clients;
 mod figures;
 mod relays;
+#[cfg(test)]
+mod tests;
 
 use crate::accounts::{Credential, Done, Job, Worker};
 use crate::config::Config;
@@ -139,27 +141,8 @@ impl AuthServer {
             let mut worker = Worker::new(db.clone(), done.clone(), resume_ttl);
             move |jobs| worker.run_batch(jobs)
         })?;
-        let limiter = LoginLimiter::new(
-            cfg.login_failures_per_user,
-            cfg.login_failures_per_addr,
-            Duration::from_secs(cfg.login_failure_window_secs),
-        );
         let waker = reactor.waker();
-        let core = Core {
-            pool,
-            directory: RelayDirectory::default(),
-            limiter,
-            pending: HashMap::new(),
-            counters: Counters::default(),
-            last_summary: Counters::default(),
-            last_summary_at: Instant::now(),
-            max_connections: cfg
-                .common
-                .max_connections
-                .unwrap_or_else(fastchat_common::limits::default_max_connections),
-            full_warned_at: None,
-            cfg,
-        };
+        let core = Core::new(cfg, pool);
         let bound = Bound {
             clients: bound[0],
             relays: bound[1],
@@ -200,6 +183,32 @@ impl AuthServer {
         }
         reactor.flush(core);
         info!("stopped");
+    }
+}
+
+impl Core {
+    /// The server's logic with no connection yet; `pool` takes its jobs.
+    pub(crate) fn new(cfg: Config, pool: WorkerPool<Job>) -> Core {
+        let limiter = LoginLimiter::new(
+            cfg.login_failures_per_user,
+            cfg.login_failures_per_addr,
+            Duration::from_secs(cfg.login_failure_window_secs),
+        );
+        Core {
+            pool,
+            directory: RelayDirectory::default(),
+            limiter,
+            pending: HashMap::new(),
+            counters: Counters::default(),
+            last_summary: Counters::default(),
+            last_summary_at: Instant::now(),
+            max_connections: cfg
+                .common
+                .max_connections
+                .unwrap_or_else(fastchat_common::limits::default_max_connections),
+            full_warned_at: None,
+            cfg,
+        }
     }
 }
 
