@@ -6,7 +6,7 @@ use crate::passwords::Passwords;
 use fastchat_common::credential;
 use fastchat_common::db::{DbConn, DbPool, HeldConnection};
 use fastchat_common::pool::Completions;
-use fastchat_common::proto::{valid_user_name, ErrorCode};
+use fastchat_common::proto::{valid_user_name, ErrorCode, Refusal};
 use mio::Token;
 use postgres::Statement;
 use std::net::IpAddr;
@@ -21,19 +21,15 @@ pub const MAX_PASSWORD_BYTES: usize = 1024;
 pub const MAX_PUBKEY_BYTES: usize = 4096;
 
 /// Checks what `register` carries; the error to send back if something is wrong.
-pub fn check_registration(
-    user: &str,
-    password: &str,
-    pubkey: &str,
-) -> Result<(), (ErrorCode, String)> {
+pub fn check_registration(user: &str, password: &str, pubkey: &str) -> Result<(), Refusal> {
     if !valid_user_name(user) {
-        return Err((
+        return Err(Refusal::new(
             ErrorCode::InvalidName,
-            "user names are 1-32 characters of a-z, 0-9, '_', '.' and '-'".into(),
+            "user names are 1-32 characters of a-z, 0-9, '_', '.' and '-'",
         ));
     }
     if password.chars().count() < MIN_PASSWORD_CHARS || password.len() > MAX_PASSWORD_BYTES {
-        return Err((
+        return Err(Refusal::new(
             ErrorCode::WeakPassword,
             format!("passwords must be at least {MIN_PASSWORD_CHARS} characters"),
         ));
@@ -43,12 +39,12 @@ pub fn check_registration(
         || !pem.starts_with("-----BEGIN PUBLIC KEY-----")
         || !pem.ends_with("-----END PUBLIC KEY-----")
     {
-        return Err((
+        return Err(Refusal::new(
             ErrorCode::BadKey,
-            "the public key must be an RSA SubjectPublicKeyInfo PEM".into(),
+            "the public key must be an RSA SubjectPublicKeyInfo PEM",
         ));
     }
-    check_rsa_key(pem).map_err(|why| (ErrorCode::BadKey, why))
+    check_rsa_key(pem).map_err(|why| Refusal::new(ErrorCode::BadKey, why))
 }
 
 /// The key must parse as RSA (SubjectPublicKeyInfo) with e = 65537 and a modulus of
@@ -163,8 +159,7 @@ pub enum Done {
     Refused {
         conn: Token,
         req: u64,
-        code: ErrorCode,
-        message: String,
+        why: Refusal,
         /// For a failed login: whose attempt it was (the limiter keeps counting it).
         login: Option<(String, IpAddr)>,
     },
@@ -214,8 +209,10 @@ fn store_error(
     Done::Refused {
         conn,
         req,
-        code: ErrorCode::StoreFailed,
-        message: "the account store is unavailable; try again".into(),
+        why: Refusal::new(
+            ErrorCode::StoreFailed,
+            "the account store is unavailable; try again",
+        ),
         login,
     }
 }
@@ -224,8 +221,7 @@ fn bad_credentials(conn: Token, req: u64, login: Option<(String, IpAddr)>) -> Do
     Done::Refused {
         conn,
         req,
-        code: ErrorCode::BadCredentials,
-        message: "unknown user or wrong password".into(),
+        why: Refusal::new(ErrorCode::BadCredentials, "unknown user or wrong password"),
         login,
     }
 }
@@ -298,8 +294,10 @@ impl Worker {
                     None => Done::Refused {
                         conn,
                         req,
-                        code: ErrorCode::NameTaken,
-                        message: format!("the name {user} is taken"),
+                        why: Refusal::new(
+                            ErrorCode::NameTaken,
+                            format!("the name {user} is taken"),
+                        ),
                         login: None,
                     },
                 }
@@ -344,10 +342,11 @@ impl Worker {
                     None => Done::Refused {
                         conn,
                         req,
-                        code: ErrorCode::BadCredentials,
-                        message: "the resumption credential is unknown, expired or revoked; \
-                                  log in with the password"
-                            .into(),
+                        why: Refusal::new(
+                            ErrorCode::BadCredentials,
+                            "the resumption credential is unknown, expired or revoked; \
+                                  log in with the password",
+                        ),
                         login: Some((user, addr)),
                     },
                 }
@@ -492,7 +491,7 @@ fwIDAQAB
             ("RSA e=3", RSA_E3),
         ] {
             assert_eq!(
-                check_registration("alice", "password1", pem).map_err(|e| e.0),
+                check_registration("alice", "password1", pem).map_err(|e| e.code),
                 Err(ErrorCode::BadKey),
                 "{what}"
             );
@@ -504,17 +503,19 @@ fwIDAQAB
         let pem = RSA_2048;
         assert!(check_registration("alice", "password1", pem).is_ok());
         assert_eq!(
-            check_registration("alice", "short", pem).unwrap_err().0,
+            check_registration("alice", "short", pem).unwrap_err().code,
             ErrorCode::WeakPassword
         );
         assert_eq!(
             check_registration("alice", "password1", "junk")
                 .unwrap_err()
-                .0,
+                .code,
             ErrorCode::BadKey
         );
         assert_eq!(
-            check_registration("ALICE", "password1", pem).unwrap_err().0,
+            check_registration("ALICE", "password1", pem)
+                .unwrap_err()
+                .code,
             ErrorCode::InvalidName
         );
     }

@@ -954,25 +954,9 @@ impl Chat {
         let mut synced = false;
         for frame in frames {
             match frame {
-                RelayToClient::Msg {
-                    msg_id,
-                    from,
-                    group_id,
-                    group,
-                    body,
-                    ts,
-                    event,
-                } => {
-                    acks.push(msg_id);
-                    batch.push(InboxEntry {
-                        msg_id,
-                        from,
-                        group_id,
-                        group,
-                        body,
-                        ts,
-                        event,
-                    });
+                RelayToClient::Msg(m) => {
+                    acks.push(m.msg_id);
+                    batch.push(m);
                 }
                 RelayToClient::Synced {} => synced = true,
                 RelayToClient::Sent { id, .. }

@@ -70,11 +70,8 @@ fn drain(link: &mut RelayLink, wait: Duration) -> Vec<(i64, String, String)> {
     let deadline = Instant::now() + wait;
     let mut got = Vec::new();
     while let Ok(Some(frame)) = link.recv(Some(deadline)) {
-        if let RelayToClient::Msg {
-            msg_id, from, body, ..
-        } = frame
-        {
-            got.push((msg_id, from, body));
+        if let RelayToClient::Msg(m) = frame {
+            got.push((m.msg_id, m.from, m.body));
         }
     }
     got

@@ -251,7 +251,7 @@ fn unacknowledged_messages_are_redelivered_and_shown_once() {
         .unwrap()
     {
         match f {
-            fastchat_common::proto::RelayToClient::Msg { .. } => msgs += 1,
+            fastchat_common::proto::RelayToClient::Msg(_) => msgs += 1,
             fastchat_common::proto::RelayToClient::Synced {} => break,
             _ => {}
         }

@@ -273,7 +273,8 @@ fn receive_all(bob: &mut RelayLink, count: usize) {
             .recv(Some(Instant::now() + Duration::from_millis(200)))
             .unwrap()
         {
-            if let RelayToClient::Msg { msg_id, .. } = frame {
+            if let RelayToClient::Msg(m) = frame {
+                let msg_id = m.msg_id;
                 assert!(got.insert(msg_id), "message {msg_id} twice");
                 acks.push(msg_id);
             }
@@ -374,7 +375,7 @@ fn a_full_mailbox_refuses_direct_messages_until_it_is_read() {
             .recv(Some(Instant::now() + Duration::from_secs(10)))
             .unwrap()
         {
-            Some(RelayToClient::Msg { msg_id, .. }) => got.push(msg_id),
+            Some(RelayToClient::Msg(m)) => got.push(m.msg_id),
             Some(_) => {}
             None => panic!("bob got {} of 3", got.len()),
         }

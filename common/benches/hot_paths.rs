@@ -8,11 +8,11 @@
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use fastchat_common::frame::{encode_into, FrameBuffer, DEFAULT_MAX_FRAME};
 use fastchat_common::noise::{NoiseCodec, Role, StaticKeypair};
-use fastchat_common::proto::{parse, ClientToRelay, RelayToClient};
+use fastchat_common::proto::{parse, ClientToRelay, Message, RelayToClient};
 use std::hint::black_box;
 
 fn msg_frame() -> RelayToClient {
-    RelayToClient::Msg {
+    RelayToClient::Msg(Message {
         msg_id: 123_456_789,
         from: "alice".into(),
         group_id: None,
@@ -20,7 +20,7 @@ fn msg_frame() -> RelayToClient {
         body: "x".repeat(360),
         ts: 1_795_568_656_123,
         event: None,
-    }
+    })
 }
 
 fn frames(c: &mut Criterion) {

@@ -122,6 +122,29 @@ impl ErrorFrame {
     }
 }
 
+/// Why a server refused a request: the `code` and `message` of the `error` frame that
+/// answers it. One shape for every refusal in the servers (checks before a job, a
+/// worker's answer, a group or file operation), whatever step refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl Refusal {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Refusal {
+        Refusal {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// The `error` frame answering request `id` (`None`: the connection's).
+    pub fn into_frame(self, id: Option<u64>) -> ErrorFrame {
+        ErrorFrame::new(id, self.code, self.message)
+    }
+}
+
 /// Client → auth server (Noise `NX`).
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(tag = "t", rename_all = "snake_case")]
@@ -292,16 +315,8 @@ pub enum MeshFrame {
     /// push it there now. (It stays stored until the recipient acknowledges it.)
     Deliver {
         recipient_id: i64,
-        msg_id: i64,
-        from: String,
-        #[serde(default)]
-        group_id: Option<i64>,
-        #[serde(default)]
-        group: Option<String>,
-        body: String,
-        ts: u64,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        event: Option<GroupEvent>,
+        #[serde(flatten)]
+        message: Message,
     },
     /// Reply: `stats`.
     StatsRequest {
@@ -312,6 +327,28 @@ pub enum MeshFrame {
         stats: serde_json::Value,
     },
     Error(ErrorFrame),
+}
+
+/// A stored message as the relay hands it on: to its recipient (`msg`), to the relay
+/// where the recipient has a session (`deliver`), and as a worker reads it from its
+/// row. One type, so a message is never copied field by field between them.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub msg_id: i64,
+    pub from: String,
+    /// For a group message or event: the group's id and name.
+    #[serde(default)]
+    pub group_id: Option<i64>,
+    #[serde(default)]
+    pub group: Option<String>,
+    /// The ciphertext (empty for a group event).
+    pub body: String,
+    /// Milliseconds since the Unix epoch, when the relay stored it.
+    pub ts: u64,
+    /// A membership change, written by the server (not encrypted: the server knows who
+    /// is in a group).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<GroupEvent>,
 }
 
 /// Where clients reach a relay, and its static Noise key (hex).
@@ -464,23 +501,7 @@ pub enum RelayToClient {
         ts: u64,
     },
     /// A message for this user. Acknowledge with `ack` once stored.
-    Msg {
-        msg_id: i64,
-        from: String,
-        /// For a group message or event: the group's id and name.
-        #[serde(default)]
-        group_id: Option<i64>,
-        #[serde(default)]
-        group: Option<String>,
-        /// The ciphertext (empty for a group event).
-        body: String,
-        /// Milliseconds since the Unix epoch, when the relay stored it.
-        ts: u64,
-        /// A membership change, written by the server (not encrypted: the server knows
-        /// who is in a group).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        event: Option<GroupEvent>,
-    },
+    Msg(Message),
     /// An upload may start.
     FileReady {
         id: u64,

@@ -257,13 +257,15 @@ fn samples(f: &Fields) -> Samples {
             },
             MeshFrame::Deliver {
                 recipient_id: i,
-                msg_id: i,
-                from: s.clone(),
-                group_id: opt_i,
-                group: opt_s.clone(),
-                body: s.clone(),
-                ts: n,
-                event: event(f),
+                message: Message {
+                    msg_id: i,
+                    from: s.clone(),
+                    group_id: opt_i,
+                    group: opt_s.clone(),
+                    body: s.clone(),
+                    ts: n,
+                    event: event(f),
+                },
             },
             MeshFrame::StatsRequest { id: n },
             MeshFrame::Stats {
@@ -353,7 +355,7 @@ fn samples(f: &Fields) -> Samples {
                 msg_id: i,
                 ts: n,
             },
-            RelayToClient::Msg {
+            RelayToClient::Msg(Message {
                 msg_id: i,
                 from: s.clone(),
                 group_id: opt_i,
@@ -361,7 +363,7 @@ fn samples(f: &Fields) -> Samples {
                 body: s.clone(),
                 ts: n,
                 event: event(f),
-            },
+            }),
             RelayToClient::FileReady { id: n, file_id: i },
             RelayToClient::FilePutOk {
                 id: n,

@@ -8,7 +8,8 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use fastchat_common::pool::Completions;
-use fastchat_relay::store::{Done, Job, StoreMetrics, Target, Worker};
+use fastchat_relay::message::Target;
+use fastchat_relay::worker::{Done, Job, StoreMetrics, Worker};
 use mio::{Poll, Token, Waker};
 use std::sync::Arc;
 

@@ -1,18 +1,17 @@
 //! The FastChat relay as a library: the `fastchat-relay` binary is [`server`] plus flag
-//! parsing, and benchmarks drive [`store`] directly.
+//! parsing, and benchmarks drive [`worker`] directly.
 //!
-//! Layout: [`config`] (flags), [`tickets`] (tickets pushed by the auth server),
-//! [`session`] (per-client delivery state), [`store`] (the worker jobs and their
-//! batched transactions), [`groups`] (group membership operations), [`control`] (the
-//! link to the auth server), [`mesh`] (links to the other relays), [`server`] (the poll
-//! loop tying them together).
+//! Layout: [`config`] (flags), [`message`] (the types about a message that the other
+//! parts share), [`tickets`] (tickets pushed by the auth server), [`session`]
+//! (per-client delivery state), [`control`] (the link to the auth server), [`mesh`]
+//! (links to the other relays), [`server`] (the poll loop and the protocol logic on
+//! it), [`worker`] (the database work: jobs, batched transactions, files, groups).
 
 pub mod config;
 pub mod control;
-pub mod files;
-pub mod groups;
 pub mod mesh;
+pub mod message;
 pub mod server;
 pub mod session;
-pub mod store;
 pub mod tickets;
+pub mod worker;

@@ -4,7 +4,7 @@
 
 use clap::Parser;
 use fastchat_common::{error, info, startup};
-use fastchat_relay::{config, server, store};
+use fastchat_relay::{config, server, worker};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,7 +26,7 @@ fn run(cfg: config::Config) -> Result<(), Box<dyn std::error::Error>> {
         cfg.workers as u32 + 1,
         Duration::from_millis(cfg.common.db_timeout_ms),
     )?;
-    let cleared = store::clear_stale_presence(&base.db, &cfg.id)?;
+    let cleared = worker::clear_stale_presence(&base.db, &cfg.id)?;
     if cleared > 0 {
         info!("cleared {cleared} stale presence rows of a previous run");
     }

@@ -2,7 +2,7 @@
 //! control, and live messages held back until the backlog has gone out so the client
 //! sees its messages oldest first.
 
-use crate::store::Stored;
+use crate::message::Message;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
@@ -50,7 +50,7 @@ pub struct Session {
     /// The last page was full, so more may wait.
     more: bool,
     /// Live messages that arrived while the backlog was going out.
-    deferred: Vec<Stored>,
+    deferred: Vec<Message>,
     /// Their total body size.
     deferred_bytes: usize,
     /// The next page is fetched once this few backlog messages are unacknowledged, so
@@ -83,7 +83,7 @@ impl Session {
 
     /// A page arrived: returns the messages to send now, and whether the backlog is
     /// finished (then `synced` follows them).
-    pub fn page_arrived(&mut self, page: Vec<Stored>, more: bool) -> (Vec<Stored>, bool) {
+    pub fn page_arrived(&mut self, page: Vec<Message>, more: bool) -> (Vec<Message>, bool) {
         self.fetching = false;
         self.more = more;
         if let Some(last) = page.last() {
@@ -113,7 +113,7 @@ impl Session {
         (out, !more)
     }
 
-    fn finish_backlog(&mut self) -> Vec<Stored> {
+    fn finish_backlog(&mut self) -> Vec<Message> {
         self.backlog = false;
         self.backlog_done_at = Some(Instant::now());
         // Nothing held back was in a page: pages take theirs out as they arrive.
@@ -144,7 +144,7 @@ impl Session {
     }
 
     /// A live message for this user: `Some` if it should go out now.
-    pub fn live(&mut self, message: Stored) -> Option<Stored> {
+    pub fn live(&mut self, message: Message) -> Option<Message> {
         if !self.receive {
             return None;
         }
@@ -186,8 +186,8 @@ impl Session {
 mod tests {
     use super::*;
 
-    fn m(id: i64) -> Stored {
-        Stored {
+    fn m(id: i64) -> Message {
+        Message {
             msg_id: id,
             from: "a".into(),
             body: String::new(),
@@ -198,7 +198,7 @@ mod tests {
         }
     }
 
-    fn ids(v: &[Stored]) -> Vec<i64> {
+    fn ids(v: &[Message]) -> Vec<i64> {
         v.iter().map(|m| m.msg_id).collect()
     }
 
@@ -222,8 +222,8 @@ mod tests {
         assert!(s.live(m(7)).is_some(), "forgotten after a while");
     }
 
-    fn sized(id: i64, bytes: usize) -> Stored {
-        Stored {
+    fn sized(id: i64, bytes: usize) -> Message {
+        Message {
             body: "x".repeat(bytes),
             ..m(id)
         }

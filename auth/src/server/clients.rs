@@ -50,10 +50,8 @@ impl Core {
                     pubkey,
                 },
             ) => {
-                if let Err((code, message)) =
-                    accounts::check_registration(&user, &password, &pubkey)
-                {
-                    return self.reply_error(io, token, id, code, &message);
+                if let Err(why) = accounts::check_registration(&user, &password, &pubkey) {
+                    return self.refuse(io, token, id, why);
                 }
                 *in_flight += 1;
                 let job = Job::Register {
@@ -257,16 +255,15 @@ impl Core {
             Done::Refused {
                 conn,
                 req,
-                code,
-                message,
+                why,
                 login,
             } => {
                 if let Some((user, addr)) = login {
-                    info!("failed login for {user} from {addr}: {code:?}");
+                    info!("failed login for {user} from {addr}: {:?}", why.code);
                     self.counters.failed_logins += 1;
                 }
                 self.release(io, conn);
-                self.reply_error(io, conn, req, code, &message);
+                self.refuse(io, conn, req, why);
             }
         }
     }

@@ -22,7 +22,7 @@ use fastchat_common::db::DbPool;
 use fastchat_common::noise::{StaticKeypair, KEY_LEN};
 use fastchat_common::pool::WorkerPool;
 use fastchat_common::proto::{
-    AuthToClient, AuthToRelay, ClientToAuth, ErrorCode, ErrorFrame, RelayToAuth,
+    AuthToClient, AuthToRelay, ClientToAuth, ErrorCode, ErrorFrame, Refusal, RelayToAuth,
 };
 use fastchat_common::reactor::{Accepting, Handler, Io, Reactor};
 use fastchat_common::{info, warn, PROTOCOL_VERSION};
@@ -306,10 +306,12 @@ impl Core {
         code: ErrorCode,
         message: &str,
     ) {
-        io.send(
-            token,
-            &AuthToClient::Error(ErrorFrame::new(Some(req), code, message)),
-        );
+        self.refuse(io, token, req, Refusal::new(code, message));
+    }
+
+    /// Answers request `req` with the refusal's `error` frame.
+    fn refuse(&mut self, io: &mut Peers, token: Token, req: u64, why: Refusal) {
+        io.send(token, &AuthToClient::Error(why.into_frame(Some(req))));
     }
 
     /// Periodic work: tickets whose relay did not confirm, limiter expiry, handshake

@@ -184,8 +184,7 @@ fn refused_login(conn: Token, req: u64, user: &str, addr: IpAddr) -> Done {
     Done::Refused {
         conn,
         req,
-        code: ErrorCode::BadCredentials,
-        message: "unknown user or wrong password".into(),
+        why: Refusal::new(ErrorCode::BadCredentials, "unknown user or wrong password"),
         login: Some((user.into(), addr)),
     }
 }

@@ -200,9 +200,9 @@ impl Driver {
                     }
                 }
             }
-            RelayToClient::Msg { msg_id, body, .. } => {
-                self.sessions[i].acks.push(msg_id);
-                self.delivered(i, msg_id, &body);
+            RelayToClient::Msg(m) => {
+                self.sessions[i].acks.push(m.msg_id);
+                self.delivered(i, m.msg_id, &m.body);
             }
             RelayToClient::Error(e) => {
                 self.out.errors += 1;

@@ -134,21 +134,9 @@ pub struct GroupState {
     pub members: Option<u32>,
 }
 
-/// A received message as the relay delivered it, still encrypted.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
-pub struct InboxEntry {
-    pub msg_id: i64,
-    pub from: String,
-    #[serde(default)]
-    pub group_id: Option<i64>,
-    pub group: Option<String>,
-    /// A group membership event (written by the server; then `body` is empty).
-    #[serde(default)]
-    pub event: Option<fastchat_common::proto::GroupEvent>,
-    pub body: String,
-    /// When the relay stored it, unix ms.
-    pub ts: u64,
-}
+/// A received message as the relay delivered it, still encrypted: the wire's
+/// [`Message`](fastchat_common::proto::Message), kept sealed in the inbox as JSON.
+pub type InboxEntry = fastchat_common::proto::Message;
 
 /// A peer's pinned public key.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]

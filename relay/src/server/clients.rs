@@ -78,19 +78,8 @@ impl Core {
         io.send(token, frame);
     }
 
-    pub(super) fn reply_error(
-        &mut self,
-        io: &mut Links,
-        token: Token,
-        req: u64,
-        code: ErrorCode,
-        message: String,
-    ) {
-        self.send(
-            io,
-            token,
-            &RelayToClient::Error(ErrorFrame::new(Some(req), code, message)),
-        );
+    pub(super) fn reply_error(&mut self, io: &mut Links, token: Token, req: u64, why: Refusal) {
+        self.send(io, token, &RelayToClient::Error(why.into_frame(Some(req))));
     }
 
     pub(super) fn client_frame(&mut self, io: &mut Links, token: Token, frame: ClientToRelay) {
@@ -198,8 +187,10 @@ impl Core {
                         io,
                         token,
                         id,
-                        ErrorCode::TooLarge,
-                        format!("message bodies are limited to {max} bytes"),
+                        Refusal::new(
+                            ErrorCode::TooLarge,
+                            format!("message bodies are limited to {max} bytes"),
+                        ),
                     );
                 }
                 if body.contains('\0') {
@@ -207,8 +198,7 @@ impl Core {
                         io,
                         token,
                         id,
-                        ErrorCode::BadFrame,
-                        "bodies may not contain NUL characters".into(),
+                        Refusal::new(ErrorCode::BadFrame, "bodies may not contain NUL characters"),
                     );
                 }
                 let target = match (to, group_id) {
@@ -218,8 +208,10 @@ impl Core {
                             io,
                             token,
                             id,
-                            ErrorCode::UnknownUser,
-                            format!("there is no user called {to:?}"),
+                            Refusal::new(
+                                ErrorCode::UnknownUser,
+                                format!("there is no user called {to:?}"),
+                            ),
                         )
                     }
                     (None, Some(group_id)) => Target::Group(group_id),
@@ -228,8 +220,10 @@ impl Core {
                             io,
                             token,
                             id,
-                            ErrorCode::BadFrame,
-                            "a send names either `to` or `group_id`".into(),
+                            Refusal::new(
+                                ErrorCode::BadFrame,
+                                "a send names either `to` or `group_id`",
+                            ),
                         )
                     }
                 };
@@ -248,8 +242,8 @@ impl Core {
                 let Some((id, op)) = file_op(&frame) else {
                     return;
                 };
-                if let Err((code, message)) = self.check_file_op(user_id, &op) {
-                    return self.reply_error(io, token, id, code, message);
+                if let Err(why) = self.check_file_op(user_id, &op) {
+                    return self.reply_error(io, token, id, why);
                 }
                 self.submit(Job::File {
                     conn: token,
@@ -263,8 +257,8 @@ impl Core {
                 let Some((id, op)) = group_op(&frame) else {
                     return;
                 };
-                if let Err(message) = check_group_op(&op) {
-                    return self.reply_error(io, token, id, ErrorCode::InvalidName, message);
+                if let Err(why) = check_group_op(&op) {
+                    return self.reply_error(io, token, id, why);
                 }
                 self.submit(Job::Group {
                     conn: token,
@@ -307,8 +301,10 @@ impl Core {
                         io,
                         token,
                         id,
-                        ErrorCode::UnknownUser,
-                        format!("there is no user called {user:?}"),
+                        Refusal::new(
+                            ErrorCode::UnknownUser,
+                            format!("there is no user called {user:?}"),
+                        ),
                     );
                 }
                 self.submit(Job::LookupKey {
@@ -334,11 +330,7 @@ impl Core {
     }
 
     /// Limits on file operations, checked before any database work.
-    pub(super) fn check_file_op(
-        &mut self,
-        user_id: i64,
-        op: &FileOp,
-    ) -> Result<(), (ErrorCode, String)> {
+    pub(super) fn check_file_op(&mut self, user_id: i64, op: &FileOp) -> Result<(), Refusal> {
         match op {
             FileOp::Begin {
                 size,
@@ -346,7 +338,7 @@ impl Core {
                 target,
             } => {
                 if *size > self.cfg.max_file_size {
-                    return Err((
+                    return Err(Refusal::new(
                         ErrorCode::TooLarge,
                         format!(
                             "files are limited to {} MiB",
@@ -356,11 +348,14 @@ impl Core {
                 }
                 // Chunks of at least 1 KiB: a bound on rows per file.
                 if u64::from(*chunks) > size / 1024 + 1 {
-                    return Err((ErrorCode::BadFrame, "too many chunks for the size".into()));
+                    return Err(Refusal::new(
+                        ErrorCode::BadFrame,
+                        "too many chunks for the size",
+                    ));
                 }
                 if let Target::User(to) = target {
                     if !valid_user_name(to) {
-                        return Err((
+                        return Err(Refusal::new(
                             ErrorCode::UnknownUser,
                             format!("there is no user called {to:?}"),
                         ));
@@ -372,7 +367,7 @@ impl Core {
                     *window = (now, 0);
                 }
                 if window.1 >= self.cfg.uploads_per_minute {
-                    return Err((
+                    return Err(Refusal::new(
                         ErrorCode::RateLimited,
                         format!(
                             "at most {} files per minute; try again shortly",
@@ -383,9 +378,9 @@ impl Core {
                 window.1 += 1;
                 Ok(())
             }
-            FileOp::Put { data, .. } if data.contains('\0') => Err((
+            FileOp::Put { data, .. } if data.contains('\0') => Err(Refusal::new(
                 ErrorCode::BadFrame,
-                "chunks may not contain NUL characters".into(),
+                "chunks may not contain NUL characters",
             )),
             _ => Ok(()),
         }
@@ -516,17 +511,18 @@ fn group_op(frame: &ClientToRelay) -> Option<(u64, GroupOp)> {
 }
 
 /// Names in a group operation must be well-formed before they reach the database.
-fn check_group_op(op: &GroupOp) -> Result<(), String> {
+fn check_group_op(op: &GroupOp) -> Result<(), Refusal> {
+    let invalid = |message: String| Err(Refusal::new(ErrorCode::InvalidName, message));
     match op {
-        GroupOp::Create { name } if !valid_group_name(name) => {
-            Err("group names are 1-64 characters without control characters or outer spaces".into())
-        }
+        GroupOp::Create { name } if !valid_group_name(name) => invalid(
+            "group names are 1-64 characters without control characters or outer spaces".into(),
+        ),
         GroupOp::Add { user, .. }
         | GroupOp::Remove { user, .. }
         | GroupOp::Promote { user, .. }
             if !valid_user_name(user) =>
         {
-            Err(format!("there is no user called {user:?}"))
+            invalid(format!("there is no user called {user:?}"))
         }
         GroupOp::RosterAppend {
             seq,
@@ -538,14 +534,16 @@ fn check_group_op(op: &GroupOp) -> Result<(), String> {
             || !is_hash(prev)
             || !is_hash(hash)
             || statement.is_empty()
-            || statement.len() > crate::groups::MAX_STATEMENT_BYTES =>
+            || statement.len() > crate::worker::groups::MAX_STATEMENT_BYTES =>
         {
-            Err(
+            invalid(
                 "a roster statement needs seq >= 0, prev and hash of 64 hex and at most 8 KiB"
                     .into(),
             )
         }
-        GroupOp::Roster { from_seq, .. } if *from_seq < 0 => Err("from_seq must be >= 0".into()),
+        GroupOp::Roster { from_seq, .. } if *from_seq < 0 => {
+            invalid("from_seq must be >= 0".into())
+        }
         _ => Ok(()),
     }
 }

@@ -97,12 +97,7 @@ impl Core {
                 self.send(io, conn, &reply);
                 self.route(io, deliveries);
             }
-            Done::Failed {
-                conn,
-                req,
-                code,
-                message,
-            } => self.reply_error(io, conn, req, code, message),
+            Done::Failed { conn, req, why } => self.reply_error(io, conn, req, why),
             Done::Key {
                 conn,
                 req,
@@ -122,8 +117,10 @@ impl Core {
                     io,
                     conn,
                     req,
-                    ErrorCode::UnknownUser,
-                    format!("there is no user called {user}"),
+                    Refusal::new(
+                        ErrorCode::UnknownUser,
+                        format!("there is no user called {user}"),
+                    ),
                 ),
             },
         }

@@ -124,29 +124,11 @@ impl Core {
                 MeshState::Up(_),
                 MeshFrame::Deliver {
                     recipient_id,
-                    msg_id,
-                    from,
-                    group_id,
-                    group,
-                    body,
-                    ts,
-                    event,
+                    message,
                 },
             ) => {
                 self.counters.arrived += 1;
-                self.deliver_local(
-                    io,
-                    recipient_id,
-                    Stored {
-                        msg_id,
-                        from,
-                        body,
-                        ts,
-                        group_id,
-                        group,
-                        event,
-                    },
-                );
+                self.deliver_local(io, recipient_id, message);
             }
             (_, MeshFrame::Error(e)) => {
                 warn!("mesh peer reported {:?}: {}", e.code, e.message);

@@ -25,12 +25,13 @@ mod tests;
 
 use crate::config::Config;
 use crate::control::{Announcement, ControlLink, Phase};
-use crate::files::FileOp;
-use crate::groups::GroupOp;
 use crate::mesh::{Mesh, MeshState};
+use crate::message::{Message, Target};
 use crate::session::{Next, Session};
-use crate::store::{Done, Job, StoreMetrics, Stored, Target, Worker};
 use crate::tickets::{Admission, TicketBook};
+use crate::worker::files::FileOp;
+use crate::worker::groups::GroupOp;
+use crate::worker::{Done, Job, StoreMetrics, Worker};
 use fastchat_common::conn::{Accepted, Connection};
 use fastchat_common::db::DbPool;
 use fastchat_common::limits::{Bucket, FailureCounter};
@@ -38,7 +39,7 @@ use fastchat_common::noise::{Role, StaticKeypair, KEY_LEN};
 use fastchat_common::pool::WorkerPool;
 use fastchat_common::proto::{
     valid_group_name, valid_user_name, AuthToRelay, ClientToRelay, ErrorCode, ErrorFrame,
-    MeshFrame, RelayToAuth, RelayToClient,
+    MeshFrame, Refusal, RelayToAuth, RelayToClient,
 };
 use fastchat_common::reactor::{Accepting, Handler, Io, Link, Reactor};
 use fastchat_common::{debug, hex, info, warn, PROTOCOL_VERSION};
@@ -263,7 +264,7 @@ impl RelayServer {
             core.close(&mut reactor.io, token, "relay stopping");
         }
         // The poll loop is done, so it may block now: nobody is on this relay any more.
-        match crate::store::clear_stale_presence(&core.db, &core.cfg.id) {
+        match crate::worker::clear_stale_presence(&core.db, &core.cfg.id) {
             Ok(n) => info!("stopped; cleared {n} presence rows"),
             Err(e) => warn!("stopped; could not clear presence rows (cleared at next start): {e}"),
         }

@@ -36,7 +36,7 @@ impl Core {
     }
 
     /// Pushes stored messages to their recipients' sessions, here and on other relays.
-    pub(super) fn route(&mut self, io: &mut Links, deliveries: Vec<crate::store::Delivery>) {
+    pub(super) fn route(&mut self, io: &mut Links, deliveries: Vec<crate::message::Delivery>) {
         for d in deliveries {
             for relay in &d.remote_relays {
                 self.forward(io, relay, d.recipient_id, &d.message);
@@ -47,7 +47,7 @@ impl Core {
 
     /// Sends a stored message to the relay where its recipient has a session. Without a
     /// link it simply waits in the table for the recipient's next login.
-    pub(super) fn forward(&mut self, io: &mut Links, relay: &str, recipient_id: i64, m: &Stored) {
+    pub(super) fn forward(&mut self, io: &mut Links, relay: &str, recipient_id: i64, m: &Message) {
         let Some(token) = self.mesh.route(relay) else {
             debug!(
                 "no link to {relay}: message {} waits in the store",
@@ -59,13 +59,7 @@ impl Core {
             token,
             &MeshFrame::Deliver {
                 recipient_id,
-                msg_id: m.msg_id,
-                from: m.from.clone(),
-                group_id: m.group_id,
-                group: m.group.clone(),
-                body: m.body.clone(),
-                ts: m.ts,
-                event: m.event.clone(),
+                message: m.clone(),
             },
         ) {
             self.counters.forwarded += 1;
@@ -73,7 +67,7 @@ impl Core {
     }
 
     /// Pushes a freshly stored message to the recipient's sessions on this relay.
-    pub(super) fn deliver_local(&mut self, io: &mut Links, recipient_id: i64, message: Stored) {
+    pub(super) fn deliver_local(&mut self, io: &mut Links, recipient_id: i64, message: Message) {
         let Some(tokens) = self.local.get(&recipient_id) else {
             return;
         };
@@ -93,14 +87,6 @@ impl Core {
     }
 }
 
-pub(super) fn deliver(m: Stored) -> RelayToClient {
-    RelayToClient::Msg {
-        msg_id: m.msg_id,
-        from: m.from,
-        group_id: m.group_id,
-        group: m.group,
-        body: m.body,
-        ts: m.ts,
-        event: m.event,
-    }
+pub(super) fn deliver(m: Message) -> RelayToClient {
+    RelayToClient::Msg(m)
 }

@@ -5,7 +5,7 @@
 //! (The integration tests keep the wire and PostgreSQL.)
 
 use super::*;
-use crate::store::Delivery;
+use crate::message::Delivery;
 use clap::Parser;
 use crossbeam_channel::Receiver;
 use fastchat_common::conn::Connection;
@@ -54,13 +54,11 @@ impl Bench {
         let before: Vec<Token> = self.io.tokens();
         self.core
             .on_accept(&mut self.io, Listening::Clients, accepted);
-        let token = self
-            .io
+        self.io
             .tokens()
             .into_iter()
             .find(|t| !before.contains(t))
-            .expect("the connection is held");
-        token
+            .expect("the connection is held")
     }
 
     fn frame(&mut self, token: Token, frame: ClientToRelay) {
@@ -203,8 +201,8 @@ impl Bench {
     }
 }
 
-fn stored(msg_id: i64, from: &str, body: &str) -> Stored {
-    Stored {
+fn stored(msg_id: i64, from: &str, body: &str) -> Message {
+    Message {
         msg_id,
         from: from.into(),
         body: body.into(),
@@ -215,7 +213,7 @@ fn stored(msg_id: i64, from: &str, body: &str) -> Stored {
     }
 }
 
-fn delivery(recipient_id: i64, m: Stored, remote: &[&str]) -> Delivery {
+fn delivery(recipient_id: i64, m: Message, remote: &[&str]) -> Delivery {
     Delivery {
         recipient_id,
         message: m,
@@ -916,13 +914,7 @@ fn messages_for_sessions_on_other_relays_go_over_the_mesh_link() {
         b.mesh_out(link),
         [MeshFrame::Deliver {
             recipient_id: 2,
-            msg_id: 42,
-            from: "alice".into(),
-            group_id: None,
-            group: None,
-            body: "ct".into(),
-            ts: m.ts,
-            event: None,
+            message: m,
         }]
     );
     assert_eq!(b.core.counters.forwarded, 1);
@@ -938,18 +930,10 @@ fn a_message_another_relay_delivers_reaches_the_local_session() {
         link,
         Inbound::Mesh(MeshFrame::Deliver {
             recipient_id: 2,
-            msg_id: 8,
-            from: "alice".into(),
-            group_id: None,
-            group: None,
-            body: "ct".into(),
-            ts: 5,
-            event: None,
+            message: stored(8, "alice", "ct"),
         }),
     );
-    let mut m = stored(8, "alice", "ct");
-    m.ts = 5;
-    assert_eq!(b.out(bob), [deliver(m)]);
+    assert_eq!(b.out(bob), [deliver(stored(8, "alice", "ct"))]);
 }
 
 #[test]
@@ -1012,13 +996,7 @@ fn mesh_links_speak_in_turn() {
     let mesh = |b: &mut Bench, t, f| b.core.on_frame(&mut b.io, t, Inbound::Mesh(f));
     let deliver_frame = MeshFrame::Deliver {
         recipient_id: 2,
-        msg_id: 1,
-        from: "x".into(),
-        group_id: None,
-        group: None,
-        body: String::new(),
-        ts: 0,
-        event: None,
+        message: stored(1, "x", ""),
     };
     // A delivery before the introduction.
     let t = open(&mut b);

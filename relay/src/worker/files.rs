@@ -3,9 +3,9 @@
 //! control), and deletion once every recipient is done or the retention has passed.
 //! Each operation is a transaction of its own on the uploader's or downloader's worker.
 
-use crate::store::Target;
+use crate::message::Target;
 use fastchat_common::db::DbConn;
-use fastchat_common::proto::{ErrorCode, RelayToClient};
+use fastchat_common::proto::{ErrorCode, Refusal, RelayToClient};
 
 /// A file operation from a client (or the relay's retention sweep).
 #[derive(Debug, Clone)]
@@ -38,13 +38,16 @@ pub enum FileOp {
 }
 
 /// The frames answering an operation, or why it was refused.
-pub type FileOutcome = Result<Vec<RelayToClient>, (ErrorCode, String)>;
+pub type FileOutcome = Result<Vec<RelayToClient>, Refusal>;
 
 /// Most chunks one `file_get` may ask for.
 pub const MAX_WINDOW: u32 = 64;
 
 fn not_found(file_id: i64) -> FileOutcome {
-    Err((ErrorCode::NotMember, format!("no file {file_id} for you")))
+    Err(Refusal::new(
+        ErrorCode::NotMember,
+        format!("no file {file_id} for you"),
+    ))
 }
 
 /// Runs `op` for `user_id` in one transaction.
@@ -66,7 +69,7 @@ pub fn run(
                     match tx.query_opt("SELECT id FROM users WHERE name = $1", &[name])? {
                         Some(row) => vec![row.get(0)],
                         None => {
-                            return Ok(Err((
+                            return Ok(Err(Refusal::new(
                                 ErrorCode::UnknownUser,
                                 format!("there is no user called {name}"),
                             )))
@@ -79,7 +82,7 @@ pub fn run(
                         &[group_id, &user_id],
                     )?;
                     if member.is_none() {
-                        return Ok(Err((
+                        return Ok(Err(Refusal::new(
                             ErrorCode::NotMember,
                             format!("you are not a member of group {group_id}"),
                         )));
@@ -117,7 +120,7 @@ pub fn run(
             )?;
             match file {
                 None => not_found(file_id),
-                Some(row) if index >= row.get::<_, i32>(0) as u32 => Err((
+                Some(row) if index >= row.get::<_, i32>(0) as u32 => Err(Refusal::new(
                     ErrorCode::BadFrame,
                     format!("file {file_id} has {} chunks", row.get::<_, i32>(0)),
                 )),

@@ -1,36 +1,6 @@
-//! What passes between the poll loop and the workers: jobs, their results, and the
-//! stored messages both carry.
+//! What passes between the poll loop and the workers: jobs and their results.
 
 use super::*;
-
-/// A stored message as it is delivered.
-#[derive(Debug, Clone)]
-pub struct Stored {
-    pub msg_id: i64,
-    pub from: String,
-    pub body: String,
-    pub ts: u64,
-    pub group_id: Option<i64>,
-    pub group: Option<String>,
-    /// A membership event (then `body` is empty).
-    pub event: Option<GroupEvent>,
-}
-
-/// A stored message and where its recipient has sessions.
-#[derive(Debug, Clone)]
-pub struct Delivery {
-    pub recipient_id: i64,
-    pub message: Stored,
-    /// Relays other than this one where the recipient has sessions.
-    pub remote_relays: Vec<String>,
-}
-
-/// Who a message is for.
-#[derive(Debug, Clone)]
-pub enum Target {
-    User(String),
-    Group(i64),
-}
 
 /// Work for the pool. Every job is sharded by the user it acts for.
 #[derive(Debug)]
@@ -125,7 +95,7 @@ pub enum Done {
     /// A page of pending messages (`more`: the page was full).
     Pending {
         conn: Token,
-        messages: Vec<Stored>,
+        messages: Vec<Message>,
         more: bool,
     },
     /// A resumption credential checked: the user's id, or `None` if it is not valid.
@@ -135,7 +105,7 @@ pub enum Done {
         user_id: Option<i64>,
     },
     /// What is stored for a live session (delivered again; clients drop what they have).
-    CatchUp { conn: Token, messages: Vec<Stored> },
+    CatchUp { conn: Token, messages: Vec<Message> },
     /// The login could not be recorded; the session must end.
     LoginFailed { conn: Token },
     /// The message is durable (`msg_id`: its id, or for a group message the first
@@ -148,12 +118,7 @@ pub enum Done {
         deliveries: Vec<Delivery>,
     },
     /// A request was refused or failed; nothing was stored.
-    Failed {
-        conn: Token,
-        req: u64,
-        code: ErrorCode,
-        message: String,
-    },
+    Failed { conn: Token, req: u64, why: Refusal },
     Key {
         conn: Token,
         req: u64,

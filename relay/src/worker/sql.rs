@@ -134,7 +134,7 @@ pub(super) fn fetch_pending(
     after: i64,
     page: i64,
     max_bytes: Option<usize>,
-) -> Result<(Vec<Stored>, bool), postgres::Error> {
+) -> Result<(Vec<Message>, bool), postgres::Error> {
     let rows = conn.query(pending, &[&user_id, &after, &page])?;
     let full = rows.len() as i64 >= page;
     let mut bytes = 0usize;
@@ -158,7 +158,7 @@ pub(super) fn fetch_pending(
             } else {
                 None
             };
-            Stored {
+            Message {
                 msg_id: r.get(0),
                 from: r.get(1),
                 body: if system { String::new() } else { body },

@@ -5,9 +5,11 @@
 //! member concerned, in the same transaction, so events reach members in order with the
 //! messages — and only after they are durable.
 
-use crate::store::Stored;
+use crate::message::Message;
 use fastchat_common::db::DbConn;
-use fastchat_common::proto::{ErrorCode, GroupEvent, GroupMember, GroupSummary, RelayToClient};
+use fastchat_common::proto::{
+    ErrorCode, GroupEvent, GroupMember, GroupSummary, Refusal, RelayToClient,
+};
 use fastchat_common::time;
 use postgres::Transaction;
 
@@ -65,14 +67,14 @@ pub enum GroupOutcome {
     /// Committed: the reply, and the event rows written (msg_id, recipient, message).
     Done {
         reply: RelayToClient,
-        events: Vec<(i64, i64, Stored)>,
+        events: Vec<(i64, i64, Message)>,
     },
     /// Refused; nothing changed.
-    Refused(ErrorCode, String),
+    Refused(Refusal),
 }
 
 fn refused(code: ErrorCode, message: impl Into<String>) -> Result<GroupOutcome, postgres::Error> {
-    Ok(GroupOutcome::Refused(code, message.into()))
+    Ok(GroupOutcome::Refused(Refusal::new(code, message)))
 }
 
 /// Runs `op` for `actor` in one transaction.
@@ -270,10 +272,10 @@ impl Op<'_, '_> {
         admin: bool,
     ) -> Result<Result<Locked, GroupOutcome>, postgres::Error> {
         let not_member = || {
-            GroupOutcome::Refused(
+            GroupOutcome::Refused(Refusal::new(
                 ErrorCode::NotMember,
                 format!("you are not a member of group {group_id}"),
-            )
+            ))
         };
         let Some(locked) = self.lock(group_id)? else {
             return Ok(Err(not_member()));
@@ -281,10 +283,10 @@ impl Op<'_, '_> {
         match self.role_of(group_id, self.actor_id)?.as_deref() {
             None => Ok(Err(not_member())),
             Some("admin") => Ok(Ok(locked)),
-            Some(_) if admin => Ok(Err(GroupOutcome::Refused(
+            Some(_) if admin => Ok(Err(GroupOutcome::Refused(Refusal::new(
                 ErrorCode::NotAdmin,
                 format!("only admins of {} may do that", locked.0),
-            ))),
+            )))),
             Some(_) => Ok(Ok(locked)),
         }
     }
@@ -296,7 +298,7 @@ impl Op<'_, '_> {
         name: &str,
         recipients: &[i64],
         event: GroupEvent,
-    ) -> Result<Vec<(i64, i64, Stored)>, postgres::Error> {
+    ) -> Result<Vec<(i64, i64, Message)>, postgres::Error> {
         let now = time::now_ms();
         let body = serde_json::to_string(&event).expect("a GroupEvent serialises to JSON");
         let rows = self.tx.query(
@@ -313,7 +315,7 @@ impl Op<'_, '_> {
                 (
                     msg_id,
                     r.get(1),
-                    Stored {
+                    Message {
                         msg_id,
                         from: self.actor.to_string(),
                         body: String::new(),
@@ -330,7 +332,7 @@ impl Op<'_, '_> {
     fn done(
         &mut self,
         group_id: i64,
-        events: Vec<(i64, i64, Stored)>,
+        events: Vec<(i64, i64, Message)>,
     ) -> Result<GroupOutcome, postgres::Error> {
         let group = self.summary(group_id)?;
         Ok(GroupOutcome::Done {

@@ -1,0 +1,427 @@
+//! One run of message jobs as one transaction (group commit), in four steps:
+//! **resolve** (recipient names to ids, from the cache where possible), **quota** (sends
+//! to full mailboxes are taken out and refused, see [`super::mailbox`]), **write** (one
+//! statement for the usual batch, else one transaction), **answer** (after the commit:
+//! where the recipients are, then one result per job, in order).
+
+use super::*;
+
+/// What the write step stored.
+struct Written {
+    /// (msg_id, recipient) per direct send stored, in job order.
+    direct: Vec<Inserted>,
+    /// Per group send, in job order: its rows, or `None` if the sender is not a member.
+    groups: Vec<Option<GroupRows>>,
+}
+
+impl Worker {
+    /// Commits a run of message jobs, then answers them. `Err`: nothing was committed.
+    /// `Ok` with an error: the commit held but the database failed after it (the
+    /// connection must be dropped); the answers already say what holds.
+    pub(super) fn commit_batch(
+        &mut self,
+        conn: &mut DbConn,
+        st: &Prepared,
+        jobs: &[Job],
+    ) -> Result<(Vec<Done>, Option<postgres::Error>), postgres::Error> {
+        let now = time::now_ms();
+        self.resolve(conn, st, jobs)?;
+        let mut direct = self.direct_sends(jobs);
+        let refused = self.full_mailboxes(conn, st, &mut direct)?;
+        let written = self.write(conn, st, jobs, &direct, now)?;
+        Ok(self.answer(conn, st, jobs, &refused, written, now))
+    }
+
+    /// Resolve: learns the ids of the recipients the cache does not know.
+    fn resolve(
+        &mut self,
+        conn: &mut DbConn,
+        st: &Prepared,
+        jobs: &[Job],
+    ) -> Result<(), postgres::Error> {
+        let unknown: Vec<&str> = jobs
+            .iter()
+            .filter_map(|j| match j {
+                Job::Send {
+                    target: Target::User(to),
+                    ..
+                } if !self.user_ids.contains_key(to) => Some(to.as_str()),
+                _ => None,
+            })
+            .collect();
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        if self.user_ids.len() > USER_CACHE_LIMIT {
+            self.user_ids.clear();
+        }
+        for row in conn.query(&st.names, &[&unknown])? {
+            self.user_ids.insert(row.get(0), row.get(1));
+        }
+        Ok(())
+    }
+
+    /// Direct sends to known users: (job position, recipient).
+    fn direct_sends(&self, jobs: &[Job]) -> Vec<(usize, i64)> {
+        jobs.iter()
+            .enumerate()
+            .filter_map(|(i, j)| match j {
+                Job::Send {
+                    target: Target::User(to),
+                    ..
+                } => self.user_ids.get(to).map(|r| (i, *r)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Write: the usual batch is only direct messages and acknowledgements, or only
+    /// logins, logouts and credential checks (a login storm): one statement, its own
+    /// transaction. Anything else goes in an explicit transaction.
+    fn write(
+        &mut self,
+        conn: &mut DbConn,
+        st: &Prepared,
+        jobs: &[Job],
+        direct: &[(usize, i64)],
+        now: u64,
+    ) -> Result<Written, postgres::Error> {
+        let is_direct = |j: &Job| {
+            matches!(
+                j,
+                Job::Send {
+                    target: Target::User(_),
+                    ..
+                } | Job::Ack { .. }
+            )
+        };
+        let is_presence = |j: &Job| {
+            matches!(
+                j,
+                Job::Login { .. } | Job::Logout { .. } | Job::Resume { .. }
+            )
+        };
+        if jobs.iter().all(is_direct) {
+            return Ok(Written {
+                direct: self.store_direct(&mut **conn, st, jobs, direct, now)?,
+                groups: Vec::new(),
+            });
+        }
+        if jobs.iter().all(is_presence) {
+            self.store_presence(&mut **conn, st, jobs)?;
+            return Ok(Written {
+                direct: Vec::new(),
+                groups: Vec::new(),
+            });
+        }
+        let mut tx = conn.transaction()?;
+        let direct = self.store_direct(&mut tx, st, jobs, direct, now)?;
+        let groups = store_group(&mut tx, st, jobs, now)?;
+        self.store_presence(&mut tx, st, jobs)?;
+        tx.commit()?;
+        Ok(Written { direct, groups })
+    }
+
+    /// Records the batch's logins and logouts on this relay: each user ends as their
+    /// last job in the batch says (a logout then a login of one user leaves them here).
+    fn store_presence(
+        &self,
+        db: &mut impl GenericClient,
+        st: &Prepared,
+        jobs: &[Job],
+    ) -> Result<(), postgres::Error> {
+        let mut last: HashMap<i64, bool> = HashMap::new();
+        for job in jobs {
+            match job {
+                Job::Login { user_id, .. } => last.insert(*user_id, true),
+                Job::Logout { user_id } => last.insert(*user_id, false),
+                _ => None,
+            };
+        }
+        if last.is_empty() {
+            return Ok(());
+        }
+        let (mut here, mut gone) = (Vec::new(), Vec::new());
+        for (user_id, on) in last {
+            if on { &mut here } else { &mut gone }.push(user_id);
+        }
+        db.execute(&st.presence, &[&here, &gone, &self.relay_id])?;
+        Ok(())
+    }
+
+    /// Inserts the batch's direct messages (ids drawn in order, so one sender's
+    /// messages keep their order) and deletes its acknowledged messages, in one
+    /// statement. `direct` holds the sends to store, (job position, recipient), in job
+    /// order. Returns (msg_id, recipient) for each, in the same order.
+    fn store_direct(
+        &self,
+        db: &mut impl GenericClient,
+        st: &Prepared,
+        jobs: &[Job],
+        direct: &[(usize, i64)],
+        now: u64,
+    ) -> Result<Vec<Inserted>, postgres::Error> {
+        let mut recipients = Vec::with_capacity(direct.len());
+        let mut senders = Vec::with_capacity(direct.len());
+        let mut bodies = Vec::with_capacity(direct.len());
+        for &(i, recipient) in direct {
+            if let Job::Send {
+                sender_id, body, ..
+            } = &jobs[i]
+            {
+                recipients.push(recipient);
+                senders.push(*sender_id);
+                bodies.push(body.as_str());
+            }
+        }
+        // Acknowledgements: only the acknowledging user's own rows (exact pairs).
+        let mut ack_users: Vec<i64> = Vec::new();
+        let mut ack_ids: Vec<i64> = Vec::new();
+        for job in jobs {
+            if let Job::Ack { user_id, msg_ids } = job {
+                ack_users.extend(std::iter::repeat_n(*user_id, msg_ids.len()));
+                ack_ids.extend(msg_ids);
+            }
+        }
+        if recipients.is_empty() && ack_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let stamps = vec![now as i64; recipients.len()];
+        let mut ids: Vec<i64> = db
+            .query(
+                &st.store,
+                &[
+                    &recipients,
+                    &senders,
+                    &bodies,
+                    &stamps,
+                    &ack_users,
+                    &ack_ids,
+                ],
+            )?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        // Drawn in input order, so sorted they line up with the input.
+        ids.sort_unstable();
+        Ok(ids.into_iter().zip(recipients).collect())
+    }
+
+    /// Answer: everything here runs after the commit, so a failure from here on must
+    /// not turn a stored message into "nothing was stored": the sends are still
+    /// answered `sent` (pushed to recipients on this relay now; recipients elsewhere
+    /// get them at their next login or catch-up), the reads fail on their own, and the
+    /// worker drops the connection (the returned error).
+    fn answer(
+        &self,
+        conn: &mut DbConn,
+        st: &Prepared,
+        jobs: &[Job],
+        refused: &HashSet<usize>,
+        written: Written,
+        now: u64,
+    ) -> (Vec<Done>, Option<postgres::Error>) {
+        let mut after_commit: Option<postgres::Error> = None;
+        let recipients: Vec<i64> = written
+            .direct
+            .iter()
+            .map(|(_, r)| *r)
+            .chain(
+                written
+                    .groups
+                    .iter()
+                    .flatten()
+                    .flat_map(|(_, rows)| rows.iter().map(|(_, r)| *r)),
+            )
+            .collect();
+        let where_is = self
+            .locate(conn, &st.locate, recipients)
+            .unwrap_or_else(|e| {
+                after_commit = Some(e);
+                HashMap::new()
+            });
+        let located = |recipient_id: i64, message: Message| Delivery {
+            recipient_id,
+            remote_relays: where_is.get(&recipient_id).cloned().unwrap_or_default(),
+            message,
+        };
+        let mut results = Vec::new();
+        let mut direct_rows = written.direct.into_iter();
+        let mut group_rows = written.groups.into_iter();
+        for (i, job) in jobs.iter().enumerate() {
+            let done = match job {
+                Job::Send {
+                    conn: token, req, ..
+                } if refused.contains(&i) => Some(Done::Failed {
+                    conn: *token,
+                    req: *req,
+                    why: Refusal::new(
+                        ErrorCode::MailboxFull,
+                        format!(
+                            "the recipient has {} or more messages waiting; nothing was stored, try again later",
+                            self.max_pending
+                        ),
+                    ),
+                }),
+                Job::Send {
+                    conn: token,
+                    req,
+                    sender,
+                    target,
+                    body,
+                    ..
+                } => {
+                    let stored = |msg_id, group_id, group| Message {
+                        msg_id,
+                        from: sender.clone(),
+                        body: body.clone(),
+                        ts: now,
+                        group_id,
+                        group,
+                        event: None,
+                    };
+                    let failed = |code, message: String| Done::Failed {
+                        conn: *token,
+                        req: *req,
+                        why: Refusal::new(code, message),
+                    };
+                    let sent = |msg_id, deliveries| Done::Sent {
+                        conn: *token,
+                        req: *req,
+                        msg_id,
+                        ts: now,
+                        deliveries,
+                    };
+                    Some(match target {
+                        Target::User(to) if !self.user_ids.contains_key(to) => failed(
+                            ErrorCode::UnknownUser,
+                            format!("there is no user called {to}"),
+                        ),
+                        Target::User(_) => {
+                            let (msg_id, recipient_id) = direct_rows
+                                .next()
+                                .expect("one inserted row per send to a known user, in order");
+                            sent(
+                                msg_id,
+                                vec![located(recipient_id, stored(msg_id, None, None))],
+                            )
+                        }
+                        Target::Group(group_id) => match group_rows
+                            .next()
+                            .expect("one entry per group send, in order")
+                        {
+                            None => failed(
+                                ErrorCode::NotMember,
+                                format!("you are not a member of group {group_id}"),
+                            ),
+                            Some((name, rows)) => sent(
+                                rows.first().map_or(0, |(id, _)| *id),
+                                rows.into_iter()
+                                    .map(|(msg_id, r)| {
+                                        located(
+                                            r,
+                                            stored(msg_id, Some(*group_id), Some(name.clone())),
+                                        )
+                                    })
+                                    .collect(),
+                            ),
+                        },
+                    })
+                }
+                _ => read(conn, st, job, &mut after_commit),
+            };
+            results.extend(done);
+        }
+        (results, after_commit)
+    }
+}
+
+/// The answer to a job that reads (after the batch's commit, so what it reads
+/// includes what the batch wrote): backlog pages, catch-ups, keys, credentials. `None`
+/// for jobs with no answer.
+fn read(
+    conn: &mut DbConn,
+    st: &Prepared,
+    job: &Job,
+    after_commit: &mut Option<postgres::Error>,
+) -> Option<Done> {
+    match job {
+        Job::Login {
+            conn: token,
+            user_id,
+            page,
+        }
+        | Job::FetchPending {
+            conn: token,
+            user_id,
+            page,
+            ..
+        } => {
+            let after = match job {
+                Job::FetchPending { after, .. } => *after,
+                _ => 0,
+            };
+            Some(
+                match unless_failed(after_commit, || {
+                    fetch_pending(conn, &st.pending, *user_id, after, *page, Some(PAGE_BYTES))
+                }) {
+                    Some((messages, more)) => Done::Pending {
+                        conn: *token,
+                        more,
+                        messages,
+                    },
+                    None => Done::LoginFailed { conn: *token },
+                },
+            )
+        }
+        // A catch-up that fails is left to the next mesh change or login.
+        Job::CatchUp {
+            conn: token,
+            user_id,
+            limit,
+        } => unless_failed(after_commit, || {
+            fetch_pending(conn, &st.pending, *user_id, 0, *limit, Some(CATCH_UP_BYTES))
+        })
+        .map(|(messages, _)| Done::CatchUp {
+            conn: *token,
+            messages,
+        }),
+        Job::LookupKey {
+            conn: token,
+            req,
+            user,
+            ..
+        } => Some(
+            match unless_failed(after_commit, || conn.query_opt(&st.key, &[user])) {
+                Some(row) => Done::Key {
+                    conn: *token,
+                    req: *req,
+                    user: user.clone(),
+                    pubkey: row.map(|r| r.get(0)),
+                },
+                None => store_failed(*token, *req),
+            },
+        ),
+        Job::Resume {
+            conn: token,
+            user,
+            credential,
+        } => Some(
+            match unless_failed(after_commit, || {
+                conn.query_opt(&st.resume, &[user, &credential::hash(credential)])
+            }) {
+                Some(row) => Done::Resumed {
+                    conn: *token,
+                    user: user.clone(),
+                    user_id: row.map(|r| r.get(0)),
+                },
+                None => Done::LoginFailed { conn: *token },
+            },
+        ),
+        Job::Send { .. }
+        | Job::Ack { .. }
+        | Job::Logout { .. }
+        | Job::Group { .. }
+        | Job::File { .. } => None,
+    }
+}
