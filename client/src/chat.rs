@@ -248,41 +248,36 @@ pub fn change_password(opts: &Options, new_password: &str) -> Result<(), ClientE
 /// A logged-in, end-to-end encrypting chat session. When its relay goes away it fails
 /// over to another one by itself (see [`Chat::reconnect`]).
 pub struct Chat {
-    pub(crate) opts: Options,
-    pub(crate) receive: bool,
+    // What every feature works with.
     pub(crate) store: Store,
     pub(crate) identity: Identity,
     pub(crate) relay: RelayLink,
+    // Each feature's own state, whose fields only its module touches.
+    /// Downloads and their outstanding requests (the files module).
+    pub(crate) files: crate::files::FileState,
+    /// Receipts owed and sent (the receipts module).
+    pub(crate) receipts: crate::receipts::ReceiptState,
+    /// How messages that do not open are recovered (the recovery module).
+    pub(crate) recovery: crate::recovery::RecoveryState,
+    // The session's own, for this file only.
+    opts: Options,
+    receive: bool,
     /// The relays the auth server listed at the last login, for direct failover.
-    pub(crate) relays: Vec<RelayTarget>,
-    pub(crate) failovers: u32,
+    relays: Vec<RelayTarget>,
+    failovers: u32,
     /// When the last failover completed.
-    pub(crate) last_failover: Option<Instant>,
-    /// Where received files are saved.
-    pub(crate) downloads: PathBuf,
-    /// Outstanding `file_get` requests: request id → file id.
-    pub(crate) file_requests: std::collections::HashMap<u64, i64>,
-    /// Request ids of receipts sent and not yet answered: their replies (or refusals)
-    /// are dropped, a receipt is only a hint.
-    pub(crate) receipt_requests: std::collections::HashSet<u64>,
-    /// Texts opened that still owe a receipt: (sender, group, their mid).
-    pub(crate) receipts_due: Vec<(String, Option<i64>, String)>,
+    last_failover: Option<Instant>,
     /// Told about reconnects and upload progress, if set.
-    pub(crate) progress: Option<ProgressHook>,
+    progress: Option<ProgressHook>,
     /// Peers whose key the server served unchanged in this session (see
     /// [`Chat::check_peer_key`]).
-    pub(crate) keys_checked: std::collections::HashSet<String>,
-    /// How messages that do not open are recovered (see the recovery module).
-    pub(crate) recovery: crate::recovery::RecoveryPolicy,
-    /// Key requests answered lately, by (requester, group, key id): a replayed or
-    /// repeated request within [`crate::recovery::ANSWER_INTERVAL`] is not answered again.
-    pub(crate) answered: std::collections::HashMap<(String, Option<i64>, String), Instant>,
+    keys_checked: std::collections::HashSet<String>,
     /// Events of messages already out of the inbox whose batch then failed (a lost
     /// link, a store error): returned by the next [`Chat::receive`], never dropped.
-    pub(crate) undelivered: Vec<Event>,
+    undelivered: Vec<Event>,
     /// Messages refused because what was sealed inside them (sender, recipient, group)
     /// is not what they came with.
-    pub(crate) refusals: u64,
+    refusals: u64,
 }
 
 /// How long a session keeps trying to reach a relay again before giving up.
@@ -382,14 +377,11 @@ impl Chat {
             relays,
             failovers: 0,
             last_failover: None,
-            downloads: opts.data_dir.join(&opts.user).join("downloads"),
-            file_requests: std::collections::HashMap::new(),
-            receipt_requests: std::collections::HashSet::new(),
-            receipts_due: Vec::new(),
+            files: crate::files::FileState::new(opts.data_dir.join(&opts.user).join("downloads")),
+            receipts: crate::receipts::ReceiptState::default(),
+            recovery: crate::recovery::RecoveryState::default(),
             progress: None,
             keys_checked: std::collections::HashSet::new(),
-            recovery: crate::recovery::RecoveryPolicy::default(),
-            answered: std::collections::HashMap::new(),
             undelivered: Vec::new(),
             refusals: 0,
         }
@@ -487,7 +479,7 @@ impl Chat {
         self.relay = relay;
         // Request ids start again on the new link: the old link's unanswered receipts
         // must not swallow new replies.
-        self.receipt_requests.clear();
+        self.receipts.link_changed();
         self.failovers += 1;
         self.last_failover = Some(Instant::now());
         let relay = self.relay.relay_addr.clone();
@@ -961,10 +953,8 @@ impl Chat {
                 RelayToClient::Synced {} => synced = true,
                 RelayToClient::Sent { id, .. }
                 | RelayToClient::Error(ErrorFrame { id: Some(id), .. })
-                    if self.receipt_requests.remove(&id) => {}
-                RelayToClient::Error(e)
-                    if e.id.is_some_and(|id| self.file_requests.contains_key(&id)) =>
-                {
+                    if self.receipts.answered(id) => {}
+                RelayToClient::Error(e) if e.id.is_some_and(|id| self.files.asked(id)) => {
                     if let Some(event) = self.file_frame(RelayToClient::Error(e))? {
                         events.push(event);
                     }

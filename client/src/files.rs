@@ -12,6 +12,7 @@ use fastchat_common::hex;
 use fastchat_common::proto::{ClientToRelay, RelayToClient};
 use rsa::sha2::{Digest, Sha256};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -121,10 +122,32 @@ fn nonce_of(offer: &FileOffer) -> Option<[u8; 16]> {
     bytes.try_into().ok()
 }
 
+/// The files module's state in a [`Chat`].
+pub(crate) struct FileState {
+    /// Where received files are saved.
+    dir: PathBuf,
+    /// Outstanding `file_get` requests: request id → file id.
+    requests: HashMap<u64, i64>,
+}
+
+impl FileState {
+    pub(crate) fn new(dir: PathBuf) -> FileState {
+        FileState {
+            dir,
+            requests: HashMap::new(),
+        }
+    }
+
+    /// Whether `id` is an outstanding `file_get` (its replies belong to a download).
+    pub(crate) fn asked(&self, id: u64) -> bool {
+        self.requests.contains_key(&id)
+    }
+}
+
 impl Chat {
     /// Sets where received files are saved.
     pub fn set_downloads(&mut self, dir: PathBuf) {
-        self.downloads = dir;
+        self.files.dir = dir;
     }
 
     /// Sends the file at `path` to a user (`to`) or a group (`group_id`), under `name`
@@ -330,7 +353,7 @@ impl Chat {
 
     /// Asks again for every unfinished download (after a failover or a restart).
     pub(crate) fn resume_downloads(&mut self) -> Result<(), ClientError> {
-        self.file_requests.clear();
+        self.files.requests.clear();
         let ids: Vec<i64> = self
             .store
             .downloads()?
@@ -344,7 +367,8 @@ impl Chat {
     }
 
     fn partial_path(&self, file_id: i64) -> PathBuf {
-        self.downloads
+        self.files
+            .dir
             .join(".partial")
             .join(format!("{file_id}.part"))
     }
@@ -383,7 +407,7 @@ impl Chat {
     fn request_window(&mut self, file_id: i64) -> Result<(), ClientError> {
         let from = self.chunks_held(file_id)?;
         let id = self.relay.next_id();
-        self.file_requests.insert(id, file_id);
+        self.files.requests.insert(id, file_id);
         self.relay.queue(&ClientToRelay::FileGet {
             id,
             file_id,
@@ -410,7 +434,7 @@ impl Chat {
                 index,
                 data,
             } => {
-                if self.file_requests.get(&id) != Some(&file_id) {
+                if self.files.requests.get(&id) != Some(&file_id) {
                     return Ok(None);
                 }
                 let Some(pending) = self.pending(file_id)? else {
@@ -451,7 +475,7 @@ impl Chat {
                 Ok(None)
             }
             RelayToClient::FileEnd { id, file_id, sent } => {
-                if self.file_requests.remove(&id) != Some(file_id) {
+                if self.files.requests.remove(&id) != Some(file_id) {
                     return Ok(None);
                 }
                 let Some(chunks) = self.pending(file_id)?.map(|d| d.offer.chunks) else {
@@ -470,11 +494,10 @@ impl Chat {
                     Ok(None)
                 }
             }
-            RelayToClient::Error(e)
-                if e.id.is_some_and(|id| self.file_requests.contains_key(&id)) =>
-            {
+            RelayToClient::Error(e) if e.id.is_some_and(|id| self.files.asked(id)) => {
                 let file_id = self
-                    .file_requests
+                    .files
+                    .requests
                     .remove(&e.id.unwrap_or_default())
                     .unwrap_or_default();
                 self.finish_download(file_id, Err(e.message))
@@ -495,7 +518,7 @@ impl Chat {
         let Some(pending) = self.store.take_download(file_id)? else {
             return Ok(None);
         };
-        self.file_requests.retain(|_, f| *f != file_id);
+        self.files.requests.retain(|_, f| *f != file_id);
         let partial = self.partial_path(file_id);
         // An empty file has no chunks, so nothing made its partial file.
         if outcome.is_ok() && pending.offer.size == 0 && !partial.exists() {
@@ -530,7 +553,7 @@ impl Chat {
             Ok(()) => {
                 let name = safe_name(&pending.offer.name);
                 let path = loop {
-                    let target = unused_path(&self.downloads, &name);
+                    let target = unused_path(&self.files.dir, &name);
                     // A hard link never replaces an existing file.
                     match fs::hard_link(&partial, &target) {
                         Ok(()) => break target,

@@ -29,7 +29,7 @@ use crate::error::ClientError;
 use crate::store::InboxEntry;
 use fastchat_common::proto::ClientToRelay;
 use fastchat_common::time;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 /// Most message ids in one receipt, so a receipt stays far below the body limit. A
 /// receipt naming more is refused whole (it costs the receiver a history scan).
@@ -39,11 +39,35 @@ pub const MAX_MIDS: usize = 256;
 /// otherwise send the sender a pairwise receipt for every message).
 pub const MAX_GROUP_FOR_RECEIPTS: u32 = 32;
 
+/// The receipts module's state in a [`Chat`].
+#[derive(Default)]
+pub(crate) struct ReceiptState {
+    /// Request ids of receipts sent and not yet answered: their replies (or refusals)
+    /// are dropped, a receipt is only a hint.
+    sent: HashSet<u64>,
+    /// Texts opened that still owe a receipt: (sender, group, their mid).
+    due: Vec<(String, Option<i64>, String)>,
+}
+
+impl ReceiptState {
+    /// Whether `id` was a receipt's request (then its reply is dropped, and forgotten).
+    pub(crate) fn answered(&mut self, id: u64) -> bool {
+        self.sent.remove(&id)
+    }
+
+    /// Request ids start again on a new link: the old link's unanswered receipts must
+    /// not swallow new replies.
+    pub(crate) fn link_changed(&mut self) {
+        self.sent.clear();
+    }
+}
+
 impl Chat {
     /// Notes an opened text that owes its sender a receipt (`group`: the group it was
     /// sent to, if any).
     pub(crate) fn owe_receipt(&mut self, from: &str, group: Option<i64>, mid: &str) {
-        self.receipts_due
+        self.receipts
+            .due
             .push((from.to_string(), group, mid.to_string()));
     }
 
@@ -66,7 +90,7 @@ impl Chat {
     /// Sends the receipts the texts opened so far owe. Replies are not waited for;
     /// `receive` drops them.
     pub(crate) fn send_receipts(&mut self) -> Result<(), ClientError> {
-        let due = std::mem::take(&mut self.receipts_due);
+        let due = std::mem::take(&mut self.receipts.due);
         if due.is_empty() {
             return Ok(());
         }
@@ -115,7 +139,7 @@ impl Chat {
                     group_id: None,
                     body,
                 });
-                self.receipt_requests.insert(id);
+                self.receipts.sent.insert(id);
                 queued = true;
             }
         }

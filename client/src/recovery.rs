@@ -26,8 +26,8 @@ use crate::e2e::{self, KeyRequest, TextPayload};
 use crate::error::ClientError;
 use crate::store::InboxRow;
 use fastchat_common::time;
-use std::collections::BTreeMap;
-use std::time::Duration;
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
 
 /// What a held message waits for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,10 +70,19 @@ pub const ANSWER_INTERVAL: Duration = Duration::from_secs(10);
 /// Admins asked for a group key when its sender is no longer a member.
 const MAX_ADMINS_ASKED: usize = 3;
 
+/// The recovery module's state in a [`Chat`].
+#[derive(Default)]
+pub(crate) struct RecoveryState {
+    policy: RecoveryPolicy,
+    /// Key requests answered lately, by (requester, group, key id): a replayed or
+    /// repeated request within [`ANSWER_INTERVAL`] is not answered again.
+    answered: HashMap<(String, Option<i64>, String), Instant>,
+}
+
 impl Chat {
     /// Sets how long, and how often, keys of messages that do not open are asked for.
     pub fn set_recovery_policy(&mut self, policy: RecoveryPolicy) {
-        self.recovery = policy;
+        self.recovery.policy = policy;
     }
 
     /// Held messages still not open after a batch: the first time a request goes out
@@ -94,7 +103,7 @@ impl Chat {
                 continue;
             }
             let m = &row.entry;
-            if row.held && row.tries as usize >= self.recovery.intervals.len() {
+            if row.held && row.tries as usize >= self.recovery.policy.intervals.len() {
                 let key_id = match &need {
                     Need::Direct { key_id } | Need::Group { key_id, .. } => key_id,
                 };
@@ -152,6 +161,7 @@ impl Chat {
             let tries = if row.held { row.tries + 1 } else { 1 };
             let wait = self
                 .recovery
+                .policy
                 .intervals
                 .get(tries as usize - 1)
                 .copied()
@@ -264,12 +274,13 @@ impl Chat {
         }
         let asked = (m.from.clone(), request.group_id, request.key_id.clone());
         let now = std::time::Instant::now();
-        self.answered
+        self.recovery
+            .answered
             .retain(|_, at| now.duration_since(*at) < ANSWER_INTERVAL);
-        if self.answered.contains_key(&asked) {
+        if self.recovery.answered.contains_key(&asked) {
             return Ok(());
         }
-        self.answered.insert(asked, now);
+        self.recovery.answered.insert(asked, now);
         match request.group_id {
             None => self.resend_for(&m.from, &requester, &request),
             Some(group_id) => self.grant_requested(group_id, &m.from, &request.key_id),
