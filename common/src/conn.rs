@@ -109,35 +109,34 @@ impl Connection {
     ) -> Result<Connection, NoiseError> {
         let mut wire_out = Vec::new();
         let codec = NoiseCodec::new(role, max_frame, &mut wire_out)?;
-        Ok(Connection {
-            stream: Some(stream),
+        Ok(Connection::with(Some(stream), peer, codec, wire_out))
+    }
+
+    fn with(
+        stream: Option<TcpStream>,
+        peer: SocketAddr,
+        codec: NoiseCodec,
+        wire_out: Vec<u8>,
+    ) -> Connection {
+        let now = std::time::Instant::now();
+        Connection {
+            stream,
             peer,
             codec,
             wire_out,
             written: 0,
             closing: false,
             registered: None,
-            opened: std::time::Instant::now(),
-            last_read: std::time::Instant::now(),
-            last_drained: std::time::Instant::now(),
-        })
+            opened: now,
+            last_read: now,
+            last_drained: now,
+        }
     }
 
     /// Wraps a stream whose handshake was done elsewhere (see
     /// [`crate::link::Link::into_parts`]).
     pub fn from_established(stream: TcpStream, peer: SocketAddr, codec: NoiseCodec) -> Connection {
-        Connection {
-            stream: Some(stream),
-            peer,
-            codec,
-            wire_out: Vec::new(),
-            written: 0,
-            closing: false,
-            registered: None,
-            opened: std::time::Instant::now(),
-            last_read: std::time::Instant::now(),
-            last_drained: std::time::Instant::now(),
-        }
+        Connection::with(Some(stream), peer, codec, Vec::new())
     }
 
     /// A connection from `peer` with no socket, for tests of a server's protocol logic
@@ -149,18 +148,7 @@ impl Connection {
         // never seals: queued frames stay as they were queued.
         let codec = NoiseCodec::new(Role::NxInitiator, max_frame, &mut discarded)
             .expect("an NX initiator needs no key");
-        Connection {
-            stream: None,
-            peer,
-            codec,
-            wire_out: Vec::new(),
-            written: 0,
-            closing: false,
-            registered: None,
-            opened: std::time::Instant::now(),
-            last_read: std::time::Instant::now(),
-            last_drained: std::time::Instant::now(),
-        }
+        Connection::with(None, peer, codec, Vec::new())
     }
 
     /// The frames queued on a [`Connection::recorded`] connection since the last call,

@@ -789,7 +789,14 @@ fn a_resumption_is_checked_by_a_worker_and_refusals_are_counted_per_address() {
         matches!(&b.jobs()[..], [Job::Resume { user, credential, .. }]
         if user == "alice" && credential == "good")
     );
-    // Frames while the credential is checked are out of turn.
+    // A frame while the credential is checked is out of turn (on another connection
+    // in that state, so this one goes on).
+    let waiting = b.introduced("127.0.0.5");
+    b.frame(waiting, resume("other"));
+    b.jobs();
+    b.frame(waiting, ClientToRelay::Ping { id: 1 });
+    assert_eq!(error_code(&b.out(waiting)), Some(ErrorCode::BadState));
+    assert!(b.closing(waiting));
     b.done(Done::Resumed {
         conn: t,
         user: "alice".into(),
