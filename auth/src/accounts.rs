@@ -3,8 +3,10 @@
 //! poll loop.
 
 use crate::passwords::Passwords;
+use crate::ratelimit::Attempt;
 use fastchat_common::credential;
 use fastchat_common::db::{DbConn, DbPool, HeldConnection};
+use fastchat_common::pool::Alive;
 use fastchat_common::pool::Completions;
 use fastchat_common::proto::{valid_user_name, ErrorCode, Refusal};
 use mio::Token;
@@ -75,6 +77,7 @@ pub enum Job {
         user: String,
         password: String,
         pubkey: String,
+        alive: Alive,
     },
     Login {
         conn: Token,
@@ -82,6 +85,7 @@ pub enum Job {
         user: String,
         password: String,
         addr: IpAddr,
+        alive: Alive,
     },
     Resume {
         conn: Token,
@@ -89,7 +93,9 @@ pub enum Job {
         user: String,
         credential: String,
         addr: IpAddr,
+        alive: Alive,
     },
+    /// Runs even if the client has gone: a revocation asked for must happen.
     Logout {
         conn: Token,
         req: u64,
@@ -103,10 +109,53 @@ pub enum Job {
         old_password: String,
         new_password: String,
         addr: IpAddr,
+        alive: Alive,
     },
 }
 
 impl Job {
+    /// The request id the job answers.
+    pub fn req(&self) -> u64 {
+        match self {
+            Job::Register { req, .. }
+            | Job::Login { req, .. }
+            | Job::Resume { req, .. }
+            | Job::Logout { req, .. }
+            | Job::ChangePassword { req, .. } => *req,
+        }
+    }
+
+    /// What the login limiter counted for the job when it started, if anything.
+    pub fn attempt(&self) -> Option<(Attempt, String)> {
+        match self {
+            Job::Login { user, .. } | Job::ChangePassword { user, .. } => {
+                Some((Attempt::Password, user.clone()))
+            }
+            Job::Resume { user, .. } => Some((Attempt::Resume, user.clone())),
+            Job::Register { .. } | Job::Logout { .. } => None,
+        }
+    }
+
+    /// The client's address, for jobs the limiter counts.
+    fn addr(&self) -> Option<IpAddr> {
+        match self {
+            Job::Login { addr, .. }
+            | Job::Resume { addr, .. }
+            | Job::ChangePassword { addr, .. } => Some(*addr),
+            Job::Register { .. } | Job::Logout { .. } => None,
+        }
+    }
+
+    /// Whether anyone still waits for the answer (a logout always runs).
+    fn wanted(&self) -> bool {
+        match self {
+            Job::Register { alive, .. }
+            | Job::Login { alive, .. }
+            | Job::Resume { alive, .. }
+            | Job::ChangePassword { alive, .. } => alive.is_alive(),
+            Job::Logout { .. } => true,
+        }
+    }
     /// Shard key: jobs about one name run in order on one worker.
     pub fn shard(&self) -> u64 {
         let name = match self {
@@ -155,6 +204,11 @@ pub enum Done {
         req: u64,
         user: String,
         addr: IpAddr,
+    },
+    /// Not run: the connection closed while the job waited.
+    Skipped {
+        attempt: Option<(Attempt, String)>,
+        addr: Option<IpAddr>,
     },
     Refused {
         conn: Token,
@@ -217,6 +271,15 @@ fn store_error(
     }
 }
 
+fn name_taken(conn: Token, req: u64, user: &str) -> Done {
+    Done::Refused {
+        conn,
+        req,
+        why: Refusal::new(ErrorCode::NameTaken, format!("the name {user} is taken")),
+        login: None,
+    }
+}
+
 fn bad_credentials(conn: Token, req: u64, login: Option<(String, IpAddr)>) -> Done {
     Done::Refused {
         conn,
@@ -238,7 +301,21 @@ impl Worker {
 
     /// Runs one batch; each job is independent (argon2 dominates, not commits).
     pub fn run_batch(&mut self, jobs: Vec<Job>) {
-        let results: Vec<Done> = jobs.into_iter().map(|job| self.run_job(job)).collect();
+        let results: Vec<Done> = jobs
+            .into_iter()
+            .map(|job| {
+                if job.wanted() {
+                    self.run_job(job)
+                } else {
+                    // Its connection closed while it waited: no hash, no query, and
+                    // the limiter gets its count back through this answer.
+                    Done::Skipped {
+                        attempt: job.attempt(),
+                        addr: job.addr(),
+                    }
+                }
+            })
+            .collect();
         self.done.send_all(results);
     }
 
@@ -282,7 +359,13 @@ impl Worker {
                 user,
                 password,
                 pubkey,
+                ..
             } => {
+                // A taken name costs no hash: a flood of `register alice` is cheap.
+                let taken = client.query_opt("SELECT 1 FROM users WHERE name = $1", &[&user])?;
+                if taken.is_some() {
+                    return Ok(name_taken(conn, req, &user));
+                }
                 let hash = self.passwords.hash(&password)?;
                 let inserted = client.query_opt(
                     "INSERT INTO users (name, password_hash, pubkey) VALUES ($1, $2, $3)
@@ -291,15 +374,7 @@ impl Worker {
                 )?;
                 match inserted {
                     Some(_) => Done::Registered { conn, req, user },
-                    None => Done::Refused {
-                        conn,
-                        req,
-                        why: Refusal::new(
-                            ErrorCode::NameTaken,
-                            format!("the name {user} is taken"),
-                        ),
-                        login: None,
-                    },
+                    None => name_taken(conn, req, &user),
                 }
             }
             Job::Login {
@@ -308,6 +383,7 @@ impl Worker {
                 user,
                 password,
                 addr,
+                ..
             } => match check_password(client, &mut self.passwords, &user, &password)? {
                 Some(user_id) => {
                     let credential = self.mint_credential(client, user_id)?;
@@ -328,6 +404,7 @@ impl Worker {
                 user,
                 credential,
                 addr,
+                ..
             } => {
                 let row = client.query_opt(&st.resume, &[&user, &credential::hash(&credential)])?;
                 match row {
@@ -371,6 +448,7 @@ impl Worker {
                 old_password,
                 new_password,
                 addr,
+                ..
             } => match check_password(client, &mut self.passwords, &user, &old_password)? {
                 Some(user_id) => {
                     let hash = self.passwords.hash(&new_password)?;
@@ -439,7 +517,7 @@ fn check_password(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const ED25519: &str = "-----BEGIN PUBLIC KEY-----
@@ -468,7 +546,7 @@ eStbe2z1JHUhoEQddRtq5AhbXiuyH9n+wMdjx/vLwCdquROZPhqmrdLyJ12jRu4F
 IQIBAw==
 -----END PUBLIC KEY-----
 ";
-    const RSA_2048: &str = "-----BEGIN PUBLIC KEY-----
+    pub(crate) const RSA_2048: &str = "-----BEGIN PUBLIC KEY-----
 MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEAwMm/bT7o41qTUyDj2XON
 lV8+Ms+KgLi92rSALOAXJ80flcfv6dA4rGFD16wTsqU/kTAj8dU7pGqRv7bI6/mk
 FQIZ/mBeLcklkx/LVV8icSxH+boxB5VJUtoDy+zw/VuMEZVDiIu0T6lU+5/KTHIu
@@ -526,5 +604,53 @@ fwIDAQAB
         assert!(dummy_hash().starts_with("$argon2id$"));
         assert!(p.verify("fastchat-timing-equaliser", dummy_hash()));
         assert!(!p.verify("x", dummy_hash()));
+    }
+
+    #[test]
+    fn a_worker_skips_the_jobs_of_closed_connections_without_the_database() {
+        let poll = mio::Poll::new().unwrap();
+        let waker = std::sync::Arc::new(mio::Waker::new(poll.registry(), Token(0)).unwrap());
+        let (done, results) = Completions::new(waker);
+        // A database that is not there: touching it would fail the job, not skip it.
+        let mut worker = Worker::new(
+            fastchat_common::db::unconnected(),
+            done,
+            Duration::from_secs(60),
+        );
+        let alive = Alive::new();
+        alive.end();
+        let addr: IpAddr = "127.0.0.2".parse().unwrap();
+        worker.run_batch(vec![
+            Job::Register {
+                conn: Token(5),
+                req: 1,
+                user: "alice".into(),
+                password: "password1".into(),
+                pubkey: RSA_2048.into(),
+                alive: alive.clone(),
+            },
+            Job::Login {
+                conn: Token(5),
+                req: 2,
+                user: "alice".into(),
+                password: "password1".into(),
+                addr,
+                alive,
+            },
+        ]);
+        let got: Vec<Done> = results.try_iter().collect();
+        assert!(matches!(
+            &got[..],
+            [
+                Done::Skipped {
+                    attempt: None,
+                    addr: None
+                },
+                Done::Skipped {
+                    attempt: Some((Attempt::Password, _)),
+                    addr: Some(_)
+                }
+            ]
+        ));
     }
 }

@@ -1,33 +1,86 @@
-//! Failed-login rate limiting, per user name and per client address.
+//! Failed-login rate limiting that an attacker elsewhere cannot turn into a lockout.
 //!
-//! An attempt counts against both keys while it is being checked, so many parallel
-//! guesses cannot slip past the limit; a success gives the user's count back.
+//! - **Password attempts** count per (user, address): five wrong passwords for `alice`
+//!   from one address hold off that address for `alice`, not Alice at home. They also
+//!   count per address (guessing many names from one place) and per user from
+//!   everywhere; a user past the global threshold is not locked out but *paced*: one
+//!   attempt per `pace` for that name, from anywhere, until the window ends.
+//! - **Resumption attempts** count per address only: a credential is 256 random bits,
+//!   so guessing one is hopeless and failures say nothing about the user.
+//!
+//! An attempt counts while it is being checked, so many parallel guesses cannot slip
+//! past the limit; a success gives it back (and clears the (user, address) pair).
 
 use fastchat_common::limits::FailureCounter;
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
+/// What is being tried.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attempt {
+    /// A password (login or password change): argon2, and a guess at a secret people
+    /// choose.
+    Password,
+    /// A resumption credential.
+    Resume,
+}
+
+/// The limits of a [`LoginLimiter`].
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Password failures per (user, address) in a window.
+    pub per_user_addr: u32,
+    /// Failures (of either kind) per address in a window.
+    pub per_addr: u32,
+    /// Password failures per user from all addresses before attempts for the user are
+    /// paced.
+    pub per_user: u32,
+    /// One paced attempt per user per this long.
+    pub pace: Duration,
+    pub window: Duration,
+}
+
 /// The limiter the auth server consults before every login.
 pub struct LoginLimiter {
-    users: FailureCounter<String>,
+    pairs: FailureCounter<(String, IpAddr)>,
     addrs: FailureCounter<IpAddr>,
+    users: FailureCounter<String>,
+    /// Users being paced: when their next attempt may start.
+    next_paced: HashMap<String, Instant>,
+    pace: Duration,
 }
 
 impl LoginLimiter {
-    /// A limiter allowing `per_user` and `per_addr` failures per `window`.
-    pub fn new(per_user: u32, per_addr: u32, window: Duration) -> Self {
+    pub fn new(limits: Limits) -> Self {
         LoginLimiter {
-            users: FailureCounter::new(per_user, window),
-            addrs: FailureCounter::new(per_addr, window),
+            pairs: FailureCounter::new(limits.per_user_addr, limits.window),
+            addrs: FailureCounter::new(limits.per_addr, limits.window),
+            users: FailureCounter::new(limits.per_user, limits.window),
+            next_paced: HashMap::new(),
+            pace: limits.pace,
         }
     }
 
-    /// Starts an attempt: `Err(wait)` if either key is over its limit, otherwise the
-    /// attempt is counted until [`LoginLimiter::succeeded`] gives it back.
-    pub fn begin(&mut self, user: &str, addr: IpAddr, now: Instant) -> Result<(), Duration> {
-        let user = user.to_string();
+    /// Starts an attempt: `Err(wait)` if it may not start now, otherwise it is counted
+    /// until [`LoginLimiter::succeeded`] gives it back.
+    pub fn begin(
+        &mut self,
+        attempt: Attempt,
+        user: &str,
+        addr: IpAddr,
+        now: Instant,
+    ) -> Result<(), Duration> {
+        if attempt == Attempt::Resume {
+            if let Some(wait) = self.addrs.blocked_for(&addr, now) {
+                return Err(wait);
+            }
+            self.addrs.add(&addr, now);
+            return Ok(());
+        }
+        let pair = (user.to_string(), addr);
         let wait = [
-            self.users.blocked_for(&user, now),
+            self.pairs.blocked_for(&pair, now),
             self.addrs.blocked_for(&addr, now),
         ]
         .into_iter()
@@ -36,22 +89,37 @@ impl LoginLimiter {
         if let Some(wait) = wait {
             return Err(wait);
         }
-        self.users.add(&user, now);
+        let user = pair.0.clone();
+        if self.users.blocked_for(&user, now).is_some() {
+            match self.next_paced.get(&user) {
+                Some(next) if *next > now => return Err(*next - now),
+                _ => {
+                    self.next_paced.insert(user.clone(), now + self.pace);
+                }
+            }
+        }
+        self.pairs.add(&pair, now);
         self.addrs.add(&addr, now);
+        self.users.add(&user, now);
         Ok(())
     }
 
-    /// The attempt succeeded: the user's failures are forgotten, the address's count
-    /// loses this attempt.
-    pub fn succeeded(&mut self, user: &str, addr: IpAddr) {
-        self.users.reset(&user.to_string());
+    /// The attempt succeeded: it is given back, and a password success forgets the
+    /// (user, address) pair's failures.
+    pub fn succeeded(&mut self, attempt: Attempt, user: &str, addr: IpAddr) {
         self.addrs.remove_one(&addr);
+        if attempt == Attempt::Password {
+            self.pairs.reset(&(user.to_string(), addr));
+            self.users.remove_one(&user.to_string());
+        }
     }
 
     /// Drops windows that are over, bounding memory.
     pub fn expire(&mut self, now: Instant) {
-        self.users.expire(now);
+        self.pairs.expire(now);
         self.addrs.expire(now);
+        self.users.expire(now);
+        self.next_paced.retain(|_, next| *next > now);
     }
 }
 
@@ -59,40 +127,92 @@ impl LoginLimiter {
 mod tests {
     use super::*;
 
+    fn limits(per_user_addr: u32, per_addr: u32, per_user: u32) -> Limits {
+        Limits {
+            per_user_addr,
+            per_addr,
+            per_user,
+            pace: Duration::from_secs(1),
+            window: Duration::from_secs(60),
+        }
+    }
+
+    const P: Attempt = Attempt::Password;
+
     #[test]
-    fn limits_per_user_and_per_address() {
-        let mut l = LoginLimiter::new(3, 5, Duration::from_secs(60));
-        let a: IpAddr = "127.0.0.1".parse().unwrap();
-        let b: IpAddr = "127.0.0.2".parse().unwrap();
+    fn failures_elsewhere_do_not_lock_the_user_out() {
+        let mut l = LoginLimiter::new(limits(3, 100, 100));
+        let home: IpAddr = "127.0.0.1".parse().unwrap();
+        let attacker: IpAddr = "127.0.0.3".parse().unwrap();
         let t = Instant::now();
         for _ in 0..3 {
-            l.begin("alice", a, t).unwrap();
+            l.begin(P, "alice", attacker, t).unwrap();
         }
+        assert!(l.begin(P, "alice", attacker, t).is_err(), "held off there");
+        assert!(l.begin(P, "alice", home, t).is_ok(), "not at home");
         assert!(
-            l.begin("alice", b, t).is_err(),
-            "user limit applies on any address"
+            l.begin(P, "bob", attacker, t).is_ok(),
+            "nor for other names"
         );
-        l.begin("bob", a, t).unwrap();
-        l.begin("carol", a, t).unwrap();
-        assert!(
-            l.begin("dave", a, t).is_err(),
-            "address limit applies to any user"
-        );
-        assert!(l.begin("alice", b, t + Duration::from_secs(61)).is_ok());
-        l.succeeded("bob", a);
-        l.begin("dave", a, t + Duration::from_secs(1)).unwrap();
+        assert!(l
+            .begin(P, "alice", attacker, t + Duration::from_secs(61))
+            .is_ok());
     }
 
     #[test]
-    fn success_clears_the_user() {
-        let mut l = LoginLimiter::new(2, 100, Duration::from_secs(60));
+    fn an_address_guessing_many_names_is_held_off() {
+        let mut l = LoginLimiter::new(limits(3, 5, 100));
+        let a: IpAddr = "127.0.0.2".parse().unwrap();
+        let t = Instant::now();
+        for name in ["a", "b", "c", "d", "e"] {
+            l.begin(P, name, a, t).unwrap();
+        }
+        assert!(l.begin(P, "f", a, t).is_err());
+        l.succeeded(P, "e", a);
+        l.begin(P, "f", a, t).unwrap();
+    }
+
+    #[test]
+    fn a_user_attacked_from_everywhere_is_paced_not_locked_out() {
+        let mut l = LoginLimiter::new(limits(3, 100, 4));
+        let t = Instant::now();
+        for i in 0..4 {
+            let addr: IpAddr = format!("127.0.1.{i}").parse().unwrap();
+            l.begin(P, "alice", addr, t).unwrap();
+        }
+        let home: IpAddr = "127.0.0.1".parse().unwrap();
+        // Past the threshold: one attempt per second for the name.
+        l.begin(P, "alice", home, t).unwrap();
+        let wait = l.begin(P, "alice", home, t).unwrap_err();
+        assert_eq!(wait, Duration::from_secs(1));
+        l.begin(P, "alice", home, t + Duration::from_secs(1))
+            .unwrap();
+    }
+
+    #[test]
+    fn resumptions_count_per_address_only() {
+        let mut l = LoginLimiter::new(limits(2, 3, 2));
+        let attacker: IpAddr = "127.0.0.3".parse().unwrap();
+        let home: IpAddr = "127.0.0.1".parse().unwrap();
+        let t = Instant::now();
+        for _ in 0..3 {
+            l.begin(Attempt::Resume, "alice", attacker, t).unwrap();
+        }
+        assert!(l.begin(Attempt::Resume, "alice", attacker, t).is_err());
+        assert!(l.begin(Attempt::Resume, "alice", home, t).is_ok());
+        assert!(l.begin(P, "alice", home, t).is_ok());
+    }
+
+    #[test]
+    fn success_clears_the_pair() {
+        let mut l = LoginLimiter::new(limits(2, 100, 100));
         let a: IpAddr = "127.0.0.1".parse().unwrap();
         let t = Instant::now();
-        l.begin("alice", a, t).unwrap();
-        l.succeeded("alice", a);
-        l.begin("alice", a, t).unwrap();
-        l.begin("alice", a, t).unwrap();
-        let wait = l.begin("alice", a, t).unwrap_err();
+        l.begin(P, "alice", a, t).unwrap();
+        l.succeeded(P, "alice", a);
+        l.begin(P, "alice", a, t).unwrap();
+        l.begin(P, "alice", a, t).unwrap();
+        let wait = l.begin(P, "alice", a, t).unwrap_err();
         assert_eq!(wait, Duration::from_secs(60));
     }
 }

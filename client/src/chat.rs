@@ -280,6 +280,28 @@ pub struct Chat {
     refusals: u64,
 }
 
+/// The most text one message holds, in bytes as sent (UTF-8, with `"`, `\` and control
+/// characters escaped as in JSON): sealed, it stays well inside a relay's default body
+/// limit (49,152 bytes), so a relay never has to refuse a text a person typed.
+pub const MAX_TEXT_BYTES: usize = 32_000;
+
+/// Refuses, before anything is encrypted or sent, a text nobody should send: an empty
+/// one, or one too long for a message (said in characters, with what to do instead).
+pub fn check_text(text: &str) -> Result<(), ClientError> {
+    if text.trim().is_empty() {
+        return Err(ClientError::Usage(
+            "the message is empty: nothing was sent".into(),
+        ));
+    }
+    let size = serde_json::to_string(text).map_or(usize::MAX, |j| j.len() - 2);
+    if size > MAX_TEXT_BYTES {
+        return Err(ClientError::Usage(format!(
+            "the message is too long: a message holds at most {MAX_TEXT_BYTES} characters              of plain text (accented letters and emoji count 2 to 4, line breaks 2), and this              one counts {size}. Nothing was sent; send it as a file instead (`send --file`)."
+        )));
+    }
+    Ok(())
+}
+
 /// How long a session keeps trying to reach a relay again before giving up.
 pub const FAILOVER_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -640,6 +662,7 @@ impl Chat {
 
     /// Encrypts `text` for `to` and sends it; returns once the relay has it durably.
     pub fn send_text(&mut self, to: &str, text: &str) -> Result<Sent, ClientError> {
+        check_text(text)?;
         self.send_pairwise(to, text, None)
     }
 

@@ -599,7 +599,7 @@ pub struct TextPayload {
 }
 
 /// Plaintext bytes per file chunk (the sealed chunk fits a frame comfortably).
-pub const FILE_CHUNK: usize = 32 * 1024;
+pub const FILE_CHUNK: usize = fastchat_common::proto::FILE_CHUNK_BYTES as usize;
 
 /// A file as its sender announces it, inside an end-to-end encrypted message:
 /// where the relay keeps it, its name, size and SHA-256, and the key of its chunks.
@@ -1018,6 +1018,15 @@ fn os_random<const N: usize>() -> [u8; N] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_whole_sealed_chunk_is_exactly_the_longest_token_relays_take() {
+        let key = new_file_key();
+        let full = seal_chunk(&key, &[7; 16], 3, 9, &vec![1u8; FILE_CHUNK]).unwrap();
+        assert_eq!(full.len(), fastchat_common::proto::MAX_CHUNK_TOKEN);
+        let short = seal_chunk(&key, &[7; 16], 8, 9, &[1u8; 100]).unwrap();
+        assert!(short.len() < full.len());
+    }
     use std::sync::OnceLock;
 
     /// Alice, Bob and Carol, generated once: RSA keygen is the slow part of these tests.

@@ -69,11 +69,15 @@ fn io_err(path: &Path) -> impl Fn(std::io::Error) -> ClientError + '_ {
 }
 
 /// A file name that is safe to create inside a directory: the last path component of
-/// what the sender said, without control characters, never `.`/`..`/empty, at most
+/// what the sender said, without control or bidirectional characters, never
+/// `.`/`..`/empty, at most
 /// 120 bytes.
 pub fn safe_name(name: &str) -> String {
     let last = name.rsplit(['/', '\\']).next().unwrap_or("");
-    let mut clean: String = last.chars().filter(|c| !c.is_control()).collect();
+    let mut clean: String = last
+        .chars()
+        .filter(|c| !c.is_control() && !crate::text::is_bidi_control(*c))
+        .collect();
     clean = clean.trim().trim_start_matches('.').to_string();
     while clean.len() > 120 {
         clean.pop();
@@ -83,6 +87,19 @@ pub fn safe_name(name: &str) -> String {
     } else {
         clean
     }
+}
+
+/// Opens a partial download for appending (made 0600 if new), never through a
+/// symbolic link: a link planted where the partial file goes would otherwise have the
+/// download written wherever it points.
+fn open_partial(path: &Path) -> Result<File, ClientError> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(io_err(path))
 }
 
 /// `dir/name`, or `dir/stem (n).ext` for the first n that does not exist.
@@ -392,6 +409,7 @@ impl Chat {
         }
         let file = OpenOptions::new()
             .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
             .map_err(io_err(&path))?;
         file.set_len(whole * FILE_CHUNK as u64)
@@ -465,12 +483,7 @@ impl Chat {
                 if let Some(dir) = path.parent() {
                     fastchat_common::keys::create_private_dir(dir).map_err(io_err(dir))?;
                 }
-                let mut out = OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .mode(0o600)
-                    .open(&path)
-                    .map_err(io_err(&path))?;
+                let mut out = open_partial(&path)?;
                 out.write_all(&plain).map_err(io_err(&path))?;
                 Ok(None)
             }
@@ -525,12 +538,7 @@ impl Chat {
             if let Some(dir) = partial.parent() {
                 fastchat_common::keys::create_private_dir(dir).map_err(io_err(dir))?;
             }
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .mode(0o600)
-                .open(&partial)
-                .map_err(io_err(&partial))?;
+            open_partial(&partial)?;
         }
         let checked = outcome.and_then(|()| match sha256_of(&partial) {
             Ok((sha, size)) if sha == pending.offer.sha256 && size == pending.offer.size => Ok(()),
@@ -621,6 +629,31 @@ pub struct PendingDownload {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_partial_download_is_never_written_through_a_link() {
+        let dir = std::env::temp_dir().join(format!("fastchat-partial-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let target = dir.join("bashrc");
+        fs::write(&target, "mine").unwrap();
+        let link = dir.join("7.part");
+        let _ = fs::remove_file(&link);
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(open_partial(&link).is_err());
+        assert_eq!(fs::read_to_string(&target).unwrap(), "mine");
+        // A plain partial file opens and appends.
+        let plain = dir.join("8.part");
+        let _ = fs::remove_file(&plain);
+        open_partial(&plain).unwrap().write_all(b"ab").unwrap();
+        open_partial(&plain).unwrap().write_all(b"cd").unwrap();
+        assert_eq!(fs::read_to_string(&plain).unwrap(), "abcd");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn names_with_bidi_controls_lose_them() {
+        assert_eq!(safe_name("photo\u{202e}gpj.exe"), "photogpj.exe");
+    }
 
     #[test]
     fn names_stay_inside_the_directory() {

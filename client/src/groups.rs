@@ -219,6 +219,7 @@ impl Chat {
     /// Encrypts `text` with the newest group key and sends it to every other member;
     /// returns once the relay has stored it for all of them.
     pub fn send_group(&mut self, group_id: i64, text: &str) -> Result<Sent, ClientError> {
+        crate::chat::check_text(text)?;
         self.send_group_payload(group_id, text, None)
     }
 

@@ -26,4 +26,5 @@ pub mod recovery;
 pub mod replay;
 pub mod roster;
 pub mod store;
+pub mod text;
 pub mod ui;

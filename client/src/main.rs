@@ -7,6 +7,7 @@
 use clap::{Parser, Subcommand};
 use fastchat_client::chat::{self, Chat, Event, KeyStatus, Options};
 use fastchat_client::error::ClientError;
+use fastchat_client::text::{clean, one_record};
 use fastchat_common::time;
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
@@ -657,9 +658,10 @@ fn read(chat: &mut Chat, wait: Option<u64>, json: bool) -> Result<(), ClientErro
                             String::new()
                         };
                         let when = format!("[{} {}]{server}", &ts[..10], &ts[11..19]);
+                        let text = one_record(&m.text);
                         match &m.group {
-                            Some(g) => format!("{when} {} @ {g}: {}", m.from, m.text),
-                            None => format!("{when} {}: {}", m.from, m.text),
+                            Some(g) => format!("{when} {} @ {}: {text}", m.from, clean(g, false)),
+                            None => format!("{when} {}: {text}", m.from),
                         }
                     };
                     let _ = writeln!(out, "{line}");
@@ -683,7 +685,10 @@ fn read(chat: &mut Chat, wait: Option<u64>, json: bool) -> Result<(), ClientErro
                             "[{} {}] * {}",
                             &ts[..10],
                             &ts[11..19],
-                            fastchat_client::groups::describe(&n.event, &n.group)
+                            clean(
+                                &fastchat_client::groups::describe(&n.event, &n.group),
+                                false
+                            )
                         )
                     };
                     let _ = writeln!(out, "{line}");
@@ -711,9 +716,9 @@ fn read(chat: &mut Chat, wait: Option<u64>, json: bool) -> Result<(), ClientErro
                             &ts[..10],
                             &ts[11..19],
                             f.from,
-                            f.name,
+                            clean(&f.name, false),
                             f.size,
-                            f.path.display()
+                            clean(&f.path.display().to_string(), false)
                         )
                     };
                     let _ = writeln!(out, "{line}");

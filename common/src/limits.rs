@@ -27,6 +27,43 @@ fn open_files_soft_limit(limits: &str) -> Option<usize> {
     soft.parse().ok()
 }
 
+/// Connections held per client address, with a cap: so one address cannot take every
+/// place a server has.
+pub struct PerAddr {
+    max: usize,
+    held: HashMap<std::net::IpAddr, usize>,
+}
+
+impl PerAddr {
+    pub fn new(max: usize) -> PerAddr {
+        PerAddr {
+            max,
+            held: HashMap::new(),
+        }
+    }
+
+    /// Counts a new connection from `addr`; `false` (not counted) if that address
+    /// already holds as many as allowed.
+    pub fn connect(&mut self, addr: std::net::IpAddr) -> bool {
+        let held = self.held.entry(addr).or_insert(0);
+        if *held >= self.max {
+            return false;
+        }
+        *held += 1;
+        true
+    }
+
+    /// A connection from `addr` closed.
+    pub fn disconnect(&mut self, addr: std::net::IpAddr) {
+        if let Some(held) = self.held.get_mut(&addr) {
+            *held = held.saturating_sub(1);
+            if *held == 0 {
+                self.held.remove(&addr);
+            }
+        }
+    }
+}
+
 /// A token bucket: `rate` tokens a second, at most `burst` saved up.
 #[derive(Debug, Clone)]
 pub struct Bucket {
@@ -54,6 +91,14 @@ impl Bucket {
         } else {
             Err((((1.0 - self.tokens) / rate) * 1000.0).ceil() as u64)
         }
+    }
+
+    /// Takes `n` tokens whatever is there: the bucket may go into debt (down to
+    /// `-burst`), which later `take`s wait out. For costs known only afterwards (the
+    /// recipients a group send reached).
+    pub fn charge(&mut self, n: f64, rate: f64, burst: f64, now: Instant) {
+        self.refill(rate, burst, now);
+        self.tokens = (self.tokens - n).max(-burst);
     }
 
     /// Whether the bucket has refilled completely (it can be forgotten).

@@ -5,11 +5,53 @@
 //! job, then drains up to `max_batch - 1` more without waiting and hands the whole batch
 //! to its handler, which runs it as one database transaction (group commit). Results go
 //! back over [`Completions`], which wakes the poll loop.
+//!
+//! A pool may bound each worker's queue ([`WorkerPool::bounded`]): then
+//! [`WorkerPool::try_submit`] refuses a job when its worker already has that many
+//! waiting, so a flood is answered at once instead of making everyone behind it wait.
+//! [`Alive`] lets a job's connection say it has gone, so a worker skips work nobody
+//! waits for.
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, Sender, TrySendError};
 use mio::Waker;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+
+/// Whether the connection a job answers is still open: set by the poll loop when it
+/// closes, read by the worker before it starts the job.
+#[derive(Clone, Debug)]
+pub struct Alive(Arc<AtomicBool>);
+
+impl Alive {
+    pub fn new() -> Alive {
+        Alive(Arc::new(AtomicBool::new(true)))
+    }
+
+    /// The connection has closed: its jobs are not worth running.
+    pub fn end(&self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
+
+    pub fn is_alive(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+impl Default for Alive {
+    fn default() -> Self {
+        Alive::new()
+    }
+}
+
+/// Why [`WorkerPool::try_submit`] did not queue a job.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// The worker already has as many jobs waiting as the pool allows.
+    Full,
+    /// The pool is stopping.
+    Stopped,
+}
 
 /// Workers fed by sharded channels.
 pub struct WorkerPool<J> {
@@ -24,6 +66,22 @@ impl<J: Send + 'static> WorkerPool<J> {
         name: &str,
         workers: usize,
         max_batch: usize,
+        make_handler: F,
+    ) -> std::io::Result<WorkerPool<J>>
+    where
+        F: FnMut(usize) -> H,
+        H: FnMut(Vec<J>) + Send + 'static,
+    {
+        WorkerPool::bounded(name, workers, max_batch, None, make_handler)
+    }
+
+    /// As [`WorkerPool::start`], with at most `capacity` jobs waiting per worker (`None`:
+    /// no bound) for [`WorkerPool::try_submit`].
+    pub fn bounded<H, F>(
+        name: &str,
+        workers: usize,
+        max_batch: usize,
+        capacity: Option<usize>,
         mut make_handler: F,
     ) -> std::io::Result<WorkerPool<J>>
     where
@@ -35,7 +93,7 @@ impl<J: Send + 'static> WorkerPool<J> {
         let mut senders = Vec::with_capacity(workers);
         let mut handles = Vec::with_capacity(workers);
         for i in 0..workers {
-            let (tx, rx) = crossbeam_channel::unbounded();
+            let (tx, rx) = channel(capacity);
             let handler = make_handler(i);
             let handle = std::thread::Builder::new()
                 .name(format!("{name}-{i}"))
@@ -48,8 +106,8 @@ impl<J: Send + 'static> WorkerPool<J> {
 
     /// A pool with no threads whose jobs all go to the returned receiver: for tests of
     /// a server's protocol logic, which read the jobs it submits.
-    pub fn recording() -> (WorkerPool<J>, Receiver<J>) {
-        let (tx, rx) = crossbeam_channel::unbounded();
+    pub fn recording(capacity: Option<usize>) -> (WorkerPool<J>, Receiver<J>) {
+        let (tx, rx) = channel(capacity);
         let pool = WorkerPool {
             senders: vec![tx],
             handles: Vec::new(),
@@ -57,14 +115,26 @@ impl<J: Send + 'static> WorkerPool<J> {
         (pool, rx)
     }
 
-    /// Queues `job` on the worker owning `shard`. Returns `false` if that worker has
-    /// stopped (only during shutdown).
+    /// Queues `job` on the worker owning `shard`, waiting for room in a bounded pool.
+    /// Returns `false` if that worker has stopped (only during shutdown).
     pub fn submit(&self, shard: u64, job: J) -> bool {
         if self.senders.is_empty() {
             return false;
         }
         let i = (shard % self.senders.len() as u64) as usize;
         self.senders[i].send(job).is_ok()
+    }
+
+    /// Queues `job` on the worker owning `shard` unless its queue is full; never waits.
+    pub fn try_submit(&self, shard: u64, job: J) -> Result<(), Refused> {
+        if self.senders.is_empty() {
+            return Err(Refused::Stopped);
+        }
+        let i = (shard % self.senders.len() as u64) as usize;
+        self.senders[i].try_send(job).map_err(|e| match e {
+            TrySendError::Full(_) => Refused::Full,
+            TrySendError::Disconnected(_) => Refused::Stopped,
+        })
     }
 
     /// Jobs queued and not yet taken by a worker.
@@ -79,6 +149,13 @@ impl<J: Send + 'static> WorkerPool<J> {
         for handle in self.handles.drain(..) {
             let _ = handle.join();
         }
+    }
+}
+
+fn channel<J>(capacity: Option<usize>) -> (Sender<J>, Receiver<J>) {
+    match capacity {
+        Some(n) => crossbeam_channel::bounded(n.max(1)),
+        None => crossbeam_channel::unbounded(),
     }
 }
 
@@ -161,5 +238,28 @@ mod tests {
         assert!(seen.iter().all(|(i, b)| *i == worker && b.len() <= 10));
         let all: Vec<u32> = seen.iter().flat_map(|(_, b)| b.clone()).collect();
         assert_eq!(all, (0..100).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_bounded_pool_refuses_beyond_its_capacity_without_waiting() {
+        let (pool, jobs) = WorkerPool::<u32>::recording(Some(2));
+        assert_eq!(pool.try_submit(1, 1), Ok(()));
+        assert_eq!(pool.try_submit(1, 2), Ok(()));
+        assert_eq!(pool.try_submit(1, 3), Err(Refused::Full));
+        assert_eq!(jobs.try_recv(), Ok(1));
+        assert_eq!(pool.try_submit(1, 4), Ok(()));
+        assert_eq!(jobs.try_iter().collect::<Vec<_>>(), [2, 4]);
+        let mut pool = pool;
+        pool.shutdown();
+        assert_eq!(pool.try_submit(1, 5), Err(Refused::Stopped));
+    }
+
+    #[test]
+    fn alive_is_shared_by_its_clones() {
+        let a = Alive::new();
+        let job_copy = a.clone();
+        assert!(job_copy.is_alive());
+        a.end();
+        assert!(!job_copy.is_alive());
     }
 }

@@ -8,6 +8,15 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// Whether `name` is a valid user name: 1–32 of `[a-z0-9_.-]`.
+/// Plaintext bytes per file chunk: a file of `size` bytes is exactly
+/// `ceil(size / FILE_CHUNK_BYTES)` chunks (PROTOCOL.md §3, §7.6).
+pub const FILE_CHUNK_BYTES: u64 = 32_768;
+
+/// The longest `data` of a `file_put`: the Fernet token of a whole chunk (24 bytes of
+/// nonce, index and count, then 32,768 of data: 32,800 bytes of AES-CBC, 57 of
+/// version, time, IV and HMAC, in padded base64url).
+pub const MAX_CHUNK_TOKEN: usize = 43_812;
+
 pub fn valid_user_name(name: &str) -> bool {
     (1..=32).contains(&name.len())
         && name

@@ -101,6 +101,24 @@ pub struct Config {
     /// then that address's `resume`s get `rate_limited` without a database lookup.
     #[arg(long, env = "FASTCHAT_RESUME_FAILURES_PER_ADDR", default_value_t = 20)]
     pub resume_failures_per_addr: u32,
+    /// Requests (sends, key lookups, group and file operations) a session may have
+    /// unanswered at once; beyond, `rate_limited` at once.
+    #[arg(long, env = "FASTCHAT_RELAY_MAX_IN_FLIGHT", default_value_t = 1024)]
+    pub max_in_flight: u32,
+    /// Sessions one user may have on this relay at once; beyond, `rate_limited` (closed).
+    #[arg(
+        long,
+        env = "FASTCHAT_RELAY_MAX_SESSIONS_PER_USER",
+        default_value_t = 32
+    )]
+    pub max_sessions_per_user: usize,
+    /// Client connections one address may hold at once (more are closed at accept).
+    #[arg(
+        long,
+        env = "FASTCHAT_RELAY_MAX_CONNECTIONS_PER_ADDR",
+        default_value_t = 256
+    )]
+    pub max_connections_per_addr: usize,
     /// Length of the refused-resumption window, in seconds.
     #[arg(
         long,

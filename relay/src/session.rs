@@ -30,6 +30,8 @@ pub struct Session {
     pub user_id: i64,
     /// `false` for send-only sessions: nothing is delivered.
     pub receive: bool,
+    /// Requests taken for work and not yet answered.
+    pub in_flight: u32,
     /// The backlog is still being paged out.
     backlog: bool,
     /// A page request is with the workers.
@@ -66,6 +68,7 @@ impl Session {
             user,
             user_id,
             receive,
+            in_flight: 0,
             backlog: receive,
             fetching: receive,
             cursor: 0,

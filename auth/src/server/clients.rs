@@ -5,6 +5,8 @@
 
 use super::{version_error, Core, PeerState, Peers, PendingRedirect};
 use crate::accounts::{self, Credential, Done, Job};
+use crate::ratelimit::Attempt;
+use fastchat_common::pool::{Alive, Refused};
 use fastchat_common::proto::{
     valid_user_name, AuthToClient, AuthToRelay, ClientToAuth, ErrorCode, ErrorFrame,
 };
@@ -17,53 +19,86 @@ use std::time::{Duration, Instant};
 const TICKET_CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 /// Requests a client may have in flight at once.
 const MAX_IN_FLIGHT: u32 = 4;
+/// What a client is told to wait when the workers' queues are full.
+const BUSY_RETRY: Duration = Duration::from_secs(1);
 
 impl Core {
     pub(super) fn client_frame(&mut self, io: &mut Peers, token: Token, frame: ClientToAuth) {
+        io.touch(token);
         let Some(peer) = io.get_mut(token) else {
             return;
         };
         let addr = peer.conn.peer.ip();
-        match (&mut peer.state, frame) {
+        let now = Instant::now();
+        let (in_flight, alive) = match (&mut peer.state, &frame) {
             (PeerState::ClientAwaitingHello, ClientToAuth::Hello { version }) => {
-                if version != PROTOCOL_VERSION {
-                    return self.fail(io, token, version_error(version));
+                if *version != PROTOCOL_VERSION {
+                    return self.fail(io, token, version_error(*version));
                 }
-                peer.state = PeerState::ClientReady { in_flight: 0 };
+                peer.state = PeerState::ClientReady {
+                    in_flight: 0,
+                    alive: Alive::new(),
+                };
                 peer.conn.queue(&AuthToClient::Hello {
                     version: PROTOCOL_VERSION,
                 });
+                return;
             }
-            (PeerState::ClientReady { in_flight }, _) if *in_flight >= MAX_IN_FLIGHT => {
-                self.fail(
+            (PeerState::ClientReady { in_flight, alive }, f)
+                if !matches!(f, ClientToAuth::Hello { .. }) =>
+            {
+                (*in_flight, alive.clone())
+            }
+            (_, frame) => {
+                let name = frame_name(frame);
+                return self.fail(
                     io,
                     token,
-                    ErrorFrame::new(None, ErrorCode::BadState, "too many requests in flight"),
+                    ErrorFrame::new(
+                        None,
+                        ErrorCode::BadState,
+                        format!("{name} is not allowed now"),
+                    ),
                 );
             }
-            (
-                PeerState::ClientReady { in_flight },
-                ClientToAuth::Register {
-                    id,
-                    user,
-                    password,
-                    pubkey,
-                },
-            ) => {
+        };
+        if in_flight >= MAX_IN_FLIGHT {
+            return self.fail(
+                io,
+                token,
+                ErrorFrame::new(None, ErrorCode::BadState, "too many requests in flight"),
+            );
+        }
+        let job = match frame {
+            ClientToAuth::Register {
+                id,
+                user,
+                password,
+                pubkey,
+            } => {
                 if let Err(why) = accounts::check_registration(&user, &password, &pubkey) {
                     return self.refuse(io, token, id, why);
                 }
-                *in_flight += 1;
-                let job = Job::Register {
+                if let Err(wait) = self.budgets.register(addr, now) {
+                    info!("registration from {addr} rate limited");
+                    return self.busy(
+                        io,
+                        token,
+                        id,
+                        "too many registrations; try again later",
+                        wait,
+                    );
+                }
+                Job::Register {
                     conn: token,
                     req: id,
                     user,
                     password,
                     pubkey,
-                };
-                self.pool.submit(job.shard(), job);
+                    alive,
+                }
             }
-            (PeerState::ClientReady { in_flight }, ClientToAuth::Login { id, user, password }) => {
+            ClientToAuth::Login { id, user, password } => {
                 if !valid_user_name(&user) || password.len() > accounts::MAX_PASSWORD_BYTES {
                     return self.reply_error(
                         io,
@@ -73,28 +108,33 @@ impl Core {
                         "unknown user or wrong password",
                     );
                 }
-                if let Err(wait) = self.limiter.begin(&user, addr, Instant::now()) {
+                if let Err(wait) = self.budgets.password(addr, now) {
+                    return self.busy(
+                        io,
+                        token,
+                        id,
+                        "too many password attempts from this address; try again later",
+                        wait,
+                    );
+                }
+                if let Err(wait) = self.limiter.begin(Attempt::Password, &user, addr, now) {
                     info!("login for {user} from {addr} rate limited");
                     return self.rate_limited(io, token, id, wait);
                 }
-                *in_flight += 1;
-                let job = Job::Login {
+                Job::Login {
                     conn: token,
                     req: id,
                     user,
                     password,
                     addr,
-                };
-                self.pool.submit(job.shard(), job);
+                    alive,
+                }
             }
-            (
-                PeerState::ClientReady { in_flight },
-                ClientToAuth::Resume {
-                    id,
-                    user,
-                    credential,
-                },
-            ) => {
+            ClientToAuth::Resume {
+                id,
+                user,
+                credential,
+            } => {
                 if !valid_user_name(&user) || credential.len() > 128 {
                     return self.reply_error(
                         io,
@@ -104,49 +144,40 @@ impl Core {
                         "unknown user or bad credential",
                     );
                 }
-                if let Err(wait) = self.limiter.begin(&user, addr, Instant::now()) {
+                if let Err(wait) = self.limiter.begin(Attempt::Resume, &user, addr, now) {
                     return self.rate_limited(io, token, id, wait);
                 }
-                *in_flight += 1;
-                let job = Job::Resume {
+                Job::Resume {
                     conn: token,
                     req: id,
                     user,
                     credential,
                     addr,
-                };
-                self.pool.submit(job.shard(), job);
+                    alive,
+                }
             }
-            (
-                PeerState::ClientReady { in_flight },
-                ClientToAuth::Logout {
-                    id,
-                    user,
-                    credential,
-                },
-            ) => {
+            ClientToAuth::Logout {
+                id,
+                user,
+                credential,
+            } => {
                 if !valid_user_name(&user) || credential.len() > 128 {
                     io.send(token, &AuthToClient::LoggedOut { id });
                     return;
                 }
-                *in_flight += 1;
-                let job = Job::Logout {
+                Job::Logout {
                     conn: token,
                     req: id,
                     user,
                     credential,
-                };
-                self.pool.submit(job.shard(), job);
+                }
             }
-            (
-                PeerState::ClientReady { in_flight },
-                ClientToAuth::ChangePassword {
-                    id,
-                    user,
-                    old_password,
-                    new_password,
-                },
-            ) => {
+            ClientToAuth::ChangePassword {
+                id,
+                user,
+                old_password,
+                new_password,
+            } => {
                 if new_password.chars().count() < accounts::MIN_PASSWORD_CHARS
                     || new_password.len() > accounts::MAX_PASSWORD_BYTES
                 {
@@ -170,31 +201,72 @@ impl Core {
                         "unknown user or wrong password",
                     );
                 }
-                if let Err(wait) = self.limiter.begin(&user, addr, Instant::now()) {
+                if let Err(wait) = self.budgets.password(addr, now) {
+                    return self.busy(
+                        io,
+                        token,
+                        id,
+                        "too many password attempts from this address; try again later",
+                        wait,
+                    );
+                }
+                if let Err(wait) = self.limiter.begin(Attempt::Password, &user, addr, now) {
                     return self.rate_limited(io, token, id, wait);
                 }
-                *in_flight += 1;
-                let job = Job::ChangePassword {
+                Job::ChangePassword {
                     conn: token,
                     req: id,
                     user,
                     old_password,
                     new_password,
                     addr,
-                };
-                self.pool.submit(job.shard(), job);
+                    alive,
+                }
             }
-            (_, frame) => self.fail(
-                io,
-                token,
-                ErrorFrame::new(
-                    None,
-                    ErrorCode::BadState,
-                    format!("{} is not allowed now", frame_name(&frame)),
-                ),
-            ),
+            ClientToAuth::Hello { .. } => return,
+        };
+        self.enqueue(io, token, job);
+    }
+
+    /// Hands `job` to its worker, or — the worker's queue being full — answers at once
+    /// that the server is busy (and gives back what the limiter counted for it).
+    fn enqueue(&mut self, io: &mut Peers, token: Token, job: Job) {
+        let req = job.req();
+        let attempt = job.attempt();
+        match self.pool.try_submit(job.shard(), job) {
+            Ok(()) => {
+                if let Some(Link {
+                    state: PeerState::ClientReady { in_flight, .. },
+                    ..
+                }) = io.get_mut(token)
+                {
+                    *in_flight += 1;
+                }
+            }
+            Err(refused) => {
+                if let (Some((attempt, user)), Some(link)) = (attempt, io.get(token)) {
+                    let addr = link.conn.peer.ip();
+                    self.limiter.succeeded(attempt, &user, addr);
+                }
+                self.counters.busy += 1;
+                let why = match refused {
+                    Refused::Full => "the server is busy; try again in a moment",
+                    Refused::Stopped => "the server is stopping; try again",
+                };
+                self.busy(io, token, req, why, BUSY_RETRY);
+            }
         }
-        io.touch(token);
+    }
+
+    /// Answers `rate_limited` with the time to wait: a limit on how often, not a
+    /// verdict on who.
+    fn busy(&mut self, io: &mut Peers, token: Token, id: u64, message: &str, wait: Duration) {
+        let e = ErrorFrame::rate_limited(
+            Some(id),
+            message,
+            wait.as_millis().try_into().unwrap_or(u64::MAX),
+        );
+        io.send(token, &AuthToClient::Error(e));
     }
 
     pub(super) fn rate_limited(&mut self, io: &mut Peers, token: Token, id: u64, wait: Duration) {
@@ -225,7 +297,12 @@ impl Core {
                 addr,
                 credential,
             } => {
-                self.limiter.succeeded(&user, addr);
+                let attempt = if credential.is_some() {
+                    Attempt::Password
+                } else {
+                    Attempt::Resume
+                };
+                self.limiter.succeeded(attempt, &user, addr);
                 if credential.is_some() {
                     self.counters.logins += 1;
                 } else {
@@ -235,6 +312,12 @@ impl Core {
                     self.dispatch_ticket(io, conn, req, user, user_id, credential);
                 } else {
                     self.release(io, conn);
+                }
+            }
+            Done::Skipped { attempt, addr } => {
+                self.counters.skipped += 1;
+                if let (Some((attempt, user)), Some(addr)) = (attempt, addr) {
+                    self.limiter.succeeded(attempt, &user, addr);
                 }
             }
             Done::LoggedOut { conn, req } => {
@@ -248,7 +331,7 @@ impl Core {
                 addr,
             } => {
                 info!("{user} changed their password; resumption credentials revoked");
-                self.limiter.succeeded(&user, addr);
+                self.limiter.succeeded(Attempt::Password, &user, addr);
                 self.release(io, conn);
                 io.send(conn, &AuthToClient::PasswordChanged { id: req });
             }
@@ -290,7 +373,7 @@ impl Core {
     /// One request of the client finished.
     pub(super) fn release(&mut self, io: &mut Peers, token: Token) {
         if let Some(Link {
-            state: PeerState::ClientReady { in_flight },
+            state: PeerState::ClientReady { in_flight, .. },
             ..
         }) = io.get_mut(token)
         {

@@ -14,6 +14,12 @@ pub(crate) struct Counters {
     pub logins: u64,
     pub resumes: u64,
     pub failed_logins: u64,
+    /// Requests answered `rate_limited` because a budget ran dry or a queue was full.
+    pub busy: u64,
+    /// Connections closed at accept: their address held as many as allowed.
+    pub refused_per_addr: u64,
+    /// Jobs a worker skipped because their connection had closed.
+    pub skipped: u64,
 }
 
 impl Core {
@@ -28,6 +34,8 @@ impl Core {
             "logins": c.logins,
             "resumes": c.resumes,
             "failed_logins": c.failed_logins,
+            "busy": c.busy,
+            "refused_per_addr": c.refused_per_addr,
             "pending_tickets": self.pending.len(),
             "queue_depth": self.pool.queue_depth(),
         })

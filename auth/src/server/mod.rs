@@ -14,13 +14,14 @@ mod relays;
 mod tests;
 
 use crate::accounts::{Credential, Done, Job, Worker};
+use crate::budgets::{BudgetLimits, Budgets};
 use crate::config::Config;
 use crate::directory::RelayDirectory;
-use crate::ratelimit::LoginLimiter;
+use crate::ratelimit::{Limits, LoginLimiter};
 use fastchat_common::conn::{Accepted, Connection};
 use fastchat_common::db::DbPool;
 use fastchat_common::noise::{StaticKeypair, KEY_LEN};
-use fastchat_common::pool::WorkerPool;
+use fastchat_common::pool::{Alive, WorkerPool};
 use fastchat_common::proto::{
     AuthToClient, AuthToRelay, ClientToAuth, ErrorCode, ErrorFrame, Refusal, RelayToAuth,
 };
@@ -40,7 +41,12 @@ const TICK: Duration = Duration::from_millis(250);
 /// What a connection is, and how far it has come.
 pub(crate) enum PeerState {
     ClientAwaitingHello,
-    ClientReady { in_flight: u32 },
+    ClientReady {
+        in_flight: u32,
+        /// Shared with this connection's jobs: ended when it closes, so workers skip
+        /// them.
+        alive: Alive,
+    },
     RelayAwaitingHello,
     RelayAwaitingUp,
     RelayUp,
@@ -104,6 +110,8 @@ pub(crate) struct Core {
     last_summary_at: Instant,
     /// The most connections (clients and relays) held at once.
     max_connections: usize,
+    /// Registrations, password attempts and connections per address.
+    budgets: Budgets,
     /// When the server last warned that it was full.
     full_warned_at: Option<Instant>,
 }
@@ -137,10 +145,16 @@ impl AuthServer {
             ],
         )?;
         let resume_ttl = Duration::from_secs(cfg.resume_ttl_secs);
-        let pool = WorkerPool::start("auth-worker", cfg.workers, 16, |_| {
-            let mut worker = Worker::new(db.clone(), done.clone(), resume_ttl);
-            move |jobs| worker.run_batch(jobs)
-        })?;
+        let pool = WorkerPool::bounded(
+            "auth-worker",
+            cfg.workers,
+            16,
+            Some(cfg.queue_per_worker),
+            |_| {
+                let mut worker = Worker::new(db.clone(), done.clone(), resume_ttl);
+                move |jobs| worker.run_batch(jobs)
+            },
+        )?;
         let waker = reactor.waker();
         let core = Core::new(cfg, pool);
         let bound = Bound {
@@ -189,11 +203,13 @@ impl AuthServer {
 impl Core {
     /// The server's logic with no connection yet; `pool` takes its jobs.
     pub(crate) fn new(cfg: Config, pool: WorkerPool<Job>) -> Core {
-        let limiter = LoginLimiter::new(
-            cfg.login_failures_per_user,
-            cfg.login_failures_per_addr,
-            Duration::from_secs(cfg.login_failure_window_secs),
-        );
+        let limiter = LoginLimiter::new(Limits {
+            per_user_addr: cfg.login_failures_per_user,
+            per_addr: cfg.login_failures_per_addr,
+            per_user: cfg.login_failures_per_user_everywhere,
+            pace: Duration::from_millis(cfg.login_pace_ms),
+            window: Duration::from_secs(cfg.login_failure_window_secs),
+        });
         Core {
             pool,
             directory: RelayDirectory::default(),
@@ -207,6 +223,16 @@ impl Core {
                 .max_connections
                 .unwrap_or_else(fastchat_common::limits::default_max_connections),
             full_warned_at: None,
+            budgets: Budgets::new(
+                BudgetLimits {
+                    registrations_per_addr_per_minute: cfg.registrations_per_addr_per_minute,
+                    registrations_per_second: cfg.registrations_per_second,
+                    password_attempts_per_addr_per_minute: cfg
+                        .password_attempts_per_addr_per_minute,
+                    connections_per_addr: cfg.max_connections_per_addr,
+                },
+                Instant::now(),
+            ),
             cfg,
         }
     }
@@ -257,7 +283,19 @@ impl Handler for Core {
         }
         for conn in accepted.connections {
             let state = match listener {
-                Listening::Clients => PeerState::ClientAwaitingHello,
+                Listening::Clients => {
+                    let addr = conn.peer.ip();
+                    if !self.budgets.connect(addr) {
+                        // Dropped: closed at once, like a connection beyond the limit.
+                        self.counters.refused_per_addr += 1;
+                        fastchat_common::debug!("{addr} holds as many connections as allowed");
+                        continue;
+                    }
+                    if io.add(conn, PeerState::ClientAwaitingHello).is_none() {
+                        self.budgets.disconnect(addr);
+                    }
+                    continue;
+                }
                 Listening::Relays => PeerState::RelayAwaitingHello,
             };
             io.add(conn, state);
@@ -337,22 +375,33 @@ impl Core {
             }
         }
         self.limiter.expire(now);
-        // Connections that never finished their handshake and hello (slowloris).
+        self.budgets.expire(now);
+        // Connections that never finished their handshake and hello (slowloris), and
+        // clients past the session deadline (a login takes seconds; an idle socket
+        // would only hold a place another client needs).
         let deadline = Duration::from_secs(self.cfg.common.auth_deadline_secs);
-        let stalled: Vec<Token> = io
+        let session = Duration::from_secs(self.cfg.session_deadline_secs);
+        let stalled: Vec<(Token, &str)> = io
             .iter()
-            .filter(|(_, p)| {
-                matches!(
-                    p.state,
+            .filter_map(|(t, p)| {
+                let age = now.duration_since(p.conn.opened);
+                match p.state {
                     PeerState::ClientAwaitingHello
-                        | PeerState::RelayAwaitingHello
-                        | PeerState::RelayAwaitingUp
-                ) && now.duration_since(p.conn.opened) >= deadline
+                    | PeerState::RelayAwaitingHello
+                    | PeerState::RelayAwaitingUp
+                        if age >= deadline =>
+                    {
+                        Some((t, "no hello before the deadline"))
+                    }
+                    PeerState::ClientReady { .. } if age >= session => {
+                        Some((t, "open for longer than the session deadline"))
+                    }
+                    _ => None,
+                }
             })
-            .map(|(t, _)| t)
             .collect();
-        for token in stalled {
-            self.close(io, token, "no hello before the deadline");
+        for (token, why) in stalled {
+            self.close(io, token, why);
         }
     }
 
@@ -362,6 +411,12 @@ impl Core {
         let Some(peer) = io.remove(token) else {
             return;
         };
+        if peer.state.is_client() {
+            self.budgets.disconnect(peer.conn.peer.ip());
+        }
+        if let PeerState::ClientReady { alive, .. } = &peer.state {
+            alive.end();
+        }
         if !self.relay_closed(io, token, why) {
             fastchat_common::debug!("connection {} closed: {why}", peer.conn.peer);
         }

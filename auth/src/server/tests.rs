@@ -20,9 +20,14 @@ struct Bench {
 
 impl Bench {
     fn new(flags: &[&str]) -> Bench {
+        Bench::with_queue(flags, None)
+    }
+
+    /// With at most `queue` jobs waiting (the recording pool stands for one worker).
+    fn with_queue(flags: &[&str], queue: Option<usize>) -> Bench {
         let mut args = vec!["fastchat-auth"];
         args.extend_from_slice(flags);
-        let (pool, jobs) = WorkerPool::recording();
+        let (pool, jobs) = WorkerPool::recording(queue);
         Bench {
             core: Core::new(Config::parse_from(args), pool),
             io: Io::detached(MAX_FRAME).expect("a poll registry"),
@@ -506,8 +511,9 @@ fn the_sweep_closes_connections_that_never_said_hello() {
     let mut b = Bench::new(&[]);
     let silent = b.accept(Listening::Clients, "127.0.0.2");
     let talking = b.client("127.0.0.3");
-    let Some(long_ago) = Instant::now().checked_sub(Duration::from_secs(3_600)) else {
-        return; // a machine up for less than an hour
+    // Past the hello deadline (10 s), within the session deadline (60 s).
+    let Some(long_ago) = Instant::now().checked_sub(Duration::from_secs(30)) else {
+        return; // a machine up for less than that
     };
     for t in [silent, talking] {
         b.io.get_mut(t).unwrap().conn.opened = long_ago;
@@ -515,4 +521,195 @@ fn the_sweep_closes_connections_that_never_said_hello() {
     b.core.on_tick(&mut b.io, Instant::now());
     assert!(!b.io.contains(silent));
     assert!(b.io.contains(talking));
+}
+
+fn register(id: u64, user: &str) -> ClientToAuth {
+    ClientToAuth::Register {
+        id,
+        user: user.into(),
+        password: "password1".into(),
+        pubkey: crate::accounts::tests::RSA_2048.into(),
+    }
+}
+
+fn rate_limited(frames: &[AuthToClient]) -> bool {
+    matches!(frames, [AuthToClient::Error(e)]
+        if e.code == ErrorCode::RateLimited && e.retry_after_ms.is_some_and(|ms| ms > 0))
+}
+
+#[test]
+fn a_full_queue_is_answered_at_once_and_costs_no_request_slot() {
+    let mut b = Bench::with_queue(&[], Some(2));
+    let c = b.client("127.0.0.2");
+    for id in 0..2 {
+        b.frame(c, login(id, &format!("user{id}"), "password1"));
+    }
+    b.frame(c, login(2, "user2", "password1"));
+    assert!(rate_limited(&b.out(c)));
+    assert!(!b.closing(c));
+    assert_eq!(b.jobs().len(), 2);
+    // Room again: the refused request took no slot and no limiter count.
+    b.frame(c, login(3, "user2", "password1"));
+    assert_eq!(b.jobs().len(), 1);
+    assert!(b.out(c).is_empty());
+}
+
+#[test]
+fn registrations_from_one_address_run_dry_others_do_not() {
+    let mut b = Bench::new(&["--registrations-per-addr-per-minute", "2"]);
+    let flood = b.client("127.0.0.2");
+    b.frame(flood, register(1, "alice"));
+    b.frame(flood, register(2, "alice"));
+    assert_eq!(b.jobs().len(), 2);
+    b.frame(flood, register(3, "alice"));
+    assert!(rate_limited(&b.out(flood)));
+    assert!(b.jobs().is_empty());
+    // Another connection from the same address shares the budget; another address
+    // does not.
+    let again = b.client("127.0.0.2");
+    b.frame(again, register(4, "bob"));
+    assert!(rate_limited(&b.out(again)));
+    let other = b.client("127.0.0.1");
+    b.frame(other, register(5, "bob"));
+    assert_eq!(b.jobs().len(), 1);
+}
+
+#[test]
+fn password_attempts_from_one_address_are_limited() {
+    let mut b = Bench::new(&[
+        "--password-attempts-per-addr-per-minute",
+        "3",
+        "--login-failures-per-addr",
+        "100",
+    ]);
+    let c = b.client("127.0.0.2");
+    for id in 0..3 {
+        b.frame(c, login(id, &format!("user{id}"), "guess"));
+        b.jobs();
+        b.core.release(&mut b.io, c);
+    }
+    b.frame(c, login(3, "user3", "guess"));
+    assert!(rate_limited(&b.out(c)));
+    assert!(b.jobs().is_empty());
+}
+
+#[test]
+fn a_closed_connection_tells_its_waiting_jobs() {
+    let mut b = Bench::new(&[]);
+    let c = b.client("127.0.0.2");
+    b.frame(c, login(1, "alice", "password1"));
+    b.frame(c, register(2, "bob"));
+    b.frame(
+        c,
+        ClientToAuth::Logout {
+            id: 3,
+            user: "alice".into(),
+            credential: "c".repeat(64),
+        },
+    );
+    let jobs = b.jobs();
+    let alive = |j: &Job| match j {
+        Job::Login { alive, .. } | Job::Register { alive, .. } => Some(alive.is_alive()),
+        _ => None,
+    };
+    assert_eq!(
+        jobs.iter().filter_map(alive).collect::<Vec<_>>(),
+        [true, true]
+    );
+    b.core.on_close(&mut b.io, c, "peer closed");
+    assert_eq!(
+        jobs.iter().filter_map(alive).collect::<Vec<_>>(),
+        [false, false]
+    );
+    // A skipped job gives the limiter its count back.
+    b.core.on_completion(
+        &mut b.io,
+        Done::Skipped {
+            attempt: Some((crate::ratelimit::Attempt::Password, "alice".into())),
+            addr: Some("127.0.0.2".parse().unwrap()),
+        },
+    );
+    assert_eq!(b.core.counters.skipped, 1);
+}
+
+#[test]
+fn one_address_may_hold_only_so_many_connections() {
+    let mut b = Bench::new(&["--max-connections-per-addr", "2"]);
+    let first = b.client("127.0.0.2");
+    b.client("127.0.0.2");
+    let before = b.io.len();
+    b.core.on_accept(
+        &mut b.io,
+        Listening::Clients,
+        Accepted {
+            connections: vec![Connection::recorded(
+                "127.0.0.2:40000".parse().unwrap(),
+                MAX_FRAME,
+            )],
+            refused: 0,
+        },
+    );
+    assert_eq!(b.io.len(), before, "the third was closed at accept");
+    assert_eq!(b.core.counters.refused_per_addr, 1);
+    b.client("127.0.0.1");
+    // A closed one makes room.
+    b.core.on_close(&mut b.io, first, "peer closed");
+    b.client("127.0.0.2");
+}
+
+#[test]
+fn a_client_connection_ends_at_the_session_deadline() {
+    let mut b = Bench::new(&["--session-deadline-secs", "60"]);
+    let old = b.client("127.0.0.2");
+    let new = b.client("127.0.0.2");
+    let Some(long_ago) = Instant::now().checked_sub(Duration::from_secs(61)) else {
+        return;
+    };
+    b.io.get_mut(old).unwrap().conn.opened = long_ago;
+    b.core.on_tick(&mut b.io, Instant::now());
+    assert!(!b.io.contains(old));
+    assert!(b.io.contains(new));
+}
+
+#[test]
+fn failures_from_another_address_do_not_lock_the_user_out() {
+    let mut b = Bench::new(&["--login-failures-per-user", "2"]);
+    let attacker = b.client("127.0.0.3");
+    let addr: IpAddr = "127.0.0.3".parse().unwrap();
+    for id in 0..2 {
+        b.frame(attacker, login(id, "lara", "wrong-password"));
+        b.jobs();
+        b.core
+            .on_completion(&mut b.io, refused_login(attacker, id, "lara", addr));
+    }
+    b.frame(attacker, login(2, "lara", "wrong-password"));
+    assert_eq!(
+        error_code(&b.out(attacker)[2..]),
+        Some(ErrorCode::RateLimited)
+    );
+    let lara = b.client("127.0.0.1");
+    b.frame(lara, login(3, "lara", "password1"));
+    assert_eq!(b.jobs().len(), 1);
+    // Resumption refusals count against the address, not the name.
+    for id in 4..30 {
+        b.frame(
+            attacker,
+            ClientToAuth::Resume {
+                id,
+                user: "lara".into(),
+                credential: "0".repeat(64),
+            },
+        );
+        b.jobs();
+        b.core.release(&mut b.io, attacker);
+    }
+    b.frame(
+        lara,
+        ClientToAuth::Resume {
+            id: 31,
+            user: "lara".into(),
+            credential: "1".repeat(64),
+        },
+    );
+    assert_eq!(b.jobs().len(), 1);
 }

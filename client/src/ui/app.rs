@@ -370,6 +370,16 @@ impl App {
                 .info("this is the status window: open a chat with /msg USER", now);
             return;
         }
+        // Said here, before the text shows as outgoing: an empty or overlong text is
+        // never sent (a long paste goes as a file: /file PATH).
+        if text.trim().is_empty() {
+            return;
+        }
+        if let Err(e) = crate::chat::check_text(&text) {
+            let message = e.to_string().replace("`send --file`", "/file PATH");
+            self.model.info(&message, now);
+            return;
+        }
         let local = self.model.outgoing(&conv.id, &text, now);
         match conv.group_id {
             Some(group_id) => self.request(Request::SendGroup {

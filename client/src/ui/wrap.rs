@@ -21,19 +21,7 @@ pub fn char_width(c: char) -> usize {
     UnicodeWidthChar::width(c).unwrap_or(0)
 }
 
-/// Text safe to print: tabs become a space, other control characters (escape
-/// sequences from a hostile peer included) become `�`. Newlines are kept when
-/// `keep_newlines`.
-pub fn clean(s: &str, keep_newlines: bool) -> String {
-    s.chars()
-        .map(|c| match c {
-            '\n' if keep_newlines => '\n',
-            '\t' => ' ',
-            c if c.is_control() => '\u{fffd}',
-            c => c,
-        })
-        .collect()
-}
+pub use crate::text::clean;
 
 /// The longest prefix of `s` that fits in `cols` columns.
 pub fn truncate(s: &str, cols: usize) -> &str {
@@ -106,13 +94,6 @@ mod tests {
         assert_eq!(width("héllo"), 5);
         assert_eq!(width("日本"), 4);
         assert_eq!(width("😀"), 2);
-    }
-
-    #[test]
-    fn clean_removes_escape_sequences() {
-        assert_eq!(clean("a\x1b[2Jb\tc", false), "a\u{fffd}[2Jb c");
-        assert_eq!(clean("a\nb", true), "a\nb");
-        assert_eq!(clean("a\nb", false), "a\u{fffd}b");
     }
 
     #[test]

@@ -16,11 +16,13 @@ mod cluster;
 mod faults;
 mod network;
 mod processes;
+mod raw;
 
 pub use cluster::*;
 pub use faults::*;
 pub use network::*;
 pub use processes::*;
+pub use raw::*;
 
 use fastchat_client::chat::{self, Chat, Options};
 use std::io::{BufRead, BufReader};

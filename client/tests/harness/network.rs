@@ -29,6 +29,17 @@ impl Default for Settings {
     }
 }
 
+/// Per-address and per-user limits of the servers that a test's many users and
+/// sessions, all from 127.0.0.1, would run into: `flags` raised to 100,000, except those
+/// the test sets itself in `extra` (the servers refuse a flag given twice).
+fn generous(flags: &[&str], extra: &[String]) -> Vec<String> {
+    flags
+        .iter()
+        .filter(|flag| !extra.iter().any(|e| e == *flag))
+        .flat_map(|flag| [flag.to_string(), "100000".to_string()])
+        .collect()
+}
+
 /// An auth server and relays on a fresh database, plus a home for clients.
 pub struct TestNet {
     pub db_url: String,
@@ -83,6 +94,15 @@ impl TestNet {
                 settings.auth_deadline_secs.to_string(),
             ]
             .into_iter()
+            .chain(generous(
+                &[
+                    "--registrations-per-addr-per-minute",
+                    "--registrations-per-second",
+                    "--password-attempts-per-addr-per-minute",
+                    "--max-connections-per-addr",
+                ],
+                &settings.extra_auth_args,
+            ))
             .chain(settings.extra_auth_args.iter().cloned())
             .collect::<Vec<String>>(),
             home.join("auth.log"),
@@ -153,6 +173,14 @@ impl TestNet {
             "--auth-deadline-secs".into(),
             self.settings.auth_deadline_secs.to_string(),
         ];
+        args.extend(generous(
+            &[
+                "--max-in-flight",
+                "--max-sessions-per-user",
+                "--max-connections-per-addr",
+            ],
+            &self.settings.extra_relay_args,
+        ));
         args.extend(self.settings.extra_relay_args.iter().cloned());
         let relay = ServerProcess::spawn(
             &binary("fastchat-relay"),

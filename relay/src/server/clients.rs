@@ -2,6 +2,7 @@
 //! frames — each checked (state, limits, names, sizes) before it becomes a worker job.
 
 use super::*;
+use fastchat_common::proto::{FILE_CHUNK_BYTES, MAX_CHUNK_TOKEN};
 
 /// Most ids one `ack` may carry.
 const MAX_ACK_IDS: usize = 10_000;
@@ -23,6 +24,22 @@ impl Core {
         admission: Admission,
         receive: bool,
     ) {
+        let sessions = self.local.get(&admission.user_id).map_or(0, Vec::len);
+        if sessions >= self.cfg.max_sessions_per_user {
+            info!(
+                "{} has {sessions} sessions here already: refused",
+                admission.user
+            );
+            let error = ErrorFrame::rate_limited(
+                None,
+                format!(
+                    "{} has {sessions} sessions on this relay, the most allowed; close one first",
+                    admission.user
+                ),
+                10_000,
+            );
+            return self.fail(io, token, error);
+        }
         let Some(client) = client_mut(io, token) else {
             return;
         };
@@ -53,15 +70,14 @@ impl Core {
         });
     }
 
-    /// Closes a connection whose resumption credential is not valid, counting it
-    /// against the client's address.
+    /// Closes a connection whose resumption credential is not valid (it was counted
+    /// against the client's address when it was presented).
     pub(super) fn refuse_credential(&mut self, io: &mut Links, token: Token, user: &str) {
         if let Some((conn, _)) = client_ref(io, token) {
             info!(
                 "refused a resumption credential for {user} from {}",
                 conn.peer
             );
-            self.resume_failures.add(&conn.peer.ip(), Instant::now());
         }
         self.fail(
             io,
@@ -72,6 +88,41 @@ impl Core {
                 "the resumption credential is unknown, expired or revoked; log in again",
             ),
         );
+    }
+
+    /// Submits a job that answers one of the session's requests, counting it as in
+    /// flight until its completion ([`Core::answered`]).
+    fn submit_for(&mut self, io: &mut Links, token: Token, job: Job) {
+        if let Some(ClientMut {
+            state: ClientState::Ready(session),
+            ..
+        }) = client_mut(io, token)
+        {
+            session.in_flight += 1;
+        }
+        self.submit(job);
+    }
+
+    /// A request of `conn`'s session was answered; `reached`: the recipients a send
+    /// reached, charged to the sender's budget beyond the one token its send took (a
+    /// send to a group of 100 costs 99 more).
+    pub(super) fn answered(&mut self, io: &mut Links, conn: Token, reached: usize) {
+        let Some(ClientMut {
+            state: ClientState::Ready(session),
+            ..
+        }) = client_mut(io, conn)
+        else {
+            return;
+        };
+        session.in_flight = session.in_flight.saturating_sub(1);
+        if reached > 1 {
+            let (rate, burst) = (self.cfg.send_rate, self.cfg.send_burst);
+            let now = Instant::now();
+            self.send_budgets
+                .entry(session.user_id)
+                .or_insert_with(|| Bucket::full(burst, now))
+                .charge((reached - 1) as f64, rate, burst, now);
+        }
     }
 
     pub(super) fn send(&mut self, io: &mut Links, token: Token, frame: &RelayToClient) {
@@ -87,6 +138,23 @@ impl Core {
         let Some(client) = client_mut(io, token) else {
             return;
         };
+        if let ClientState::Ready(session) = &*client.state {
+            if session.in_flight >= self.cfg.max_in_flight && becomes_job(&frame) {
+                let id = request_id(&frame);
+                if id.is_none() {
+                    return; // a `file_done` at the cap: nobody waits for its answer
+                }
+                let error = ErrorFrame::rate_limited(
+                    id,
+                    format!(
+                        "{} requests are waiting for replies; wait for them before sending more",
+                        self.cfg.max_in_flight
+                    ),
+                    100,
+                );
+                return self.send(io, token, &RelayToClient::Error(error));
+            }
+        }
         match (&mut *client.state, frame) {
             (ClientState::AwaitingHello, ClientToRelay::Hello { version }) => {
                 if version != PROTOCOL_VERSION {
@@ -147,6 +215,9 @@ impl Core {
                     );
                     return self.fail(io, token, error);
                 }
+                // Counted as it starts (a success gives it back), so parallel
+                // connections cannot all slip past the limit.
+                self.resume_failures.add(&addr, Instant::now());
                 if !valid_user_name(&user) || credential.len() > 128 {
                     return self.refuse_credential(io, token, &user);
                 }
@@ -228,29 +299,49 @@ impl Core {
                     }
                 };
                 self.counters.received += 1;
-                self.submit(Job::Send {
-                    conn: token,
-                    req: id,
-                    sender_id,
-                    sender,
-                    target,
-                    body,
-                });
+                self.submit_for(
+                    io,
+                    token,
+                    Job::Send {
+                        conn: token,
+                        req: id,
+                        sender_id,
+                        sender,
+                        target,
+                        body,
+                    },
+                );
             }
             (ClientState::Ready(session), frame) if file_op(&frame).is_some() => {
                 let user_id = session.user_id;
                 let Some((id, op)) = file_op(&frame) else {
                     return;
                 };
+                // A download asks for more output: not while the client is not reading
+                // what it has (the hard limit would cut it off later anyway).
+                if matches!(op, FileOp::Get { .. })
+                    && client.conn.pending_output() > self.cfg.max_output_bytes
+                {
+                    let error = ErrorFrame::rate_limited(
+                        Some(id),
+                        "read what was sent before asking for more chunks",
+                        1_000,
+                    );
+                    return self.send(io, token, &RelayToClient::Error(error));
+                }
                 if let Err(why) = self.check_file_op(user_id, &op) {
                     return self.reply_error(io, token, id, why);
                 }
-                self.submit(Job::File {
-                    conn: token,
-                    req: id,
-                    user_id,
-                    op,
-                });
+                self.submit_for(
+                    io,
+                    token,
+                    Job::File {
+                        conn: token,
+                        req: id,
+                        user_id,
+                        op,
+                    },
+                );
             }
             (ClientState::Ready(session), frame) if group_op(&frame).is_some() => {
                 let (user_id, user) = (session.user_id, session.user.clone());
@@ -260,13 +351,17 @@ impl Core {
                 if let Err(why) = check_group_op(&op) {
                     return self.reply_error(io, token, id, why);
                 }
-                self.submit(Job::Group {
-                    conn: token,
-                    req: id,
-                    user_id,
-                    user,
-                    op,
-                });
+                self.submit_for(
+                    io,
+                    token,
+                    Job::Group {
+                        conn: token,
+                        req: id,
+                        user_id,
+                        user,
+                        op,
+                    },
+                );
             }
             (ClientState::Ready(session), ClientToRelay::Ack { msg_ids }) => {
                 if msg_ids.len() > MAX_ACK_IDS {
@@ -307,12 +402,16 @@ impl Core {
                         ),
                     );
                 }
-                self.submit(Job::LookupKey {
-                    conn: token,
-                    user_id,
-                    req: id,
-                    user,
-                });
+                self.submit_for(
+                    io,
+                    token,
+                    Job::LookupKey {
+                        conn: token,
+                        user_id,
+                        req: id,
+                        user,
+                    },
+                );
             }
             (ClientState::Ready(_), ClientToRelay::Ping { id }) => {
                 client.conn.queue(&RelayToClient::Pong { id });
@@ -346,11 +445,13 @@ impl Core {
                         ),
                     ));
                 }
-                // Chunks of at least 1 KiB: a bound on rows per file.
-                if u64::from(*chunks) > size / 1024 + 1 {
+                // Exactly as many chunks as the size needs: each holds at most one
+                // chunk's token (see `Put`), so what is stored is bounded by the size.
+                let needed = size.div_ceil(FILE_CHUNK_BYTES);
+                if u64::from(*chunks) != needed {
                     return Err(Refusal::new(
                         ErrorCode::BadFrame,
-                        "too many chunks for the size",
+                        format!("a file of {size} bytes is {needed} chunks of {FILE_CHUNK_BYTES} bytes"),
                     ));
                 }
                 if let Target::User(to) = target {
@@ -378,12 +479,36 @@ impl Core {
                 window.1 += 1;
                 Ok(())
             }
+            FileOp::Put { data, .. } if data.len() > MAX_CHUNK_TOKEN => Err(Refusal::new(
+                ErrorCode::TooLarge,
+                format!("a chunk's data is at most {MAX_CHUNK_TOKEN} bytes (one sealed chunk of {FILE_CHUNK_BYTES})"),
+            )),
             FileOp::Put { data, .. } if data.contains('\0') => Err(Refusal::new(
                 ErrorCode::BadFrame,
                 "chunks may not contain NUL characters",
             )),
             _ => Ok(()),
         }
+    }
+}
+
+/// Whether a frame of a session becomes a worker job (whose completion answers it).
+fn becomes_job(frame: &ClientToRelay) -> bool {
+    matches!(
+        frame,
+        ClientToRelay::Send { .. } | ClientToRelay::Key { .. }
+    ) || file_op(frame).is_some()
+        || group_op(frame).is_some()
+}
+
+/// The request id a frame carries, if it has one.
+fn request_id(frame: &ClientToRelay) -> Option<u64> {
+    match frame {
+        ClientToRelay::Send { id, .. } | ClientToRelay::Key { id, .. } => Some(*id),
+        ClientToRelay::FileDone { .. } => None,
+        f => file_op(f)
+            .map(|(id, _)| id)
+            .or_else(|| group_op(f).map(|(id, _)| id)),
     }
 }
 

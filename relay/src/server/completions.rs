@@ -53,7 +53,13 @@ impl Core {
                 };
                 let receive = *receive;
                 match user_id {
-                    Some(user_id) => self.admit(io, conn, Admission { user, user_id }, receive),
+                    Some(user_id) => {
+                        // The attempt was counted when it started: a success gives it back.
+                        if let Some((c, _)) = client_ref(io, conn) {
+                            self.resume_failures.remove_one(&c.peer.ip());
+                        }
+                        self.admit(io, conn, Admission { user, user_id }, receive)
+                    }
                     None => self.refuse_credential(io, conn, &user),
                 }
             }
@@ -73,6 +79,7 @@ impl Core {
                 ts,
                 deliveries,
             } => {
+                self.answered(io, conn, deliveries.len());
                 self.send(
                     io,
                     conn,
@@ -85,6 +92,7 @@ impl Core {
                 self.route(io, deliveries);
             }
             Done::Frames { conn, frames } => {
+                self.answered(io, conn, 0);
                 for frame in &frames {
                     self.send(io, conn, frame);
                 }
@@ -94,35 +102,42 @@ impl Core {
                 reply,
                 deliveries,
             } => {
+                self.answered(io, conn, 0);
                 self.send(io, conn, &reply);
                 self.route(io, deliveries);
             }
-            Done::Failed { conn, req, why } => self.reply_error(io, conn, req, why),
+            Done::Failed { conn, req, why } => {
+                self.answered(io, conn, 0);
+                self.reply_error(io, conn, req, why)
+            }
             Done::Key {
                 conn,
                 req,
                 user,
                 pubkey,
-            } => match pubkey {
-                Some(pubkey) => self.send(
-                    io,
-                    conn,
-                    &RelayToClient::Key {
-                        id: req,
-                        user,
-                        pubkey,
-                    },
-                ),
-                None => self.reply_error(
-                    io,
-                    conn,
-                    req,
-                    Refusal::new(
-                        ErrorCode::UnknownUser,
-                        format!("there is no user called {user}"),
+            } => {
+                self.answered(io, conn, 0);
+                match pubkey {
+                    Some(pubkey) => self.send(
+                        io,
+                        conn,
+                        &RelayToClient::Key {
+                            id: req,
+                            user,
+                            pubkey,
+                        },
                     ),
-                ),
-            },
+                    None => self.reply_error(
+                        io,
+                        conn,
+                        req,
+                        Refusal::new(
+                            ErrorCode::UnknownUser,
+                            format!("there is no user called {user}"),
+                        ),
+                    ),
+                }
+            }
         }
     }
 }

@@ -34,7 +34,7 @@ use crate::worker::groups::GroupOp;
 use crate::worker::{Done, Job, StoreMetrics, Worker};
 use fastchat_common::conn::{Accepted, Connection};
 use fastchat_common::db::DbPool;
-use fastchat_common::limits::{Bucket, FailureCounter};
+use fastchat_common::limits::{Bucket, FailureCounter, PerAddr};
 use fastchat_common::noise::{Role, StaticKeypair, KEY_LEN};
 use fastchat_common::pool::WorkerPool;
 use fastchat_common::proto::{
@@ -151,6 +151,8 @@ pub(crate) struct Core {
     max_connections: usize,
     /// Connections closed at accept because the relay was full, since the last summary.
     refused: usize,
+    /// Client connections per address (capped).
+    per_addr: PerAddr,
     /// When the file retention sweep last ran.
     last_file_sweep: Instant,
     /// Set once shutdown has begun: sessions end without per-user presence jobs.
@@ -296,6 +298,7 @@ impl Core {
             .unwrap_or_else(fastchat_common::limits::default_max_connections);
         let mesh = Mesh::new(cfg.id.clone());
         let control = ControlLink::new(cfg.auth.clone());
+        let per_addr = PerAddr::new(cfg.max_connections_per_addr);
         let resume_failures = FailureCounter::new(
             cfg.resume_failures_per_addr,
             Duration::from_secs(cfg.resume_failure_window_secs),
@@ -316,6 +319,7 @@ impl Core {
             resume_failures,
             max_connections,
             refused: 0,
+            per_addr,
             last_file_sweep: Instant::now(),
             stopping: false,
             mesh_addr: addresses.mesh,
@@ -379,7 +383,18 @@ impl Handler for Core {
                     self.refused += accepted.refused;
                 }
                 for conn in accepted.connections {
-                    io.add(conn, Peer::Client(ClientState::AwaitingHello));
+                    let addr = conn.peer.ip();
+                    if !self.per_addr.connect(addr) {
+                        debug!("{addr} holds as many connections as allowed: closed");
+                        self.refused += 1;
+                        continue;
+                    }
+                    if io
+                        .add(conn, Peer::Client(ClientState::AwaitingHello))
+                        .is_none()
+                    {
+                        self.per_addr.disconnect(addr);
+                    }
                 }
             }
             Listening::Mesh => {
@@ -557,6 +572,7 @@ impl Core {
         let Peer::Client(state) = link.state else {
             return;
         };
+        self.per_addr.disconnect(peer.ip());
         if let ClientState::Ready(session) = state {
             self.ready_sessions = self.ready_sessions.saturating_sub(1);
             info!("{} disconnected: {why}", session.user);

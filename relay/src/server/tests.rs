@@ -24,7 +24,7 @@ impl Bench {
         let mut args = vec!["fastchat-relay", "--id", "relay-1"];
         args.extend_from_slice(flags);
         let cfg = Config::parse_from(args);
-        let (pool, jobs) = WorkerPool::recording();
+        let (pool, jobs) = WorkerPool::recording(None);
         let core = Core::new(
             cfg,
             Addresses {
@@ -758,6 +758,23 @@ fn uploads_are_checked_against_size_chunks_and_rate() {
     assert_eq!(error_code(&b.out(t)), Some(ErrorCode::TooLarge));
     b.frame(t, begin(2, 2_048, 100));
     assert_eq!(error_code(&b.out(t)), Some(ErrorCode::BadFrame));
+    // Exactly ceil(size / 32,768) chunks: not more (100 MiB as 102,401 chunks), not
+    // fewer.
+    b.frame(t, begin(2, 100 << 20, 102_401));
+    assert_eq!(error_code(&b.out(t)), Some(ErrorCode::BadFrame));
+    b.frame(t, begin(2, 32_769, 1));
+    assert_eq!(error_code(&b.out(t)), Some(ErrorCode::BadFrame));
+    b.frame(
+        t,
+        ClientToRelay::FilePut {
+            id: 2,
+            file_id: 1,
+            index: 0,
+            data: "x".repeat(fastchat_common::proto::MAX_CHUNK_TOKEN + 1),
+        },
+    );
+    assert_eq!(error_code(&b.out(t)), Some(ErrorCode::TooLarge));
+    assert!(b.jobs().is_empty());
     b.frame(t, begin(3, 2_048, 1));
     b.frame(t, begin(4, 2_048, 1));
     b.frame(t, begin(5, 2_048, 1));
@@ -1086,4 +1103,153 @@ fn the_relay_refuses_connections_beyond_its_room() {
     b.mesh_up("relay-2");
     assert_eq!(b.core.room(&b.io, Listening::Clients), 0);
     assert_eq!(b.core.room(&b.io, Listening::Mesh), 0);
+}
+
+#[test]
+fn a_session_may_have_only_so_many_requests_unanswered() {
+    let mut b = Bench::new(&["--max-in-flight", "2"]);
+    let t = b.logged_in("127.0.0.1", "alice", 1);
+    b.frame(t, send_to(1, "bob", "x"));
+    b.frame(
+        t,
+        ClientToRelay::Key {
+            id: 2,
+            user: "bob".into(),
+        },
+    );
+    b.frame(t, send_to(3, "bob", "x"));
+    assert_eq!(b.jobs().len(), 2);
+    match &b.out(t)[..] {
+        [RelayToClient::Error(e)] => {
+            assert_eq!((e.code, e.id), (ErrorCode::RateLimited, Some(3)));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!b.closing(t), "refused, not cut off");
+    // A `file_done` at the cap has nobody to answer: dropped.
+    b.frame(t, ClientToRelay::FileDone { file_id: 1 });
+    assert!(b.jobs().is_empty() && b.out(t).is_empty());
+    // Pings are no jobs: always answered.
+    b.frame(t, ClientToRelay::Ping { id: 4 });
+    assert_eq!(b.out(t), [RelayToClient::Pong { id: 4 }]);
+    // An answer frees a place.
+    b.done(Done::Key {
+        conn: t,
+        req: 2,
+        user: "bob".into(),
+        pubkey: Some("k".into()),
+    });
+    b.out(t);
+    b.frame(t, send_to(5, "bob", "x"));
+    assert_eq!(b.jobs().len(), 1);
+}
+
+#[test]
+fn a_group_send_costs_its_sender_one_token_per_recipient() {
+    let mut b = Bench::new(&["--send-rate", "1", "--send-burst", "10"]);
+    let alice = b.logged_in("127.0.0.1", "alice", 1);
+    b.frame(
+        alice,
+        ClientToRelay::Send {
+            id: 1,
+            to: None,
+            group_id: Some(7),
+            body: "ct".into(),
+        },
+    );
+    assert_eq!(b.jobs().len(), 1);
+    // It reached 8 members.
+    let deliveries = (2..10)
+        .map(|r| delivery(r, stored(r, "alice", "ct"), &[]))
+        .collect();
+    b.done(Done::Sent {
+        conn: alice,
+        req: 1,
+        msg_id: 2,
+        ts: 0,
+        deliveries,
+    });
+    b.out(alice);
+    // 10 tokens, 1 for the send and 7 more for its reach: 2 left.
+    for id in 2..5 {
+        b.frame(alice, send_to(id, "bob", "x"));
+    }
+    assert_eq!(b.jobs().len(), 2);
+    assert_eq!(error_code(&b.out(alice)), Some(ErrorCode::RateLimited));
+}
+
+#[test]
+fn a_user_may_have_only_so_many_sessions() {
+    let mut b = Bench::new(&["--max-sessions-per-user", "2"]);
+    b.logged_in("127.0.0.1", "alice", 1);
+    b.logged_in("127.0.0.2", "alice", 1);
+    b.ticket("t3", "alice", 1);
+    let third = b.introduced("127.0.0.3");
+    b.frame(
+        third,
+        ClientToRelay::Auth {
+            user: "alice".into(),
+            ticket: "t3".into(),
+            receive: true,
+        },
+    );
+    assert_eq!(error_code(&b.out(third)), Some(ErrorCode::RateLimited));
+    assert!(b.closing(third));
+    assert!(b.jobs().is_empty());
+    // Others are not affected.
+    b.logged_in("127.0.0.3", "bob", 2);
+}
+
+#[test]
+fn one_address_may_hold_only_so_many_connections() {
+    let mut b = Bench::new(&["--max-connections-per-addr", "2"]);
+    let first = b.client("127.0.0.2");
+    b.client("127.0.0.2");
+    let before = b.io.len();
+    b.core.on_accept(
+        &mut b.io,
+        Listening::Clients,
+        Accepted {
+            connections: vec![Connection::recorded(
+                "127.0.0.2:40000".parse().unwrap(),
+                MAX_FRAME,
+            )],
+            refused: 0,
+        },
+    );
+    assert_eq!(b.io.len(), before, "closed at accept");
+    b.client("127.0.0.1");
+    b.core.on_close(&mut b.io, first, "peer closed");
+    b.client("127.0.0.2");
+}
+
+#[test]
+fn resumptions_count_against_the_address_as_they_start() {
+    let mut b = Bench::new(&["--resume-failures-per-addr", "2"]);
+    let resume = || ClientToRelay::Resume {
+        user: "alice".into(),
+        credential: "c".into(),
+        receive: true,
+    };
+    // Two in parallel from one address: both start, a third waits for neither.
+    let (one, two, three) = (
+        b.introduced("127.0.0.6"),
+        b.introduced("127.0.0.6"),
+        b.introduced("127.0.0.6"),
+    );
+    b.frame(one, resume());
+    b.frame(two, resume());
+    b.frame(three, resume());
+    assert_eq!(b.jobs().len(), 2);
+    assert_eq!(error_code(&b.out(three)), Some(ErrorCode::RateLimited));
+    // A success gives its count back.
+    b.done(Done::Resumed {
+        conn: one,
+        user: "alice".into(),
+        user_id: Some(1),
+    });
+    let four = b.introduced("127.0.0.6");
+    b.frame(four, resume());
+    assert!(b.jobs().iter().any(|j| matches!(j, Job::Resume { .. })));
+    let _ = two;
 }

@@ -1,0 +1,307 @@
+//! Hostile clients against running servers (issue 15): each test has an attacker on
+//! another loopback address (127.0.0.2, 127.0.0.3) and asserts both halves — the
+//! attacker is refused or limited, and a normal user on 127.0.0.1 is still served,
+//! within a generous bound (the machines are shared and noisy).
+
+mod harness;
+
+use fastchat_client::connect::{AuthLink, RelayLink};
+use fastchat_client::e2e::Identity;
+use fastchat_client::error::ClientError;
+use fastchat_common::link::{Link, LinkError};
+use fastchat_common::proto::{AuthToClient, ClientToAuth, ClientToRelay, ErrorCode, RelayToClient};
+use harness::{auth_from, auth_hello_from, Settings, TestNet, PASSWORD};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The auth server's own defaults for the limits the harness raises for other tests.
+fn default_auth_limits() -> Vec<String> {
+    [
+        ("--registrations-per-addr-per-minute", "5"),
+        ("--registrations-per-second", "10"),
+        ("--password-attempts-per-addr-per-minute", "60"),
+        ("--max-connections-per-addr", "32"),
+    ]
+    .into_iter()
+    .flat_map(|(f, v)| [f.to_string(), v.to_string()])
+    .collect()
+}
+
+fn with_defaults() -> TestNet {
+    TestNet::with(Settings {
+        extra_auth_args: default_auth_limits(),
+        ..Settings::default()
+    })
+}
+
+/// How long a normal password login takes, from 127.0.0.1.
+fn timed_login(net: &TestNet, user: &str) -> Duration {
+    let started = Instant::now();
+    let mut auth = AuthLink::connect(&net.auth_addr, &net.opts(user).data_dir).unwrap();
+    auth.login(user, PASSWORD).unwrap();
+    started.elapsed()
+}
+
+#[test]
+fn a_registration_flood_is_limited_and_others_still_log_in() {
+    let net = with_defaults();
+    net.register("alice");
+    let pubkey = Identity::generate().unwrap().public_pem();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (limited, answered) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    // 8 connections from 127.0.0.2, each pipelining `register alice` (a valid request
+    // for a taken name) as fast as the server answers: what once queued thousands of
+    // argon2 hashes on alice's worker.
+    let flooders: Vec<_> = (0..8)
+        .map(|_| {
+            let mut link = auth_hello_from(&net, "127.0.0.2");
+            let (stop, limited, answered, pubkey) = (
+                stop.clone(),
+                limited.clone(),
+                answered.clone(),
+                pubkey.clone(),
+            );
+            std::thread::spawn(move || {
+                let mut id = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    for _ in 0..4 {
+                        id += 1;
+                        link.queue(&ClientToAuth::Register {
+                            id,
+                            user: "alice".into(),
+                            password: "a long enough password".into(),
+                            pubkey: pubkey.clone(),
+                        });
+                    }
+                    if link.flush().is_err() {
+                        return;
+                    }
+                    for _ in 0..4 {
+                        match link
+                            .recv::<AuthToClient>(Some(Instant::now() + Duration::from_secs(60)))
+                        {
+                            Ok(Some(AuthToClient::Error(e))) => {
+                                answered.fetch_add(1, Ordering::Relaxed);
+                                if e.code == ErrorCode::RateLimited {
+                                    limited.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                            Ok(Some(_)) => {
+                                answered.fetch_add(1, Ordering::Relaxed);
+                            }
+                            _ => return,
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(3));
+    let took = timed_login(&net, "alice");
+    stop.store(true, Ordering::Relaxed);
+    for f in flooders {
+        f.join().unwrap();
+    }
+    let (limited, answered) = (
+        limited.load(Ordering::Relaxed),
+        answered.load(Ordering::Relaxed),
+    );
+    eprintln!("flood: {answered} answers, {limited} rate limited; alice's login took {took:?}");
+    assert!(
+        limited > 0,
+        "the flood was never limited ({answered} answers)"
+    );
+    assert!(took < Duration::from_secs(30), "alice waited {took:?}");
+}
+
+#[test]
+fn one_address_cannot_hold_every_connection_and_idle_ones_end() {
+    let net = TestNet::with(Settings {
+        extra_auth_args: [
+            default_auth_limits(),
+            vec!["--session-deadline-secs".into(), "3".into()],
+        ]
+        .concat(),
+        ..Settings::default()
+    });
+    net.register("alice");
+    // 32 connections past hello from 127.0.0.2 are held; the 33rd is closed at once.
+    let held: Vec<Link> = (0..32)
+        .map(|_| auth_hello_from(&net, "127.0.0.2"))
+        .collect();
+    let refused = match auth_from(&net, "127.0.0.2") {
+        Err(_) => true,
+        Ok(mut link) => {
+            let _ = link.send(&ClientToAuth::Hello {
+                version: fastchat_common::PROTOCOL_VERSION,
+            });
+            matches!(
+                link.recv_json(Some(Instant::now() + Duration::from_secs(10))),
+                Err(LinkError::Closed) | Err(LinkError::Io(_))
+            )
+        }
+    };
+    assert!(refused, "a 33rd connection from one address was accepted");
+    // Another address is served meanwhile.
+    assert!(timed_login(&net, "alice") < Duration::from_secs(30));
+    // Held connections end at the session deadline (3 s here, plus the sweep).
+    std::thread::sleep(Duration::from_secs(5));
+    for mut link in held {
+        match link.recv_json(Some(Instant::now() + Duration::from_secs(10))) {
+            Err(LinkError::Closed) | Err(LinkError::Io(_)) => {}
+            other => panic!("an idle connection was kept past the deadline: {other:?}"),
+        }
+    }
+    // And their places are free again.
+    drop(auth_hello_from(&net, "127.0.0.2"));
+}
+
+#[test]
+fn failed_logins_from_elsewhere_do_not_lock_the_user_out() {
+    let net = TestNet::start();
+    net.register("lara");
+    let mut attacker = auth_hello_from(&net, "127.0.0.3");
+    let mut refusal = |frame: ClientToAuth| -> ErrorCode {
+        attacker.send(&frame).unwrap();
+        match attacker.recv::<AuthToClient>(Some(Instant::now() + Duration::from_secs(30))) {
+            Ok(Some(AuthToClient::Error(e))) => e.code,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    };
+    for id in 0..5 {
+        let code = refusal(ClientToAuth::Login {
+            id,
+            user: "lara".into(),
+            password: "wrong password".into(),
+        });
+        assert_eq!(code, ErrorCode::BadCredentials);
+    }
+    // The attacker's address is held off for that name...
+    let code = refusal(ClientToAuth::Login {
+        id: 5,
+        user: "lara".into(),
+        password: "another guess".into(),
+    });
+    assert_eq!(code, ErrorCode::RateLimited);
+    // ...and bogus resumptions count against its address only.
+    for id in 6..12 {
+        refusal(ClientToAuth::Resume {
+            id,
+            user: "lara".into(),
+            credential: "0".repeat(64),
+        });
+    }
+    // Lara, at home, is not locked out.
+    let mut auth = AuthLink::connect(&net.auth_addr, &net.opts("lara").data_dir).unwrap();
+    match auth.login("lara", PASSWORD) {
+        Ok(_) => {}
+        Err(ClientError::Refused { code, message, .. }) => {
+            panic!("lara was refused: {code:?}: {message}")
+        }
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// A raw relay session for `user` (registered already).
+fn relay_session(net: &TestNet, user: &str) -> RelayLink {
+    let mut auth = AuthLink::connect(&net.auth_addr, &net.home.join("raw")).unwrap();
+    let redirect = auth.login(user, PASSWORD).unwrap();
+    RelayLink::connect(&redirect, true).unwrap()
+}
+
+/// The reply to request `id` on `link`: `Ok(frame)` or the refusal's code.
+fn reply(link: &mut RelayLink, id: u64) -> Result<RelayToClient, ErrorCode> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match link.recv(Some(deadline)).unwrap() {
+            Some(RelayToClient::Error(e)) if e.id == Some(id) => return Err(e.code),
+            Some(f @ RelayToClient::FileReady { id: got, .. })
+            | Some(f @ RelayToClient::FilePutOk { id: got, .. })
+                if got == id =>
+            {
+                return Ok(f)
+            }
+            Some(_) => {}
+            None => panic!("no reply to {id} within 30 s"),
+        }
+    }
+}
+
+#[test]
+fn a_file_cannot_store_more_than_its_size() {
+    let net = TestNet::start();
+    net.register("mallory");
+    net.register("bob");
+    let mut m = relay_session(&net, "mallory");
+    let begin = |m: &mut RelayLink, size: u64, chunks: u32| {
+        let id = m.next_id();
+        m.queue(&ClientToRelay::FileBegin {
+            id,
+            size,
+            chunks,
+            to: Some("bob".into()),
+            group_id: None,
+        });
+        m.flush().unwrap();
+        reply(m, id)
+    };
+    // 64 KiB announced as 64 chunks (of ~65 KB each, once): refused, as is a file with
+    // fewer chunks than its size needs.
+    assert_eq!(begin(&mut m, 65_536, 64).unwrap_err(), ErrorCode::BadFrame);
+    assert_eq!(begin(&mut m, 65_536, 1).unwrap_err(), ErrorCode::BadFrame);
+    let Ok(RelayToClient::FileReady { file_id, .. }) = begin(&mut m, 65_536, 2) else {
+        panic!("a well-formed upload is refused");
+    };
+    // Each chunk's data is at most one sealed chunk's token.
+    let put = |m: &mut RelayLink, index: u32, data: String| {
+        let id = m.next_id();
+        m.queue(&ClientToRelay::FilePut {
+            id,
+            file_id,
+            index,
+            data,
+        });
+        m.flush().unwrap();
+        reply(m, id)
+    };
+    let max = fastchat_common::proto::MAX_CHUNK_TOKEN;
+    assert_eq!(
+        put(&mut m, 0, "x".repeat(max + 1)).unwrap_err(),
+        ErrorCode::TooLarge
+    );
+    assert_eq!(
+        put(&mut m, 0, "x".repeat(60_000)).unwrap_err(),
+        ErrorCode::TooLarge
+    );
+    assert!(put(&mut m, 0, "x".repeat(max)).is_ok());
+    // The relay goes on serving others.
+    let mut bob = net.login("bob");
+    bob.send_text("mallory", "still here").unwrap();
+}
+
+#[test]
+fn empty_and_overlong_texts_are_refused_in_words_before_anything_is_sent() {
+    let net = TestNet::start();
+    net.register("alice");
+    net.register("bob");
+    let (ok, _, err) = net.cli("alice", &["send", "--to", "bob", "  "]);
+    assert!(!ok);
+    assert!(err.contains("empty"), "{err}");
+    let long = "x".repeat(40_000);
+    let (ok, _, err) = net.cli("alice", &["send", "--to", "bob", &long]);
+    assert!(!ok);
+    assert!(
+        err.contains("at most 32000 characters") && err.contains("--file"),
+        "{err}"
+    );
+    assert!(!err.contains("frame of"), "{err}");
+    assert_eq!(net.stored_messages(), 0);
+    // The longest text that is allowed goes through.
+    let (ok, _, err) = net.cli("alice", &["send", "--to", "bob", &"y".repeat(32_000)]);
+    assert!(ok, "{err}");
+    assert!(
+        net.stored_messages() >= 1,
+        "the text (after its key offer) is stored"
+    );
+}
