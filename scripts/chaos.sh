@@ -50,6 +50,7 @@ base=$(pick_base)
 FASTCHAT_HOME=$(mktemp -d /tmp/fastchat-chaos.XXXXXX)
 export FASTCHAT_HOME RELAYS=3 FASTCHAT_LOG=${FASTCHAT_LOG:-info}
 export FASTCHAT_PG_PORT=$base FASTCHAT_AUTH_PORT=$((base + 1)) FASTCHAT_AUTH_RELAY_PORT=$((base + 2))
+export FASTCHAT_AUTH_STATS_PORT=$((base + 3))
 export FASTCHAT_RELAY_PORT=$((base + 10)) FASTCHAT_RELAY_MESH_PORT=$((base + 20))
 # The load tester registers and logs in all its simulated users from 127.0.0.1: far
 # beyond what the auth server lets one address do by default (5 registrations and 60

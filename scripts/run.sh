@@ -15,16 +15,18 @@
 #   FASTCHAT_PG_PORT          private PostgreSQL on 127.0.0.1 [54329]
 #   FASTCHAT_AUTH_PORT        auth server port for clients [7400]
 #   FASTCHAT_AUTH_RELAY_PORT  auth server port for the relays' control links [7401]
+#   FASTCHAT_AUTH_STATS_PORT  auth server port for `stats` (the stats secret) [7402]
 #   FASTCHAT_RELAY_PORT       relay 1's port for clients; relay N uses this + N - 1 [7410]
-#   FASTCHAT_RELAY_MESH_PORT  relay 1's port for other relays and stats; relay N uses
-#                             this + N - 1 [7420]
+#   FASTCHAT_RELAY_MESH_PORT  relay 1's port for other relays; relay N uses this + N - 1
+#                             [7420] (each relay's stats port is any free one, announced)
 #   RELAYS                    how many relays `start` runs [2]
 #   FASTCHAT_PROFILE          which build to run, release or debug [release]
 #   FASTCHAT_LOG              server log level: error, warn, info, debug [info]
 #
 # In FASTCHAT_HOME: logs/auth.log, logs/relay-N.log, run/auth.pid, run/relay-N.pid,
 # keys/ (server key pairs, created by the servers), cluster.secret (shared by all
-# servers), plus PostgreSQL's files (see scripts/pg.sh).
+# servers), stats.secret (read-only: what `stats` uses), plus PostgreSQL's files (see
+# scripts/pg.sh).
 set -euo pipefail
 shopt -s nullglob
 # shellcheck source=scripts/lib.sh
@@ -38,6 +40,7 @@ export FASTCHAT_HOME
 export FASTCHAT_LOG=${FASTCHAT_LOG:-info}
 AUTH_PORT=${FASTCHAT_AUTH_PORT:-7400}
 AUTH_RELAY_PORT=${FASTCHAT_AUTH_RELAY_PORT:-7401}
+AUTH_STATS_PORT=${FASTCHAT_AUTH_STATS_PORT:-7402}
 RELAY_PORT=${FASTCHAT_RELAY_PORT:-7410}
 RELAY_MESH_PORT=${FASTCHAT_RELAY_MESH_PORT:-7420}
 RELAYS=${RELAYS:-2}
@@ -52,6 +55,7 @@ LOGS=$FASTCHAT_HOME/logs
 RUN=$FASTCHAT_HOME/run
 KEYS=$FASTCHAT_HOME/keys
 SECRET=$FASTCHAT_HOME/cluster.secret
+STATS_SECRET=$FASTCHAT_HOME/stats.secret
 WAIT_SECONDS=30
 
 relay_port() { echo $((RELAY_PORT + $1 - 1)); }
@@ -122,12 +126,15 @@ refuse_taken_port() {
 prepare_home() {
     mkdir -p "$LOGS" "$RUN"
     install -d -m 700 "$KEYS"
-    if [ ! -s "$SECRET" ]; then
-        say "generating cluster secret $SECRET"
-        (umask 077 && od -An -tx1 -N32 /dev/urandom | tr -d ' \n' >"$SECRET.tmp")
-        mv "$SECRET.tmp" "$SECRET"
-    fi
-    chmod 600 "$SECRET"
+    local file
+    for file in "$SECRET" "$STATS_SECRET"; do
+        if [ ! -s "$file" ]; then
+            say "generating $file"
+            (umask 077 && od -An -tx1 -N32 /dev/urandom | tr -d ' \n' >"$file.tmp")
+            mv "$file.tmp" "$file"
+        fi
+        chmod 600 "$file"
+    done
 }
 
 start_auth() {
@@ -137,6 +144,7 @@ start_auth() {
     else
         refuse_taken_port "$AUTH_PORT"
         refuse_taken_port "$AUTH_RELAY_PORT"
+        refuse_taken_port "$AUTH_STATS_PORT"
         db_url=$("$PG" url)
         say "starting auth server on 127.0.0.1:$AUTH_PORT (relays: $AUTH_RELAY_PORT)"
         launch auth fastchat-auth \
@@ -144,7 +152,9 @@ start_auth() {
             FASTCHAT_AUTH_RELAY_LISTEN="127.0.0.1:$AUTH_RELAY_PORT" \
             FASTCHAT_DB_URL="$db_url" \
             FASTCHAT_AUTH_KEY="$KEYS/auth.key" \
-            FASTCHAT_SECRET_FILE="$SECRET"
+            FASTCHAT_SECRET_FILE="$SECRET" \
+            FASTCHAT_STATS_SECRET_FILE="$STATS_SECRET" \
+            FASTCHAT_STATS_LISTEN="127.0.0.1:$AUTH_STATS_PORT"
         pid=$LAUNCHED_PID
     fi
     wait_until auth "$pid" "listening port $AUTH_PORT" port_open "$AUTH_PORT"
@@ -171,7 +181,9 @@ start_relay() {
         FASTCHAT_AUTH_RELAY_ADDR="127.0.0.1:$AUTH_RELAY_PORT" \
         FASTCHAT_DB_URL="$db_url" \
         FASTCHAT_RELAY_KEY="$KEYS/$name.key" \
-        FASTCHAT_SECRET_FILE="$SECRET"
+        FASTCHAT_SECRET_FILE="$SECRET" \
+        FASTCHAT_STATS_SECRET_FILE="$STATS_SECRET" \
+        FASTCHAT_STATS_LISTEN=127.0.0.1:0
     wait_until "$name" "$LAUNCHED_PID" "'registered with auth server' in its log" \
         relay_registered "$name" "$LOG_OFFSET"
     say "$name registered with the auth server"
@@ -274,7 +286,7 @@ cmd_status() {
 # The cluster's figures, from the running auth server and relays.
 cluster_stats() {
     [ -x "$BIN/fastchat-auth" ] || die "$BIN/fastchat-auth is missing: run scripts/run.sh first"
-    FASTCHAT_AUTH_RELAY_LISTEN="127.0.0.1:$AUTH_RELAY_PORT" FASTCHAT_SECRET_FILE="$SECRET" \
+    FASTCHAT_STATS_LISTEN="127.0.0.1:$AUTH_STATS_PORT" FASTCHAT_STATS_SECRET_FILE="$STATS_SECRET" \
         "$BIN/fastchat-auth" stats "$@"
 }
 

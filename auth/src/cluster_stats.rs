@@ -1,6 +1,8 @@
 //! `fastchat-auth stats`: asks the running auth server for its figures and the relay
-//! directory over its control port, then each relay over its mesh port (both with the
-//! cluster secret), and prints one table — or one JSON object with `--json`.
+//! directory over its stats port, then each relay over its own stats port, with the
+//! stats secret — a read-only credential: those ports answer `hello` and
+//! `stats_request` only, so the tool cannot announce a relay (or evict one) as the
+//! cluster secret could — and prints one table, or one JSON object with `--json`.
 
 use fastchat_common::keys::load_secret;
 use fastchat_common::link::Link;
@@ -36,7 +38,7 @@ fn ask(addr: &str, secret: &[u8; 32], tag: &str) -> Result<Value, String> {
     }
 }
 
-/// Gathers the cluster's figures.
+/// Gathers the cluster's figures from the auth server's stats port at `auth_addr`.
 pub fn gather(auth_addr: &str, secret_file: &Path) -> Result<Value, String> {
     let secret = load_secret(secret_file).map_err(|e| e.to_string())?;
     let auth = ask(auth_addr, &secret, "stats_request")?;
@@ -45,10 +47,10 @@ pub fn gather(auth_addr: &str, secret_file: &Path) -> Result<Value, String> {
         .cloned()
         .unwrap_or_default()
         .iter()
-        .map(|r| {
-            let addr = r["mesh_addr"].as_str().unwrap_or_default();
-            ask(addr, &secret, "stats_request")
-                .unwrap_or_else(|e| json!({"relay_id": r["relay_id"], "error": e}))
+        .map(|r| match r["stats_addr"].as_str() {
+            Some(addr) => ask(addr, &secret, "stats_request")
+                .unwrap_or_else(|e| json!({"relay_id": r["relay_id"], "error": e})),
+            None => json!({"relay_id": r["relay_id"], "error": "it has no stats port"}),
         })
         .collect();
     Ok(json!({"auth": auth, "relays": relays}))

@@ -110,7 +110,8 @@ pub struct Config {
 #[derive(Subcommand, Debug, Clone)]
 pub enum Command {
     /// Print the running cluster's figures: the auth server's, then each relay's.
-    /// Connects to --relay-listen with the cluster secret.
+    /// Connects to --stats-listen (the auth server's stats port) with the stats secret
+    /// (--stats-secret-file); the cluster secret is not needed.
     Stats {
         /// One JSON object instead of a table.
         #[arg(long)]

@@ -14,6 +14,8 @@ pub struct RelayEntry {
     pub mesh_addr: String,
     /// Clients the relay last reported, plus tickets sent to it since.
     pub clients: u32,
+    /// Where operator tools reach the relay's stats port, if it has one.
+    pub stats_addr: Option<String>,
 }
 
 /// Live relays. A relay is in rotation exactly while its control link is up.
@@ -107,6 +109,7 @@ impl RelayDirectory {
                         "relay_id": e.relay_id,
                         "client_addr": e.client_addr,
                         "mesh_addr": e.mesh_addr,
+                        "stats_addr": e.stats_addr,
                         "clients": e.clients,
                     })
                 })
@@ -131,6 +134,7 @@ mod tests {
             static_key: "00".into(),
             mesh_addr: "127.0.0.1:2".into(),
             clients,
+            stats_addr: None,
         }
     }
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 fn main() {
     let cfg = config::Config::parse();
     if let Some(config::Command::Stats { json }) = cfg.command {
-        match cluster_stats::gather(&cfg.relay_listen, &cfg.common.secret_file) {
+        match cluster_stats::gather(&cfg.common.stats_listen, &cfg.common.stats_secret_file) {
             Ok(stats) if json => println!("{stats}"),
             Ok(stats) => cluster_stats::print_table(&stats),
             Err(e) => {
@@ -32,15 +32,25 @@ fn main() {
 fn run(cfg: config::Config) -> Result<(), Box<dyn std::error::Error>> {
     let base = startup::prepare(
         &cfg.common.secret_file,
+        &cfg.common.stats_secret_file,
         &cfg.key_file,
         &cfg.common.db_url,
         cfg.workers as u32 + 1,
         Duration::from_millis(cfg.common.db_timeout_ms),
     )?;
     let stop = Arc::new(AtomicBool::new(false));
-    let (server, bound, waker) =
-        server::AuthServer::new(cfg, base.db, base.keypair, base.secret, stop.clone())?;
+    let (server, bound, waker) = server::AuthServer::new(
+        cfg,
+        base.db,
+        base.keypair,
+        base.secret,
+        base.stats_secret,
+        stop.clone(),
+    )?;
     startup::stop_on_signal(stop, waker)?;
+    if let Some(stats) = bound.stats {
+        info!("listening for stats requests on {stats}");
+    }
     info!("listening for relays on {}", bound.relays);
     info!("listening for clients on {}", bound.clients);
     server.run()?;

@@ -305,3 +305,94 @@ fn empty_and_overlong_texts_are_refused_in_words_before_anything_is_sent() {
         "the text (after its key offer) is stored"
     );
 }
+
+#[test]
+fn the_stats_credential_reads_figures_and_does_nothing_else() {
+    let net = TestNet::start();
+    let stats_file = net.home.join("stats.secret");
+    // The operator tool works with the stats secret alone.
+    let out = std::process::Command::new(harness::binary("fastchat-auth"))
+        .args([
+            "--stats-listen",
+            &net.auth_stats_addr,
+            "--stats-secret-file",
+        ])
+        .arg(&stats_file)
+        .args(["--secret-file", "/nonexistent", "stats", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let figures: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(figures["auth"]["server"], "auth");
+    let relays = figures["relays"].as_array().unwrap();
+    assert_eq!(relays.len(), 1);
+    assert!(relays[0]["error"].is_null(), "{relays:?}");
+    let stats = fastchat_common::keys::load_secret(&stats_file).unwrap();
+    let frames_then_close = |addr: &str, frames: &[serde_json::Value]| -> Vec<String> {
+        let mut link = Link::connect(
+            addr,
+            fastchat_common::noise::Role::PskInitiator(&stats),
+            1 << 20,
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        for f in frames {
+            link.queue(f);
+        }
+        link.flush().unwrap();
+        let mut tags = Vec::new();
+        loop {
+            match link.recv::<serde_json::Value>(Some(Instant::now() + Duration::from_secs(10))) {
+                Ok(Some(f)) => tags.push(format!("{} {}", f["t"], f["code"])),
+                Ok(None) => panic!("neither an answer nor a close: {tags:?}"),
+                Err(_) => return tags,
+            }
+        }
+    };
+    let hello = serde_json::json!({"t": "hello", "version": fastchat_common::PROTOCOL_VERSION});
+    // It cannot announce (or evict) a relay at the auth server...
+    let tags = frames_then_close(
+        &net.auth_stats_addr,
+        &[
+            hello.clone(),
+            serde_json::json!({"t": "relay_up", "relay_id": "relay-1", "client_addr": "127.0.0.1:1",
+                "static_key": "ab".repeat(32), "mesh_addr": "127.0.0.1:2", "clients": 0}),
+        ],
+    );
+    assert_eq!(tags, ["\"hello\" null", "\"error\" \"bad_state\""]);
+    let directory = net.auth_stats()["relays"].clone();
+    assert_eq!(
+        directory[0]["client_addr"].as_str(),
+        Some(net.relay_addrs[0].as_str())
+    );
+    // ...nor speak as a relay on a relay's stats port...
+    let relay_stats = relays[0]["relay_id"].clone();
+    assert_eq!(relay_stats, "relay-1");
+    let relay_stats_addr = net
+        .relay(0)
+        .wait_for("listening for stats requests on", Duration::from_secs(1));
+    let tags = frames_then_close(
+        &relay_stats_addr,
+        &[
+            hello,
+            serde_json::json!({"t": "mesh_hello", "relay_id": "relay-9"}),
+        ],
+    );
+    assert_eq!(tags, ["\"hello\" null", "\"error\" \"bad_state\""]);
+    // ...and the cluster's own ports do not take it at all.
+    assert!(Link::connect(
+        &net.auth_relay_addr,
+        fastchat_common::noise::Role::PskInitiator(&stats),
+        1 << 20,
+        Duration::from_secs(3),
+    )
+    .and_then(|mut l| {
+        l.send(&serde_json::json!({"t": "hello", "version": fastchat_common::PROTOCOL_VERSION}))?;
+        l.recv_json(Some(Instant::now() + Duration::from_secs(5)))
+    })
+    .is_err());
+}

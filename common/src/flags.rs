@@ -25,6 +25,18 @@ pub struct ServerFlags {
         default_value = ".fastchat/cluster.secret"
     )]
     pub secret_file: PathBuf,
+    /// The operator tools' read-only credential (64 hex characters, like the cluster
+    /// secret but another one): a connection to --stats-listen made with it may ask for
+    /// figures and nothing else. Without the file there is no stats port.
+    #[arg(
+        long,
+        env = "FASTCHAT_STATS_SECRET_FILE",
+        default_value = ".fastchat/stats.secret"
+    )]
+    pub stats_secret_file: PathBuf,
+    /// The stats port (Noise NNpsk0 with the stats secret).
+    #[arg(long, env = "FASTCHAT_STATS_LISTEN", default_value = "127.0.0.1:0")]
+    pub stats_listen: String,
     /// Largest frame accepted, in bytes.
     #[arg(long, env = "FASTCHAT_MAX_FRAME", default_value_t = crate::frame::DEFAULT_MAX_FRAME)]
     pub max_frame: usize,

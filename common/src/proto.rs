@@ -257,6 +257,10 @@ pub enum RelayToAuth {
         /// Where other relays (and `stats` requests) reach the relay's mesh port.
         mesh_addr: String,
         clients: u32,
+        /// Where operator tools reach the relay's stats port (read-only, with the stats
+        /// secret); absent when it has none (and from older relays).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stats_addr: Option<String>,
     },
     /// Instead of `relay_up`, from an operator tool: reply `stats`.
     StatsRequest {

@@ -14,6 +14,8 @@ use std::time::Duration;
 /// A server's keys and database, ready for its poll loop.
 pub struct Prepared {
     pub secret: [u8; KEY_LEN],
+    /// The stats port's secret, if its file exists.
+    pub stats_secret: Option<[u8; KEY_LEN]>,
     pub keypair: StaticKeypair,
     pub db: DbPool,
 }
@@ -22,12 +24,26 @@ pub struct Prepared {
 /// connection once running; see [`crate::db::connect`]) and migrates the schema.
 pub fn prepare(
     secret_file: &Path,
+    stats_secret_file: &Path,
     key_file: &Path,
     db_url: &str,
     pool_size: u32,
     db_timeout: Duration,
 ) -> Result<Prepared, Box<dyn std::error::Error>> {
     let secret = crate::keys::load_secret(secret_file)?;
+    let stats_secret = if stats_secret_file.exists() {
+        let stats = crate::keys::load_secret(stats_secret_file)?;
+        if stats == secret {
+            return Err("the stats secret must not be the cluster secret".into());
+        }
+        Some(stats)
+    } else {
+        info!(
+            "no stats secret at {}: no stats port",
+            stats_secret_file.display()
+        );
+        None
+    };
     let (keypair, created) = crate::keys::load_or_create_keypair(key_file)?;
     if created {
         info!("generated a new static key at {}", key_file.display());
@@ -40,6 +56,7 @@ pub fn prepare(
     }
     Ok(Prepared {
         secret,
+        stats_secret,
         keypair,
         db,
     })

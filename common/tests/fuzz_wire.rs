@@ -221,6 +221,7 @@ fn samples(f: &Fields) -> Samples {
                 static_key: s.clone(),
                 mesh_addr: s.clone(),
                 clients: k,
+                stats_addr: opt_s.clone(),
             },
             RelayToAuth::StatsRequest { id: n },
             RelayToAuth::Load { clients: k },

@@ -42,6 +42,7 @@ pub struct Announcement<'a> {
     pub client_addr: &'a str,
     pub static_key_hex: &'a str,
     pub mesh_addr: &'a str,
+    pub stats_addr: Option<&'a str>,
     pub clients: u32,
 }
 
@@ -91,6 +92,7 @@ impl ControlLink {
             static_key: me.static_key_hex.to_string(),
             mesh_addr: me.mesh_addr.to_string(),
             clients: me.clients,
+            stats_addr: me.stats_addr.map(str::to_string),
         });
         self.reported_clients = Some(me.clients);
         self.phase = Phase::Announcing;

@@ -21,6 +21,7 @@ fn main() {
 fn run(cfg: config::Config) -> Result<(), Box<dyn std::error::Error>> {
     let base = startup::prepare(
         &cfg.common.secret_file,
+        &cfg.common.stats_secret_file,
         &cfg.key_file,
         &cfg.common.db_url,
         cfg.workers as u32 + 1,
@@ -31,11 +32,20 @@ fn run(cfg: config::Config) -> Result<(), Box<dyn std::error::Error>> {
         info!("cleared {cleared} stale presence rows of a previous run");
     }
     let stop = Arc::new(AtomicBool::new(false));
-    let (server, bound, waker) =
-        server::RelayServer::new(cfg, base.db, base.keypair, base.secret, stop.clone())?;
+    let (server, bound, waker) = server::RelayServer::new(
+        cfg,
+        base.db,
+        base.keypair,
+        base.secret,
+        base.stats_secret,
+        stop.clone(),
+    )?;
     startup::stop_on_signal(stop, waker)?;
     info!("listening for clients on {bound}");
     info!("listening for relays on {}", server.mesh_addr());
+    if let Some(stats) = server.stats_addr() {
+        info!("listening for stats requests on {stats}");
+    }
     server.run()?;
     Ok(())
 }

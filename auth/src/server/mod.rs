@@ -50,6 +50,9 @@ pub(crate) enum PeerState {
     RelayAwaitingHello,
     RelayAwaitingUp,
     RelayUp,
+    /// An operator tool on the stats port: `hello`, then `stats_request`s only.
+    StatsAwaitingHello,
+    Stats,
 }
 
 impl PeerState {
@@ -72,6 +75,7 @@ pub(crate) enum Inbound {
 pub(crate) enum Listening {
     Clients,
     Relays,
+    Stats,
 }
 
 /// A login waiting for its relay to confirm the ticket.
@@ -89,6 +93,8 @@ pub(crate) struct PendingRedirect {
 pub struct Bound {
     pub clients: SocketAddr,
     pub relays: SocketAddr,
+    /// The stats port, when there is a stats secret.
+    pub stats: Option<SocketAddr>,
 }
 
 /// The running auth server: the reactor and the server's logic on it.
@@ -125,25 +131,29 @@ impl AuthServer {
         db: DbPool,
         keypair: StaticKeypair,
         secret: [u8; KEY_LEN],
+        stats_secret: Option<[u8; KEY_LEN]>,
         stop: Arc<AtomicBool>,
     ) -> std::io::Result<(AuthServer, Bound, Arc<Waker>)> {
-        let (reactor, bound, done) = Reactor::new(
-            cfg.common.max_frame,
-            TICK,
-            TICK,
-            vec![
-                (
-                    cfg.listen.as_str(),
-                    Accepting::Nx(keypair),
-                    Listening::Clients,
-                ),
-                (
-                    cfg.relay_listen.as_str(),
-                    Accepting::Psk(secret),
-                    Listening::Relays,
-                ),
-            ],
-        )?;
+        let mut listeners = vec![
+            (
+                cfg.listen.as_str(),
+                Accepting::Nx(keypair),
+                Listening::Clients,
+            ),
+            (
+                cfg.relay_listen.as_str(),
+                Accepting::Psk(secret),
+                Listening::Relays,
+            ),
+        ];
+        if let Some(stats) = stats_secret {
+            listeners.push((
+                cfg.common.stats_listen.as_str(),
+                Accepting::Psk(stats),
+                Listening::Stats,
+            ));
+        }
+        let (reactor, bound, done) = Reactor::new(cfg.common.max_frame, TICK, TICK, listeners)?;
         let resume_ttl = Duration::from_secs(cfg.resume_ttl_secs);
         let pool = WorkerPool::bounded(
             "auth-worker",
@@ -160,6 +170,7 @@ impl AuthServer {
         let bound = Bound {
             clients: bound[0],
             relays: bound[1],
+            stats: bound.get(2).copied(),
         };
         Ok((
             AuthServer {
@@ -297,6 +308,7 @@ impl Handler for Core {
                     continue;
                 }
                 Listening::Relays => PeerState::RelayAwaitingHello,
+                Listening::Stats => PeerState::StatsAwaitingHello,
             };
             io.add(conn, state);
         }
@@ -389,6 +401,7 @@ impl Core {
                     PeerState::ClientAwaitingHello
                     | PeerState::RelayAwaitingHello
                     | PeerState::RelayAwaitingUp
+                    | PeerState::StatsAwaitingHello
                         if age >= deadline =>
                     {
                         Some((t, "no hello before the deadline"))

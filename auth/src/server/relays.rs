@@ -16,11 +16,17 @@ impl Core {
             return;
         };
         match (&peer.state, frame) {
-            (PeerState::RelayAwaitingHello, RelayToAuth::Hello { version }) => {
+            (
+                PeerState::RelayAwaitingHello | PeerState::StatsAwaitingHello,
+                RelayToAuth::Hello { version },
+            ) => {
                 if version != PROTOCOL_VERSION {
                     return self.fail(io, token, version_error(version));
                 }
-                peer.state = PeerState::RelayAwaitingUp;
+                peer.state = match peer.state {
+                    PeerState::StatsAwaitingHello => PeerState::Stats,
+                    _ => PeerState::RelayAwaitingUp,
+                };
                 peer.conn.queue(&AuthToRelay::Hello {
                     version: PROTOCOL_VERSION,
                 });
@@ -33,6 +39,7 @@ impl Core {
                     static_key,
                     mesh_addr,
                     clients,
+                    stats_addr,
                 },
             ) => {
                 if hex::decode(&static_key).map(|k| k.len()) != Some(KEY_LEN) {
@@ -56,6 +63,7 @@ impl Core {
                         static_key,
                         mesh_addr,
                         clients,
+                        stats_addr,
                     },
                 );
                 if let Some(old) = stale {
@@ -63,7 +71,10 @@ impl Core {
                 }
                 self.broadcast_peers(io);
             }
-            (PeerState::RelayAwaitingUp | PeerState::RelayUp, RelayToAuth::StatsRequest { id }) => {
+            (
+                PeerState::RelayAwaitingUp | PeerState::RelayUp | PeerState::Stats,
+                RelayToAuth::StatsRequest { id },
+            ) => {
                 let stats = self.stats(io);
                 io.send(token, &AuthToRelay::Stats { id, stats });
             }

@@ -88,6 +88,7 @@ impl Bench {
                 static_key: "ab".repeat(32),
                 mesh_addr: format!("{id}:7411"),
                 clients,
+                stats_addr: None,
             },
         );
         let out = self.relay_out(t);
@@ -474,6 +475,7 @@ fn relay_links_speak_in_turn() {
             static_key: "short".into(),
             mesh_addr: "m".into(),
             clients: 0,
+            stats_addr: None,
         },
     );
     assert!(
@@ -712,4 +714,36 @@ fn failures_from_another_address_do_not_lock_the_user_out() {
         },
     );
     assert_eq!(b.jobs().len(), 1);
+}
+
+#[test]
+fn the_stats_port_answers_figures_and_announces_no_relay() {
+    let mut b = Bench::new(&[]);
+    let t = b.accept(Listening::Stats, "127.0.0.1");
+    b.relay_frame(
+        t,
+        RelayToAuth::Hello {
+            version: PROTOCOL_VERSION,
+        },
+    );
+    b.relay_frame(t, RelayToAuth::StatsRequest { id: 1 });
+    assert!(matches!(
+        &b.relay_out(t)[..],
+        [AuthToRelay::Hello { .. }, AuthToRelay::Stats { id: 1, .. }]
+    ));
+    b.relay_frame(
+        t,
+        RelayToAuth::RelayUp {
+            relay_id: "relay-1".into(),
+            client_addr: "a".into(),
+            static_key: "ab".repeat(32),
+            mesh_addr: "m".into(),
+            clients: 0,
+            stats_addr: None,
+        },
+    );
+    assert!(
+        matches!(&b.relay_out(t)[..], [AuthToRelay::Error(e)] if e.code == ErrorCode::BadState)
+    );
+    assert!(b.core.directory.peers().is_empty());
 }

@@ -47,6 +47,8 @@ pub struct TestNet {
     pub auth: ServerProcess,
     pub auth_addr: String,
     pub auth_relay_addr: String,
+    /// The auth server's stats port (the stats secret: `home/stats.secret`).
+    pub auth_stats_addr: String,
     /// Relay i is `relay-{i+1}`; `None` while it is down.
     pub relays: Vec<Option<ServerProcess>>,
     /// Client address of each relay (kept across restarts).
@@ -69,10 +71,11 @@ impl TestNet {
         let home = std::env::temp_dir().join(unique("fastchat-net"));
         std::fs::create_dir_all(&home).unwrap();
         // Secrets as the scripts make them: key directory 0700 (made by the servers),
-        // cluster secret 0600.
-        let secret = fastchat_common::hex::encode(&rand::random::<[u8; 32]>());
-        fastchat_common::keys::write_private_file(&home.join("cluster.secret"), secret.as_bytes())
-            .unwrap();
+        // cluster and stats secrets 0600.
+        for file in ["cluster.secret", "stats.secret"] {
+            let secret = fastchat_common::hex::encode(&rand::random::<[u8; 32]>());
+            fastchat_common::keys::write_private_file(&home.join(file), secret.as_bytes()).unwrap();
+        }
         let auth = ServerProcess::spawn(
             &binary("fastchat-auth"),
             &[
@@ -86,6 +89,8 @@ impl TestNet {
                 home.join("keys/auth.key").display().to_string(),
                 "--secret-file".into(),
                 home.join("cluster.secret").display().to_string(),
+                "--stats-secret-file".into(),
+                home.join("stats.secret").display().to_string(),
                 "--ticket-ttl-secs".into(),
                 settings.ticket_ttl_secs.to_string(),
                 "--login-failures-per-user".into(),
@@ -109,6 +114,8 @@ impl TestNet {
         );
         let auth_relay_addr = auth.wait_for("listening for relays on", Duration::from_secs(30));
         let auth_addr = auth.wait_for("listening for clients on", Duration::from_secs(30));
+        let auth_stats_addr =
+            auth.wait_for("listening for stats requests on", Duration::from_secs(30));
         let count = settings.relays.max(1);
         let mut net = TestNet {
             db_url,
@@ -116,6 +123,7 @@ impl TestNet {
             auth,
             auth_addr,
             auth_relay_addr,
+            auth_stats_addr,
             relays: (0..count).map(|_| None).collect(),
             relay_addrs: vec![String::new(); count],
             settings,
@@ -170,6 +178,8 @@ impl TestNet {
                 .to_string(),
             "--secret-file".into(),
             self.home.join("cluster.secret").display().to_string(),
+            "--stats-secret-file".into(),
+            self.home.join("stats.secret").display().to_string(),
             "--auth-deadline-secs".into(),
             self.settings.auth_deadline_secs.to_string(),
         ];

@@ -135,7 +135,7 @@ impl Drop for ServerProcess {
     }
 }
 
-pub(super) fn binary(name: &str) -> PathBuf {
+pub fn binary(name: &str) -> PathBuf {
     // The client's own binary is built for its integration tests; the servers sit
     // beside it in the same target directory.
     let client = PathBuf::from(env!("CARGO_BIN_EXE_fastchat"));

@@ -16,6 +16,7 @@ impl Core {
             client_addr: &self.public_addr,
             static_key_hex: &key_hex,
             mesh_addr: &self.mesh_addr,
+            stats_addr: self.stats_addr.as_deref(),
             clients: self.clients_count(),
         };
         match self

@@ -143,6 +143,48 @@ impl Core {
     }
 }
 
+impl Core {
+    /// A frame on the stats port: `hello`, then `stats_request`s; anything else (a
+    /// `mesh_hello`, a `deliver`) is refused and the connection closed — the stats
+    /// secret reads figures and does nothing else.
+    pub(super) fn stats_frame(&mut self, io: &mut Links, token: Token, frame: MeshFrame) {
+        io.touch(token);
+        let hello_done = matches!(io.get(token).map(|l| &l.state), Some(Peer::Stats(true)));
+        match (hello_done, frame) {
+            (false, MeshFrame::Hello { version }) if version == PROTOCOL_VERSION => {
+                if let Some(link) = io.get_mut(token) {
+                    link.state = Peer::Stats(true);
+                }
+                io.send(
+                    token,
+                    &MeshFrame::Hello {
+                        version: PROTOCOL_VERSION,
+                    },
+                );
+            }
+            (true, MeshFrame::StatsRequest { id }) => {
+                let stats = self.stats(io);
+                io.send(token, &MeshFrame::Stats { id, stats });
+            }
+            (_, frame) => {
+                let why = match frame {
+                    MeshFrame::Hello { version } if version != PROTOCOL_VERSION => ErrorFrame::new(
+                        None,
+                        ErrorCode::BadVersion,
+                        format!("this relay speaks protocol {PROTOCOL_VERSION}"),
+                    ),
+                    _ => ErrorFrame::new(
+                        None,
+                        ErrorCode::BadState,
+                        "the stats port answers hello and stats_request only",
+                    ),
+                };
+                io.fail(token, &MeshFrame::Error(why));
+            }
+        }
+    }
+}
+
 /// Relay ids: letters, digits, '_', '.', '-', 1–64 characters.
 fn valid_relay_id(id: &str) -> bool {
     (1..=64).contains(&id.len())

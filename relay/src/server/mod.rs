@@ -75,6 +75,9 @@ pub(crate) enum Peer {
     Client(ClientState),
     Mesh,
     Control,
+    /// An operator tool on the stats port (`true` once it has said `hello`): it may ask
+    /// for figures and nothing else.
+    Stats(bool),
 }
 
 /// A frame of one of the relay's links.
@@ -82,6 +85,8 @@ pub(crate) enum Inbound {
     Client(ClientToRelay),
     Mesh(MeshFrame),
     Control(AuthToRelay),
+    /// On the stats port: mesh frames, of which only `hello` and `stats_request` pass.
+    Stats(MeshFrame),
 }
 
 /// The relay's listeners.
@@ -89,6 +94,7 @@ pub(crate) enum Inbound {
 pub(crate) enum Listening {
     Clients,
     Mesh,
+    Stats,
 }
 
 /// The reactor's table of the relay's connections.
@@ -158,6 +164,10 @@ pub(crate) struct Core {
     /// Set once shutdown has begun: sessions end without per-user presence jobs.
     stopping: bool,
     mesh_addr: String,
+    /// Where operator tools reach the stats port, if there is one.
+    stats_addr: Option<String>,
+    /// Connections on the stats port.
+    stats_links: usize,
     mesh: Mesh,
     metrics: Arc<StoreMetrics>,
     counters: Counters,
@@ -172,24 +182,33 @@ impl RelayServer {
         db: DbPool,
         keypair: StaticKeypair,
         secret: [u8; KEY_LEN],
+        stats_secret: Option<[u8; KEY_LEN]>,
         stop: Arc<AtomicBool>,
     ) -> std::io::Result<(RelayServer, SocketAddr, Arc<Waker>)> {
+        let mut listeners = vec![
+            (
+                cfg.listen.as_str(),
+                Accepting::Nk(keypair.clone()),
+                Listening::Clients,
+            ),
+            (
+                cfg.mesh_listen.as_str(),
+                Accepting::Psk(secret),
+                Listening::Mesh,
+            ),
+        ];
+        if let Some(stats) = stats_secret {
+            listeners.push((
+                cfg.common.stats_listen.as_str(),
+                Accepting::Psk(stats),
+                Listening::Stats,
+            ));
+        }
         let (reactor, bound, done) = Reactor::new(
             cfg.common.max_frame,
             Duration::from_millis(100),
             TICK,
-            vec![
-                (
-                    cfg.listen.as_str(),
-                    Accepting::Nk(keypair.clone()),
-                    Listening::Clients,
-                ),
-                (
-                    cfg.mesh_listen.as_str(),
-                    Accepting::Psk(secret),
-                    Listening::Mesh,
-                ),
-            ],
+            listeners,
         )?;
         let public_addr = cfg
             .public_addr
@@ -217,6 +236,7 @@ impl RelayServer {
             Addresses {
                 public: public_addr,
                 mesh: mesh_addr,
+                stats: bound.get(2).map(|a| a.to_string()),
             },
             keypair,
             secret,
@@ -238,6 +258,11 @@ impl RelayServer {
     /// The address other relays reach this one at.
     pub fn mesh_addr(&self) -> &str {
         &self.core.mesh_addr
+    }
+
+    /// The stats port's address, if there is one.
+    pub fn stats_addr(&self) -> Option<&str> {
+        self.core.stats_addr.as_deref()
     }
 
     /// Runs until the stop flag is set, then finishes the batches in flight, answers
@@ -277,6 +302,8 @@ impl RelayServer {
 pub(crate) struct Addresses {
     pub public: String,
     pub mesh: String,
+    /// The stats port, when there is a stats secret.
+    pub stats: Option<String>,
 }
 
 impl Core {
@@ -323,6 +350,8 @@ impl Core {
             last_file_sweep: Instant::now(),
             stopping: false,
             mesh_addr: addresses.mesh,
+            stats_addr: addresses.stats,
+            stats_links: 0,
             mesh,
             metrics,
             counters: Counters::default(),
@@ -343,6 +372,7 @@ impl Handler for Core {
             Peer::Client(_) => conn.next_message().map(|r| r.map(Inbound::Client)),
             Peer::Mesh => conn.next_message().map(|r| r.map(Inbound::Mesh)),
             Peer::Control => conn.next_message().map(|r| r.map(Inbound::Control)),
+            Peer::Stats(_) => conn.next_message().map(|r| r.map(Inbound::Stats)),
         }
     }
 
@@ -351,6 +381,7 @@ impl Handler for Core {
             Inbound::Client(frame) => self.client_frame(io, token, frame),
             Inbound::Mesh(frame) => self.mesh_frame(io, token, frame),
             Inbound::Control(frame) => self.control_frame(io, frame),
+            Inbound::Stats(frame) => self.stats_frame(io, token, frame),
         }
     }
 
@@ -359,6 +390,9 @@ impl Handler for Core {
             Some(Peer::Client(_)) => self.fail(io, token, error),
             Some(Peer::Mesh) => self.fail_mesh(io, token, error),
             Some(Peer::Control) => self.control_down(io, &error.message),
+            Some(Peer::Stats(_)) => {
+                io.fail(token, &MeshFrame::Error(error));
+            }
             None => {}
         }
     }
@@ -404,6 +438,13 @@ impl Handler for Core {
                     }
                 }
             }
+            Listening::Stats => {
+                for conn in accepted.connections {
+                    if io.add(conn, Peer::Stats(false)).is_some() {
+                        self.stats_links += 1;
+                    }
+                }
+            }
         }
     }
 
@@ -439,7 +480,10 @@ impl Handler for Core {
 impl Core {
     /// Client connections held (the table also holds mesh links and the control link).
     fn client_count(&self, io: &Links) -> usize {
-        io.len() - self.mesh.links.len() - usize::from(self.control.token.is_some())
+        io.len()
+            - self.mesh.links.len()
+            - self.stats_links
+            - usize::from(self.control.token.is_some())
     }
 
     /// At shutdown: gives clients up to `grace` to take what is queued for them (the
@@ -491,6 +535,11 @@ impl Core {
         let deadline = Duration::from_secs(self.cfg.common.auth_deadline_secs);
         let mut closing: Vec<(Token, &str)> = Vec::new();
         for (token, link) in io.iter_mut() {
+            if matches!(link.state, Peer::Stats(false))
+                && now.duration_since(link.conn.opened) >= deadline
+            {
+                closing.push((token, "no hello before the deadline"));
+            }
             let Peer::Client(state) = &mut link.state else {
                 continue;
             };
@@ -569,8 +618,13 @@ impl Core {
             }
             return;
         }
-        let Peer::Client(state) = link.state else {
-            return;
+        let state = match link.state {
+            Peer::Client(state) => state,
+            Peer::Stats(_) => {
+                self.stats_links -= 1;
+                return;
+            }
+            Peer::Mesh | Peer::Control => return,
         };
         self.per_addr.disconnect(peer.ip());
         if let ClientState::Ready(session) = state {

@@ -30,6 +30,7 @@ impl Bench {
             Addresses {
                 public: "127.0.0.1:7410".into(),
                 mesh: "127.0.0.1:7411".into(),
+                stats: Some("127.0.0.1:7412".into()),
             },
             StaticKeypair::generate(),
             [7; KEY_LEN],
@@ -1252,4 +1253,58 @@ fn resumptions_count_against_the_address_as_they_start() {
     b.frame(four, resume());
     assert!(b.jobs().iter().any(|j| matches!(j, Job::Resume { .. })));
     let _ = two;
+}
+
+#[test]
+fn the_stats_port_answers_figures_and_nothing_else() {
+    let mut b = Bench::new(&[]);
+    let open = |b: &mut Bench| {
+        let before = b.io.tokens();
+        b.core.on_accept(
+            &mut b.io,
+            Listening::Stats,
+            Accepted {
+                connections: vec![Connection::recorded(
+                    "127.0.0.1:40001".parse().unwrap(),
+                    MAX_FRAME,
+                )],
+                refused: 0,
+            },
+        );
+        b.io.tokens()
+            .into_iter()
+            .find(|t| !before.contains(t))
+            .unwrap()
+    };
+    let hello = MeshFrame::Hello {
+        version: PROTOCOL_VERSION,
+    };
+    let t = open(&mut b);
+    for f in [hello.clone(), MeshFrame::StatsRequest { id: 5 }] {
+        b.core.on_frame(&mut b.io, t, Inbound::Stats(f));
+    }
+    assert!(matches!(
+        &b.mesh_out(t)[..],
+        [MeshFrame::Hello { .. }, MeshFrame::Stats { id: 5, .. }]
+    ));
+    // Not a relay: no introduction, no deliveries, and it is no client either.
+    for f in [
+        MeshFrame::MeshHello {
+            relay_id: "relay-2".into(),
+        },
+        MeshFrame::Deliver {
+            recipient_id: 2,
+            message: stored(1, "x", "y"),
+        },
+    ] {
+        let t = open(&mut b);
+        b.core.on_frame(&mut b.io, t, Inbound::Stats(hello.clone()));
+        b.core.on_frame(&mut b.io, t, Inbound::Stats(f));
+        assert!(
+            matches!(&b.mesh_out(t)[..], [MeshFrame::Hello { .. }, MeshFrame::Error(e)] if e.code == ErrorCode::BadState)
+        );
+        assert!(b.closing(t));
+    }
+    assert!(b.core.mesh.route("relay-2").is_none());
+    assert_eq!(b.core.client_count(&b.io), 0);
 }
