@@ -396,3 +396,41 @@ fn the_stats_credential_reads_figures_and_does_nothing_else() {
     })
     .is_err());
 }
+
+fn refused_with(result: Result<fastchat_common::proto::GroupSummary, ClientError>) -> ErrorCode {
+    match result {
+        Err(ClientError::Refused { code, .. }) => code,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn nobody_can_be_put_in_groups_without_bound() {
+    let net = TestNet::with(Settings {
+        extra_relay_args: vec!["--max-groups-per-user".into(), "2".into()],
+        ..Settings::default()
+    });
+    for u in ["mallory", "bob"] {
+        net.register(u);
+    }
+    let mut mallory = net.login("mallory");
+    let mut bob = net.login("bob");
+    let g1 = mallory.group_create("one").unwrap();
+    let g2 = mallory.group_create("two").unwrap();
+    assert_eq!(
+        refused_with(mallory.group_create("three")),
+        ErrorCode::GroupFull,
+        "a third group for its maker"
+    );
+    bob.group_create("bob's").unwrap();
+    mallory.group_add(g1.group_id, "bob").unwrap();
+    assert_eq!(
+        refused_with(mallory.group_add(g2.group_id, "bob")),
+        ErrorCode::GroupFull,
+        "a third group for bob"
+    );
+    // Leaving makes room.
+    mallory.group_leave(g2.group_id).unwrap();
+    mallory.group_create("three").unwrap();
+    assert_eq!(bob.groups().unwrap().len(), 2);
+}

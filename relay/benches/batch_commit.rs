@@ -47,7 +47,10 @@ fn lifecycle(c: &mut Criterion) {
         "bench-relay".into(),
         done,
         Arc::new(StoreMetrics::default()),
-        256,
+        fastchat_relay::worker::groups::Limits {
+            group_size: 256,
+            groups_per_user: i64::MAX,
+        },
         i64::MAX,
     );
     let body = "x".repeat(360);

@@ -68,6 +68,10 @@ pub struct Config {
     /// Most members a group may have.
     #[arg(long, env = "FASTCHAT_MAX_GROUP_SIZE", default_value_t = 256)]
     pub max_group_size: i64,
+    /// Most groups a user may be in: creating or being added to another is refused
+    /// (`group_full`). Also keeps a `groups` reply well inside a frame.
+    #[arg(long, env = "FASTCHAT_MAX_GROUPS_PER_USER", default_value_t = 100)]
+    pub max_groups_per_user: i64,
     /// Stored messages delivered per page at login; the next page is fetched once the
     /// client has acknowledged half of the previous one.
     #[arg(long, env = "FASTCHAT_PAGE_SIZE", default_value_t = 1000)]

@@ -225,7 +225,10 @@ impl RelayServer {
                 cfg.id.clone(),
                 done.clone(),
                 metrics.clone(),
-                cfg.max_group_size,
+                crate::worker::groups::Limits {
+                    group_size: cfg.max_group_size,
+                    groups_per_user: cfg.max_groups_per_user,
+                },
                 cfg.max_pending,
             );
             move |jobs| worker.run_batch(jobs)

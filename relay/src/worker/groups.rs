@@ -78,13 +78,22 @@ fn refused(code: ErrorCode, message: impl Into<String>) -> Result<GroupOutcome, 
 }
 
 /// Runs `op` for `actor` in one transaction.
+/// The limits group operations keep.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Most members of a group.
+    pub group_size: i64,
+    /// Most groups a user is in.
+    pub groups_per_user: i64,
+}
+
 pub fn run(
     conn: &mut DbConn,
     actor_id: i64,
     actor: &str,
     op: GroupOp,
     req: u64,
-    max_size: i64,
+    limits: Limits,
 ) -> Result<GroupOutcome, postgres::Error> {
     let mut tx = conn.transaction()?;
     let outcome = Op {
@@ -93,7 +102,7 @@ pub fn run(
         actor,
         req,
     }
-    .run(op, max_size)?;
+    .run(op, limits)?;
     if let GroupOutcome::Done { .. } = outcome {
         tx.commit()?;
     }
@@ -111,10 +120,10 @@ struct Op<'a, 't> {
 type Locked = (String, i32);
 
 impl Op<'_, '_> {
-    fn run(&mut self, op: GroupOp, max_size: i64) -> Result<GroupOutcome, postgres::Error> {
+    fn run(&mut self, op: GroupOp, limits: Limits) -> Result<GroupOutcome, postgres::Error> {
         match op {
-            GroupOp::Create { name } => self.create(&name),
-            GroupOp::Add { group_id, user } => self.add(group_id, &user, max_size),
+            GroupOp::Create { name } => self.create(&name, limits.groups_per_user),
+            GroupOp::Add { group_id, user } => self.add(group_id, &user, limits),
             GroupOp::Remove { group_id, user } => self.remove(group_id, &user),
             GroupOp::Promote { group_id, user } => self.promote(group_id, &user),
             GroupOp::Leave { group_id } => self.leave(group_id),
@@ -344,7 +353,25 @@ impl Op<'_, '_> {
         })
     }
 
-    fn create(&mut self, name: &str) -> Result<GroupOutcome, postgres::Error> {
+    /// How many groups `user_id` is in.
+    fn groups_of(&mut self, user_id: i64) -> Result<i64, postgres::Error> {
+        Ok(self
+            .tx
+            .query_one(
+                "SELECT count(*) FROM group_members WHERE user_id = $1",
+                &[&user_id],
+            )?
+            .get(0))
+    }
+
+    fn create(&mut self, name: &str, max_groups: i64) -> Result<GroupOutcome, postgres::Error> {
+        let mine = self.groups_of(self.actor_id)?;
+        if mine >= max_groups {
+            return refused(
+                ErrorCode::GroupFull,
+                format!("you are in {mine} groups, the most allowed; leave one first"),
+            );
+        }
         let group_id: i64 = self
             .tx
             .query_one(
@@ -370,8 +397,9 @@ impl Op<'_, '_> {
         &mut self,
         group_id: i64,
         user: &str,
-        max_size: i64,
+        limits: Limits,
     ) -> Result<GroupOutcome, postgres::Error> {
+        let max_size = limits.group_size;
         let (name, epoch) = match self.require(group_id, true)? {
             Ok(locked) => locked,
             Err(refusal) => return Ok(refusal),
@@ -393,6 +421,13 @@ impl Op<'_, '_> {
             return refused(
                 ErrorCode::GroupFull,
                 format!("{name} is full ({max_size} members)"),
+            );
+        }
+        let theirs = self.groups_of(user_id)?;
+        if theirs >= limits.groups_per_user {
+            return refused(
+                ErrorCode::GroupFull,
+                format!("{user} is in {theirs} groups, the most allowed"),
             );
         }
         self.tx.execute(

@@ -61,7 +61,7 @@ pub struct Worker {
     done: Completions<Done>,
     user_ids: HashMap<String, i64>,
     metrics: Arc<StoreMetrics>,
-    max_group_size: i64,
+    group_limits: groups::Limits,
     /// Most messages stored for one recipient (see [`Mailbox`]).
     max_pending: i64,
     mailboxes: HashMap<i64, Mailbox>,
@@ -82,7 +82,7 @@ impl Worker {
         relay_id: String,
         done: Completions<Done>,
         metrics: Arc<StoreMetrics>,
-        max_group_size: i64,
+        group_limits: groups::Limits,
         max_pending: i64,
     ) -> Worker {
         Worker {
@@ -90,7 +90,7 @@ impl Worker {
             done,
             user_ids: HashMap::new(),
             metrics,
-            max_group_size,
+            group_limits,
             max_pending,
             mailboxes: HashMap::new(),
             db: HeldConnection::new(db, Prepared::new),
@@ -220,7 +220,7 @@ impl Worker {
         else {
             return true;
         };
-        let outcome = groups::run(conn, user_id, &user, op, req, self.max_group_size);
+        let outcome = groups::run(conn, user_id, &user, op, req, self.group_limits);
         let result = match outcome {
             Ok(GroupOutcome::Done { reply, events }) => {
                 match self.locate_unprepared(conn, events.iter().map(|(_, r, _)| *r).collect()) {
