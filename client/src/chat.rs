@@ -302,6 +302,9 @@ pub fn check_text(text: &str) -> Result<(), ClientError> {
     Ok(())
 }
 
+/// Most conversation keys kept for one peer: offers beyond it are refused.
+pub const MAX_KEYS_PER_PEER: u64 = 256;
+
 /// How long a session keeps trying to reach a relay again before giving up.
 pub const FAILOVER_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -1169,6 +1172,17 @@ impl Chat {
                     &sig,
                 ) {
                     Ok(key) => {
+                        // A peer offers a key once per conversation, and again after a
+                        // reinstall: thousands are a store-filling attack, refused (a
+                        // key already kept is not counted again).
+                        if self.store.conversation_key(&m.from, &key.id)?.is_none()
+                            && self.store.key_count(&m.from)? >= MAX_KEYS_PER_PEER
+                        {
+                            return undecryptable(format!(
+                                "{} has offered more than {MAX_KEYS_PER_PEER} keys; this one is refused",
+                                m.from
+                            ));
+                        }
                         self.store
                             .add_key(&m.from, &key, None, true, MakeCurrent::IfNone)?;
                         Ok(Opened::Nothing)

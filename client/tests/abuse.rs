@@ -434,3 +434,80 @@ fn nobody_can_be_put_in_groups_without_bound() {
     mallory.group_create("three").unwrap();
     assert_eq!(bob.groups().unwrap().len(), 2);
 }
+
+#[test]
+fn a_peer_cannot_fill_the_store_with_key_offers() {
+    use fastchat_client::chat::{Event, MAX_KEYS_PER_PEER};
+    use fastchat_client::e2e::{make_offer, ConversationKey, PeerKey};
+    let net = TestNet::start();
+    net.register("bob");
+    let mallory = Identity::generate().unwrap();
+    let mut auth = AuthLink::connect(&net.auth_addr, &net.home.join("raw")).unwrap();
+    auth.register("mallory", PASSWORD, &mallory.public_pem())
+        .unwrap();
+    let mut m = relay_session(&net, "mallory");
+    let id = m.next_id();
+    m.queue(&ClientToRelay::Key {
+        id,
+        user: "bob".into(),
+    });
+    m.flush().unwrap();
+    let bob_key = loop {
+        match m
+            .recv(Some(Instant::now() + Duration::from_secs(10)))
+            .unwrap()
+        {
+            Some(RelayToClient::Key { pubkey, .. }) => break PeerKey::from_pem(&pubkey).unwrap(),
+            Some(_) => {}
+            None => panic!("no key for bob"),
+        }
+    };
+    let offers = MAX_KEYS_PER_PEER as usize + 4;
+    let mut ids = Vec::new();
+    for _ in 0..offers {
+        let offer = make_offer(
+            &mallory,
+            "mallory",
+            "bob",
+            &bob_key,
+            &ConversationKey::generate(),
+        )
+        .unwrap();
+        let id = m.next_id();
+        m.queue(&ClientToRelay::Send {
+            id,
+            to: Some("bob".into()),
+            group_id: None,
+            body: offer.to_body(),
+        });
+        ids.push(id);
+    }
+    m.flush().unwrap();
+    let mut sent = 0;
+    while sent < offers {
+        match m
+            .recv(Some(Instant::now() + Duration::from_secs(30)))
+            .unwrap()
+        {
+            Some(RelayToClient::Sent { .. }) => sent += 1,
+            Some(RelayToClient::Error(e)) => panic!("{e:?}"),
+            Some(_) => {}
+            None => panic!("{sent} of {offers} offers stored"),
+        }
+    }
+    let mut bob = net.login("bob");
+    let mut refused = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while refused < 4 && Instant::now() < deadline {
+        for event in bob
+            .receive(Instant::now() + Duration::from_secs(2))
+            .unwrap()
+        {
+            if let Event::Undecryptable { why, .. } = event {
+                assert!(why.contains("offered more than"), "{why}");
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!(refused, 4, "offers beyond {MAX_KEYS_PER_PEER} are refused");
+}

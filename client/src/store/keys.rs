@@ -368,6 +368,19 @@ impl Store {
     }
 
     /// The peer of `conv` is known to hold key `key_id`.
+    /// How many keys are kept for `conv`.
+    pub fn key_count(&self, conv: &str) -> Result<u64, StoreError> {
+        let h = self.sealer.hash("conv", conv);
+        self.conn
+            .query_row(
+                "SELECT count(*) FROM conv_keys WHERE conv = ?1",
+                [&h],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n as u64)
+            .map_err(|e| super::db_error(&self.path, e))
+    }
+
     pub fn mark_shared(&mut self, conv: &str, key_id: &str) -> Result<(), StoreError> {
         let h = self.sealer.hash("conv", conv);
         self.write(|tx| {
