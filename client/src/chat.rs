@@ -949,22 +949,44 @@ impl Chat {
         })
     }
 
+    /// A frame this client could not take: it was skipped (the link goes on), and the
+    /// downloads that had windows outstanding — what it most likely belonged to — are
+    /// abandoned with a notice, never asked for again in a loop. Any other error is
+    /// returned as it is.
+    fn frame_refused(&mut self, e: ClientError) -> Result<Vec<Event>, ClientError> {
+        match crate::connect::too_long(&e) {
+            Some(why) => self.abandon_downloads(&why),
+            None => Err(e),
+        }
+    }
+
     fn receive_once(&mut self, deadline: Instant) -> Result<Vec<Event>, ClientError> {
         // A session that only listens still speaks up now and then (idle timeout):
         // no wait here outlasts the keepalive interval (callers loop to their deadline).
         self.relay.keep_alive()?;
         let deadline = deadline.min(Instant::now() + crate::connect::KEEPALIVE);
         let mut frames = Vec::new();
-        match self.relay.recv(Some(deadline))? {
-            Some(frame) => frames.push(frame),
+        match self.relay.recv(Some(deadline)) {
+            Ok(Some(frame)) => frames.push(frame),
             // Quiet: held messages whose next request (or giving up) is due go now.
-            None => return self.recovery_due(),
+            Ok(None) => return self.recovery_due(),
+            Err(e) => return self.frame_refused(e),
         }
-        while let Some(frame) = self
-            .relay
-            .recv(Some(Instant::now() + Duration::from_millis(2)))?
-        {
-            frames.push(frame);
+        loop {
+            match self
+                .relay
+                .recv(Some(Instant::now() + Duration::from_millis(2)))
+            {
+                Ok(Some(frame)) => frames.push(frame),
+                Ok(None) => break,
+                // What came before it is handled below; the long frame itself is gone.
+                Err(e) if crate::connect::too_long(&e).is_some() => {
+                    let abandoned = self.frame_refused(e)?;
+                    self.undelivered.extend(abandoned);
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
         }
         let mut events = Vec::new();
         let mut acks = Vec::new();

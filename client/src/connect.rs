@@ -3,9 +3,9 @@
 
 use crate::error::ClientError;
 use crate::pins;
-use fastchat_common::frame::DEFAULT_MAX_FRAME;
+use fastchat_common::frame::{FrameError, DEFAULT_MAX_FRAME};
 use fastchat_common::link::{Link, LinkError};
-use fastchat_common::noise::Role;
+use fastchat_common::noise::{NoiseError, Role};
 use fastchat_common::proto::{AuthToClient, ClientToAuth, ClientToRelay, RelayToClient};
 use fastchat_common::{hex, PROTOCOL_VERSION};
 use std::collections::VecDeque;
@@ -362,7 +362,9 @@ impl RelayLink {
     }
 
     /// Waits for the reply to request `id` (a frame for which `is_reply` holds, or an
-    /// error naming `id`), keeping other frames for later [`RelayLink::recv`] calls.
+    /// error naming `id`), keeping other frames for later [`RelayLink::recv`] calls. A
+    /// frame too long for this client abandons the request (a protocol error, not a lost
+    /// connection: the frame was skipped and the link goes on).
     pub fn wait_reply(
         &mut self,
         id: u64,
@@ -370,7 +372,19 @@ impl RelayLink {
     ) -> Result<RelayToClient, ClientError> {
         let deadline = Instant::now() + REPLY_TIMEOUT;
         loop {
-            match self.link.recv::<RelayToClient>(Some(deadline))? {
+            let frame = match self.link.recv::<RelayToClient>(Some(deadline)) {
+                Ok(frame) => frame,
+                Err(e) => {
+                    let e = ClientError::from(e);
+                    return Err(match too_long(&e) {
+                        Some(why) => {
+                            ClientError::Protocol(format!("{why}; the request is abandoned"))
+                        }
+                        None => e,
+                    });
+                }
+            };
+            match frame {
                 Some(RelayToClient::Error(e)) if e.id == Some(id) || e.id.is_none() => {
                     return Err(ClientError::from_frame(e))
                 }
@@ -407,5 +421,19 @@ impl RelayLink {
     /// Closes the connection.
     pub fn close(&self) {
         self.link.close();
+    }
+}
+
+/// If `e` is a frame longer than this client takes (skipped: the link is still in
+/// step), what to tell the person.
+pub fn too_long(e: &ClientError) -> Option<String> {
+    match e {
+        ClientError::Link(LinkError::Noise(NoiseError::Frame(FrameError::TooLong {
+            len,
+            max,
+        }))) => Some(format!(
+            "the relay sent a frame of {len} bytes, more than this client takes ({max})"
+        )),
+        _ => None,
     }
 }

@@ -369,6 +369,20 @@ impl Chat {
     }
 
     /// Asks again for every unfinished download (after a failover or a restart).
+    /// A frame too long for this client arrived (and was skipped) while downloads had
+    /// windows outstanding: those downloads are abandoned — rejected with a notice, and
+    /// `file_done` sent — rather than asked for again and again.
+    pub(crate) fn abandon_downloads(&mut self, why: &str) -> Result<Vec<Event>, ClientError> {
+        let mut files: Vec<i64> = self.files.requests.values().copied().collect();
+        files.sort_unstable();
+        files.dedup();
+        let mut events = Vec::new();
+        for file_id in files {
+            events.extend(self.finish_download(file_id, Err(why.to_string()))?);
+        }
+        Ok(events)
+    }
+
     pub(crate) fn resume_downloads(&mut self) -> Result<(), ClientError> {
         self.files.requests.clear();
         let ids: Vec<i64> = self

@@ -511,3 +511,63 @@ fn a_peer_cannot_fill_the_store_with_key_offers() {
     }
     assert_eq!(refused, 4, "offers beyond {MAX_KEYS_PER_PEER} are refused");
 }
+
+#[test]
+fn a_frame_too_long_for_the_client_abandons_the_request_not_the_link() {
+    use fastchat_client::connect::Redirect;
+    use fastchat_common::noise::{Role, StaticKeypair};
+    use serde_json::{json, Value};
+    // A relay that answers a key lookup with a frame over the client's limit, then
+    // goes on normally.
+    let keypair = StaticKeypair::generate();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let kp = keypair.clone();
+    let relay = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let mut link = Link::accept(
+            stream,
+            Role::NkResponder(&kp),
+            1 << 20,
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        let deadline = || Some(Instant::now() + Duration::from_secs(10));
+        let next = |link: &mut Link| link.recv::<Value>(deadline()).unwrap().unwrap();
+        assert_eq!(next(&mut link)["t"], "hello");
+        assert_eq!(next(&mut link)["t"], "auth");
+        link.queue(&json!({"t": "hello", "version": fastchat_common::PROTOCOL_VERSION}));
+        link.queue(&json!({"t": "welcome", "user": "alice", "user_id": 1}));
+        link.flush().unwrap();
+        let ask = next(&mut link);
+        assert_eq!(ask["t"], "key");
+        let huge =
+            json!({"t": "key", "id": ask["id"], "user": "bob", "pubkey": "k".repeat(70_000)});
+        let mut raw = Vec::new();
+        fastchat_common::frame::encode_raw_into(huge.to_string().as_bytes(), &mut raw);
+        link.queue_raw_bytes(&raw);
+        link.flush().unwrap();
+        // The client's link is still in step: its next request is answered normally.
+        let ask = next(&mut link);
+        assert_eq!(ask["user"], "carol");
+        link.send(&json!({"t": "key", "id": ask["id"], "user": "carol", "pubkey": "PEM"}))
+            .unwrap();
+    });
+    let redirect = Redirect {
+        user: "alice".into(),
+        relay_addr: addr,
+        relay_key: keypair.public.clone(),
+        ticket: "t".into(),
+        credential: None,
+        relays: Vec::new(),
+    };
+    let mut link = RelayLink::connect(&redirect, true).unwrap();
+    match link.fetch_key("bob") {
+        Err(ClientError::Protocol(why)) => {
+            assert!(why.contains("more than this client takes"), "{why}")
+        }
+        other => panic!("expected the request abandoned, got {other:?}"),
+    }
+    assert_eq!(link.fetch_key("carol").unwrap(), "PEM");
+    relay.join().unwrap();
+}

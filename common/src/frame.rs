@@ -46,6 +46,9 @@ pub struct FrameBuffer {
     buf: Vec<u8>,
     start: usize,
     max_frame: usize,
+    /// Bytes of a refused (too long) frame still to drop as they arrive: the stream
+    /// stays in step, so a reader that can carry on after one bad frame may.
+    skipping: usize,
 }
 
 impl FrameBuffer {
@@ -55,6 +58,7 @@ impl FrameBuffer {
             buf: Vec::new(),
             start: 0,
             max_frame,
+            skipping: 0,
         }
     }
 
@@ -97,8 +101,19 @@ impl FrameBuffer {
         self.buf.len() - self.start
     }
 
-    /// The next complete frame's JSON bytes, if there is one.
+    /// The next complete frame's JSON bytes, if there is one. A frame over the limit is
+    /// refused once (`TooLong`) and then dropped as its bytes arrive; the frames after it
+    /// come as usual (servers close the connection instead; a client may go on).
     pub fn next_frame(&mut self) -> Result<Option<&[u8]>, FrameError> {
+        if self.skipping > 0 {
+            let drop = self.skipping.min(self.buf.len() - self.start);
+            self.start += drop;
+            self.skipping -= drop;
+            if self.skipping > 0 {
+                self.compact();
+                return Ok(None);
+            }
+        }
         let avail = &self.buf[self.start..];
         if avail.len() < 4 {
             self.compact();
@@ -106,6 +121,7 @@ impl FrameBuffer {
         }
         let len = u32::from_be_bytes([avail[0], avail[1], avail[2], avail[3]]) as usize;
         if len > self.max_frame {
+            self.skipping = 4 + len;
             return Err(FrameError::TooLong {
                 len,
                 max: self.max_frame,
@@ -169,6 +185,35 @@ mod tests {
             fb.next_frame(),
             Err(FrameError::TooLong { len: 100, max: 10 })
         );
+    }
+
+    #[test]
+    fn after_a_refused_frame_the_next_ones_still_come() {
+        let mut stream = Vec::new();
+        encode_raw_into(b"first", &mut stream);
+        encode_raw_into(&[b'x'; 50], &mut stream);
+        encode_raw_into(b"after", &mut stream);
+        for chunk in [1, 3, 7, 100] {
+            let mut fb = FrameBuffer::new(10);
+            let (mut frames, mut refused) = (Vec::new(), 0);
+            for piece in stream.chunks(chunk) {
+                fb.extend(piece);
+                loop {
+                    match fb.next_frame() {
+                        Ok(Some(f)) => frames.push(f.to_vec()),
+                        Ok(None) => break,
+                        Err(FrameError::TooLong { len: 50, max: 10 }) => refused += 1,
+                        Err(e) => panic!("{e:?}"),
+                    }
+                }
+            }
+            assert_eq!(
+                frames,
+                [b"first".to_vec(), b"after".to_vec()],
+                "chunk {chunk}"
+            );
+            assert_eq!(refused, 1);
+        }
     }
 
     proptest! {
