@@ -571,3 +571,106 @@ fn a_frame_too_long_for_the_client_abandons_the_request_not_the_link() {
     assert_eq!(link.fetch_key("carol").unwrap(), "PEM");
     relay.join().unwrap();
 }
+
+#[test]
+fn one_user_cannot_take_a_relay_with_sessions_requests_or_resumptions() {
+    let net = TestNet::with(Settings {
+        extra_relay_args: [
+            "--max-sessions-per-user",
+            "3",
+            "--max-in-flight",
+            "16",
+            "--resume-failures-per-addr",
+            "20",
+        ]
+        .map(String::from)
+        .to_vec(),
+        ..Settings::default()
+    });
+    net.register("mallory");
+    net.register("bob");
+    // Sessions: the fourth of one user is refused.
+    let mut held: Vec<RelayLink> = (0..3).map(|_| relay_session(&net, "mallory")).collect();
+    let mut auth = AuthLink::connect(&net.auth_addr, &net.home.join("raw")).unwrap();
+    let redirect = auth.login("mallory", PASSWORD).unwrap();
+    match RelayLink::connect(&redirect, true) {
+        Err(ClientError::Refused {
+            code: ErrorCode::RateLimited,
+            ..
+        }) => {}
+        other => panic!("a fourth session: {:?}", other.map(|_| "admitted")),
+    }
+    // Requests: 200 key lookups at once; beyond 16 unanswered they are refused at once.
+    let m = &mut held[0];
+    let ids: Vec<u64> = (0..200)
+        .map(|_| {
+            let id = m.next_id();
+            m.queue(&ClientToRelay::Key {
+                id,
+                user: "bob".into(),
+            });
+            id
+        })
+        .collect();
+    m.flush().unwrap();
+    let (mut answered, mut limited) = (0, 0);
+    while answered + limited < ids.len() {
+        match m
+            .recv(Some(Instant::now() + Duration::from_secs(30)))
+            .unwrap()
+        {
+            Some(RelayToClient::Key { .. }) => answered += 1,
+            Some(RelayToClient::Error(e)) if e.code == ErrorCode::RateLimited => limited += 1,
+            Some(_) => {}
+            None => panic!("{answered} answered, {limited} limited of {}", ids.len()),
+        }
+    }
+    assert!(
+        limited > 0 && answered >= 16,
+        "{answered} answered, {limited} limited"
+    );
+    // Resumptions: 25 bogus credentials at once from 127.0.0.2 — counted as they
+    // start, so the ones past 20 are refused without a lookup.
+    let key = net.relay_key(0);
+    // Every handshake first, then every resumption at once.
+    let mut links: Vec<Link> = (0..25)
+        .map(|_| {
+            let stream = harness::tcp_from("127.0.0.2", &net.relay_addrs[0]).unwrap();
+            Link::over(
+                stream,
+                fastchat_common::noise::Role::NkInitiator(&key),
+                1 << 20,
+                Duration::from_secs(5),
+            )
+            .unwrap()
+        })
+        .collect();
+    for l in &mut links {
+        l.queue(&ClientToRelay::Hello {
+            version: fastchat_common::PROTOCOL_VERSION,
+        });
+        l.queue(&ClientToRelay::Resume {
+            user: "mallory".into(),
+            credential: "0".repeat(64),
+            receive: true,
+        });
+        l.flush().unwrap();
+    }
+    let mut codes = Vec::new();
+    for mut l in links {
+        loop {
+            match l.recv::<RelayToClient>(Some(Instant::now() + Duration::from_secs(30))) {
+                Ok(Some(RelayToClient::Error(e))) => {
+                    codes.push(e.code);
+                    break;
+                }
+                Ok(Some(_)) => {}
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    assert!(codes.contains(&ErrorCode::RateLimited), "{codes:?}");
+    // Bob, meanwhile, is served.
+    let mut bob = net.login("bob");
+    bob.send_text("mallory", "still here").unwrap();
+}
