@@ -548,6 +548,11 @@ impl Chat {
     }
 
     /// The logged-in user's name.
+    /// This user's directory in the data directory (the store, downloads, pastes).
+    pub fn user_dir(&self) -> PathBuf {
+        self.opts.data_dir.join(&self.opts.user)
+    }
+
     pub fn user(&self) -> &str {
         &self.relay.user
     }

@@ -73,6 +73,7 @@ pub fn run(chat: Chat, settings: Settings) -> Result<(), ClientError> {
     );
     // Key changes seen before (by this or an earlier session) and not accepted yet.
     let changed_keys = chat.changed_keys();
+    let paste_dir = chat.user_dir().join("pastes");
     let (requests, updates, backend) = backend::spawn(chat);
     let keys = spawn_key_reader();
     let (quit_tx, quit_rx) = crossbeam_channel::bounded::<()>(1);
@@ -96,6 +97,8 @@ pub fn run(chat: Chat, settings: Settings) -> Result<(), ClientError> {
         clear: false,
         max_scroll: 0,
         paging: false,
+        paste_dir,
+        pending_paste: None,
     };
     for peer in changed_keys {
         app.key_warning(&peer);
@@ -213,6 +216,10 @@ struct App {
     max_scroll: usize,
     /// Older lines were asked of the store and have not come yet.
     paging: bool,
+    /// Where a text too long for a message is kept (0700) for `/paste`.
+    paste_dir: PathBuf,
+    /// The last such text, saved, that `/paste` sends as a file.
+    pending_paste: Option<PathBuf>,
 }
 
 impl App {
@@ -290,38 +297,14 @@ impl App {
                     self.say(text);
                 }
             }
-            Command::File { path } => {
-                let conv = self.model.selected().clone();
-                if conv.id == STATUS {
-                    self.model
-                        .info("open a chat first (/msg USER), then /file PATH", now);
-                    return;
-                }
-                let path = expand_home(&path);
-                if !path.is_file() {
-                    self.model
-                        .info(&format!("no file at {}", path.display()), now);
-                    return;
-                }
-                let name = path
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                let local = self
-                    .model
-                    .outgoing(&conv.id, &format!("[file] {name}"), now);
-                let (to, group_id) = match conv.group_id {
-                    Some(g) => (None, Some(g)),
-                    None => (Some(conv.id.clone()), None),
-                };
-                self.model.note = Some(format!("sending {name}…"));
-                self.request(Request::SendFile {
-                    local,
-                    to,
-                    group_id,
-                    path,
-                });
-            }
+            Command::File { path } => self.send_file(expand_home(&path), now),
+            Command::Paste => match self.pending_paste.take() {
+                Some(path) => self.send_file(path, now),
+                None => self.model.info(
+                    "nothing to paste: /paste follows a text too long for a message",
+                    now,
+                ),
+            },
             Command::Group(command) => {
                 let open_group = self.model.selected().group_id;
                 self.request(Request::Group {
@@ -376,7 +359,17 @@ impl App {
             return;
         }
         if let Err(e) = crate::chat::check_text(&text) {
-            let message = e.to_string().replace("`send --file`", "/file PATH");
+            let message = match self.save_paste(&text, now) {
+                Ok(path) => format!(
+                    "{e} It is saved as {}: /paste sends it to this chat as a file.",
+                    path.display()
+                ),
+                Err(why) => format!("{e} ({why})"),
+            }
+            .replace(
+                " Nothing was sent; send it as a file instead (`send --file`).",
+                "",
+            );
             self.model.info(&message, now);
             return;
         }
@@ -393,6 +386,50 @@ impl App {
                 text,
             }),
         }
+    }
+
+    /// Sends the file at `path` to the open conversation.
+    fn send_file(&mut self, path: PathBuf, now: u64) {
+        let conv = self.model.selected().clone();
+        if conv.id == STATUS {
+            self.model
+                .info("open a chat first (/msg USER), then /file PATH", now);
+            return;
+        }
+        if !path.is_file() {
+            self.model
+                .info(&format!("no file at {}", path.display()), now);
+            return;
+        }
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let local = self
+            .model
+            .outgoing(&conv.id, &format!("[file] {name}"), now);
+        let (to, group_id) = match conv.group_id {
+            Some(g) => (None, Some(g)),
+            None => (Some(conv.id.clone()), None),
+        };
+        self.model.note = Some(format!("sending {name}…"));
+        self.request(Request::SendFile {
+            local,
+            to,
+            group_id,
+            path,
+        });
+    }
+
+    /// Keeps a text too long for a message in a private file, for `/paste`.
+    fn save_paste(&mut self, text: &str, now: u64) -> Result<PathBuf, String> {
+        fastchat_common::keys::create_private_dir(&self.paste_dir)
+            .map_err(|e| format!("cannot keep it in {}: {e}", self.paste_dir.display()))?;
+        let path = self.paste_dir.join(format!("paste-{now}.txt"));
+        fastchat_common::keys::write_private_file(&path, text.as_bytes())
+            .map_err(|e| format!("cannot keep it: {e}"))?;
+        self.pending_paste = Some(path.clone());
+        Ok(path)
     }
 
     fn push(&mut self, conv: &str, title: &str, group_id: Option<i64>, line: super::model::Line) {
@@ -633,5 +670,53 @@ fn expand_home(path: &str) -> PathBuf {
     match (path.strip_prefix("~/"), std::env::var_os("HOME")) {
         (Some(rest), Some(home)) => PathBuf::from(home).join(rest),
         _ => PathBuf::from(path),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn app(dir: &std::path::Path) -> (App, crossbeam_channel::Receiver<Request>) {
+        let (requests, sent) = crossbeam_channel::unbounded();
+        let mut model = Model::new("alice", "relay");
+        model.conversation("bob", "bob", None);
+        model.select("bob");
+        let app = App {
+            model,
+            requests,
+            bell: false,
+            ring: false,
+            quit: false,
+            clear: false,
+            max_scroll: 0,
+            paging: false,
+            paste_dir: dir.join("pastes"),
+            pending_paste: None,
+        };
+        (app, sent)
+    }
+
+    #[test]
+    fn a_text_too_long_for_a_message_is_offered_as_a_file() {
+        let dir = std::env::temp_dir().join(format!("fastchat-paste-{}", std::process::id()));
+        let (mut app, sent) = app(&dir);
+        let long = "x".repeat(crate::chat::MAX_TEXT_BYTES + 1);
+        app.submit(&long);
+        assert!(sent.try_recv().is_err(), "nothing sent as a message");
+        let saved = app.pending_paste.clone().expect("kept for /paste");
+        assert_eq!(std::fs::read_to_string(&saved).unwrap(), long);
+        app.submit("/paste");
+        match sent.try_recv() {
+            Ok(Request::SendFile { to, path, .. }) => {
+                assert_eq!((to.as_deref(), path), (Some("bob"), saved));
+            }
+            Ok(_) => panic!("another request"),
+            Err(_) => panic!("/paste sent nothing"),
+        }
+        // Empty lines send nothing.
+        app.submit("   ");
+        assert!(sent.try_recv().is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

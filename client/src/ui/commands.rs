@@ -19,6 +19,8 @@ pub enum Command {
     AcceptKey { user: String },
     /// `/retry`: send again my messages that failed (still pending).
     Retry,
+    /// `/paste`: send the text last refused as too long for a message, as a file.
+    Paste,
     /// `/search TEXT`: find TEXT in the local history (the open conversation's, or all
     /// from the status window).
     Search { text: String },
@@ -52,6 +54,7 @@ pub const HELP: &[&str] = &[
     "/verify USER [yes]       show the safety number; `yes` marks the key verified",
     "/accept-key USER         trust USER's new key after a key-change warning",
     "/retry                   send again messages that failed (✗); also done on reconnect and login",
+    "/paste                   send the text just refused as too long, as a file",
     "/search TEXT             find TEXT in the history (of the open chat; everywhere from status)",
     "/help   /quit",
     "Keys: Tab/Shift-Tab or Ctrl-N/Ctrl-P switch chats, Alt-1..9 jump, PgUp/PgDn scroll,",
@@ -104,6 +107,8 @@ pub fn parse(line: &str) -> Result<Command, String> {
             [user] => Ok(Command::AcceptKey { user: user.into() }),
             _ => Err("usage: /accept-key USER".into()),
         },
+        "paste" if words.is_empty() => Ok(Command::Paste),
+        "paste" => Err("usage: /paste (after a text too long for a message)".into()),
         "retry" if words.is_empty() => Ok(Command::Retry),
         "retry" => Err("usage: /retry".into()),
         "search" if !words.is_empty() => Ok(Command::Search {
@@ -161,6 +166,12 @@ fn parse_group(words: &[&str]) -> Result<GroupCommand, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paste_takes_no_arguments() {
+        assert_eq!(parse("/paste"), Ok(Command::Paste));
+        assert!(parse("/paste now").is_err());
+    }
 
     #[test]
     fn plain_lines_are_messages() {
