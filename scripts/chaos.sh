@@ -52,18 +52,8 @@ export FASTCHAT_HOME RELAYS=3 FASTCHAT_LOG=${FASTCHAT_LOG:-info}
 export FASTCHAT_PG_PORT=$base FASTCHAT_AUTH_PORT=$((base + 1)) FASTCHAT_AUTH_RELAY_PORT=$((base + 2))
 export FASTCHAT_AUTH_STATS_PORT=$((base + 3))
 export FASTCHAT_RELAY_PORT=$((base + 10)) FASTCHAT_RELAY_MESH_PORT=$((base + 20))
-# The load tester registers and logs in all its simulated users from 127.0.0.1: far
-# beyond what the auth server lets one address do by default (5 registrations and 60
-# password attempts a minute, 32 connections, 64 queued jobs per worker). Raised here
-# for the servers scripts/run.sh starts (they read these variables).
-export FASTCHAT_REGISTRATIONS_PER_ADDR_PER_MINUTE=${FASTCHAT_REGISTRATIONS_PER_ADDR_PER_MINUTE:-1000000}
-export FASTCHAT_REGISTRATIONS_PER_SECOND=${FASTCHAT_REGISTRATIONS_PER_SECOND:-1000000}
-export FASTCHAT_PASSWORD_ATTEMPTS_PER_ADDR_PER_MINUTE=${FASTCHAT_PASSWORD_ATTEMPTS_PER_ADDR_PER_MINUTE:-1000000}
-export FASTCHAT_AUTH_MAX_CONNECTIONS_PER_ADDR=${FASTCHAT_AUTH_MAX_CONNECTIONS_PER_ADDR:-1000000}
-export FASTCHAT_AUTH_QUEUE_PER_WORKER=${FASTCHAT_AUTH_QUEUE_PER_WORKER:-1000000}
-# Relays likewise: sessions per user (32) and connections per address (256).
-export FASTCHAT_RELAY_MAX_SESSIONS_PER_USER=${FASTCHAT_RELAY_MAX_SESSIONS_PER_USER:-1000000}
-export FASTCHAT_RELAY_MAX_CONNECTIONS_PER_ADDR=${FASTCHAT_RELAY_MAX_CONNECTIONS_PER_ADDR:-1000000}
+# Its simulated people all come from 127.0.0.1 (see raise_per_address_limits).
+raise_per_address_limits
 RUN=scripts/run.sh
 PG=scripts/pg.sh
 LOAD=$ROOT/target/$FASTCHAT_PROFILE/fastchat-load

@@ -81,3 +81,18 @@ ensure_tmux() {
     apt_install tmux
     command -v tmux >/dev/null || die "tmux installed but not on PATH"
 }
+
+# The load tester registers and logs in all its simulated users from 127.0.0.1: far
+# beyond what the servers let one address (or one user) do by default — auth: 5
+# registrations and 60 password attempts a minute, 32 connections, 64 queued jobs per
+# worker; relays: 32 sessions per user, 256 connections per address. Raised, unless
+# already set, for the servers scripts/run.sh starts (they read these variables).
+raise_per_address_limits() {
+    export FASTCHAT_REGISTRATIONS_PER_ADDR_PER_MINUTE=${FASTCHAT_REGISTRATIONS_PER_ADDR_PER_MINUTE:-1000000}
+    export FASTCHAT_REGISTRATIONS_PER_SECOND=${FASTCHAT_REGISTRATIONS_PER_SECOND:-1000000}
+    export FASTCHAT_PASSWORD_ATTEMPTS_PER_ADDR_PER_MINUTE=${FASTCHAT_PASSWORD_ATTEMPTS_PER_ADDR_PER_MINUTE:-1000000}
+    export FASTCHAT_AUTH_MAX_CONNECTIONS_PER_ADDR=${FASTCHAT_AUTH_MAX_CONNECTIONS_PER_ADDR:-1000000}
+    export FASTCHAT_AUTH_QUEUE_PER_WORKER=${FASTCHAT_AUTH_QUEUE_PER_WORKER:-1000000}
+    export FASTCHAT_RELAY_MAX_SESSIONS_PER_USER=${FASTCHAT_RELAY_MAX_SESSIONS_PER_USER:-1000000}
+    export FASTCHAT_RELAY_MAX_CONNECTIONS_PER_ADDR=${FASTCHAT_RELAY_MAX_CONNECTIONS_PER_ADDR:-1000000}
+}

@@ -22,18 +22,8 @@ case "${1:-}" in
 *) die "usage: scripts/loadtest.sh [--quick]" ;;
 esac
 
-# The load tester registers and logs in all its simulated users from 127.0.0.1: far
-# beyond what the auth server lets one address do by default (5 registrations and 60
-# password attempts a minute, 32 connections, 64 queued jobs per worker). Raised here
-# for the servers scripts/run.sh starts (they read these variables).
-export FASTCHAT_REGISTRATIONS_PER_ADDR_PER_MINUTE=${FASTCHAT_REGISTRATIONS_PER_ADDR_PER_MINUTE:-1000000}
-export FASTCHAT_REGISTRATIONS_PER_SECOND=${FASTCHAT_REGISTRATIONS_PER_SECOND:-1000000}
-export FASTCHAT_PASSWORD_ATTEMPTS_PER_ADDR_PER_MINUTE=${FASTCHAT_PASSWORD_ATTEMPTS_PER_ADDR_PER_MINUTE:-1000000}
-export FASTCHAT_AUTH_MAX_CONNECTIONS_PER_ADDR=${FASTCHAT_AUTH_MAX_CONNECTIONS_PER_ADDR:-1000000}
-export FASTCHAT_AUTH_QUEUE_PER_WORKER=${FASTCHAT_AUTH_QUEUE_PER_WORKER:-1000000}
-# Relays likewise: sessions per user (32) and connections per address (256).
-export FASTCHAT_RELAY_MAX_SESSIONS_PER_USER=${FASTCHAT_RELAY_MAX_SESSIONS_PER_USER:-1000000}
-export FASTCHAT_RELAY_MAX_CONNECTIONS_PER_ADDR=${FASTCHAT_RELAY_MAX_CONNECTIONS_PER_ADDR:-1000000}
+# Its simulated people all come from 127.0.0.1 (see raise_per_address_limits).
+raise_per_address_limits
 
 say "making sure the cluster runs (release build; a cluster already running keeps its limits)"
 scripts/run.sh start >/dev/null

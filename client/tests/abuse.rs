@@ -525,7 +525,7 @@ fn a_frame_too_long_for_the_client_abandons_the_request_not_the_link() {
     let kp = keypair.clone();
     let relay = std::thread::spawn(move || {
         let (stream, _) = listener.accept().unwrap();
-        let mut link = Link::accept(
+        let mut link = Link::over(
             stream,
             Role::NkResponder(&kp),
             1 << 20,

@@ -195,7 +195,7 @@ fn a_welcome_for_another_user_is_refused() {
     };
     let relay = std::thread::spawn(move || {
         let (stream, _) = listener.accept().unwrap();
-        let mut link = Link::accept(
+        let mut link = Link::over(
             stream,
             Role::NkResponder(&private),
             fastchat_common::frame::DEFAULT_MAX_FRAME,

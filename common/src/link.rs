@@ -64,20 +64,10 @@ impl Link {
         Link::handshake(stream, role, max_frame, timeout)
     }
 
-    /// Completes the handshake for `role` on a stream connected elsewhere (e.g. from a
-    /// chosen local address) within `timeout`.
+    /// Completes the handshake for `role` on a stream connected or accepted elsewhere
+    /// (from a chosen local address; the responder's side, for tools and tests — the
+    /// servers use the mio loop) within `timeout`.
     pub fn over(
-        stream: TcpStream,
-        role: Role<'_>,
-        max_frame: usize,
-        timeout: Duration,
-    ) -> Result<Link, LinkError> {
-        Link::handshake(stream, role, max_frame, timeout)
-    }
-
-    /// Completes the handshake for `role` on an accepted connection within `timeout`
-    /// (the responder's side, for tools and tests; the servers use the mio loop).
-    pub fn accept(
         stream: TcpStream,
         role: Role<'_>,
         max_frame: usize,

@@ -108,18 +108,8 @@ impl Core {
                         "unknown user or wrong password",
                     );
                 }
-                if let Err(wait) = self.budgets.password(addr, now) {
-                    return self.busy(
-                        io,
-                        token,
-                        id,
-                        "too many password attempts from this address; try again later",
-                        wait,
-                    );
-                }
-                if let Err(wait) = self.limiter.begin(Attempt::Password, &user, addr, now) {
-                    info!("login for {user} from {addr} rate limited");
-                    return self.rate_limited(io, token, id, wait);
+                if !self.password_attempt(io, token, id, &user, addr, now) {
+                    return;
                 }
                 Job::Login {
                     conn: token,
@@ -201,17 +191,8 @@ impl Core {
                         "unknown user or wrong password",
                     );
                 }
-                if let Err(wait) = self.budgets.password(addr, now) {
-                    return self.busy(
-                        io,
-                        token,
-                        id,
-                        "too many password attempts from this address; try again later",
-                        wait,
-                    );
-                }
-                if let Err(wait) = self.limiter.begin(Attempt::Password, &user, addr, now) {
-                    return self.rate_limited(io, token, id, wait);
+                if !self.password_attempt(io, token, id, &user, addr, now) {
+                    return;
                 }
                 Job::ChangePassword {
                     conn: token,
@@ -226,6 +207,31 @@ impl Core {
             ClientToAuth::Hello { .. } => return,
         };
         self.enqueue(io, token, job);
+    }
+
+    /// Whether a password attempt (a login or a password change) for `user` from `addr`
+    /// may go to a worker now: the address's budget and the login limiter; if not, it
+    /// is answered `rate_limited`.
+    fn password_attempt(
+        &mut self,
+        io: &mut Peers,
+        token: Token,
+        id: u64,
+        user: &str,
+        addr: std::net::IpAddr,
+        now: Instant,
+    ) -> bool {
+        if let Err(wait) = self.budgets.password(addr, now) {
+            let why = "too many password attempts from this address; try again later";
+            self.busy(io, token, id, why, wait);
+            return false;
+        }
+        if let Err(wait) = self.limiter.begin(Attempt::Password, user, addr, now) {
+            info!("password attempt for {user} from {addr} rate limited");
+            self.rate_limited(io, token, id, wait);
+            return false;
+        }
+        true
     }
 
     /// Hands `job` to its worker, or — the worker's queue being full — answers at once
