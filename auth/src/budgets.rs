@@ -48,6 +48,9 @@ impl Budgets {
             .registrations
             .entry(addr)
             .or_insert_with(|| Bucket::full(burst, now));
+        // This address's budget first: a flood from one address must not use up the
+        // global one that others need (the address's own token is the one spent when
+        // the global budget refuses).
         mine.take(rate, burst, now).map_err(Duration::from_millis)?;
         self.all_registrations
             .take(global, global, now)

@@ -49,7 +49,15 @@ pub struct LoginLimiter {
     /// Users being paced: when their next attempt may start.
     next_paced: HashMap<String, Instant>,
     pace: Duration,
+    /// (user, address) pairs that logged in with the password lately, and when: they
+    /// are not paced (Alice at home gets in while strangers are paced for her name).
+    known: HashMap<(String, IpAddr), Instant>,
 }
+
+/// How long a password success exempts its (user, address) pair from pacing.
+const KNOWN_FOR: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Most pairs remembered (the oldest are forgotten first when it is full).
+const MAX_KNOWN: usize = 100_000;
 
 impl LoginLimiter {
     pub fn new(limits: Limits) -> Self {
@@ -59,6 +67,7 @@ impl LoginLimiter {
             users: FailureCounter::new(limits.per_user, limits.window),
             next_paced: HashMap::new(),
             pace: limits.pace,
+            known: HashMap::new(),
         }
     }
 
@@ -90,7 +99,7 @@ impl LoginLimiter {
             return Err(wait);
         }
         let user = pair.0.clone();
-        if self.users.blocked_for(&user, now).is_some() {
+        if self.users.blocked_for(&user, now).is_some() && !self.known.contains_key(&pair) {
             match self.next_paced.get(&user) {
                 Some(next) if *next > now => return Err(*next - now),
                 _ => {
@@ -105,11 +114,26 @@ impl LoginLimiter {
     }
 
     /// The attempt succeeded: it is given back, and a password success forgets the
-    /// (user, address) pair's failures.
-    pub fn succeeded(&mut self, attempt: Attempt, user: &str, addr: IpAddr) {
+    /// (user, address) pair's failures and exempts the pair from pacing for a while.
+    pub fn succeeded(&mut self, attempt: Attempt, user: &str, addr: IpAddr, now: Instant) {
+        self.abandoned(attempt, user, addr);
+        if attempt == Attempt::Password {
+            let pair = (user.to_string(), addr);
+            self.pairs.reset(&pair);
+            if self.known.len() >= MAX_KNOWN {
+                self.known
+                    .retain(|_, at| now.duration_since(*at) < KNOWN_FOR / 2);
+            }
+            self.known.insert(pair, now);
+        }
+    }
+
+    /// The attempt was never checked (its connection closed first, or the queue was
+    /// full): only its own count is given back — nothing is forgiven.
+    pub fn abandoned(&mut self, attempt: Attempt, user: &str, addr: IpAddr) {
         self.addrs.remove_one(&addr);
         if attempt == Attempt::Password {
-            self.pairs.reset(&(user.to_string(), addr));
+            self.pairs.remove_one(&(user.to_string(), addr));
             self.users.remove_one(&user.to_string());
         }
     }
@@ -120,6 +144,8 @@ impl LoginLimiter {
         self.addrs.expire(now);
         self.users.expire(now);
         self.next_paced.retain(|_, next| *next > now);
+        self.known
+            .retain(|_, at| now.duration_since(*at) < KNOWN_FOR);
     }
 }
 
@@ -168,7 +194,7 @@ mod tests {
             l.begin(P, name, a, t).unwrap();
         }
         assert!(l.begin(P, "f", a, t).is_err());
-        l.succeeded(P, "e", a);
+        l.succeeded(P, "e", a, t);
         l.begin(P, "f", a, t).unwrap();
     }
 
@@ -209,10 +235,48 @@ mod tests {
         let a: IpAddr = "127.0.0.1".parse().unwrap();
         let t = Instant::now();
         l.begin(P, "alice", a, t).unwrap();
-        l.succeeded(P, "alice", a);
+        l.succeeded(P, "alice", a, t);
         l.begin(P, "alice", a, t).unwrap();
         l.begin(P, "alice", a, t).unwrap();
         let wait = l.begin(P, "alice", a, t).unwrap_err();
         assert_eq!(wait, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn an_abandoned_attempt_forgives_nothing() {
+        let mut l = LoginLimiter::new(limits(3, 100, 100));
+        let a: IpAddr = "127.0.0.3".parse().unwrap();
+        let t = Instant::now();
+        l.begin(P, "alice", a, t).unwrap();
+        l.begin(P, "alice", a, t).unwrap();
+        // A third, abandoned (the attacker closed at once): only it is given back.
+        l.begin(P, "alice", a, t).unwrap();
+        l.abandoned(P, "alice", a);
+        l.begin(P, "alice", a, t).unwrap();
+        assert!(
+            l.begin(P, "alice", a, t).is_err(),
+            "the two failures still count"
+        );
+    }
+
+    #[test]
+    fn an_address_that_logged_in_before_is_not_paced() {
+        let mut l = LoginLimiter::new(limits(3, 100, 2));
+        let home: IpAddr = "127.0.0.1".parse().unwrap();
+        let t = Instant::now();
+        l.begin(P, "alice", home, t).unwrap();
+        l.succeeded(P, "alice", home, t);
+        for i in 0..2 {
+            let addr: IpAddr = format!("127.0.1.{i}").parse().unwrap();
+            l.begin(P, "alice", addr, t).unwrap();
+        }
+        // Strangers are paced; home is not.
+        let stranger: IpAddr = "127.0.2.1".parse().unwrap();
+        l.begin(P, "alice", stranger, t).unwrap();
+        assert!(l
+            .begin(P, "alice", "127.0.2.2".parse().unwrap(), t)
+            .is_err());
+        l.begin(P, "alice", home, t).unwrap();
+        l.begin(P, "alice", home, t).unwrap();
     }
 }

@@ -121,7 +121,7 @@ impl FrameBuffer {
         }
         let len = u32::from_be_bytes([avail[0], avail[1], avail[2], avail[3]]) as usize;
         if len > self.max_frame {
-            self.skipping = 4 + len;
+            self.skipping = len.saturating_add(4);
             return Err(FrameError::TooLong {
                 len,
                 max: self.max_frame,

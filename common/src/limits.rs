@@ -27,6 +27,24 @@ fn open_files_soft_limit(limits: &str) -> Option<usize> {
     soft.parse().ok()
 }
 
+/// The address a client's limits are kept under: an IPv4 address as it is (an
+/// IPv4-mapped IPv6 address as its IPv4), an IPv6 address by its /64 — one host is
+/// usually given a whole /64, so counting each of its 2^64 addresses apart would be no
+/// limit at all.
+pub fn client_key(ip: std::net::IpAddr) -> std::net::IpAddr {
+    use std::net::{IpAddr, Ipv6Addr};
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+    }
+}
+
 /// Connections held per client address, with a cap: so one address cannot take every
 /// place a server has.
 pub struct PerAddr {
@@ -181,6 +199,15 @@ impl<K: Hash + Eq + Clone> FailureCounter<K> {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn an_ipv6_host_is_one_client_by_its_64() {
+        let key = |s: &str| client_key(s.parse().unwrap()).to_string();
+        assert_eq!(key("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::");
+        assert_eq!(key("2001:db8:1:2:ffff::9"), "2001:db8:1:2::");
+        assert_eq!(key("::ffff:192.0.2.7"), "192.0.2.7");
+        assert_eq!(key("192.0.2.7"), "192.0.2.7");
+    }
 
     #[test]
     fn reads_the_soft_descriptor_limit() {

@@ -6,6 +6,7 @@
 use super::{version_error, Core, PeerState, Peers, PendingRedirect};
 use crate::accounts::{self, Credential, Done, Job};
 use crate::ratelimit::Attempt;
+use fastchat_common::limits::client_key;
 use fastchat_common::pool::{Alive, Refused};
 use fastchat_common::proto::{
     valid_user_name, AuthToClient, AuthToRelay, ClientToAuth, ErrorCode, ErrorFrame,
@@ -28,7 +29,7 @@ impl Core {
         let Some(peer) = io.get_mut(token) else {
             return;
         };
-        let addr = peer.conn.peer.ip();
+        let addr = client_key(peer.conn.peer.ip());
         let now = Instant::now();
         let (in_flight, alive) = match (&mut peer.state, &frame) {
             (PeerState::ClientAwaitingHello, ClientToAuth::Hello { version }) => {
@@ -251,8 +252,8 @@ impl Core {
             }
             Err(refused) => {
                 if let (Some((attempt, user)), Some(link)) = (attempt, io.get(token)) {
-                    let addr = link.conn.peer.ip();
-                    self.limiter.succeeded(attempt, &user, addr);
+                    let addr = client_key(link.conn.peer.ip());
+                    self.limiter.abandoned(attempt, &user, addr);
                 }
                 self.counters.busy += 1;
                 let why = match refused {
@@ -308,7 +309,7 @@ impl Core {
                 } else {
                     Attempt::Resume
                 };
-                self.limiter.succeeded(attempt, &user, addr);
+                self.limiter.succeeded(attempt, &user, addr, Instant::now());
                 if credential.is_some() {
                     self.counters.logins += 1;
                 } else {
@@ -323,7 +324,7 @@ impl Core {
             Done::Skipped { attempt, addr } => {
                 self.counters.skipped += 1;
                 if let (Some((attempt, user)), Some(addr)) = (attempt, addr) {
-                    self.limiter.succeeded(attempt, &user, addr);
+                    self.limiter.abandoned(attempt, &user, addr);
                 }
             }
             Done::LoggedOut { conn, req } => {
@@ -337,7 +338,8 @@ impl Core {
                 addr,
             } => {
                 info!("{user} changed their password; resumption credentials revoked");
-                self.limiter.succeeded(Attempt::Password, &user, addr);
+                self.limiter
+                    .succeeded(Attempt::Password, &user, addr, Instant::now());
                 self.release(io, conn);
                 io.send(conn, &AuthToClient::PasswordChanged { id: req });
             }

@@ -20,6 +20,7 @@ use crate::directory::RelayDirectory;
 use crate::ratelimit::{Limits, LoginLimiter};
 use fastchat_common::conn::{Accepted, Connection};
 use fastchat_common::db::DbPool;
+use fastchat_common::limits::client_key;
 use fastchat_common::noise::{StaticKeypair, KEY_LEN};
 use fastchat_common::pool::{Alive, WorkerPool};
 use fastchat_common::proto::{
@@ -34,6 +35,9 @@ use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// Most connections on the stats port at once.
+const MAX_STATS_LINKS: usize = 16;
 
 /// How often the sweep runs (tickets not confirmed, handshake deadlines).
 const TICK: Duration = Duration::from_millis(250);
@@ -275,8 +279,19 @@ impl Handler for Core {
         self.fail(io, token, error);
     }
 
-    fn room(&self, io: &Peers, _: Listening) -> usize {
-        self.max_connections.saturating_sub(io.len())
+    fn room(&self, io: &Peers, listener: Listening) -> usize {
+        let room = self.max_connections.saturating_sub(io.len());
+        if let Listening::Stats = listener {
+            // Operator tools: a few at once are plenty (counted only when one comes).
+            let held = io
+                .iter()
+                .filter(|(_, p)| {
+                    matches!(p.state, PeerState::StatsAwaitingHello | PeerState::Stats)
+                })
+                .count();
+            return room.min(MAX_STATS_LINKS.saturating_sub(held));
+        }
+        room
     }
 
     fn on_accept(&mut self, io: &mut Peers, listener: Listening, accepted: Accepted) {
@@ -295,7 +310,7 @@ impl Handler for Core {
         for conn in accepted.connections {
             let state = match listener {
                 Listening::Clients => {
-                    let addr = conn.peer.ip();
+                    let addr = client_key(conn.peer.ip());
                     if !self.budgets.connect(addr) {
                         // Dropped: closed at once, like a connection beyond the limit.
                         self.counters.refused_per_addr += 1;
@@ -425,7 +440,7 @@ impl Core {
             return;
         };
         if peer.state.is_client() {
-            self.budgets.disconnect(peer.conn.peer.ip());
+            self.budgets.disconnect(client_key(peer.conn.peer.ip()));
         }
         if let PeerState::ClientReady { alive, .. } = &peer.state {
             alive.end();

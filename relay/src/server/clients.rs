@@ -205,7 +205,7 @@ impl Core {
                     receive,
                 },
             ) => {
-                let addr = client.conn.peer.ip();
+                let addr = client_key(client.conn.peer.ip());
                 if let Some(wait) = self.resume_failures.blocked_for(&addr, Instant::now()) {
                     info!("resume for {user} from {addr} rate limited");
                     let error = ErrorFrame::rate_limited(

@@ -56,7 +56,7 @@ impl Core {
                     Some(user_id) => {
                         // The attempt was counted when it started: a success gives it back.
                         if let Some((c, _)) = client_ref(io, conn) {
-                            self.resume_failures.remove_one(&c.peer.ip());
+                            self.resume_failures.remove_one(&client_key(c.peer.ip()));
                         }
                         self.admit(io, conn, Admission { user, user_id }, receive)
                     }

@@ -34,7 +34,7 @@ use crate::worker::groups::GroupOp;
 use crate::worker::{Done, Job, StoreMetrics, Worker};
 use fastchat_common::conn::{Accepted, Connection};
 use fastchat_common::db::DbPool;
-use fastchat_common::limits::{Bucket, FailureCounter, PerAddr};
+use fastchat_common::limits::{client_key, Bucket, FailureCounter, PerAddr};
 use fastchat_common::noise::{Role, StaticKeypair, KEY_LEN};
 use fastchat_common::pool::WorkerPool;
 use fastchat_common::proto::{
@@ -54,6 +54,9 @@ use std::time::{Duration, Instant};
 
 /// The `conn` of jobs no connection waits for (the file retention sweep).
 const NO_CONN: Token = Token(usize::MAX);
+
+/// Most connections on the stats port at once.
+const MAX_STATS_LINKS: usize = 16;
 
 /// How often the sweep runs (deadlines, idle sessions, slow readers).
 const TICK: Duration = Duration::from_millis(500);
@@ -402,7 +405,11 @@ impl Handler for Core {
 
     /// Connections the relay may still take: clients and mesh links count against
     /// the same descriptor budget.
-    fn room(&self, io: &Links, _: Listening) -> usize {
+    fn room(&self, io: &Links, listener: Listening) -> usize {
+        if let Listening::Stats = listener {
+            // Operator tools: a few at once are plenty.
+            return MAX_STATS_LINKS.saturating_sub(self.stats_links);
+        }
         self.max_connections
             .saturating_sub(self.client_count(io) + self.mesh.links.len())
     }
@@ -420,7 +427,7 @@ impl Handler for Core {
                     self.refused += accepted.refused;
                 }
                 for conn in accepted.connections {
-                    let addr = conn.peer.ip();
+                    let addr = client_key(conn.peer.ip());
                     if !self.per_addr.connect(addr) {
                         debug!("{addr} holds as many connections as allowed: closed");
                         self.refused += 1;
@@ -629,7 +636,7 @@ impl Core {
             }
             Peer::Mesh | Peer::Control => return,
         };
-        self.per_addr.disconnect(peer.ip());
+        self.per_addr.disconnect(client_key(peer.ip()));
         if let ClientState::Ready(session) = state {
             self.ready_sessions = self.ready_sessions.saturating_sub(1);
             info!("{} disconnected: {why}", session.user);
