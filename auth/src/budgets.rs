@@ -1,11 +1,12 @@
 //! How much one client address — and everyone together — may make the auth server do
 //! before it answers `rate_limited` instead: registrations (each an argon2 hash and a
-//! new row), password attempts (each an argon2 verification), and connections held.
+//! new row) and password attempts (each an argon2 verification). (Connections held per
+//! address are `fastchat_common::limits::PerAddr`'s.)
 //! Token buckets refill steadily, so a person who registers once or mistypes a password
 //! never notices them; a flood from one address runs dry in seconds and costs the
 //! others nothing.
 
-use fastchat_common::limits::{Bucket, PerAddr};
+use fastchat_common::limits::Bucket;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
@@ -16,16 +17,14 @@ pub struct BudgetLimits {
     pub registrations_per_addr_per_minute: f64,
     pub registrations_per_second: f64,
     pub password_attempts_per_addr_per_minute: f64,
-    pub connections_per_addr: usize,
 }
 
-/// The buckets and connection counts.
+/// The buckets.
 pub struct Budgets {
     limits: BudgetLimits,
     registrations: HashMap<IpAddr, Bucket>,
     all_registrations: Bucket,
     passwords: HashMap<IpAddr, Bucket>,
-    connections: PerAddr,
 }
 
 impl Budgets {
@@ -35,7 +34,6 @@ impl Budgets {
             registrations: HashMap::new(),
             all_registrations: Bucket::full(limits.registrations_per_second, now),
             passwords: HashMap::new(),
-            connections: PerAddr::new(limits.connections_per_addr),
         }
     }
 
@@ -68,17 +66,6 @@ impl Budgets {
             .map_err(Duration::from_millis)
     }
 
-    /// Counts a new connection from `addr`; `false` (not counted) if that address
-    /// already holds as many as allowed.
-    pub fn connect(&mut self, addr: IpAddr) -> bool {
-        self.connections.connect(addr)
-    }
-
-    /// A connection from `addr` closed.
-    pub fn disconnect(&mut self, addr: IpAddr) {
-        self.connections.disconnect(addr)
-    }
-
     /// Forgets full buckets (their addresses have been quiet), bounding memory.
     pub fn expire(&mut self, now: Instant) {
         let l = self.limits;
@@ -100,7 +87,6 @@ mod tests {
                 registrations_per_addr_per_minute: 3.0,
                 registrations_per_second: 4.0,
                 password_attempts_per_addr_per_minute: 2.0,
-                connections_per_addr: 2,
             },
             Instant::now(),
         )
@@ -133,16 +119,5 @@ mod tests {
         b.password(a, t).unwrap();
         assert!(b.password(a, t).is_err());
         assert!(b.password("127.0.0.1".parse().unwrap(), t).is_ok());
-    }
-
-    #[test]
-    fn connections_are_capped_per_address() {
-        let mut b = budgets();
-        let a: IpAddr = "127.0.0.2".parse().unwrap();
-        assert!(b.connect(a) && b.connect(a));
-        assert!(!b.connect(a));
-        assert!(b.connect("127.0.0.1".parse().unwrap()));
-        b.disconnect(a);
-        assert!(b.connect(a));
     }
 }

@@ -45,8 +45,8 @@ pub fn client_key(ip: std::net::IpAddr) -> std::net::IpAddr {
     }
 }
 
-/// Connections held per client address, with a cap: so one address cannot take every
-/// place a server has.
+/// Connections held per client address (by [`client_key`]), with a cap: so one address
+/// cannot take every place a server has. See [`crate::reactor::Io::add_counted`].
 pub struct PerAddr {
     max: usize,
     held: HashMap<std::net::IpAddr, usize>,
@@ -63,7 +63,7 @@ impl PerAddr {
     /// Counts a new connection from `addr`; `false` (not counted) if that address
     /// already holds as many as allowed.
     pub fn connect(&mut self, addr: std::net::IpAddr) -> bool {
-        let held = self.held.entry(addr).or_insert(0);
+        let held = self.held.entry(client_key(addr)).or_insert(0);
         if *held >= self.max {
             return false;
         }
@@ -73,6 +73,7 @@ impl PerAddr {
 
     /// A connection from `addr` closed.
     pub fn disconnect(&mut self, addr: std::net::IpAddr) {
+        let addr = client_key(addr);
         if let Some(held) = self.held.get_mut(&addr) {
             *held = held.saturating_sub(1);
             if *held == 0 {
@@ -199,6 +200,17 @@ impl<K: Hash + Eq + Clone> FailureCounter<K> {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn connections_are_capped_per_address() {
+        let mut b = PerAddr::new(2);
+        let a: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+        assert!(b.connect(a) && b.connect(a));
+        assert!(!b.connect(a));
+        assert!(b.connect("127.0.0.1".parse().unwrap()));
+        b.disconnect(a);
+        assert!(b.connect(a));
+    }
 
     #[test]
     fn an_ipv6_host_is_one_client_by_its_64() {

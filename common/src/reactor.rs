@@ -113,6 +113,26 @@ impl<S> Io<S> {
         Some(token)
     }
 
+    /// As [`Io::add`], for a connection whose address `per_addr` counts: `false` (the
+    /// connection dropped, so closed at once) if its address holds as many as allowed.
+    /// Whoever removes it gives the count back (`per_addr.disconnect`).
+    pub fn add_counted(
+        &mut self,
+        per_addr: &mut crate::limits::PerAddr,
+        conn: Connection,
+        state: S,
+    ) -> bool {
+        let addr = conn.peer.ip();
+        if !per_addr.connect(addr) {
+            crate::debug!("{addr} holds as many connections as allowed: closed");
+            return false;
+        }
+        if self.add(conn, state).is_none() {
+            per_addr.disconnect(addr);
+        }
+        true
+    }
+
     /// Takes a connection out (written what it can, deregistered). The caller does
     /// what closing it means (see [`Handler::on_close`]).
     pub fn remove(&mut self, token: Token) -> Option<Link<S>> {

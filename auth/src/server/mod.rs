@@ -20,7 +20,7 @@ use crate::directory::RelayDirectory;
 use crate::ratelimit::{Limits, LoginLimiter};
 use fastchat_common::conn::{Accepted, Connection};
 use fastchat_common::db::DbPool;
-use fastchat_common::limits::client_key;
+use fastchat_common::limits::PerAddr;
 use fastchat_common::noise::{StaticKeypair, KEY_LEN};
 use fastchat_common::pool::{Alive, WorkerPool};
 use fastchat_common::proto::{
@@ -120,8 +120,10 @@ pub(crate) struct Core {
     last_summary_at: Instant,
     /// The most connections (clients and relays) held at once.
     max_connections: usize,
-    /// Registrations, password attempts and connections per address.
+    /// Registrations and password attempts per address.
     budgets: Budgets,
+    /// Client connections per address (capped).
+    per_addr: PerAddr,
     /// When the server last warned that it was full.
     full_warned_at: Option<Instant>,
 }
@@ -244,10 +246,10 @@ impl Core {
                     registrations_per_second: cfg.registrations_per_second,
                     password_attempts_per_addr_per_minute: cfg
                         .password_attempts_per_addr_per_minute,
-                    connections_per_addr: cfg.max_connections_per_addr,
                 },
                 Instant::now(),
             ),
+            per_addr: PerAddr::new(cfg.max_connections_per_addr),
             cfg,
         }
     }
@@ -308,24 +310,16 @@ impl Handler for Core {
             );
         }
         for conn in accepted.connections {
-            let state = match listener {
+            match listener {
                 Listening::Clients => {
-                    let addr = client_key(conn.peer.ip());
-                    if !self.budgets.connect(addr) {
-                        // Dropped: closed at once, like a connection beyond the limit.
+                    let state = PeerState::ClientAwaitingHello;
+                    if !io.add_counted(&mut self.per_addr, conn, state) {
                         self.counters.refused_per_addr += 1;
-                        fastchat_common::debug!("{addr} holds as many connections as allowed");
-                        continue;
                     }
-                    if io.add(conn, PeerState::ClientAwaitingHello).is_none() {
-                        self.budgets.disconnect(addr);
-                    }
-                    continue;
                 }
-                Listening::Relays => PeerState::RelayAwaitingHello,
-                Listening::Stats => PeerState::StatsAwaitingHello,
-            };
-            io.add(conn, state);
+                Listening::Relays => drop(io.add(conn, PeerState::RelayAwaitingHello)),
+                Listening::Stats => drop(io.add(conn, PeerState::StatsAwaitingHello)),
+            }
         }
     }
 
@@ -440,7 +434,7 @@ impl Core {
             return;
         };
         if peer.state.is_client() {
-            self.budgets.disconnect(client_key(peer.conn.peer.ip()));
+            self.per_addr.disconnect(peer.conn.peer.ip());
         }
         if let PeerState::ClientReady { alive, .. } = &peer.state {
             alive.end();

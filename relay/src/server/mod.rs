@@ -427,17 +427,9 @@ impl Handler for Core {
                     self.refused += accepted.refused;
                 }
                 for conn in accepted.connections {
-                    let addr = client_key(conn.peer.ip());
-                    if !self.per_addr.connect(addr) {
-                        debug!("{addr} holds as many connections as allowed: closed");
+                    let state = Peer::Client(ClientState::AwaitingHello);
+                    if !io.add_counted(&mut self.per_addr, conn, state) {
                         self.refused += 1;
-                        continue;
-                    }
-                    if io
-                        .add(conn, Peer::Client(ClientState::AwaitingHello))
-                        .is_none()
-                    {
-                        self.per_addr.disconnect(addr);
                     }
                 }
             }
@@ -636,7 +628,7 @@ impl Core {
             }
             Peer::Mesh | Peer::Control => return,
         };
-        self.per_addr.disconnect(client_key(peer.ip()));
+        self.per_addr.disconnect(peer.ip());
         if let ClientState::Ready(session) = state {
             self.ready_sessions = self.ready_sessions.saturating_sub(1);
             info!("{} disconnected: {why}", session.user);
