@@ -10,9 +10,11 @@
 //! - [`files`]: end-to-end encrypted file transfer.
 //! - [`replay`]: replay windows of the counters sealed in every payload.
 //! - [`receipts`]: delivery receipts (pending → stored → delivered).
+//! - [`blocks`]: blocking users (kept and enforced by the relay).
 //! - [`ui`]: the terminal UI of `fastchat` (screen model, rendering, terminal, backend).
 //! - [`error`]: the errors a person may see.
 
+pub mod blocks;
 pub mod chat;
 pub mod connect;
 pub mod e2e;

@@ -116,6 +116,19 @@ enum Command {
         #[arg(long)]
         new_password_file: Option<PathBuf>,
     },
+    /// Block USER: the server refuses their messages, files and group additions for
+    /// you and stops their group messages. Prints who is blocked now.
+    Block {
+        #[arg(value_name = "USER")]
+        peer: String,
+    },
+    /// Unblock USER. Prints who is still blocked.
+    Unblock {
+        #[arg(value_name = "USER")]
+        peer: String,
+    },
+    /// List the users you blocked.
+    Blocked,
     /// Show the safety number of your key and PEER's, to compare out of band.
     Verify {
         peer: String,
@@ -381,6 +394,14 @@ fn prompt(label: &str) -> Result<String, ClientError> {
     }
 }
 
+fn print_blocked(users: &[String]) {
+    if users.is_empty() {
+        println!("You have blocked no one.");
+    } else {
+        println!("Blocked: {}", users.join(", "));
+    }
+}
+
 fn run(cli: &Cli, command: &Command) -> Result<(), ClientError> {
     match command {
         Command::Register => {
@@ -499,6 +520,23 @@ fn run(cli: &Cli, command: &Command) -> Result<(), ClientError> {
             };
             chat::change_password(&opts, &new)?;
             println!("Password changed; saved logins elsewhere are revoked.");
+            Ok(())
+        }
+        Command::Block { peer } | Command::Unblock { peer } => {
+            let opts = options(cli, false)?;
+            let mut chat = Chat::login(&opts, false)?;
+            let (now, verb) = match command {
+                Command::Block { .. } => (chat.block(peer)?, "Blocked"),
+                _ => (chat.unblock(peer)?, "Unblocked"),
+            };
+            println!("{verb} {peer}.");
+            print_blocked(&now);
+            Ok(())
+        }
+        Command::Blocked => {
+            let opts = options(cli, false)?;
+            let now = Chat::login(&opts, false)?.blocked()?;
+            print_blocked(&now);
             Ok(())
         }
         Command::Verify {

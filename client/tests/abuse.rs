@@ -674,3 +674,107 @@ fn one_user_cannot_take_a_relay_with_sessions_requests_or_resumptions() {
     let mut bob = net.login("bob");
     bob.send_text("mallory", "still here").unwrap();
 }
+
+/// Rows waiting for `recipient` from `sender` in the relays' store.
+fn rows_from(net: &TestNet, sender: &str, recipient: &str) -> i64 {
+    let mut db = postgres::Client::connect(&net.db_url, postgres::NoTls).unwrap();
+    db.query_one(
+        "SELECT count(*) FROM messages m JOIN users s ON s.id = m.sender_id
+         JOIN users r ON r.id = m.recipient_id WHERE s.name = $1 AND r.name = $2",
+        &[&sender, &recipient],
+    )
+    .unwrap()
+    .get(0)
+}
+
+fn refusal<T: std::fmt::Debug>(result: Result<T, ClientError>) -> (ErrorCode, String) {
+    match result {
+        Err(ClientError::Refused { code, message, .. }) => (code, message),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_blocked_user_gets_nothing_to_the_blocker_until_unblocked() {
+    use harness::receive_n;
+    let net = TestNet::start();
+    for u in ["alice", "mallory", "carol"] {
+        net.register(u);
+    }
+    let mut alice = net.login("alice");
+    let mut mallory = net.login("mallory");
+    let mut carol = net.login("carol");
+
+    // A group with all three, made before the block (alice hands out the key).
+    let group = alice.group_create("all").unwrap();
+    alice.group_add(group.group_id, "mallory").unwrap();
+    alice.group_add(group.group_id, "carol").unwrap();
+    for chat in [&mut mallory, &mut carol] {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while chat.group_key_epoch(group.group_id).is_none() {
+            assert!(Instant::now() < deadline, "no group key");
+            chat.receive(Instant::now() + Duration::from_millis(100))
+                .unwrap();
+        }
+    }
+
+    mallory.send_text("alice", "before").unwrap();
+    let got = receive_n(&mut alice, 1, Duration::from_secs(30));
+    assert_eq!(got[0].text, "before");
+
+    // The CLI blocks and lists.
+    let (ok, out, err) = net.cli("alice", &["block", "mallory"]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("Blocked mallory.") && out.contains("Blocked: mallory"),
+        "{out}"
+    );
+    assert_eq!(alice.blocked().unwrap(), vec!["mallory".to_string()]);
+
+    // Direct messages, files and group additions are refused, in words.
+    let (code, message) = refusal(mallory.send_text("alice", "after the block"));
+    assert_eq!(code, ErrorCode::Blocked);
+    assert!(
+        message.contains("does not accept messages from you"),
+        "{message}"
+    );
+    let file = net.home.join("gift.bin");
+    std::fs::write(&file, vec![7u8; 100_000]).unwrap();
+    let (code, _) = refusal(mallory.send_file(Some("alice"), None, &file, None));
+    assert_eq!(code, ErrorCode::Blocked);
+    let theirs = mallory.group_create("trap").unwrap();
+    let (code, _) = refusal(mallory.group_add(theirs.group_id, "alice"));
+    assert_eq!(code, ErrorCode::Blocked);
+
+    // In the shared group, mallory's messages reach carol but not alice; carol's reach
+    // alice.
+    mallory.send_group(group.group_id, "to the group").unwrap();
+    let got = receive_n(&mut carol, 1, Duration::from_secs(30));
+    assert_eq!(got[0].text, "to the group");
+    carol.send_group(group.group_id, "from carol").unwrap();
+    let got = receive_n(&mut alice, 1, Duration::from_secs(30));
+    assert_eq!(
+        (got[0].from.as_str(), got[0].text.as_str()),
+        ("carol", "from carol")
+    );
+    let later = receive_n(&mut alice, 1, Duration::from_secs(1));
+    assert!(later.is_empty(), "alice was shown {later:?}");
+    // Nothing from mallory waits for alice either (receipts for mallory still go out).
+    assert_eq!(rows_from(&net, "mallory", "alice"), 0);
+
+    // Blocking is per blocker: alice may still write to mallory.
+    alice.send_text("mallory", "bye").unwrap();
+
+    // Unblocked, mallory reaches alice again.
+    let (ok, out, err) = net.cli("alice", &["unblock", "mallory"]);
+    assert!(ok && out.contains("You have blocked no one."), "{out}{err}");
+    mallory.send_text("alice", "sorry").unwrap();
+    let got = receive_n(&mut alice, 1, Duration::from_secs(30));
+    assert_eq!(got[0].text, "sorry");
+
+    // Bad input: unknown users and oneself.
+    assert_eq!(refusal(alice.block("nobody")).0, ErrorCode::UnknownUser);
+    assert_eq!(refusal(alice.block("alice")).0, ErrorCode::BadFrame);
+    let (ok, _, err) = net.cli("alice", &["block", "Not A Name"]);
+    assert!(!ok && err.contains("no user called"), "{err}");
+}

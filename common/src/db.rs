@@ -42,6 +42,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0006_rosters.sql",
         include_str!("../../sql/0006_rosters.sql"),
     ),
+    (
+        7,
+        "0007_blocks.sql",
+        include_str!("../../sql/0007_blocks.sql"),
+    ),
 ];
 
 /// Key of the advisory lock held while migrating.

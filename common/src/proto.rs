@@ -75,6 +75,8 @@ pub enum ErrorCode {
     /// A roster statement that does not follow the chain's head (another was appended
     /// first): fetch the chain and sign again.
     StaleHead,
+    /// The recipient blocked the sender: nothing was stored.
+    Blocked,
     /// Anything else on the server side.
     Internal,
 }
@@ -487,6 +489,13 @@ pub enum ClientToRelay {
     Ack { msg_ids: Vec<i64> },
     /// Look up a user's public key. Reply: `key` or `error`.
     Key { id: u64, user: String },
+    /// Refuse direct messages, files and group additions from `user`, and stop
+    /// receiving their group messages. Reply: `blocked` (the whole list).
+    Block { id: u64, user: String },
+    /// Undo `block`. Reply: `blocked`.
+    Unblock { id: u64, user: String },
+    /// The users this user blocked. Reply: `blocked`.
+    BlockList { id: u64 },
     /// Reply: `pong`.
     Ping { id: u64 },
 }
@@ -579,6 +588,11 @@ pub enum RelayToClient {
         id: u64,
         user: String,
         pubkey: String,
+    },
+    /// The users this user blocked, by name.
+    Blocked {
+        id: u64,
+        users: Vec<String>,
     },
     Pong {
         id: u64,

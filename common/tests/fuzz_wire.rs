@@ -343,6 +343,15 @@ fn samples(f: &Fields) -> Samples {
                 id: n,
                 user: s.clone(),
             },
+            ClientToRelay::Block {
+                id: n,
+                user: s.clone(),
+            },
+            ClientToRelay::Unblock {
+                id: n,
+                user: s.clone(),
+            },
+            ClientToRelay::BlockList { id: n },
             ClientToRelay::Ping { id: n },
         ],
         relay_to_client: vec![
@@ -411,6 +420,10 @@ fn samples(f: &Fields) -> Samples {
                 id: n,
                 user: s.clone(),
                 pubkey: s.clone(),
+            },
+            RelayToClient::Blocked {
+                id: n,
+                users: vec![s.clone(); (k % 3) as usize],
             },
             RelayToClient::Pong { id: n },
             RelayToClient::Error(error_frame(f)),

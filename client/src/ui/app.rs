@@ -312,9 +312,11 @@ impl App {
                     command,
                 });
             }
-            Command::Verify { user, .. } | Command::AcceptKey { user }
-                if !valid_user_name(&user) =>
-            {
+            Command::Verify { user, .. }
+            | Command::AcceptKey { user }
+            | Command::Block {
+                user: Some(user), ..
+            } if !valid_user_name(&user) => {
                 self.model.info(
                     &format!("{user:?} is not a user name (1-32 of a-z, 0-9, _ . -)"),
                     now,
@@ -335,6 +337,21 @@ impl App {
                 });
             }
             Command::AcceptKey { user } => self.request(Request::AcceptKey { peer: user }),
+            Command::Block { user, block } => {
+                let open = self.model.selected();
+                let user = match user {
+                    Some(user) => user,
+                    // The open chat's peer: a direct conversation's id is the peer.
+                    None if open.id != STATUS && open.group_id.is_none() => open.id.clone(),
+                    None => {
+                        return self
+                            .model
+                            .info("usage: /block USER (or /block in a chat with them)", now)
+                    }
+                };
+                self.request(Request::Block { user, block });
+            }
+            Command::Blocked => self.request(Request::Blocked),
             Command::Help => {
                 for line in HELP {
                     self.model.info(line, now);

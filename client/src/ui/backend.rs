@@ -51,6 +51,13 @@ pub enum Request {
     AcceptKey {
         peer: String,
     },
+    /// `/block USER` (`block`) or `/unblock USER`.
+    Block {
+        user: String,
+        block: bool,
+    },
+    /// `/blocked`.
+    Blocked,
     /// `/retry`: send again my messages still pending (a failed send).
     Retry,
     /// PageUp at the top: the lines of `conv` older than history row `before`.
@@ -299,6 +306,24 @@ fn handle(chat: &mut Chat, request: Request, updates: &Sender<Update>) {
                 let _ = updates.send(Update::Event(Event::Stored { mids }));
             }
             Err(e) => warn(updates, None, format!("still not sent: {e}")),
+        },
+        Request::Block { user, block } => {
+            let result = if block {
+                chat.block(&user)
+            } else {
+                chat.unblock(&user)
+            };
+            match result {
+                Ok(now) => {
+                    let done = if block { "blocked" } else { "unblocked" };
+                    info(updates, None, format!("{done} {user}; {}", blocked_list(&now)));
+                }
+                Err(e) => warn(updates, None, e.to_string()),
+            }
+        }
+        Request::Blocked => match chat.blocked() {
+            Ok(now) => info(updates, None, blocked_list(&now)),
+            Err(e) => warn(updates, None, e.to_string()),
         },
         Request::Verify { peer, confirm } => {
             if let Err(e) = verify(chat, &peer, confirm, updates) {
@@ -559,4 +584,13 @@ fn group(
         }
     }
     Ok(())
+}
+
+/// "blocked: a, b" or "you have blocked no one".
+fn blocked_list(users: &[String]) -> String {
+    if users.is_empty() {
+        "you have blocked no one".into()
+    } else {
+        format!("blocked: {}", users.join(", "))
+    }
 }

@@ -17,6 +17,10 @@ pub enum Command {
     Verify { user: String, confirm: bool },
     /// `/accept-key USER`: trust the new key the server serves for USER.
     AcceptKey { user: String },
+    /// `/block [USER]` (`None`: the open chat's peer) and `/unblock USER`.
+    Block { user: Option<String>, block: bool },
+    /// `/blocked`: list who is blocked.
+    Blocked,
     /// `/retry`: send again my messages that failed (still pending).
     Retry,
     /// `/paste`: send the text last refused as too long for a message, as a file.
@@ -53,6 +57,8 @@ pub const HELP: &[&str] = &[
     "/group leave [GROUP] / members [GROUP] / list",
     "/verify USER [yes]       show the safety number; `yes` marks the key verified",
     "/accept-key USER         trust USER's new key after a key-change warning",
+    "/block [USER]            refuse USER's messages, files and group additions (default: this chat)",
+    "/unblock USER  /blocked  undo a block; list who is blocked",
     "/retry                   send again messages that failed (✗); also done on reconnect and login",
     "/paste                   send the text just refused as too long, as a file",
     "/search TEXT             find TEXT in the history (of the open chat; everywhere from status)",
@@ -107,6 +113,26 @@ pub fn parse(line: &str) -> Result<Command, String> {
             [user] => Ok(Command::AcceptKey { user: user.into() }),
             _ => Err("usage: /accept-key USER".into()),
         },
+        "block" => match words[..] {
+            [] => Ok(Command::Block {
+                user: None,
+                block: true,
+            }),
+            [user] => Ok(Command::Block {
+                user: Some(user.into()),
+                block: true,
+            }),
+            _ => Err("usage: /block [USER] (default: the open chat's peer)".into()),
+        },
+        "unblock" => match words[..] {
+            [user] => Ok(Command::Block {
+                user: Some(user.into()),
+                block: false,
+            }),
+            _ => Err("usage: /unblock USER".into()),
+        },
+        "blocked" if words.is_empty() => Ok(Command::Blocked),
+        "blocked" => Err("usage: /blocked".into()),
         "paste" if words.is_empty() => Ok(Command::Paste),
         "paste" => Err("usage: /paste (after a text too long for a message)".into()),
         "retry" if words.is_empty() => Ok(Command::Retry),
@@ -166,6 +192,26 @@ fn parse_group(words: &[&str]) -> Result<GroupCommand, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn block_defaults_to_the_open_chat() {
+        assert_eq!(
+            parse("/block"),
+            Ok(Command::Block {
+                user: None,
+                block: true
+            })
+        );
+        assert_eq!(
+            parse("/unblock eve"),
+            Ok(Command::Block {
+                user: Some("eve".into()),
+                block: false
+            })
+        );
+        assert!(parse("/unblock").unwrap_err().contains("usage"));
+        assert_eq!(parse("/blocked"), Ok(Command::Blocked));
+    }
 
     #[test]
     fn paste_takes_no_arguments() {

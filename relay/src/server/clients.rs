@@ -363,6 +363,35 @@ impl Core {
                     },
                 );
             }
+            (ClientState::Ready(session), frame) if block_op(&frame).is_some() => {
+                let user_id = session.user_id;
+                let Some((id, op)) = block_op(&frame) else {
+                    return;
+                };
+                if let BlockOp::Add { user } | BlockOp::Remove { user } = &op {
+                    if !valid_user_name(user) {
+                        return self.reply_error(
+                            io,
+                            token,
+                            id,
+                            Refusal::new(
+                                ErrorCode::UnknownUser,
+                                format!("there is no user called {user:?}"),
+                            ),
+                        );
+                    }
+                }
+                self.submit_for(
+                    io,
+                    token,
+                    Job::Block {
+                        conn: token,
+                        req: id,
+                        user_id,
+                        op,
+                    },
+                );
+            }
             (ClientState::Ready(session), ClientToRelay::Ack { msg_ids }) => {
                 if msg_ids.len() > MAX_ACK_IDS {
                     return self.fail(
@@ -499,6 +528,7 @@ fn becomes_job(frame: &ClientToRelay) -> bool {
         ClientToRelay::Send { .. } | ClientToRelay::Key { .. }
     ) || file_op(frame).is_some()
         || group_op(frame).is_some()
+        || block_op(frame).is_some()
 }
 
 /// The request id a frame carries, if it has one.
@@ -508,7 +538,8 @@ fn request_id(frame: &ClientToRelay) -> Option<u64> {
         ClientToRelay::FileDone { .. } => None,
         f => file_op(f)
             .map(|(id, _)| id)
-            .or_else(|| group_op(f).map(|(id, _)| id)),
+            .or_else(|| group_op(f).map(|(id, _)| id))
+            .or_else(|| block_op(f).map(|(id, _)| id)),
     }
 }
 
@@ -521,6 +552,9 @@ fn frame_name(frame: &ClientToRelay) -> &'static str {
         ClientToRelay::Ack { .. } => "ack",
         ClientToRelay::Key { .. } => "key",
         ClientToRelay::Ping { .. } => "ping",
+        ClientToRelay::Block { .. } => "block",
+        ClientToRelay::Unblock { .. } => "unblock",
+        ClientToRelay::BlockList { .. } => "block_list",
         ClientToRelay::GroupCreate { .. } => "group_create",
         ClientToRelay::GroupAdd { .. } => "group_add",
         ClientToRelay::GroupRemove { .. } => "group_remove",
@@ -596,6 +630,16 @@ fn file_op(frame: &ClientToRelay) -> Option<(u64, FileOp)> {
 }
 
 /// The group operation a frame asks for, with its request id.
+fn block_op(frame: &ClientToRelay) -> Option<(u64, BlockOp)> {
+    let frame = frame.clone();
+    Some(match frame {
+        ClientToRelay::Block { id, user } => (id, BlockOp::Add { user }),
+        ClientToRelay::Unblock { id, user } => (id, BlockOp::Remove { user }),
+        ClientToRelay::BlockList { id } => (id, BlockOp::List),
+        _ => return None,
+    })
+}
+
 fn group_op(frame: &ClientToRelay) -> Option<(u64, GroupOp)> {
     Some(match frame.clone() {
         ClientToRelay::GroupCreate { id, name } => (id, GroupOp::Create { name }),

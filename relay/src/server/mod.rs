@@ -29,6 +29,7 @@ use crate::mesh::{Mesh, MeshState};
 use crate::message::{Message, Target};
 use crate::session::{Next, Session};
 use crate::tickets::{Admission, TicketBook};
+use crate::worker::blocks::BlockOp;
 use crate::worker::files::FileOp;
 use crate::worker::groups::GroupOp;
 use crate::worker::{Done, Job, StoreMetrics, Worker};

@@ -316,6 +316,15 @@ fn every_client_frame() -> Vec<ClientToRelay> {
             id: 1,
             user: "bob".into(),
         },
+        ClientToRelay::Block {
+            id: 1,
+            user: "bob".into(),
+        },
+        ClientToRelay::Unblock {
+            id: 1,
+            user: "bob".into(),
+        },
+        ClientToRelay::BlockList { id: 1 },
         ClientToRelay::Ping { id: 1 },
     ]
 }

@@ -8,8 +8,10 @@ use super::*;
 
 /// What the write step stored.
 struct Written {
-    /// (msg_id, recipient) per direct send stored, in job order.
-    direct: Vec<Inserted>,
+    /// Per direct send to a known user whose mailbox had room, in job order: its id,
+    /// the recipient, and whether the recipient blocked the sender (then nothing was
+    /// stored).
+    direct: Vec<(i64, i64, bool)>,
     /// Per group send, in job order: its rows, or `None` if the sender is not a member.
     groups: Vec<Option<GroupRows>>,
 }
@@ -152,7 +154,7 @@ impl Worker {
     /// Inserts the batch's direct messages (ids drawn in order, so one sender's
     /// messages keep their order) and deletes its acknowledged messages, in one
     /// statement. `direct` holds the sends to store, (job position, recipient), in job
-    /// order. Returns (msg_id, recipient) for each, in the same order.
+    /// order. Returns (msg_id, recipient, blocked) for each, in the same order.
     fn store_direct(
         &self,
         db: &mut impl GenericClient,
@@ -160,7 +162,7 @@ impl Worker {
         jobs: &[Job],
         direct: &[(usize, i64)],
         now: u64,
-    ) -> Result<Vec<Inserted>, postgres::Error> {
+    ) -> Result<Vec<(i64, i64, bool)>, postgres::Error> {
         let mut recipients = Vec::with_capacity(direct.len());
         let mut senders = Vec::with_capacity(direct.len());
         let mut bodies = Vec::with_capacity(direct.len());
@@ -187,7 +189,7 @@ impl Worker {
             return Ok(Vec::new());
         }
         let stamps = vec![now as i64; recipients.len()];
-        let mut ids: Vec<i64> = db
+        let mut ids: Vec<(i64, bool)> = db
             .query(
                 &st.store,
                 &[
@@ -200,11 +202,15 @@ impl Worker {
                 ],
             )?
             .iter()
-            .map(|r| r.get(0))
+            .map(|r| (r.get(0), r.get(1)))
             .collect();
         // Drawn in input order, so sorted they line up with the input.
         ids.sort_unstable();
-        Ok(ids.into_iter().zip(recipients).collect())
+        Ok(ids
+            .into_iter()
+            .zip(recipients)
+            .map(|((id, blocked), r)| (id, r, blocked))
+            .collect())
     }
 
     /// Answer: everything here runs after the commit, so a failure from here on must
@@ -225,7 +231,8 @@ impl Worker {
         let recipients: Vec<i64> = written
             .direct
             .iter()
-            .map(|(_, r)| *r)
+            .filter(|(_, _, blocked)| !blocked)
+            .map(|(_, r, _)| *r)
             .chain(
                 written
                     .groups
@@ -297,14 +304,21 @@ impl Worker {
                             ErrorCode::UnknownUser,
                             format!("there is no user called {to}"),
                         ),
-                        Target::User(_) => {
-                            let (msg_id, recipient_id) = direct_rows
+                        Target::User(to) => {
+                            let (msg_id, recipient_id, blocked) = direct_rows
                                 .next()
                                 .expect("one inserted row per send to a known user, in order");
-                            sent(
+                            if blocked {
+                                failed(
+                                    ErrorCode::Blocked,
+                                    format!("{to} does not accept messages from you; nothing was stored"),
+                                )
+                            } else {
+                                sent(
                                 msg_id,
-                                vec![located(recipient_id, stored(msg_id, None, None))],
-                            )
+                                    vec![located(recipient_id, stored(msg_id, None, None))],
+                                )
+                            }
                         }
                         Target::Group(group_id) => match group_rows
                             .next()
@@ -422,6 +436,7 @@ fn read(
         | Job::Ack { .. }
         | Job::Logout { .. }
         | Job::Group { .. }
-        | Job::File { .. } => None,
+        | Job::File { .. }
+        | Job::Block { .. } => None,
     }
 }

@@ -3,6 +3,7 @@
 //! control), and deletion once every recipient is done or the retention has passed.
 //! Each operation is a transaction of its own on the uploader's or downloader's worker.
 
+use super::blocks::IS_BLOCKED;
 use crate::message::Target;
 use fastchat_common::db::DbConn;
 use fastchat_common::proto::{ErrorCode, Refusal, RelayToClient};
@@ -67,7 +68,16 @@ pub fn run(
             let recipients: Vec<i64> = match &target {
                 Target::User(name) => {
                     match tx.query_opt("SELECT id FROM users WHERE name = $1", &[name])? {
-                        Some(row) => vec![row.get(0)],
+                        Some(row) => {
+                            let recipient: i64 = row.get(0);
+                            if tx.query_opt(IS_BLOCKED, &[&recipient, &user_id])?.is_some() {
+                                return Ok(Err(Refusal::new(
+                                    ErrorCode::Blocked,
+                                    format!("{name} does not accept files from you"),
+                                )));
+                            }
+                            vec![recipient]
+                        }
                         None => {
                             return Ok(Err(Refusal::new(
                                 ErrorCode::UnknownUser,
@@ -88,7 +98,9 @@ pub fn run(
                         )));
                     }
                     tx.query(
-                        "SELECT user_id FROM group_members WHERE group_id = $1 AND user_id <> $2",
+                        "SELECT user_id FROM group_members gm
+                         WHERE group_id = $1 AND user_id <> $2 AND NOT EXISTS
+                             (SELECT 1 FROM blocks k WHERE k.user_id = gm.user_id AND k.blocked_id = $2)",
                         &[group_id, &user_id],
                     )?
                     .iter()

@@ -5,6 +5,7 @@
 //! member concerned, in the same transaction, so events reach members in order with the
 //! messages — and only after they are durable.
 
+use super::blocks::IS_BLOCKED;
 use crate::message::Message;
 use fastchat_common::db::DbConn;
 use fastchat_common::proto::{
@@ -410,6 +411,16 @@ impl Op<'_, '_> {
                 format!("there is no user called {user}"),
             );
         };
+        if self
+            .tx
+            .query_opt(IS_BLOCKED, &[&user_id, &self.actor_id])?
+            .is_some()
+        {
+            return refused(
+                ErrorCode::Blocked,
+                format!("{user} does not accept group additions from you"),
+            );
+        }
         if self.role_of(group_id, user_id)?.is_some() {
             return refused(
                 ErrorCode::AlreadyMember,

@@ -58,6 +58,13 @@ pub enum Job {
         user_id: i64,
         op: FileOp,
     },
+    /// A change to, or a read of, the user's block list.
+    Block {
+        conn: Token,
+        req: u64,
+        user_id: i64,
+        op: BlockOp,
+    },
     /// A group operation.
     Group {
         conn: Token,
@@ -79,6 +86,7 @@ impl Job {
             | Job::Logout { user_id }
             | Job::LookupKey { user_id, .. }
             | Job::File { user_id, .. }
+            | Job::Block { user_id, .. }
             | Job::Group { user_id, .. } => *user_id as u64,
             Job::Send { sender_id, .. } => *sender_id as u64,
             // No id yet: any stable spread will do.

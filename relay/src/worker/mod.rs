@@ -15,6 +15,7 @@
 //! a batch into runs, and failure answers.
 
 mod batch;
+pub mod blocks;
 pub mod files;
 pub mod groups;
 mod jobs;
@@ -28,6 +29,7 @@ use sql::*;
 
 use crate::message::{Delivery, Message, Target};
 use crate::session::PAGE_BYTES;
+use blocks::BlockOp;
 use files::FileOp;
 use groups::{GroupOp, GroupOutcome};
 
@@ -109,9 +111,9 @@ impl Worker {
             if let Job::Group { .. } = job {
                 healthy &= self.commit_run(&mut held, std::mem::take(&mut run));
                 healthy &= self.run_group_op(&mut held.conn, job);
-            } else if let Job::File { .. } = job {
+            } else if let Job::File { .. } | Job::Block { .. } = job {
                 healthy &= self.commit_run(&mut held, std::mem::take(&mut run));
-                healthy &= self.run_file_op(&mut held.conn, job);
+                healthy &= self.run_frames_op(&mut held.conn, job);
             } else {
                 run.push(job);
             }
@@ -162,18 +164,30 @@ impl Worker {
         }
     }
 
-    /// Runs one file operation; `false` if the database failed.
-    fn run_file_op(&mut self, conn: &mut DbConn, job: Job) -> bool {
-        let Job::File {
-            conn: token,
-            req,
-            user_id,
-            op,
-        } = job
-        else {
-            return true;
+    /// Runs one file or block-list operation (a transaction answered with frames);
+    /// `false` if the database failed.
+    fn run_frames_op(&mut self, conn: &mut DbConn, job: Job) -> bool {
+        let (token, req, ran, what) = match job {
+            Job::File {
+                conn: token,
+                req,
+                user_id,
+                op,
+            } => (token, req, files::run(conn, user_id, op, req), "file"),
+            Job::Block {
+                conn: token,
+                req,
+                user_id,
+                op,
+            } => (
+                token,
+                req,
+                blocks::run(conn, user_id, op, req),
+                "block list",
+            ),
+            _ => return true,
         };
-        let (result, healthy) = match files::run(conn, user_id, op, req) {
+        let (result, healthy) = match ran {
             Ok(Ok(frames)) => (
                 Done::Frames {
                     conn: token,
@@ -190,14 +204,14 @@ impl Worker {
                 true,
             ),
             Err(e) => {
-                warn!("file operation failed: {e}");
+                warn!("{what} operation failed: {e}");
                 (
                     Done::Failed {
                         conn: token,
                         req,
                         why: Refusal::new(
                             ErrorCode::StoreFailed,
-                            "the file store is unavailable; retry",
+                            format!("the {what} store is unavailable; nothing changed, retry"),
                         ),
                     },
                     false,
@@ -303,6 +317,7 @@ impl Worker {
             Job::Send { conn, req, .. }
             | Job::LookupKey { conn, req, .. }
             | Job::File { conn, req, .. }
+            | Job::Block { conn, req, .. }
             | Job::Group { conn, req, .. } => Some(store_failed(conn, req)),
             Job::Login { conn, .. } | Job::FetchPending { conn, .. } | Job::Resume { conn, .. } => {
                 Some(Done::LoginFailed { conn })

@@ -32,8 +32,10 @@ impl Prepared {
             // Acknowledgements delete exact (recipient, id) pairs with a plan shape no
             // plan choice can change: one primary-key probe per pair inside a
             // subquery, then a TID scan (a join with `unnest` let a generic plan, or
-            // stale statistics, scan the whole table). Ids are drawn as unnest
-            // produces the rows, in input order.
+            // stale statistics, scan the whole table). Ids are drawn in input order
+            // (after the sort: PostgreSQL evaluates volatile output columns last), one
+            // per send, also for a send the recipient blocked: that one is not stored
+            // (one primary-key probe of `blocks` per send) and is answered `blocked`.
             store: conn.prepare(
                 "WITH acked AS (
                      DELETE FROM messages WHERE ctid = ANY (ARRAY(
@@ -41,12 +43,20 @@ impl Prepared {
                                  WHERE m.recipient_id = a.r AND m.id = a.i)
                          FROM unnest($5::int8[], $6::int8[]) AS a(r, i)))
                  )
-                 INSERT INTO messages (recipient_id, id, sender_id, body, sent_at_ms)
-                 SELECT r, nextval('messages_id_seq'), s, b, t
-                 FROM unnest($1::int8[], $2::int8[], $3::text[], $4::int8[])
-                      WITH ORDINALITY AS x(r, s, b, t, o)
-                 ORDER BY o
-                 RETURNING id",
+,
+                 x AS (
+                     SELECT nextval('messages_id_seq') AS id, r, s, b, t,
+                            EXISTS (SELECT 1 FROM blocks k
+                                    WHERE k.user_id = r AND k.blocked_id = s) AS blocked
+                     FROM unnest($1::int8[], $2::int8[], $3::text[], $4::int8[])
+                          WITH ORDINALITY AS x(r, s, b, t, o)
+                     ORDER BY o
+                 ),
+                 stored AS (
+                     INSERT INTO messages (recipient_id, id, sender_id, body, sent_at_ms)
+                     SELECT r, id, s, b, t FROM x WHERE NOT blocked
+                 )
+                 SELECT id, blocked FROM x",
             )?,
             // Messages waiting for each recipient, counted up to a limit.
             waiting: conn.prepare(
@@ -55,7 +65,7 @@ impl Prepared {
                  FROM unnest($1::int8[]) AS r",
             )?,
             member: conn.prepare("SELECT g.name FROM group_members gm JOIN groups g ON g.id = gm.group_id WHERE gm.group_id = $1 AND gm.user_id = $2")?,
-            group_insert: conn.prepare("INSERT INTO messages (recipient_id, id, sender_id, body, sent_at_ms, group_id) SELECT gm.user_id, nextval(pg_get_serial_sequence('messages', 'id')), $2, $3, $4, $1 FROM group_members gm WHERE gm.group_id = $1 AND gm.user_id <> $2 ORDER BY gm.joined_seq RETURNING id, recipient_id")?,
+            group_insert: conn.prepare("INSERT INTO messages (recipient_id, id, sender_id, body, sent_at_ms, group_id) SELECT gm.user_id, nextval(pg_get_serial_sequence('messages', 'id')), $2, $3, $4, $1 FROM group_members gm WHERE gm.group_id = $1 AND gm.user_id <> $2 AND NOT EXISTS (SELECT 1 FROM blocks k WHERE k.user_id = gm.user_id AND k.blocked_id = $2) ORDER BY gm.joined_seq RETURNING id, recipient_id")?,
             // A batch's presence changes in one statement: the users whose last change
             // in the batch is a login ($1), and those whose last is a logout ($2);
             // no user is in both, nor twice in one.
