@@ -90,6 +90,9 @@ pub enum Event {
     Group(GroupNotice),
     /// A file arrived, was checked and saved.
     File(crate::files::FileReceived),
+    /// A stranger announced a file: it is held, not downloaded, until this user
+    /// accepts it ([`Chat::accept_file`]) or rejects it.
+    FileHeld(crate::files::HeldFile),
     /// The recipient's device has stored messages we sent (a delivery receipt came
     /// from `peer`): their history entries, named by our message ids (`mid`), are now
     /// [`DeliveryState::Delivered`].

@@ -139,12 +139,55 @@ fn nonce_of(offer: &FileOffer) -> Option<[u8; 16]> {
     bytes.try_into().ok()
 }
 
+/// What happens to a file a stranger sends — someone this user never wrote to and
+/// shares no group with (a file sent to a group always comes from a fellow member).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StrangerFiles {
+    /// Download every file, as from anyone else.
+    Accept,
+    /// Download files up to this many bytes; hold larger ones until accepted.
+    UpTo(u64),
+    /// Hold every file until accepted ([`Chat::accept_file`]) or rejected.
+    Ask,
+}
+
+/// Files from strangers up to this size download without asking, unless a client says
+/// otherwise (the terminal UI asks for every one; `read` holds larger ones).
+pub const STRANGER_FILE_CAP: u64 = 1024 * 1024;
+
+/// A file announced by a stranger, held until this user accepts or rejects it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldFile {
+    pub file_id: i64,
+    pub msg_id: i64,
+    pub from: String,
+    /// The name the sender gave (a peer's text: clean it before showing).
+    pub name: String,
+    pub size: u64,
+    /// When the relay stored the announcement, unix ms.
+    pub ts: u64,
+}
+
+impl HeldFile {
+    fn of(d: &PendingDownload) -> HeldFile {
+        HeldFile {
+            file_id: d.offer.file_id,
+            msg_id: d.msg_id,
+            from: d.from.clone(),
+            name: d.offer.name.clone(),
+            size: d.offer.size,
+            ts: d.ts,
+        }
+    }
+}
+
 /// The files module's state in a [`Chat`].
 pub(crate) struct FileState {
     /// Where received files are saved.
     dir: PathBuf,
     /// Outstanding `file_get` requests: request id → file id.
     requests: HashMap<u64, i64>,
+    strangers: StrangerFiles,
 }
 
 impl FileState {
@@ -152,6 +195,7 @@ impl FileState {
         FileState {
             dir,
             requests: HashMap::new(),
+            strangers: StrangerFiles::UpTo(STRANGER_FILE_CAP),
         }
     }
 
@@ -165,6 +209,80 @@ impl Chat {
     /// Sets where received files are saved.
     pub fn set_downloads(&mut self, dir: PathBuf) {
         self.files.dir = dir;
+    }
+
+    /// Sets what happens to files from strangers from now on (see [`StrangerFiles`]).
+    pub fn set_stranger_files(&mut self, policy: StrangerFiles) {
+        self.files.strangers = policy;
+    }
+
+    /// Whether `peer` is a stranger: this user never wrote to them (in the local
+    /// history) and no group in the store has them in its verified roster.
+    pub fn is_stranger(&self, peer: &str) -> Result<bool, ClientError> {
+        if peer == self.user() || self.store.wrote_to(peer)? {
+            return Ok(false);
+        }
+        for (group_id, g) in self.store.groups()? {
+            if g.role != "none"
+                && self
+                    .store
+                    .roster(group_id)?
+                    .is_some_and(|r| r.is_member(peer))
+            {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Whether a file of `size` bytes from `from` (to a group if `group_id`) waits for
+    /// this user's choice instead of downloading.
+    fn holds(&self, from: &str, group_id: Option<i64>, size: u64) -> Result<bool, ClientError> {
+        let asks = match self.files.strangers {
+            StrangerFiles::Accept => false,
+            StrangerFiles::UpTo(cap) => size > cap,
+            StrangerFiles::Ask => true,
+        };
+        Ok(asks && group_id.is_none() && self.is_stranger(from)?)
+    }
+
+    /// Files from strangers waiting for this user's choice, oldest first.
+    pub fn held_files(&self) -> Result<Vec<HeldFile>, ClientError> {
+        Ok(self
+            .store
+            .downloads()?
+            .iter()
+            .filter(|d| d.held)
+            .map(HeldFile::of)
+            .collect())
+    }
+
+    /// Downloads a held file (it arrives as an [`Event::File`] from [`Chat::receive`]).
+    /// `false` if no file of that id is held.
+    pub fn accept_file(&mut self, file_id: i64) -> Result<bool, ClientError> {
+        match self.store.download(file_id)? {
+            Some(mut d) if d.held => {
+                d.held = false;
+                self.store.put_download(&d)?;
+                self.request_window(file_id)?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Rejects a held file: nothing is downloaded and the relay is told this user is
+    /// done with it. `false` if no file of that id is held.
+    pub fn reject_file(&mut self, file_id: i64) -> Result<bool, ClientError> {
+        if !self.store.download(file_id)?.is_some_and(|d| d.held) {
+            return Ok(false);
+        }
+        if self.store.take_download(file_id)?.is_none() {
+            return Ok(false);
+        }
+        self.relay.queue(&ClientToRelay::FileDone { file_id });
+        self.relay.flush()?;
+        Ok(true)
     }
 
     /// Sends the file at `path` to a user (`to`) or a group (`group_id`), under `name`
@@ -350,7 +468,8 @@ impl Chat {
             }));
         }
         let file_id = offer.file_id;
-        self.store.add_download(&PendingDownload {
+        let held = self.holds(&m.from, m.group_id, offer.size)?;
+        let download = PendingDownload {
             offer,
             msg_id: m.msg_id,
             from: m.from.clone(),
@@ -358,14 +477,21 @@ impl Chat {
             group,
             ts: m.ts,
             mid: mid.to_string(),
-        })?;
+            held,
+        };
+        self.store.add_download(&download)?;
+        if held {
+            return Ok(Opened::Shown(Event::FileHeld(HeldFile::of(&download))));
+        }
         self.request_window(file_id)?;
         Ok(Opened::Nothing)
     }
 
     /// Downloads not finished yet.
     pub fn downloads_in_progress(&self) -> usize {
-        self.store.downloads().map_or(0, |d| d.len())
+        self.store
+            .downloads()
+            .map_or(0, |d| d.iter().filter(|d| !d.held).count())
     }
 
     /// Asks again for every unfinished download (after a failover or a restart).
@@ -389,6 +515,7 @@ impl Chat {
             .store
             .downloads()?
             .iter()
+            .filter(|d| !d.held)
             .map(|d| d.offer.file_id)
             .collect();
         for file_id in ids {
@@ -638,6 +765,9 @@ pub struct PendingDownload {
     /// The announcement's sender message id (for the history entry).
     #[serde(default)]
     pub mid: String,
+    /// From a stranger, waiting for this user's choice: not downloading.
+    #[serde(default)]
+    pub held: bool,
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 use clap::{Parser, Subcommand};
 use fastchat_client::chat::{self, Chat, Event, KeyStatus, Options};
 use fastchat_client::error::ClientError;
+use fastchat_client::files::{HeldFile, StrangerFiles};
 use fastchat_client::text::{clean, one_record};
 use fastchat_common::time;
 use std::io::{BufRead, IsTerminal, Write};
@@ -89,6 +90,11 @@ enum Command {
         /// Where received files are saved [default: DATA_DIR/USER/downloads].
         #[arg(long, value_name = "DIR")]
         downloads: Option<PathBuf>,
+        /// Download files from strangers (people you never wrote to and share no group
+        /// with) whatever their size, and those held earlier. Without it, their files
+        /// over 1 MiB are held and listed.
+        #[arg(long)]
+        accept_files_from_strangers: bool,
     },
     /// Find messages in your local history that hold TEXT (case-insensitive). Works
     /// offline: only the store is read.
@@ -394,6 +400,29 @@ fn prompt(label: &str) -> Result<String, ClientError> {
     }
 }
 
+/// A held file from a stranger: on stdout in JSON, as a note on stderr otherwise.
+fn print_held(f: &HeldFile, json: bool) {
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "msg_id": f.msg_id,
+                "from": f.from,
+                "held_file": {"file_id": f.file_id, "name": f.name, "size": f.size},
+                "ts": time::rfc3339(f.ts),
+            })
+        );
+    } else {
+        eprintln!(
+            "note: {} (someone you never wrote to) sent a file, held: {} ({} bytes); \
+             `fastchat read --accept-files-from-strangers` downloads it",
+            f.from,
+            clean(&f.name, false),
+            f.size
+        );
+    }
+}
+
 fn print_blocked(users: &[String]) {
     if users.is_empty() {
         println!("You have blocked no one.");
@@ -469,11 +498,22 @@ fn run(cli: &Cli, command: &Command) -> Result<(), ClientError> {
             wait,
             json,
             downloads,
+            accept_files_from_strangers,
         } => {
             let opts = options(cli, false)?;
             let mut chat = Chat::login(&opts, true)?;
             if let Some(dir) = downloads {
                 chat.set_downloads(dir.clone());
+            }
+            if *accept_files_from_strangers {
+                chat.set_stranger_files(StrangerFiles::Accept);
+                for held in chat.held_files()? {
+                    chat.accept_file(held.file_id)?;
+                }
+            } else {
+                for held in chat.held_files()? {
+                    print_held(&held, *json);
+                }
             }
             read(&mut chat, *wait, *json)?;
             chat.close();
@@ -732,6 +772,7 @@ fn read(chat: &mut Chat, wait: Option<u64>, json: bool) -> Result<(), ClientErro
                     let _ = writeln!(out, "{line}");
                     let _ = out.flush();
                 }
+                Event::FileHeld(f) => print_held(&f, json),
                 Event::File(f) => {
                     let line = if json {
                         serde_json::json!({

@@ -5,7 +5,7 @@ mod harness;
 
 use fastchat_client::chat::{self, Chat, Event};
 use fastchat_client::e2e::Identity;
-use fastchat_client::files::FileReceived;
+use fastchat_client::files::{FileReceived, StrangerFiles};
 use harness::{eventually, Settings, TestNet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -55,6 +55,15 @@ fn receive_files(chat: &mut Chat, n: usize) -> Vec<Event> {
     got
 }
 
+/// A session that downloads files from strangers of any size: these tests are about
+/// transfer, and alice is a stranger to bob here (files from strangers have their own
+/// test, `files_from_strangers_wait_for_a_choice`).
+fn accepting(net: &TestNet, user: &str) -> Chat {
+    let mut chat = net.login(user);
+    chat.set_stranger_files(StrangerFiles::Accept);
+    chat
+}
+
 fn file_of(e: &Event) -> &FileReceived {
     match e {
         Event::File(f) => f,
@@ -79,7 +88,7 @@ fn five_mib_to_an_offline_peer_arrives_byte_identical() {
         .get(0);
     assert_eq!(stored, 161);
 
-    let mut bob = net.login("bob");
+    let mut bob = accepting(&net, "bob");
     let got = receive_files(&mut bob, 1);
     let f = file_of(&got[0]);
     assert_eq!(f.name, "photo.bin");
@@ -286,7 +295,7 @@ fn an_upload_broken_by_a_relay_kill_completes_after_failover() {
         sent.chunks
     );
     assert!(alice.failovers() >= 1);
-    let mut bob = net.login("bob");
+    let mut bob = accepting(&net, "bob");
     let got = receive_files(&mut bob, 1);
     assert_eq!(
         std::fs::read(&file_of(&got[0]).path).unwrap(),
@@ -304,7 +313,7 @@ fn a_download_broken_by_a_relay_kill_resumes_after_failover() {
     let src = random_file(&net.home.join("src"), "movie.bin", 8 * 1024 * 1024);
     let mut alice = Chat::login(&net.opts("alice"), false).unwrap();
     let sent = alice.send_file(Some("bob"), None, &src, None).unwrap();
-    let mut bob = net.login("bob");
+    let mut bob = accepting(&net, "bob");
     let bob_relay = net.relay_index(bob.relay_addr());
     let partial = net
         .opts("bob")
@@ -336,7 +345,7 @@ fn texts_are_shown_while_a_large_file_is_still_downloading() {
     register(&net, &["alice", "bob"]);
     let src = random_file(&net.home.join("src"), "large.bin", 8 * 1024 * 1024);
     let mut alice = Chat::login(&net.opts("alice"), false).unwrap();
-    let mut bob = net.login("bob");
+    let mut bob = accepting(&net, "bob");
     alice.send_file(Some("bob"), None, &src, None).unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut order = Vec::new();
@@ -381,4 +390,93 @@ fn an_empty_file_arrives_empty() {
     let f = file_of(&got[0]);
     assert_eq!(f.size, 0);
     assert_eq!(std::fs::read(&f.path).unwrap(), Vec::<u8>::new());
+}
+
+#[test]
+fn files_from_strangers_wait_for_a_choice() {
+    let net = TestNet::start();
+    register(&net, &["mallory", "bob", "alice"]);
+    let big = random_file(&net.home.join("src"), "big.bin", 2 * 1024 * 1024);
+    let small = random_file(&net.home.join("src"), "small.bin", 100_000);
+    let mut mallory = Chat::login(&net.opts("mallory"), false).unwrap();
+    mallory.send_file(Some("bob"), None, &big, None).unwrap();
+    mallory.send_file(Some("bob"), None, &small, None).unwrap();
+    let downloads = net.opts("bob").data_dir.join("bob/downloads");
+    let saved = |name: &str| downloads.join(name).exists();
+
+    // `read`: a stranger's small file downloads, the large one is held and listed.
+    let (ok, out, err) = net.cli("bob", &["read"]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("mallory sent a file: small.bin"), "{out}");
+    assert!(
+        err.contains(
+            "mallory (someone you never wrote to) sent a file, held: big.bin (2097152 bytes)"
+        ) && err.contains("--accept-files-from-strangers"),
+        "{err}"
+    );
+    assert!(saved("small.bin") && !saved("big.bin"));
+    // Still held (and listed) at the next `read`, in JSON too.
+    let (ok, out, _) = net.cli("bob", &["read", "--json"]);
+    let held: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(ok && held["held_file"]["name"] == "big.bin", "{out}");
+
+    // Someone bob wrote to is no stranger.
+    let (ok, _, err) = net.cli("bob", &["send", "--to", "alice", "hi"]);
+    assert!(ok, "{err}");
+    let mut alice = Chat::login(&net.opts("alice"), false).unwrap();
+    let from_alice = random_file(&net.home.join("src"), "from-alice.bin", 2 * 1024 * 1024);
+    alice
+        .send_file(Some("bob"), None, &from_alice, None)
+        .unwrap();
+    let (ok, out, err) = net.cli("bob", &["read"]);
+    assert!(
+        ok && out.contains("alice sent a file: from-alice.bin"),
+        "{out}{err}"
+    );
+
+    // The flag downloads what was held.
+    let (ok, out, err) = net.cli("bob", &["read", "--accept-files-from-strangers"]);
+    assert!(
+        ok && out.contains("mallory sent a file: big.bin"),
+        "{out}{err}"
+    );
+    assert_eq!(
+        std::fs::read(downloads.join("big.bin")).unwrap(),
+        std::fs::read(&big).unwrap()
+    );
+
+    // Asking for every file (as the terminal UI does): held, then refused; the relay
+    // lets go of it.
+    let sent = mallory
+        .send_file(Some("bob"), None, &small, Some("again.bin"))
+        .unwrap();
+    let mut bob = net.login("bob");
+    bob.set_stranger_files(StrangerFiles::Ask);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let held = loop {
+        assert!(Instant::now() < deadline, "no held file");
+        let events = bob
+            .receive(Instant::now() + Duration::from_millis(200))
+            .unwrap();
+        if let Some(Event::FileHeld(h)) =
+            events.into_iter().find(|e| matches!(e, Event::FileHeld(_)))
+        {
+            break h;
+        }
+    };
+    assert_eq!(
+        (held.file_id, held.name.as_str()),
+        (sent.file_id, "again.bin")
+    );
+    assert_eq!(bob.held_files().unwrap(), vec![held.clone()]);
+    assert!(bob.reject_file(held.file_id).unwrap());
+    assert!(!bob.reject_file(held.file_id).unwrap(), "refused once");
+    assert!(bob.held_files().unwrap().is_empty());
+    let mut db = postgres::Client::connect(&net.db_url, postgres::NoTls).unwrap();
+    eventually("the refused file left stored", 0, || {
+        db.query_one("SELECT count(*) FROM files WHERE id = $1", &[&held.file_id])
+            .unwrap()
+            .get::<_, i64>(0)
+    });
+    assert!(!saved("again.bin"));
 }

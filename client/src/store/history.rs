@@ -207,6 +207,15 @@ impl Store {
         Ok(rows.into_iter().map(|(_, e)| e).collect())
     }
 
+    /// Whether this user ever wrote in the direct conversation with `peer`.
+    pub fn wrote_to(&self, peer: &str) -> Result<bool, StoreError> {
+        let h = self.sealer.hash("conv", peer);
+        self.conn
+            .prepare_cached("SELECT 1 FROM history WHERE conv = ?1 AND outgoing = 1 LIMIT 1")
+            .and_then(|mut s| s.exists(params![h]))
+            .map_err(|e| self.db_error(e))
+    }
+
     /// Up to `limit` entries of conversation `conv` written before row `before` (the
     /// newest if `None`), oldest first.
     pub fn history_page(

@@ -200,6 +200,19 @@ impl Store {
         })
     }
 
+    /// Replaces the download of the same file (an accepted held file).
+    pub fn put_download(&mut self, d: &PendingDownload) -> Result<(), StoreError> {
+        let rec = self.sealer.seal(d);
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO downloads (file_id, rec) VALUES (?1, ?2)
+                 ON CONFLICT (file_id) DO UPDATE SET rec = excluded.rec",
+                params![d.offer.file_id, rec],
+            )?;
+            Ok(())
+        })
+    }
+
     /// Takes the download of `file_id` out (finished or failed); `None` if another
     /// process took it first.
     pub fn take_download(&mut self, file_id: i64) -> Result<Option<PendingDownload>, StoreError> {

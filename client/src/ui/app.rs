@@ -352,6 +352,9 @@ impl App {
                 self.request(Request::Block { user, block });
             }
             Command::Blocked => self.request(Request::Blocked),
+            Command::HeldFile { file_id, accept } => {
+                self.request(Request::HeldFile { file_id, accept })
+            }
             Command::Help => {
                 for line in HELP {
                     self.model.info(line, now);
@@ -610,6 +613,17 @@ impl App {
                     f.group_id,
                     message_line(&f.from, &f.describe(), f.ts),
                 );
+            }
+            Event::FileHeld(f) => {
+                let text = format!(
+                    "{} sent a file, held because you never wrote to them: {} ({} bytes). \
+                     /accept-file {id} downloads it, /reject-file {id} refuses it",
+                    f.from,
+                    f.name,
+                    f.size,
+                    id = f.file_id
+                );
+                self.push(&f.from, &f.from, None, warning_line(&text, f.ts));
             }
             Event::Group(n) => {
                 let id = format!("#{}", n.group_id);

@@ -58,6 +58,11 @@ pub enum Request {
     },
     /// `/blocked`.
     Blocked,
+    /// `/accept-file ID` (`accept`) or `/reject-file ID`.
+    HeldFile {
+        file_id: i64,
+        accept: bool,
+    },
     /// `/retry`: send again my messages still pending (a failed send).
     Retry,
     /// PageUp at the top: the lines of `conv` older than history row `before`.
@@ -151,6 +156,11 @@ pub fn spawn(
     chat.set_progress_hook(Box::new(move |p| {
         let _ = hook_tx.send(Update::Progress(p));
     }));
+    // The UI asks about every file from a stranger; those held earlier are shown again.
+    chat.set_stranger_files(crate::files::StrangerFiles::Ask);
+    for held in chat.held_files().unwrap_or_default() {
+        let _ = up_tx.send(Update::Event(Event::FileHeld(held)));
+    }
     let handle = std::thread::spawn(move || run(chat, req_rx, up_tx));
     (req_tx, up_rx, handle)
 }
@@ -318,6 +328,19 @@ fn handle(chat: &mut Chat, request: Request, updates: &Sender<Update>) {
                     let done = if block { "blocked" } else { "unblocked" };
                     info(updates, None, format!("{done} {user}; {}", blocked_list(&now)));
                 }
+                Err(e) => warn(updates, None, e.to_string()),
+            }
+        }
+        Request::HeldFile { file_id, accept } => {
+            let result = if accept {
+                chat.accept_file(file_id)
+            } else {
+                chat.reject_file(file_id)
+            };
+            match result {
+                Ok(true) if accept => info(updates, None, format!("downloading file {file_id}")),
+                Ok(true) => info(updates, None, format!("file {file_id} refused")),
+                Ok(false) => warn(updates, None, format!("no file {file_id} is waiting for you")),
                 Err(e) => warn(updates, None, e.to_string()),
             }
         }

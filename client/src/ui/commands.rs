@@ -21,6 +21,8 @@ pub enum Command {
     Block { user: Option<String>, block: bool },
     /// `/blocked`: list who is blocked.
     Blocked,
+    /// `/accept-file ID` (`accept`) or `/reject-file ID`: a file a stranger sent.
+    HeldFile { file_id: i64, accept: bool },
     /// `/retry`: send again my messages that failed (still pending).
     Retry,
     /// `/paste`: send the text last refused as too long for a message, as a file.
@@ -59,6 +61,7 @@ pub const HELP: &[&str] = &[
     "/accept-key USER         trust USER's new key after a key-change warning",
     "/block [USER]            refuse USER's messages, files and group additions (default: this chat)",
     "/unblock USER  /blocked  undo a block; list who is blocked",
+    "/accept-file ID / reject-file ID  download or refuse a file a stranger sent",
     "/retry                   send again messages that failed (✗); also done on reconnect and login",
     "/paste                   send the text just refused as too long, as a file",
     "/search TEXT             find TEXT in the history (of the open chat; everywhere from status)",
@@ -130,6 +133,20 @@ pub fn parse(line: &str) -> Result<Command, String> {
                 block: false,
             }),
             _ => Err("usage: /unblock USER".into()),
+        },
+        "accept-file" | "reject-file" => match words[..] {
+            [id] => match id.trim_start_matches('#').parse::<i64>() {
+                Ok(file_id) if file_id > 0 => Ok(Command::HeldFile {
+                    file_id,
+                    accept: name == "accept-file",
+                }),
+                _ => Err(format!(
+                    "{id:?} is not a file id (the number shown with the file)"
+                )),
+            },
+            _ => Err(format!(
+                "usage: /{name} ID (the number shown with the file)"
+            )),
         },
         "blocked" if words.is_empty() => Ok(Command::Blocked),
         "blocked" => Err("usage: /blocked".into()),
@@ -211,6 +228,17 @@ mod tests {
         );
         assert!(parse("/unblock").unwrap_err().contains("usage"));
         assert_eq!(parse("/blocked"), Ok(Command::Blocked));
+        assert_eq!(
+            parse("/accept-file 21"),
+            Ok(Command::HeldFile {
+                file_id: 21,
+                accept: true
+            })
+        );
+        assert!(parse("/reject-file x")
+            .unwrap_err()
+            .contains("not a file id"));
+        assert!(parse("/reject-file").unwrap_err().contains("usage"));
     }
 
     #[test]
