@@ -265,3 +265,47 @@ fn the_no_bell_variable_accepts_the_usual_spellings() {
         );
     }
 }
+
+#[test]
+fn the_ui_asks_about_a_strangers_file_and_blocks_from_the_chat() {
+    let net = TestNet::start();
+    net.register("bob");
+    net.register("mallory");
+    let src = net.home.join("note.txt");
+    std::fs::write(&src, b"a small file").unwrap();
+    let (ok, _, err) = net.cli(
+        "mallory",
+        &["send", "--to", "bob", "--file", src.to_str().unwrap()],
+    );
+    assert!(ok, "{err}");
+    let tmux = Tmux::start();
+    tmux.open_ui(&net, "bob", 120, 30);
+    tmux.wait_for("bob", "the status line", |s| {
+        s.contains(" bob @ 127.0.0.1:") && s.contains("connected")
+    });
+    let saved = net.opts("bob").data_dir.join("bob/downloads/note.txt");
+    tmux.wait_for("bob", "mallory's chat", |s| {
+        s.lines().any(|l| l.starts_with("1 mallory"))
+    });
+    tmux.keys("bob", &["M-1"]);
+    let screen = tmux.wait_for("bob", "the held file's notice", |s| {
+        s.contains("held because you never wrote to them") && s.contains("/accept-file")
+    });
+    assert!(!saved.exists(), "downloaded without asking:\n{screen}");
+    let id: String = screen
+        .split("/accept-file ")
+        .nth(1)
+        .unwrap()
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    tmux.type_line("bob", &format!("/accept-file {id}"));
+    tmux.wait_for("bob", "the saved file", |s| s.contains("saved to"));
+    assert_eq!(std::fs::read(&saved).unwrap(), b"a small file");
+
+    // /block in mallory's chat blocks mallory.
+    tmux.type_line("bob", "/block");
+    tmux.wait_for("bob", "the block", |s| s.contains("blocked: mallory"));
+    let (ok, _, err) = net.cli("mallory", &["send", "--to", "bob", "hello?"]);
+    assert!(!ok && err.contains("does not accept messages from you"), "{err}");
+}
