@@ -135,10 +135,12 @@ pub(crate) enum Opened {
 }
 
 /// A message the relay has stored durably.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sent {
     pub msg_id: i64,
     pub ts: u64,
+    /// A group message: members it was not stored for, their mailboxes being full.
+    pub full: Vec<String>,
 }
 
 /// What a session reports while it works, for a terminal UI (see
@@ -752,12 +754,12 @@ impl Chat {
         }
         let sent = self.deliver(&SendTarget::User(to.to_string()), &bodies)?;
         self.store.mark_shared(to, &key.id)?;
-        self.record_stored(&payload.mid, sent)?;
+        self.record_stored(&payload.mid, &sent)?;
         Ok(sent)
     }
 
     /// The relay has stored a message we sent: its history entry says so.
-    pub(crate) fn record_stored(&mut self, mid: &str, sent: Sent) -> Result<(), ClientError> {
+    pub(crate) fn record_stored(&mut self, mid: &str, sent: &Sent) -> Result<(), ClientError> {
         Ok(self.store.mark_stored(mid, sent.msg_id)?)
     }
 
@@ -864,8 +866,7 @@ impl Chat {
             match self.try_deliver(to, bodies, &mut stored) {
                 Ok(()) => {
                     return stored
-                        .last()
-                        .copied()
+                        .pop()
                         .flatten()
                         .ok_or_else(|| ClientError::Protocol("nothing to send".into()))
                 }
@@ -911,8 +912,11 @@ impl Chat {
                 id,
                 |f| matches!(f, RelayToClient::Sent { id: got, .. } if *got == id),
             )?;
-            if let RelayToClient::Sent { msg_id, ts, .. } = reply {
-                stored[i] = Some(Sent { msg_id, ts });
+            if let RelayToClient::Sent {
+                msg_id, ts, full, ..
+            } = reply
+            {
+                stored[i] = Some(Sent { msg_id, ts, full });
             }
         }
         Ok(())

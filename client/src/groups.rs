@@ -273,7 +273,7 @@ impl Chat {
             self.record_outgoing(&conversation(group_id), name, &payload)?;
         }
         let sent = self.deliver(&SendTarget::Group(group_id), &[body])?;
-        self.record_stored(&payload.mid, sent)?;
+        self.record_stored(&payload.mid, &sent)?;
         Ok(sent)
     }
 

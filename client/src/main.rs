@@ -477,8 +477,15 @@ fn run(cli: &Cli, command: &Command) -> Result<(), ClientError> {
                 }
                 (None, Some(name)) => {
                     let g = chat.resolve_group(name)?;
-                    chat.send_group(g.group_id, &text.join(" "))?;
+                    let sent = chat.send_group(g.group_id, &text.join(" "))?;
                     eprintln!("sent to {} ({} members)", g.name, g.members);
+                    if !sent.full.is_empty() {
+                        eprintln!(
+                            "warning: not stored for {}: their mailboxes are full (too much \
+                             waits for them); they will not get this message",
+                            sent.full.join(", ")
+                        );
+                    }
                 }
                 (None, None) => {
                     return Err(ClientError::Usage("give --to USER or --group NAME".into()))

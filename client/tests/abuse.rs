@@ -778,3 +778,146 @@ fn a_blocked_user_gets_nothing_to_the_blocker_until_unblocked() {
     let (ok, _, err) = net.cli("alice", &["block", "Not A Name"]);
     assert!(!ok && err.contains("no user called"), "{err}");
 }
+
+fn relay_flags(flags: &[(&str, &str)]) -> Settings {
+    Settings {
+        extra_relay_args: flags
+            .iter()
+            .flat_map(|(f, v)| [f.to_string(), v.to_string()])
+            .collect(),
+        ..Settings::default()
+    }
+}
+
+/// Rows waiting for `user` in the relays' store.
+fn rows_for(net: &TestNet, user: &str) -> i64 {
+    let mut db = postgres::Client::connect(&net.db_url, postgres::NoTls).unwrap();
+    db.query_one(
+        "SELECT count(*) FROM messages m JOIN users u ON u.id = m.recipient_id WHERE u.name = $1",
+        &[&user],
+    )
+    .unwrap()
+    .get(0)
+}
+
+/// Logs `user` in, takes (and acknowledges) everything waiting, and logs out: what
+/// waits for them is counted from nothing.
+fn read_everything(net: &TestNet, user: &str) {
+    let (ok, _, err) = net.cli(user, &["read"]);
+    assert!(ok, "{err}");
+    harness::eventually(&format!("rows left for {user}"), 0, || rows_for(net, user));
+}
+
+#[test]
+fn group_deliveries_and_bytes_count_toward_a_mailbox() {
+    let net = TestNet::with(relay_flags(&[
+        ("--max-pending", "6"),
+        ("--max-pending-bytes", "150000"),
+    ]));
+    for u in ["mallory", "bob", "carol", "alice", "dave"] {
+        net.register(u);
+    }
+    let mut mallory = net.login("mallory");
+    let group = mallory.group_create("spam").unwrap();
+    mallory.group_add(group.group_id, "bob").unwrap();
+    mallory.group_add(group.group_id, "carol").unwrap();
+    // Bob and carol take the key and the events, then go offline.
+    for u in ["bob", "carol"] {
+        let mut chat = net.login(u);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while chat.group_key_epoch(group.group_id).is_none() {
+            assert!(Instant::now() < deadline, "no group key for {u}");
+            chat.receive(Instant::now() + Duration::from_millis(100))
+                .unwrap();
+        }
+        drop(chat);
+        read_everything(&net, u);
+    }
+
+    // A group send reaches each member's mailbox and counts there: the seventh is
+    // stored for nobody, and says so.
+    for k in 0..6 {
+        let sent = mallory
+            .send_group(group.group_id, &format!("spam {k}"))
+            .unwrap();
+        assert!(sent.full.is_empty(), "{k}: {sent:?}");
+    }
+    let sent = mallory.send_group(group.group_id, "one too many").unwrap();
+    assert_eq!(sent.full, vec!["bob".to_string(), "carol".to_string()]);
+    assert_eq!(rows_for(&net, "bob"), 6, "bob's mailbox kept its limit");
+    // So a direct message to bob is refused as well...
+    let mut alice = net.login("alice");
+    assert_eq!(
+        refusal(alice.send_text("bob", "hello")).0,
+        ErrorCode::MailboxFull
+    );
+    // ...until he reads.
+    read_everything(&net, "bob");
+    harness::eventually("alice's message accepted", true, || {
+        alice.send_text("bob", "hello").is_ok()
+    });
+
+    // Bytes count too: long texts fill dave's 150,000 bytes before his 6 messages.
+    let long = "x".repeat(30_000);
+    let mut stored = 0;
+    let refused = loop {
+        match alice.send_text("dave", &long) {
+            Ok(_) => stored += 1,
+            Err(e) => break e,
+        }
+        assert!(stored < 6, "the byte limit never held");
+    };
+    assert!(
+        matches!(
+            &refused,
+            ClientError::Refused {
+                code: ErrorCode::MailboxFull,
+                ..
+            }
+        ),
+        "{refused}"
+    );
+    assert!((2..=4).contains(&stored), "{stored} long texts stored");
+}
+
+#[test]
+fn a_senders_storage_is_bounded_by_a_quota() {
+    let net = TestNet::with(relay_flags(&[("--max-stored-bytes-per-user", "200000")]));
+    for u in ["mallory", "bob", "carol"] {
+        net.register(u);
+    }
+    let mut mallory = net.login("mallory");
+    let long = "y".repeat(30_000);
+    let mut stored = 0;
+    let refused = loop {
+        let to = if stored % 2 == 0 { "bob" } else { "carol" };
+        match mallory.send_text(to, &long) {
+            Ok(_) => stored += 1,
+            Err(e) => break e,
+        }
+        assert!(stored < 10, "the quota never held");
+    };
+    let ClientError::Refused { code, message, .. } = &refused else {
+        panic!("{refused}");
+    };
+    assert_eq!(*code, ErrorCode::OverQuota, "{message}");
+    assert!(message.contains("frees as they are fetched"), "{message}");
+    assert!((3..=5).contains(&stored), "{stored} long texts stored");
+    // Files count against the same quota.
+    let file = net.home.join("big.bin");
+    std::fs::write(&file, vec![1u8; 150_000]).unwrap();
+    assert_eq!(
+        refusal(mallory.send_file(Some("bob"), None, &file, None)).0,
+        ErrorCode::OverQuota
+    );
+    // Others are not affected by mallory's quota.
+    let mut carol = net.login("carol");
+    carol.send_text("bob", &long).unwrap();
+    // What the recipients fetch frees the quota.
+    read_everything(&net, "bob");
+    read_everything(&net, "carol");
+    harness::eventually("mallory may send again", true, || {
+        mallory.send_text("bob", "hi").is_ok()
+    });
+    mallory.send_file(Some("bob"), None, &file, None).unwrap();
+}

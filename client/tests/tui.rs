@@ -307,5 +307,8 @@ fn the_ui_asks_about_a_strangers_file_and_blocks_from_the_chat() {
     tmux.type_line("bob", "/block");
     tmux.wait_for("bob", "the block", |s| s.contains("blocked: mallory"));
     let (ok, _, err) = net.cli("mallory", &["send", "--to", "bob", "hello?"]);
-    assert!(!ok && err.contains("does not accept messages from you"), "{err}");
+    assert!(
+        !ok && err.contains("does not accept messages from you"),
+        "{err}"
+    );
 }

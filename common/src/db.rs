@@ -47,6 +47,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0007_blocks.sql",
         include_str!("../../sql/0007_blocks.sql"),
     ),
+    (
+        8,
+        "0008_quotas.sql",
+        include_str!("../../sql/0008_quotas.sql"),
+    ),
 ];
 
 /// Key of the advisory lock held while migrating.

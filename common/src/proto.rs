@@ -77,6 +77,9 @@ pub enum ErrorCode {
     StaleHead,
     /// The recipient blocked the sender: nothing was stored.
     Blocked,
+    /// The sender has as much waiting in the store (messages not yet fetched, files
+    /// kept) as a user may: nothing was stored.
+    OverQuota,
     /// Anything else on the server side.
     Internal,
 }
@@ -521,6 +524,10 @@ pub enum RelayToClient {
         id: u64,
         msg_id: i64,
         ts: u64,
+        /// A group send: members it was not stored for, their mailboxes being full
+        /// (omitted when empty).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        full: Vec<String>,
     },
     /// A message for this user. Acknowledge with `ack` once stored.
     Msg(Message),

@@ -364,6 +364,7 @@ fn samples(f: &Fields) -> Samples {
                 id: n,
                 msg_id: i,
                 ts: n,
+                full: vec![s.clone(); (k % 2) as usize],
             },
             RelayToClient::Msg(Message {
                 msg_id: i,

@@ -51,7 +51,11 @@ fn lifecycle(c: &mut Criterion) {
             group_size: 256,
             groups_per_user: i64::MAX,
         },
-        i64::MAX,
+        fastchat_relay::worker::StoreLimits {
+            max_pending: i64::MAX,
+            max_pending_bytes: i64::MAX,
+            max_stored_bytes: i64::MAX,
+        },
     );
     let body = "x".repeat(360);
     let mut g = c.benchmark_group("batch_commit");

@@ -65,6 +65,17 @@ pub struct Config {
     /// this many waiting are refused (`mailbox_full`), nothing stored.
     #[arg(long, env = "FASTCHAT_MAX_PENDING", default_value_t = 200_000)]
     pub max_pending: i64,
+    /// Most bytes of message bodies waiting for one recipient (direct and group
+    /// deliveries): a direct message past it is refused (`mailbox_full`), a group
+    /// message is not stored for that member.
+    #[arg(long, env = "FASTCHAT_MAX_PENDING_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub max_pending_bytes: i64,
+    /// A user's storage quota, in bytes: the messages they sent that wait for their
+    /// recipients (a group message once per member) and the files they uploaded that
+    /// are kept. Past it (or past --max-pending such messages), sends and uploads are
+    /// refused (`over_quota`) until recipients fetch what waits.
+    #[arg(long, env = "FASTCHAT_MAX_STORED_BYTES_PER_USER", default_value_t = 1024 * 1024 * 1024)]
+    pub max_stored_bytes_per_user: i64,
     /// Most members a group may have.
     #[arg(long, env = "FASTCHAT_MAX_GROUP_SIZE", default_value_t = 256)]
     pub max_group_size: i64,

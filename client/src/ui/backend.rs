@@ -271,6 +271,18 @@ fn handle(chat: &mut Chat, request: Request, updates: &Sender<Update>) {
             let before = last_row(chat);
             let result = chat.send_group(group_id, &text);
             let conv = format!("#{group_id}");
+            if let Ok(s) = &result {
+                if !s.full.is_empty() {
+                    let text = format!(
+                        "not stored for {}: their mailboxes are full; they will not get it",
+                        s.full.join(", ")
+                    );
+                    let _ = updates.send(Update::Warning {
+                        conv: Some(conv.clone()),
+                        text,
+                    });
+                }
+            }
             sent(chat, updates, local, &conv, before, result.map(|_| ()));
         }
         Request::SendFile {

@@ -78,6 +78,7 @@ impl Core {
                 msg_id,
                 ts,
                 deliveries,
+                full,
             } => {
                 self.answered(io, conn, deliveries.len());
                 self.send(
@@ -87,6 +88,7 @@ impl Core {
                         id: req,
                         msg_id,
                         ts,
+                        full,
                     },
                 );
                 self.route(io, deliveries);

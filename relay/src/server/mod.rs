@@ -233,7 +233,11 @@ impl RelayServer {
                     group_size: cfg.max_group_size,
                     groups_per_user: cfg.max_groups_per_user,
                 },
-                cfg.max_pending,
+                crate::worker::StoreLimits {
+                    max_pending: cfg.max_pending,
+                    max_pending_bytes: cfg.max_pending_bytes,
+                    max_stored_bytes: cfg.max_stored_bytes_per_user,
+                },
             );
             move |jobs| worker.run_batch(jobs)
         })?;

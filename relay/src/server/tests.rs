@@ -483,6 +483,7 @@ fn a_send_only_session_reads_no_backlog_and_gets_no_messages() {
         msg_id: 10,
         ts: 1,
         deliveries: vec![delivery(1, stored(10, "bob", "hi"), &[])],
+        full: Vec::new(),
     });
     assert!(b.out(t).is_empty());
 }
@@ -569,13 +570,15 @@ fn a_durable_send_is_answered_and_pushed_to_every_session_of_the_recipient() {
         msg_id: 42,
         ts: 1_234,
         deliveries: vec![delivery(2, stored(42, "alice", "ct"), &[])],
+        full: Vec::new(),
     });
     assert_eq!(
         b.out(alice),
         [RelayToClient::Sent {
             id: 7,
             msg_id: 42,
-            ts: 1_234
+            ts: 1_234,
+            full: Vec::new(),
         }]
     );
     for bob in [bob1, bob2] {
@@ -607,6 +610,7 @@ fn live_messages_wait_for_the_backlog_and_are_not_shown_twice() {
             msg_id: id,
             ts: 0,
             deliveries: vec![delivery(2, stored(id, "alice", "live"), &[])],
+            full: Vec::new(),
         });
     }
     assert!(b.out(bob).is_empty());
@@ -662,6 +666,7 @@ fn live_messages_wait_for_the_backlog_and_are_not_shown_twice() {
             msg_id: id,
             ts: 0,
             deliveries: vec![delivery(2, stored(id, "alice", "live"), &[])],
+            full: Vec::new(),
         });
     }
     assert_eq!(b.out(bob), [deliver(stored(6, "alice", "live"))]);
@@ -942,6 +947,7 @@ fn messages_for_sessions_on_other_relays_go_over_the_mesh_link() {
         msg_id: 42,
         ts: 1,
         deliveries: vec![delivery(2, m.clone(), &["relay-2", "relay-3"])],
+        full: Vec::new(),
     });
     // relay-3 has no link: the message waits in the store for the next login.
     assert_eq!(
@@ -1178,6 +1184,7 @@ fn a_group_send_costs_its_sender_one_token_per_recipient() {
         msg_id: 2,
         ts: 0,
         deliveries,
+        full: Vec::new(),
     });
     b.out(alice);
     // 10 tokens, 1 for the send and 7 more for its reach: 2 left.

@@ -1,19 +1,35 @@
 //! One run of message jobs as one transaction (group commit), in four steps:
-//! **resolve** (recipient names to ids, from the cache where possible), **quota** (sends
-//! to full mailboxes are taken out and refused, see [`super::mailbox`]), **write** (one
+//! **resolve** (recipient names to ids, from the cache where possible; a group send's
+//! members), **limits** (what each send may store: recipients with room in their
+//! mailboxes, within the sender's quota, see [`super::mailbox`]), **write** (one
 //! statement for the usual batch, else one transaction), **answer** (after the commit:
 //! where the recipients are, then one result per job, in order).
 
 use super::*;
 
+/// What the limits decided for a send, by job position.
+enum Decision {
+    Direct {
+        recipient: i64,
+    },
+    Group {
+        group_id: i64,
+        name: String,
+        recipients: Vec<i64>,
+        /// Members left out because their mailboxes are full.
+        full: Vec<String>,
+    },
+    NotMember,
+    Refused(Admitted),
+}
+
 /// What the write step stored.
 struct Written {
-    /// Per direct send to a known user whose mailbox had room, in job order: its id,
-    /// the recipient, and whether the recipient blocked the sender (then nothing was
-    /// stored).
+    /// Per direct send stored, in job order: its id, the recipient, and whether the
+    /// recipient blocked the sender (then nothing was stored).
     direct: Vec<(i64, i64, bool)>,
-    /// Per group send, in job order: its rows, or `None` if the sender is not a member.
-    groups: Vec<Option<GroupRows>>,
+    /// Per group send stored, in job order: its rows.
+    groups: Vec<Vec<Inserted>>,
 }
 
 impl Worker {
@@ -28,10 +44,9 @@ impl Worker {
     ) -> Result<(Vec<Done>, Option<postgres::Error>), postgres::Error> {
         let now = time::now_ms();
         self.resolve(conn, st, jobs)?;
-        let mut direct = self.direct_sends(jobs);
-        let refused = self.full_mailboxes(conn, st, &mut direct)?;
-        let written = self.write(conn, st, jobs, &direct, now)?;
-        Ok(self.answer(conn, st, jobs, &refused, written, now))
+        let decisions = self.decide(conn, st, jobs)?;
+        let written = self.write(conn, st, jobs, &decisions, now)?;
+        Ok(self.answer(conn, st, jobs, &decisions, written, now))
     }
 
     /// Resolve: learns the ids of the recipients the cache does not know.
@@ -63,18 +78,99 @@ impl Worker {
         Ok(())
     }
 
-    /// Direct sends to known users: (job position, recipient).
-    fn direct_sends(&self, jobs: &[Job]) -> Vec<(usize, i64)> {
-        jobs.iter()
-            .enumerate()
-            .filter_map(|(i, j)| match j {
-                Job::Send {
-                    target: Target::User(to),
-                    ..
-                } => self.user_ids.get(to).map(|r| (i, *r)),
-                _ => None,
-            })
-            .collect()
+    /// Limits: each send's recipients (a group's other members, if the sender is one,
+    /// less those who blocked the sender), then what the limits admit. `None` for jobs
+    /// that are not sends, and sends to unknown users.
+    fn decide(
+        &mut self,
+        conn: &mut DbConn,
+        st: &Prepared,
+        jobs: &[Job],
+    ) -> Result<Vec<Option<Decision>>, postgres::Error> {
+        let mut decisions: Vec<Option<Decision>> = Vec::with_capacity(jobs.len());
+        let mut wanted = Vec::new();
+        let mut names = Vec::new();
+        for (i, job) in jobs.iter().enumerate() {
+            let Job::Send {
+                sender_id,
+                target,
+                body,
+                ..
+            } = job
+            else {
+                decisions.push(None);
+                continue;
+            };
+            let recipients = match target {
+                Target::User(to) => match self.user_ids.get(to) {
+                    Some(r) => vec![*r],
+                    None => {
+                        decisions.push(None);
+                        continue;
+                    }
+                },
+                Target::Group(group_id) => {
+                    let Some(member) = conn.query_opt(&st.member, &[group_id, sender_id])? else {
+                        decisions.push(Some(Decision::NotMember));
+                        continue;
+                    };
+                    names.push(member.get::<_, String>(0));
+                    conn.query(&st.members, &[group_id, sender_id])?
+                        .iter()
+                        .map(|r| r.get(0))
+                        .collect()
+                }
+            };
+            wanted.push(Wanted {
+                job: i,
+                sender: *sender_id,
+                bytes: body.len() as i64,
+                recipients,
+                direct: matches!(target, Target::User(_)),
+            });
+            decisions.push(None);
+        }
+        let admitted = self.admit(conn, st, &wanted)?;
+        let mut names = names.into_iter();
+        for (w, a) in wanted.into_iter().zip(admitted) {
+            let Job::Send { target, .. } = &jobs[w.job] else {
+                continue;
+            };
+            decisions[w.job] = Some(match (target, a) {
+                (Target::User(_), Admitted::Store { recipients, .. }) => Decision::Direct {
+                    recipient: recipients[0],
+                },
+                (Target::Group(group_id), Admitted::Store { recipients, full }) => {
+                    Decision::Group {
+                        group_id: *group_id,
+                        name: names.next().unwrap_or_default(),
+                        recipients,
+                        full: self.names_of(conn, &full)?,
+                    }
+                }
+                (Target::Group(_), refused) => {
+                    names.next();
+                    Decision::Refused(refused)
+                }
+                (Target::User(_), refused) => Decision::Refused(refused),
+            });
+        }
+        Ok(decisions)
+    }
+
+    /// The names of `ids` (members a group send left out: rare, so not cached).
+    fn names_of(&self, conn: &mut DbConn, ids: &[i64]) -> Result<Vec<String>, postgres::Error> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(conn
+            .query(
+                "SELECT name FROM users WHERE id = ANY($1) ORDER BY name",
+                &[&ids],
+            )?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
     }
 
     /// Write: the usual batch is only direct messages and acknowledgements, or only
@@ -85,27 +181,41 @@ impl Worker {
         conn: &mut DbConn,
         st: &Prepared,
         jobs: &[Job],
-        direct: &[(usize, i64)],
+        decisions: &[Option<Decision>],
         now: u64,
     ) -> Result<Written, postgres::Error> {
-        let is_direct = |j: &Job| {
-            matches!(
-                j,
-                Job::Send {
-                    target: Target::User(_),
+        let direct: Vec<(usize, i64)> = decisions
+            .iter()
+            .enumerate()
+            .filter_map(|(i, d)| match d {
+                Some(Decision::Direct { recipient }) => Some((i, *recipient)),
+                _ => None,
+            })
+            .collect();
+        let groups: Vec<(usize, i64, &[i64])> = decisions
+            .iter()
+            .enumerate()
+            .filter_map(|(i, d)| match d {
+                Some(Decision::Group {
+                    group_id,
+                    recipients,
                     ..
-                } | Job::Ack { .. }
-            )
-        };
+                }) => Some((i, *group_id, recipients.as_slice())),
+                _ => None,
+            })
+            .collect();
         let is_presence = |j: &Job| {
             matches!(
                 j,
                 Job::Login { .. } | Job::Logout { .. } | Job::Resume { .. }
             )
         };
-        if jobs.iter().all(is_direct) {
+        let has_presence = jobs
+            .iter()
+            .any(|j| matches!(j, Job::Login { .. } | Job::Logout { .. }));
+        if groups.is_empty() && !has_presence {
             return Ok(Written {
-                direct: self.store_direct(&mut **conn, st, jobs, direct, now)?,
+                direct: self.store_direct(&mut **conn, st, jobs, &direct, now)?,
                 groups: Vec::new(),
             });
         }
@@ -117,8 +227,8 @@ impl Worker {
             });
         }
         let mut tx = conn.transaction()?;
-        let direct = self.store_direct(&mut tx, st, jobs, direct, now)?;
-        let groups = store_group(&mut tx, st, jobs, now)?;
+        let direct = self.store_direct(&mut tx, st, jobs, &direct, now)?;
+        let groups = store_group(&mut tx, st, jobs, &groups, now)?;
         self.store_presence(&mut tx, st, jobs)?;
         tx.commit()?;
         Ok(Written { direct, groups })
@@ -223,7 +333,7 @@ impl Worker {
         conn: &mut DbConn,
         st: &Prepared,
         jobs: &[Job],
-        refused: &HashSet<usize>,
+        decisions: &[Option<Decision>],
         written: Written,
         now: u64,
     ) -> (Vec<Done>, Option<postgres::Error>) {
@@ -233,13 +343,7 @@ impl Worker {
             .iter()
             .filter(|(_, _, blocked)| !blocked)
             .map(|(_, r, _)| *r)
-            .chain(
-                written
-                    .groups
-                    .iter()
-                    .flatten()
-                    .flat_map(|(_, rows)| rows.iter().map(|(_, r)| *r)),
-            )
+            .chain(written.groups.iter().flatten().map(|(_, r)| *r))
             .collect();
         let where_is = self
             .locate(conn, &st.locate, recipients)
@@ -252,99 +356,114 @@ impl Worker {
             remote_relays: where_is.get(&recipient_id).cloned().unwrap_or_default(),
             message,
         };
+        let l = self.limits;
         let mut results = Vec::new();
         let mut direct_rows = written.direct.into_iter();
         let mut group_rows = written.groups.into_iter();
         for (i, job) in jobs.iter().enumerate() {
-            let done = match job {
-                Job::Send {
-                    conn: token, req, ..
-                } if refused.contains(&i) => Some(Done::Failed {
-                    conn: *token,
-                    req: *req,
-                    why: Refusal::new(
-                        ErrorCode::MailboxFull,
-                        format!(
-                            "the recipient has {} or more messages waiting; nothing was stored, try again later",
-                            self.max_pending
-                        ),
-                    ),
-                }),
-                Job::Send {
-                    conn: token,
-                    req,
-                    sender,
-                    target,
-                    body,
-                    ..
-                } => {
-                    let stored = |msg_id, group_id, group| Message {
-                        msg_id,
-                        from: sender.clone(),
-                        body: body.clone(),
-                        ts: now,
-                        group_id,
-                        group,
-                        event: None,
-                    };
-                    let failed = |code, message: String| Done::Failed {
-                        conn: *token,
-                        req: *req,
-                        why: Refusal::new(code, message),
-                    };
-                    let sent = |msg_id, deliveries| Done::Sent {
-                        conn: *token,
-                        req: *req,
-                        msg_id,
-                        ts: now,
-                        deliveries,
-                    };
-                    Some(match target {
-                        Target::User(to) if !self.user_ids.contains_key(to) => failed(
-                            ErrorCode::UnknownUser,
-                            format!("there is no user called {to}"),
-                        ),
-                        Target::User(to) => {
-                            let (msg_id, recipient_id, blocked) = direct_rows
-                                .next()
-                                .expect("one inserted row per send to a known user, in order");
-                            if blocked {
-                                failed(
-                                    ErrorCode::Blocked,
-                                    format!("{to} does not accept messages from you; nothing was stored"),
-                                )
-                            } else {
-                                sent(
-                                msg_id,
-                                    vec![located(recipient_id, stored(msg_id, None, None))],
-                                )
-                            }
-                        }
-                        Target::Group(group_id) => match group_rows
-                            .next()
-                            .expect("one entry per group send, in order")
-                        {
-                            None => failed(
-                                ErrorCode::NotMember,
-                                format!("you are not a member of group {group_id}"),
-                            ),
-                            Some((name, rows)) => sent(
-                                rows.first().map_or(0, |(id, _)| *id),
-                                rows.into_iter()
-                                    .map(|(msg_id, r)| {
-                                        located(
-                                            r,
-                                            stored(msg_id, Some(*group_id), Some(name.clone())),
-                                        )
-                                    })
-                                    .collect(),
-                            ),
-                        },
-                    })
-                }
-                _ => read(conn, st, job, &mut after_commit),
+            let Job::Send {
+                conn: token,
+                req,
+                sender,
+                target,
+                body,
+                ..
+            } = job
+            else {
+                results.extend(read(conn, st, job, &mut after_commit));
+                continue;
             };
-            results.extend(done);
+            let stored = |msg_id, group_id, group| Message {
+                msg_id,
+                from: sender.clone(),
+                body: body.clone(),
+                ts: now,
+                group_id,
+                group,
+                event: None,
+            };
+            let failed = |code, message: String| Done::Failed {
+                conn: *token,
+                req: *req,
+                why: Refusal::new(code, message),
+            };
+            let sent = |msg_id, deliveries, full| Done::Sent {
+                conn: *token,
+                req: *req,
+                msg_id,
+                ts: now,
+                deliveries,
+                full,
+            };
+            results.push(match (&decisions[i], target) {
+                (None, Target::User(to)) => failed(
+                    ErrorCode::UnknownUser,
+                    format!("there is no user called {to}"),
+                ),
+                (None, Target::Group(group_id)) | (Some(Decision::NotMember), Target::Group(group_id)) => failed(
+                    ErrorCode::NotMember,
+                    format!("you are not a member of group {group_id}"),
+                ),
+                (Some(Decision::NotMember), Target::User(to)) => failed(
+                    ErrorCode::UnknownUser,
+                    format!("there is no user called {to}"),
+                ),
+                (Some(Decision::Refused(Admitted::MailboxFull)), _) => failed(
+                    ErrorCode::MailboxFull,
+                    format!(
+                        "the recipient has {} messages or {} MiB waiting, the most allowed; nothing was stored, try again later",
+                        l.max_pending,
+                        l.max_pending_bytes / (1024 * 1024)
+                    ),
+                ),
+                (Some(Decision::Refused(_)), _) => failed(
+                    ErrorCode::OverQuota,
+                    format!(
+                        "you have {} MiB (or {MAX_SENDER_ROWS} messages) waiting for their recipients or in files, the most allowed; nothing was stored, it frees as they are fetched",
+                        l.max_stored_bytes / (1024 * 1024)
+                    ),
+                ),
+                (Some(Decision::Direct { .. }), to) => {
+                    let (msg_id, recipient_id, blocked) = direct_rows
+                        .next()
+                        .expect("one inserted row per direct send admitted, in order");
+                    if blocked {
+                        let to = match to {
+                            Target::User(to) => to.as_str(),
+                            Target::Group(_) => "the recipient",
+                        };
+                        failed(
+                            ErrorCode::Blocked,
+                            format!("{to} does not accept messages from you; nothing was stored"),
+                        )
+                    } else {
+                        sent(
+                            msg_id,
+                            vec![located(recipient_id, stored(msg_id, None, None))],
+                            Vec::new(),
+                        )
+                    }
+                }
+                (
+                    Some(Decision::Group {
+                        group_id, name, full, ..
+                    }),
+                    _,
+                ) => {
+                    let rows = group_rows
+                        .next()
+                        .expect("one entry per group send admitted, in order");
+                    sent(
+                        rows.first().map_or(0, |(id, _)| *id),
+                        rows.into_iter()
+                            .map(|(msg_id, r)| {
+                                located(r, stored(msg_id, Some(*group_id), Some(name.clone())))
+                            })
+                            .collect(),
+                        full.clone(),
+                    )
+                }
+            });
         }
         (results, after_commit)
     }

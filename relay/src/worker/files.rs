@@ -4,6 +4,7 @@
 //! Each operation is a transaction of its own on the uploader's or downloader's worker.
 
 use super::blocks::IS_BLOCKED;
+use super::mailbox::{StoreLimits, MAX_SENDER_ROWS, USAGE};
 use crate::message::Target;
 use fastchat_common::db::DbConn;
 use fastchat_common::proto::{ErrorCode, Refusal, RelayToClient};
@@ -57,6 +58,7 @@ pub fn run(
     user_id: i64,
     op: FileOp,
     req: u64,
+    limits: StoreLimits,
 ) -> Result<FileOutcome, postgres::Error> {
     let mut tx = conn.transaction()?;
     let outcome = match op {
@@ -108,6 +110,21 @@ pub fn run(
                     .collect()
                 }
             };
+            // The quota: what the uploader's messages and kept files take, and this.
+            let usage = tx.query_one(USAGE, &[&vec![user_id], &MAX_SENDER_ROWS])?;
+            let (count, bytes): (i64, i64) = (usage.get(1), usage.get(2));
+            if count >= MAX_SENDER_ROWS || bytes + size as i64 > limits.max_stored_bytes {
+                return Ok(Err(Refusal::new(
+                    ErrorCode::OverQuota,
+                    format!(
+                        "you have {} MiB waiting for recipients or in files and this file is {} MiB; \
+                         a user may have {} MiB: it frees as recipients fetch what waits",
+                        bytes / (1024 * 1024),
+                        size / (1024 * 1024),
+                        limits.max_stored_bytes / (1024 * 1024)
+                    ),
+                )));
+            }
             let file_id: i64 = tx
                 .query_one(
                     "INSERT INTO files (owner_id, size, chunks) VALUES ($1, $2, $3) RETURNING id",

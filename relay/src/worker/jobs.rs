@@ -124,6 +124,8 @@ pub enum Done {
         msg_id: i64,
         ts: u64,
         deliveries: Vec<Delivery>,
+        /// Group members it was not stored for (their mailboxes are full), by name.
+        full: Vec<String>,
     },
     /// A request was refused or failed; nothing was stored.
     Failed { conn: Token, req: u64, why: Refusal },

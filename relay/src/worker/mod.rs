@@ -19,10 +19,11 @@ pub mod blocks;
 pub mod files;
 pub mod groups;
 mod jobs;
-mod mailbox;
+pub mod mailbox;
 mod sql;
 
 pub use jobs::*;
+pub use mailbox::StoreLimits;
 use mailbox::*;
 pub use sql::clear_stale_presence;
 use sql::*;
@@ -40,7 +41,7 @@ use fastchat_common::proto::{ErrorCode, GroupEvent, Refusal, RelayToClient};
 use fastchat_common::{time, warn};
 use mio::Token;
 use postgres::{GenericClient, Statement};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -64,9 +65,10 @@ pub struct Worker {
     user_ids: HashMap<String, i64>,
     metrics: Arc<StoreMetrics>,
     group_limits: groups::Limits,
-    /// Most messages stored for one recipient (see [`Mailbox`]).
-    max_pending: i64,
-    mailboxes: HashMap<i64, Mailbox>,
+    /// What may wait per recipient and per sender (see [`mailbox`]).
+    limits: StoreLimits,
+    mailboxes: Tallies,
+    senders: Tallies,
     db: HeldConnection<Prepared>,
 }
 
@@ -75,9 +77,6 @@ const USER_CACHE_LIMIT: usize = 100_000;
 /// A message row inserted by this batch: (msg_id, recipient).
 type Inserted = (i64, i64);
 
-/// A group message's rows: the group's name and one row per other member.
-type GroupRows = (String, Vec<Inserted>);
-
 impl Worker {
     pub fn new(
         db: DbPool,
@@ -85,7 +84,7 @@ impl Worker {
         done: Completions<Done>,
         metrics: Arc<StoreMetrics>,
         group_limits: groups::Limits,
-        max_pending: i64,
+        limits: StoreLimits,
     ) -> Worker {
         Worker {
             relay_id,
@@ -93,8 +92,9 @@ impl Worker {
             user_ids: HashMap::new(),
             metrics,
             group_limits,
-            max_pending,
-            mailboxes: HashMap::new(),
+            limits,
+            mailboxes: Tallies::default(),
+            senders: Tallies::default(),
             db: HeldConnection::new(db, Prepared::new),
         }
     }
@@ -173,7 +173,12 @@ impl Worker {
                 req,
                 user_id,
                 op,
-            } => (token, req, files::run(conn, user_id, op, req), "file"),
+            } => (
+                token,
+                req,
+                files::run(conn, user_id, op, req, self.limits),
+                "file",
+            ),
             Job::Block {
                 conn: token,
                 req,

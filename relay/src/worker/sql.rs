@@ -14,7 +14,9 @@ pub struct Prepared {
     pub(super) names: Statement,
     pub(super) store: Statement,
     pub(super) waiting: Statement,
+    pub(super) usage: Statement,
     pub(super) member: Statement,
+    pub(super) members: Statement,
     pub(super) group_insert: Statement,
     pub(super) presence: Statement,
     pub(super) key: Statement,
@@ -58,14 +60,24 @@ impl Prepared {
                  )
                  SELECT id, blocked FROM x",
             )?,
-            // Messages waiting for each recipient, counted up to a limit.
-            waiting: conn.prepare(
-                "SELECT r, (SELECT count(*) FROM (SELECT 1 FROM messages m
-                            WHERE m.recipient_id = r LIMIT $2) w)
-                 FROM unnest($1::int8[]) AS r",
+            waiting: conn.prepare(super::mailbox::WAITING)?,
+            usage: conn.prepare(super::mailbox::USAGE)?,
+            members: conn.prepare(
+                "SELECT gm.user_id FROM group_members gm
+                 WHERE gm.group_id = $1 AND gm.user_id <> $2 AND NOT EXISTS
+                     (SELECT 1 FROM blocks k WHERE k.user_id = gm.user_id AND k.blocked_id = $2)
+                 ORDER BY gm.joined_seq",
             )?,
             member: conn.prepare("SELECT g.name FROM group_members gm JOIN groups g ON g.id = gm.group_id WHERE gm.group_id = $1 AND gm.user_id = $2")?,
-            group_insert: conn.prepare("INSERT INTO messages (recipient_id, id, sender_id, body, sent_at_ms, group_id) SELECT gm.user_id, nextval(pg_get_serial_sequence('messages', 'id')), $2, $3, $4, $1 FROM group_members gm WHERE gm.group_id = $1 AND gm.user_id <> $2 AND NOT EXISTS (SELECT 1 FROM blocks k WHERE k.user_id = gm.user_id AND k.blocked_id = $2) ORDER BY gm.joined_seq RETURNING id, recipient_id")?,
+            // One row per admitted member, ids drawn in the order given (the members'
+            // order of joining).
+            group_insert: conn.prepare(
+                "INSERT INTO messages (recipient_id, id, sender_id, body, sent_at_ms, group_id)
+                 SELECT r, nextval('messages_id_seq'), $2, $3, $4, $1
+                 FROM unnest($5::int8[]) WITH ORDINALITY AS x(r, o)
+                 ORDER BY o
+                 RETURNING id, recipient_id",
+            )?,
             // A batch's presence changes in one statement: the users whose last change
             // in the batch is a login ($1), and those whose last is a logout ($2);
             // no user is in both, nor twice in one.
@@ -98,39 +110,38 @@ pub(super) const LOCATE: &str =
 
 pub(super) type Held = fastchat_common::db::Held<Prepared>;
 
-/// Stores the batch's group messages: one row per other member, one statement per
-/// message, only if the sender is a member. One entry per group send, in job order:
-/// the group's name and the rows, or `None` for a sender who is not a member.
+/// Stores the batch's group messages the limits admitted: one row per admitted
+/// member, one statement per message. `groups`: (job position, group, recipients), in
+/// job order; returns the rows of each, in the same order.
 pub(super) fn store_group(
     tx: &mut postgres::Transaction<'_>,
     st: &Prepared,
     jobs: &[Job],
+    groups: &[(usize, i64, &[i64])],
     now: u64,
-) -> Result<Vec<Option<GroupRows>>, postgres::Error> {
-    let mut group_rows = Vec::new();
-    for job in jobs {
-        if let Job::Send {
-            sender_id,
-            target: Target::Group(group_id),
-            body,
-            ..
-        } = job
-        {
-            let Some(member) = tx.query_opt(&st.member, &[group_id, sender_id])? else {
-                group_rows.push(None);
-                continue;
-            };
-            let rows = tx.query(
+) -> Result<Vec<Vec<Inserted>>, postgres::Error> {
+    let mut all = Vec::with_capacity(groups.len());
+    for &(i, group_id, recipients) in groups {
+        let Job::Send {
+            sender_id, body, ..
+        } = &jobs[i]
+        else {
+            continue;
+        };
+        let rows = if recipients.is_empty() {
+            Vec::new()
+        } else {
+            tx.query(
                 &st.group_insert,
-                &[group_id, sender_id, body, &(now as i64)],
-            )?;
-            group_rows.push(Some((
-                member.get(0),
-                rows.iter().map(|r| (r.get(0), r.get(1))).collect(),
-            )));
-        }
+                &[&group_id, sender_id, body, &(now as i64), &recipients],
+            )?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect()
+        };
+        all.push(rows);
     }
-    Ok(group_rows)
+    Ok(all)
 }
 
 /// Pending messages of `user_id` after id `after`, oldest first.
