@@ -9,6 +9,7 @@ use fastchat_common::noise::{NoiseError, Role};
 use fastchat_common::proto::{AuthToClient, ClientToAuth, ClientToRelay, RelayToClient};
 use fastchat_common::{hex, PROTOCOL_VERSION};
 use std::collections::VecDeque;
+use std::net::IpAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -21,7 +22,11 @@ pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 pub const RESUME_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn connect(addr: &str, role: Role<'_>) -> Result<Link, ClientError> {
-    Link::connect(addr, role, DEFAULT_MAX_FRAME, CONNECT_TIMEOUT).map_err(|e| match e {
+    connect_from(addr, None, role)
+}
+
+fn connect_from(addr: &str, from: Option<IpAddr>, role: Role<'_>) -> Result<Link, ClientError> {
+    Link::connect_from(addr, from, role, DEFAULT_MAX_FRAME, CONNECT_TIMEOUT).map_err(|e| match e {
         LinkError::Connect { source, .. } => ClientError::Unreachable {
             addr: addr.to_string(),
             why: source.to_string(),
@@ -68,7 +73,17 @@ pub struct AuthLink {
 impl AuthLink {
     /// Connects, checks the server key against the pin in `data_dir`, says hello.
     pub fn connect(addr: &str, data_dir: &Path) -> Result<AuthLink, ClientError> {
-        let mut link = connect(addr, Role::NxInitiator)?;
+        AuthLink::connect_from(addr, None, data_dir)
+    }
+
+    /// As [`AuthLink::connect`], from the local address `from` if given (tools that
+    /// act as clients on several addresses: the load tester's abuse scenario).
+    pub fn connect_from(
+        addr: &str,
+        from: Option<IpAddr>,
+        data_dir: &Path,
+    ) -> Result<AuthLink, ClientError> {
+        let mut link = connect_from(addr, from, Role::NxInitiator)?;
         let key = link
             .remote_static()
             .ok_or_else(|| ClientError::Protocol("the auth server sent no static key".into()))?

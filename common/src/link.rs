@@ -46,6 +46,18 @@ impl Link {
         max_frame: usize,
         timeout: Duration,
     ) -> Result<Link, LinkError> {
+        Link::connect_from(addr, None, role, max_frame, timeout)
+    }
+
+    /// As [`Link::connect`], from the local address `from` if given (port chosen by
+    /// the OS): tools and tests that act as clients on several addresses (127.0.0.2, …).
+    pub fn connect_from(
+        addr: &str,
+        from: Option<std::net::IpAddr>,
+        role: Role<'_>,
+        max_frame: usize,
+        timeout: Duration,
+    ) -> Result<Link, LinkError> {
         let connect_err = |source| LinkError::Connect {
             addr: addr.to_string(),
             source,
@@ -60,7 +72,11 @@ impl Link {
                     "address resolves to nothing",
                 ))
             })?;
-        let stream = TcpStream::connect_timeout(&sockaddr, timeout).map_err(connect_err)?;
+        let stream = match from {
+            None => TcpStream::connect_timeout(&sockaddr, timeout),
+            Some(local) => bound_stream(local, sockaddr, timeout),
+        }
+        .map_err(connect_err)?;
         Link::handshake(stream, role, max_frame, timeout)
     }
 
@@ -206,4 +222,17 @@ impl Link {
     pub fn close(&self) {
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
     }
+}
+
+/// A TCP connection to `to` from the local address `local`.
+fn bound_stream(
+    local: std::net::IpAddr,
+    to: std::net::SocketAddr,
+    timeout: Duration,
+) -> std::io::Result<TcpStream> {
+    let domain = socket2::Domain::for_address(to);
+    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
+    socket.bind(&std::net::SocketAddr::new(local, 0).into())?;
+    socket.connect_timeout(&to.into(), timeout)?;
+    Ok(socket.into())
 }

@@ -8,6 +8,7 @@
 //! memory from /proc), [`pgceiling`] (PostgreSQL's own ceiling for the message
 //! lifecycle).
 
+mod abuse;
 mod chaos;
 mod driver;
 mod hold;
@@ -173,6 +174,28 @@ enum Scenario {
         #[arg(long, default_value_t = 90.0)]
         drain: f64,
     },
+    /// Abuse: normal direct traffic (open loop) while every flood of the abuse work runs
+    /// at once, each from its own loopback address (see `scripts/abuse.sh`, which gives
+    /// the cluster its default limits first). Reports the normal users' latency and
+    /// password logins, what the attackers got, and the servers' CPU, memory and
+    /// database growth.
+    Abuse {
+        #[arg(long, default_value_t = 20)]
+        users: usize,
+        /// Normal messages per second, in all.
+        #[arg(long, default_value_t = 400.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 30.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 200)]
+        size: usize,
+        /// The normal traffic alone (the baseline).
+        #[arg(long)]
+        no_attack: bool,
+        /// PostgreSQL connection string, for the database's growth.
+        #[arg(long, env = "FASTCHAT_DB_URL")]
+        db_url: Option<String>,
+    },
     /// PostgreSQL's ceiling for the message lifecycle: batched insert, then batched
     /// delete, of ~200-byte rows, from several connections.
     PgCeiling {
@@ -289,24 +312,16 @@ fn run(cli: &Cli) -> Result<u64, Box<dyn std::error::Error>> {
             let mut driver = Driver::new(sessions, shared_key(), t.size)?;
             let n = users.len();
             let names: Vec<String> = users.iter().map(|u| u.name.clone()).collect();
-            let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+            let mut peers = Peers::new(n);
             let senders: Vec<usize> = (0..n).collect();
             let before = sample(&procs);
             let outcome = driver.run(
                 &senders,
                 |s| {
-                    let peer = if ring || n < 2 {
+                    let peer = if ring {
                         (s + 1) % n
                     } else {
-                        rng ^= rng << 13;
-                        rng ^= rng >> 7;
-                        rng ^= rng << 17;
-                        let p = (rng % (n as u64 - 1)) as usize;
-                        if p >= s {
-                            p + 1
-                        } else {
-                            p
-                        }
+                        peers.other_than(s)
                     };
                     To::User(names[peer].clone())
                 },
@@ -487,10 +502,121 @@ fn run(cli: &Cli) -> Result<u64, Box<dyn std::error::Error>> {
             hold::serve(held)?;
             return Ok(0);
         }
+        Scenario::Abuse {
+            users,
+            rate,
+            seconds,
+            size,
+            no_attack,
+            db_url,
+        } => {
+            let users = setup::users_from(&target, *users, &pubkey, cli.setup_threads, |i| {
+                Some(abuse::normal_address(i))
+            })?;
+            let sessions = setup::parallel(users.len(), cli.setup_threads, |i| {
+                setup::session(&target, &users, i)
+            })?;
+            let mut driver = Driver::new(sessions, shared_key(), *size)?;
+            let n = users.len();
+            let names: Vec<String> = users.iter().map(|u| u.name.clone()).collect();
+            let mut peers = Peers::new(n);
+            let senders: Vec<usize> = (0..n).collect();
+            let db_before = database_bytes(db_url.as_deref());
+            let attack = if *no_attack {
+                None
+            } else {
+                if !cli.json {
+                    eprintln!("  starting the floods");
+                }
+                Some(abuse::Attack::start(&target, &pubkey, &names[0])?)
+            };
+            let before = sample(&procs);
+            let outcome = driver.run(
+                &senders,
+                |s| To::User(names[peers.other_than(s)].clone()),
+                Pace::Open { rate: *rate },
+                *seconds,
+                Duration::from_secs(20),
+                !cli.json,
+            )?;
+            let servers = diff(&procs, before);
+            let (attackers, logins) = match attack {
+                Some(a) => {
+                    let (counters, logins) = a.stop();
+                    (counters.json(), logins)
+                }
+                None => (serde_json::Value::Null, Vec::new()),
+            };
+            let mut login_ms: Vec<u32> = logins.iter().map(|d| d.as_micros() as u32).collect();
+            login_ms.sort_unstable();
+            let db_growth = database_bytes(db_url.as_deref())
+                .zip(db_before)
+                .map(|(after, before)| after - before);
+            Report {
+                scenario: if *no_attack {
+                    "abuse-baseline"
+                } else {
+                    "abuse"
+                }
+                .into(),
+                users: n,
+                extra: serde_json::json!({
+                    "pace": pace_name(Some(*rate), 0),
+                    "attackers": attackers,
+                    "probe_logins": {
+                        "count": login_ms.len(),
+                        "p50_ms": quantile_ms(&login_ms, 0.5),
+                        "max_ms": login_ms.last().map_or(0.0, |m| f64::from(*m) / 1000.0),
+                    },
+                    "database_growth_bytes": db_growth,
+                }),
+                servers,
+                outcome,
+            }
+        }
         Scenario::PgCeiling { .. } | Scenario::Chaos { .. } => unreachable!("handled above"),
     };
     print_report(&report, &procs, cli.json);
     Ok(report.outcome.lost)
+}
+
+/// Picks peers at random (xorshift: cheap, and the same sequence every run).
+struct Peers {
+    n: usize,
+    rng: u64,
+}
+
+impl Peers {
+    fn new(n: usize) -> Peers {
+        Peers {
+            n,
+            rng: 0x9e37_79b9_7f4a_7c15,
+        }
+    }
+
+    /// A user other than `s` (the next one when there are fewer than two).
+    fn other_than(&mut self, s: usize) -> usize {
+        if self.n < 2 {
+            return (s + 1) % self.n.max(1);
+        }
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        let p = (self.rng % (self.n as u64 - 1)) as usize;
+        if p >= s {
+            p + 1
+        } else {
+            p
+        }
+    }
+}
+
+/// The database's size in bytes, if it can be asked.
+fn database_bytes(db_url: Option<&str>) -> Option<i64> {
+    let mut db = postgres::Client::connect(db_url?, postgres::NoTls).ok()?;
+    db.query_one("SELECT pg_database_size(current_database())", &[])
+        .ok()
+        .map(|r| r.get(0))
 }
 
 fn pace(rate: Option<f64>, window: usize) -> Pace {

@@ -41,7 +41,7 @@ pub fn user_name(i: usize) -> String {
     format!("load{i:05}")
 }
 
-fn retrying<T>(mut f: impl FnMut() -> Result<T, ClientError>) -> Result<T, ClientError> {
+pub fn retrying<T>(mut f: impl FnMut() -> Result<T, ClientError>) -> Result<T, ClientError> {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut backoff = Duration::from_millis(20);
     loop {
@@ -103,10 +103,22 @@ pub fn users(
     pubkey: &str,
     threads: usize,
 ) -> Result<Vec<User>, ClientError> {
+    users_from(target, n, pubkey, threads, |_| None)
+}
+
+/// As [`users`], user `i` registering and logging in from the local address `from(i)`
+/// if given (to stay within the servers' per-address limits).
+pub fn users_from(
+    target: &Target,
+    n: usize,
+    pubkey: &str,
+    threads: usize,
+    from: impl Fn(usize) -> Option<std::net::IpAddr> + Sync,
+) -> Result<Vec<User>, ClientError> {
     parallel(n, threads, |i| {
         let name = user_name(i);
         retrying(|| {
-            let mut auth = AuthLink::connect(&target.server, &target.data_dir)?;
+            let mut auth = AuthLink::connect_from(&target.server, from(i), &target.data_dir)?;
             match auth.register(&name, PASSWORD, pubkey) {
                 Ok(()) => {}
                 Err(ClientError::Refused {

@@ -21,8 +21,14 @@ pub fn tcp_from(from: &str, to: &str) -> std::io::Result<TcpStream> {
 
 /// A link to the auth server from `from`, handshake done (no hello yet).
 pub fn auth_from(net: &TestNet, from: &str) -> Result<Link, fastchat_common::link::LinkError> {
-    let stream = tcp_from(from, &net.auth_addr)?;
-    Link::over(stream, Role::NxInitiator, 1 << 20, Duration::from_secs(5))
+    let local = from.parse().expect("an IP address");
+    Link::connect_from(
+        &net.auth_addr,
+        Some(local),
+        Role::NxInitiator,
+        1 << 20,
+        Duration::from_secs(5),
+    )
 }
 
 /// A link to the auth server from `from` past `hello`.

@@ -411,7 +411,7 @@ impl Worker {
                 (Some(Decision::Refused(Admitted::MailboxFull)), _) => failed(
                     ErrorCode::MailboxFull,
                     format!(
-                        "the recipient has {} messages or {} MiB waiting, the most allowed; nothing was stored, try again later",
+                        "the recipient has {} messages waiting (or {} MiB of them), the most allowed; nothing was stored, try again later",
                         l.max_pending,
                         l.max_pending_bytes / (1024 * 1024)
                     ),
