@@ -85,7 +85,8 @@ ensure_tmux() {
 # The load tester registers and logs in all its simulated users from 127.0.0.1: far
 # beyond what the servers let one address (or one user) do by default — auth: 5
 # registrations and 60 password attempts a minute, 32 connections, 64 queued jobs per
-# worker; relays: 32 sessions per user, 256 connections per address. Raised, unless
+# worker; relays: 32 sessions per user, 256 connections per address, and (its group
+# admins fanning out to 100 members) 2 MiB a second written per user. Raised, unless
 # already set, for the servers scripts/run.sh starts (they read these variables).
 PER_ADDRESS_LIMITS=(
     FASTCHAT_REGISTRATIONS_PER_ADDR_PER_MINUTE
@@ -95,6 +96,8 @@ PER_ADDRESS_LIMITS=(
     FASTCHAT_AUTH_QUEUE_PER_WORKER
     FASTCHAT_RELAY_MAX_SESSIONS_PER_USER
     FASTCHAT_RELAY_MAX_CONNECTIONS_PER_ADDR
+    FASTCHAT_SEND_BYTES_PER_SEC
+    FASTCHAT_SEND_BYTES_BURST
 )
 raise_per_address_limits() {
     local v

@@ -921,3 +921,50 @@ fn a_senders_storage_is_bounded_by_a_quota() {
     });
     mallory.send_file(Some("bob"), None, &file, None).unwrap();
 }
+
+#[test]
+fn what_a_user_makes_the_relay_write_is_limited_by_bytes_and_fan_out() {
+    let net = TestNet::with(relay_flags(&[
+        ("--send-bytes-per-sec", "50000"),
+        ("--send-bytes-burst", "100000"),
+    ]));
+    for u in ["mallory", "bob", "carol", "alice"] {
+        net.register(u);
+    }
+    let mut mallory = net.login("mallory");
+    let group = mallory.group_create("big").unwrap();
+    mallory.group_add(group.group_id, "bob").unwrap();
+    mallory.group_add(group.group_id, "carol").unwrap();
+    let long = "w".repeat(30_000);
+    // Each send writes ~41 KB for each of two members: the budget goes into debt at
+    // the second and refuses the third, saying when to come back.
+    let mut stored = 0;
+    let refused = loop {
+        match mallory.send_group(group.group_id, &long) {
+            Ok(_) => stored += 1,
+            Err(e) => break e,
+        }
+        assert!(stored < 5, "the byte budget never held");
+    };
+    let ClientError::Refused {
+        code,
+        message,
+        retry_after_ms,
+    } = &refused
+    else {
+        panic!("{refused}");
+    };
+    assert_eq!(*code, ErrorCode::RateLimited, "{message}");
+    assert!(message.contains("writing too fast"), "{message}");
+    assert!(
+        retry_after_ms.is_some_and(|ms| ms > 100),
+        "{retry_after_ms:?}"
+    );
+    assert!((1..=3).contains(&stored), "{stored}");
+    // Another user's budget is their own.
+    let mut alice = net.login("alice");
+    alice.send_text("bob", &long).unwrap();
+    // Once the debt is paid, mallory may write again.
+    std::thread::sleep(Duration::from_millis(retry_after_ms.unwrap() + 100));
+    mallory.send_group(group.group_id, "short").unwrap();
+}

@@ -120,6 +120,21 @@ impl Bucket {
         self.tokens = (self.tokens - n).max(-burst);
     }
 
+    /// Spends `n` tokens if the bucket is not in debt (it may go into debt by this
+    /// spend, down to `-burst`), or says in how many milliseconds it will be out of
+    /// debt. For amounts that vary (bytes).
+    pub fn spend(&mut self, n: f64, rate: f64, burst: f64, now: Instant) -> Result<(), u64> {
+        self.refill(rate, burst, now);
+        if self.tokens >= 0.0 {
+            self.tokens = (self.tokens - n).max(-burst);
+            Ok(())
+        } else if rate <= 0.0 {
+            Err(u64::MAX)
+        } else {
+            Err(((-self.tokens / rate) * 1000.0).ceil() as u64)
+        }
+    }
+
     /// Whether the bucket has refilled completely (it can be forgotten).
     pub fn is_full(&mut self, rate: f64, burst: f64, now: Instant) -> bool {
         self.refill(rate, burst, now);

@@ -112,6 +112,14 @@ pub struct Config {
     /// Messages a user may send in a burst above the rate.
     #[arg(long, env = "FASTCHAT_SEND_BURST", default_value_t = 4000.0)]
     pub send_burst: f64,
+    /// Bytes a user may have this relay write per second, on average: each message
+    /// body once per recipient it reaches, and file chunks. Over it, sends and chunks
+    /// get `rate_limited` with a retry time.
+    #[arg(long, env = "FASTCHAT_SEND_BYTES_PER_SEC", default_value_t = 2.0 * 1024.0 * 1024.0)]
+    pub send_bytes_per_sec: f64,
+    /// Bytes a user may have written in a burst above that rate.
+    #[arg(long, env = "FASTCHAT_SEND_BYTES_BURST", default_value_t = 16.0 * 1024.0 * 1024.0)]
+    pub send_bytes_burst: f64,
     /// Refused resumption credentials allowed per client address within the window;
     /// then that address's `resume`s get `rate_limited` without a database lookup.
     #[arg(long, env = "FASTCHAT_RESUME_FAILURES_PER_ADDR", default_value_t = 20)]

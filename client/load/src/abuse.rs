@@ -95,8 +95,29 @@ pub struct Attack {
 
 impl Attack {
     /// Sets up the attackers' accounts and starts every flood. `victim` is a normal
-    /// user (whose password is guessed and whose logins are timed).
-    pub fn start(target: &Target, pubkey: &str, victim: &str) -> Result<Attack, ClientError> {
+    /// user (whose password is guessed and whose logins are timed). With `db_url`,
+    /// what an earlier run left for the fan-out's victims is deleted first (they never
+    /// log in to read it, and it would count against the attacker's quota).
+    pub fn start(
+        target: &Target,
+        pubkey: &str,
+        victim: &str,
+        db_url: Option<&str>,
+    ) -> Result<Attack, ClientError> {
+        if let Some(url) = db_url {
+            let cleared = postgres::Client::connect(url, postgres::NoTls).and_then(|mut db| {
+                db.execute(
+                    "DELETE FROM messages WHERE recipient_id IN
+                         (SELECT id FROM users WHERE name LIKE 'abuse-%')",
+                    &[],
+                )
+            });
+            if let Err(e) = cleared {
+                return Err(ClientError::Protocol(format!(
+                    "clearing the victims' mailboxes: {e}"
+                )));
+            }
+        }
         let counters = Arc::new(Counters::default());
         let stop = Arc::new(AtomicBool::new(false));
         let probe_logins = Arc::new(Mutex::new(Vec::new()));
@@ -313,7 +334,11 @@ fn fan_out(redirect: &Redirect, victims: &[String], c: &Counters, stop: &AtomicB
             // Already a member (an earlier run's group is a new one each time).
             let _ = ask(&mut relay, &add);
         }
-        let body = "z".repeat(FANOUT_BODY);
+        // Random letters: the store cannot compress them away (as it would a repeated
+        // one), so they take the room ciphertext takes.
+        let body: String = (0..FANOUT_BODY)
+            .map(|_| char::from(b'a' + rand::random::<u8>() % 26))
+            .collect();
         let mut in_flight = 0usize;
         while !stop.load(Ordering::Relaxed) {
             while in_flight < 64 {

@@ -528,7 +528,12 @@ fn run(cli: &Cli) -> Result<u64, Box<dyn std::error::Error>> {
                 if !cli.json {
                     eprintln!("  starting the floods");
                 }
-                Some(abuse::Attack::start(&target, &pubkey, &names[0])?)
+                Some(abuse::Attack::start(
+                    &target,
+                    &pubkey,
+                    &names[0],
+                    db_url.as_deref(),
+                )?)
             };
             let before = sample(&procs);
             let outcome = driver.run(

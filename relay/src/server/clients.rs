@@ -104,9 +104,9 @@ impl Core {
     }
 
     /// A request of `conn`'s session was answered; `reached`: the recipients a send
-    /// reached, charged to the sender's budget beyond the one token its send took (a
-    /// send to a group of 100 costs 99 more).
-    pub(super) fn answered(&mut self, io: &mut Links, conn: Token, reached: usize) {
+    /// reached, and `bytes` the bodies stored for them, charged to the sender's budget
+    /// beyond what its first recipient took (a send to a group of 100 costs 99 more).
+    pub(super) fn answered(&mut self, io: &mut Links, conn: Token, reached: usize, bytes: usize) {
         let Some(ClientMut {
             state: ClientState::Ready(session),
             ..
@@ -115,14 +115,8 @@ impl Core {
             return;
         };
         session.in_flight = session.in_flight.saturating_sub(1);
-        if reached > 1 {
-            let (rate, burst) = (self.cfg.send_rate, self.cfg.send_burst);
-            let now = Instant::now();
-            self.send_budgets
-                .entry(session.user_id)
-                .or_insert_with(|| Bucket::full(burst, now))
-                .charge((reached - 1) as f64, rate, burst, now);
-        }
+        let user_id = session.user_id;
+        self.charge_reach(user_id, reached, bytes);
     }
 
     pub(super) fn send(&mut self, io: &mut Links, token: Token, frame: &RelayToClient) {
@@ -238,19 +232,8 @@ impl Core {
                 },
             ) => {
                 let (sender_id, sender) = (session.user_id, session.user.clone());
-                let now = Instant::now();
-                let (rate, burst) = (self.cfg.send_rate, self.cfg.send_burst);
-                let budget = self
-                    .send_budgets
-                    .entry(sender_id)
-                    .or_insert_with(|| Bucket::full(burst, now));
-                if let Err(wait_ms) = budget.take(rate, burst, now) {
-                    let error = ErrorFrame::rate_limited(
-                        Some(id),
-                        format!("sending too fast (at most {rate} messages a second); nothing was stored, retry later"),
-                        wait_ms,
-                    );
-                    return self.send(io, token, &RelayToClient::Error(error));
+                if !self.spend(io, token, id, sender_id, true, body.len()) {
+                    return;
                 }
                 if body.len() > self.cfg.max_body {
                     let max = self.cfg.max_body;
@@ -331,6 +314,11 @@ impl Core {
                 }
                 if let Err(why) = self.check_file_op(user_id, &op) {
                     return self.reply_error(io, token, id, why);
+                }
+                if let FileOp::Put { data, .. } = &op {
+                    if !self.spend(io, token, id, user_id, false, data.len()) {
+                        return;
+                    }
                 }
                 self.submit_for(
                     io,
@@ -430,6 +418,9 @@ impl Core {
                             format!("there is no user called {user:?}"),
                         ),
                     );
+                }
+                if !self.spend(io, token, id, user_id, true, 0) {
+                    return;
                 }
                 self.submit_for(
                     io,

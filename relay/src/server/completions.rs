@@ -80,7 +80,8 @@ impl Core {
                 deliveries,
                 full,
             } => {
-                self.answered(io, conn, deliveries.len());
+                let bytes = deliveries.iter().map(|d| d.message.body.len()).sum();
+                self.answered(io, conn, deliveries.len(), bytes);
                 self.send(
                     io,
                     conn,
@@ -94,7 +95,7 @@ impl Core {
                 self.route(io, deliveries);
             }
             Done::Frames { conn, frames } => {
-                self.answered(io, conn, 0);
+                self.answered(io, conn, 0, 0);
                 for frame in &frames {
                     self.send(io, conn, frame);
                 }
@@ -104,12 +105,12 @@ impl Core {
                 reply,
                 deliveries,
             } => {
-                self.answered(io, conn, 0);
+                self.answered(io, conn, 0, 0);
                 self.send(io, conn, &reply);
                 self.route(io, deliveries);
             }
             Done::Failed { conn, req, why } => {
-                self.answered(io, conn, 0);
+                self.answered(io, conn, 0, 0);
                 self.reply_error(io, conn, req, why)
             }
             Done::Key {
@@ -118,7 +119,7 @@ impl Core {
                 user,
                 pubkey,
             } => {
-                self.answered(io, conn, 0);
+                self.answered(io, conn, 0, 0);
                 match pubkey {
                     Some(pubkey) => self.send(
                         io,

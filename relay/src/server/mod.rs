@@ -15,6 +15,7 @@
 //! connection closes.
 
 mod auth_link;
+mod budgets;
 mod clients;
 mod completions;
 mod figures;
@@ -153,8 +154,8 @@ pub(crate) struct Core {
     ready_sessions: u32,
     /// Uploads started per user in the current minute: (window start, count).
     uploads: HashMap<i64, (Instant, u32)>,
-    /// Send budgets of users who sent lately (full buckets are forgotten).
-    send_budgets: HashMap<i64, Bucket>,
+    /// Budgets of users who sent lately (full ones are forgotten; see `budgets`).
+    budgets: HashMap<i64, budgets::Budget>,
     /// Refused resumption credentials per client address.
     resume_failures: FailureCounter<IpAddr>,
     /// The most client connections held at once.
@@ -353,7 +354,7 @@ impl Core {
             db,
             ready_sessions: 0,
             uploads: HashMap::new(),
-            send_budgets: HashMap::new(),
+            budgets: HashMap::new(),
             resume_failures,
             max_connections,
             refused: 0,
@@ -532,9 +533,7 @@ impl Core {
                 },
             });
         }
-        let (rate, burst) = (self.cfg.send_rate, self.cfg.send_burst);
-        self.send_budgets
-            .retain(|_, budget| !budget.is_full(rate, burst, now));
+        self.forget_full_budgets(now);
         self.resume_failures.expire(now);
         // One pass over the clients: what each has outstayed, if anything.
         let idle = Duration::from_secs(self.cfg.idle_timeout_secs);
