@@ -32,6 +32,9 @@ pub struct Session {
     pub receive: bool,
     /// Requests taken for work and not yet answered.
     pub in_flight: u32,
+    /// Requests refused for speed (`rate_limited`) since the last one taken: a client
+    /// that keeps sending through its refusals is closed (see `Core::refuse_for_speed`).
+    pub refused_in_a_row: u32,
     /// The backlog is still being paged out.
     backlog: bool,
     /// A page request is with the workers.
@@ -69,6 +72,7 @@ impl Session {
             user_id,
             receive,
             in_flight: 0,
+            refused_in_a_row: 0,
             backlog: receive,
             fetching: receive,
             cursor: 0,

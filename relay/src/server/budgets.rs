@@ -68,7 +68,7 @@ impl Core {
             None => true,
             Some((wait_ms, why)) => {
                 let error = ErrorFrame::rate_limited(Some(id), why, wait_ms);
-                self.send(io, token, &RelayToClient::Error(error));
+                self.refuse_for_speed(io, token, error);
                 false
             }
         }

@@ -559,6 +559,58 @@ fn sending_faster_than_the_budget_is_refused_with_a_wait() {
 }
 
 #[test]
+fn a_client_sending_through_its_refusals_is_closed() {
+    let mut b = Bench::new(&["--send-rate", "1", "--send-burst", "1"]);
+    let t = b.logged_in("127.0.0.1", "alice", 1);
+    b.frame(t, send_to(1, "bob", "x"));
+    assert_eq!(b.jobs().len(), 1);
+    let mut id = 2;
+    for _ in 0..super::clients::MAX_REFUSED_IN_A_ROW {
+        b.frame(t, send_to(id, "bob", "x"));
+        id += 1;
+    }
+    assert!(!b.closing(t), "refused, not yet closed");
+    let refusals = b.out(t);
+    assert_eq!(
+        refusals.len(),
+        super::clients::MAX_REFUSED_IN_A_ROW as usize
+    );
+    assert!(refusals
+        .iter()
+        .all(|f| matches!(f, RelayToClient::Error(e) if e.code == ErrorCode::RateLimited)));
+    // Key lookups take the same budget; one more refusal and the link is closed.
+    b.frame(
+        t,
+        ClientToRelay::Key {
+            id,
+            user: "bob".into(),
+        },
+    );
+    assert!(b.closing(t));
+    assert!(b.jobs().is_empty());
+}
+
+#[test]
+fn writing_more_bytes_than_the_budget_is_refused_with_a_wait() {
+    let mut b = Bench::new(&["--send-bytes-per-sec", "1000", "--send-bytes-burst", "2500"]);
+    let t = b.logged_in("127.0.0.1", "alice", 1);
+    let body = "y".repeat(2_000);
+    b.frame(t, send_to(1, "bob", &body));
+    b.frame(t, send_to(2, "bob", &body));
+    // The second took the bucket into debt; the third waits it out.
+    b.frame(t, send_to(3, "bob", &body));
+    assert_eq!(b.jobs().len(), 2);
+    match &b.out(t)[..] {
+        [RelayToClient::Error(e)] => {
+            assert_eq!((e.code, e.id), (ErrorCode::RateLimited, Some(3)));
+            assert!(e.message.contains("writing too fast"), "{}", e.message);
+            assert!(e.retry_after_ms.is_some_and(|ms| ms > 1_000 && ms <= 2_500));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
 fn a_durable_send_is_answered_and_pushed_to_every_session_of_the_recipient() {
     let mut b = Bench::new(&[]);
     let alice = b.logged_in("127.0.0.1", "alice", 1);
