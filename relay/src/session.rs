@@ -32,9 +32,9 @@ pub struct Session {
     pub receive: bool,
     /// Requests taken for work and not yet answered.
     pub in_flight: u32,
-    /// Requests refused for speed (`rate_limited`) since the last one taken: a client
-    /// that keeps sending through its refusals is closed (see `Core::refuse_for_speed`).
-    pub refused_in_a_row: u32,
+    /// Refusals for speed (`rate_limited`) it may still get: a client that keeps
+    /// sending through its refusals is closed (see `Core::refuse_for_speed`).
+    pub refusals: fastchat_common::limits::Bucket,
     /// The backlog is still being paged out.
     backlog: bool,
     /// A page request is with the workers.
@@ -64,6 +64,12 @@ pub struct Session {
     prefetch_at: usize,
 }
 
+/// Refusals for speed a session may get per second, on average, and in a burst (a
+/// client pipelining up to its in-flight cap may see a whole window refused at once);
+/// past them it is closed.
+pub const REFUSALS_PER_SEC: f64 = 100.0;
+pub const REFUSALS_BURST: f64 = 4_096.0;
+
 impl Session {
     /// A session whose first backlog page is being fetched.
     pub fn new(user: String, user_id: i64, receive: bool, page: usize) -> Session {
@@ -72,7 +78,10 @@ impl Session {
             user_id,
             receive,
             in_flight: 0,
-            refused_in_a_row: 0,
+            refusals: fastchat_common::limits::Bucket::full(
+                REFUSALS_BURST,
+                std::time::Instant::now(),
+            ),
             backlog: receive,
             fetching: receive,
             cursor: 0,

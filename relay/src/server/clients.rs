@@ -2,14 +2,11 @@
 //! frames — each checked (state, limits, names, sizes) before it becomes a worker job.
 
 use super::*;
+use crate::session::{REFUSALS_BURST, REFUSALS_PER_SEC};
 use fastchat_common::proto::{FILE_CHUNK_BYTES, MAX_CHUNK_TOKEN};
 
 /// Most ids one `ack` may carry.
 const MAX_ACK_IDS: usize = 10_000;
-
-/// Requests a session may have refused for speed in a row before it is closed (a
-/// client pipelining up to its in-flight cap may see a whole window refused at once).
-pub(super) const MAX_REFUSED_IN_A_ROW: u32 = 4_096;
 
 impl Core {
     /// Sends an error frame and closes the connection once it is written.
@@ -103,29 +100,30 @@ impl Core {
         }) = client_mut(io, token)
         {
             session.in_flight += 1;
-            session.refused_in_a_row = 0;
         }
         self.submit(job);
     }
 
-    /// Refuses a request of `token`'s session for speed with `error` — or, after
-    /// [`MAX_REFUSED_IN_A_ROW`] such refusals with no request taken between (a client
-    /// sending through its `retry_after_ms`), closes the connection: each refusal costs
-    /// the relay a decryption and an encryption, and nothing else would slow it down.
+    /// Refuses a request of `token`'s session for speed with `error` — or, once the
+    /// session has had more such refusals than [`REFUSALS_PER_SEC`] allows (bursts of
+    /// [`REFUSALS_BURST`]: a client sending through its `retry_after_ms`), closes the
+    /// connection: each refusal costs the relay a decryption and an encryption, and
+    /// nothing else would slow such a client down.
     pub(super) fn refuse_for_speed(&mut self, io: &mut Links, token: Token, error: ErrorFrame) {
         if let Some(ClientMut {
             state: ClientState::Ready(session),
             ..
         }) = client_mut(io, token)
         {
-            session.refused_in_a_row += 1;
-            if session.refused_in_a_row > MAX_REFUSED_IN_A_ROW {
-                let n = session.refused_in_a_row;
+            let now = Instant::now();
+            if session
+                .refusals
+                .take(REFUSALS_PER_SEC, REFUSALS_BURST, now)
+                .is_err()
+            {
                 let closing = ErrorFrame::rate_limited(
                     None,
-                    format!(
-                        "{n} requests in a row were refused for speed without a pause; closing"
-                    ),
+                    format!("more than {REFUSALS_BURST} requests were refused for speed without a pause; closing"),
                     1_000,
                 );
                 return self.fail(io, token, closing);
