@@ -164,10 +164,10 @@ impl Attack {
             );
         }
         {
-            let (c, stop) = (counters.clone(), stop.clone());
+            let (target, c, stop) = (target.clone(), counters.clone(), stop.clone());
             spawn(
                 &mut threads,
-                Box::new(move || fan_out(&fanout, &victims, &c, &stop)),
+                Box::new(move || fan_out(&target, &fanout, &victims, &c, &stop)),
             );
         }
         for _ in 0..8 {
@@ -225,6 +225,16 @@ fn account(target: &Target, from: &str, name: &str, pubkey: &str) -> Result<Redi
     })
 }
 
+/// A new ticket for the account `logged_in` logged in as (tickets expire in seconds;
+/// its resumption credential lasts).
+fn fresh(target: &Target, from: &str, logged_in: &Redirect) -> Result<Redirect, ClientError> {
+    let Some((credential, _)) = &logged_in.credential else {
+        return Err(ClientError::Protocol("no resumption credential".into()));
+    };
+    AuthLink::connect_from(&target.server, Some(ip(from)), &target.data_dir)?
+        .resume(&logged_in.user, credential)
+}
+
 /// Handshake, `hello`, four `register`s of fresh names, close — again and again.
 fn register_flood(target: &Target, pubkey: &str, thread: usize, c: &Counters, stop: &AtomicBool) {
     let mut n = 0u64;
@@ -280,9 +290,15 @@ fn wrong_passwords(target: &Target, victim: &str, c: &Counters, stop: &AtomicBoo
 
 /// The fan-out attacker: files that break the chunk rules, then a group of offline
 /// victims and 30,000-byte bodies to it, 64 in flight, as fast as the relay allows.
-fn fan_out(redirect: &Redirect, victims: &[String], c: &Counters, stop: &AtomicBool) {
+fn fan_out(
+    target: &Target,
+    account: &Redirect,
+    victims: &[String],
+    c: &Counters,
+    stop: &AtomicBool,
+) {
     let run = || -> Result<(), ClientError> {
-        let mut relay = RelayLink::connect(redirect, false)?;
+        let mut relay = RelayLink::connect(&fresh(target, FANOUT_FROM, account)?, false)?;
         let ask = |relay: &mut RelayLink, frame: &dyn Fn(u64) -> ClientToRelay| {
             let id = relay.next_id();
             relay.queue(&frame(id));
@@ -387,8 +403,8 @@ fn fan_out(redirect: &Redirect, victims: &[String], c: &Counters, stop: &AtomicB
     }
 }
 
-/// Opens `count` sessions of one user at its relay through its resumption credential
-/// (logging in again when refused) and keeps 256 `key` requests in flight on each.
+/// Opens `count` sessions of one user through its resumption credential (again when
+/// one is closed) and keeps 256 `key` requests in flight on each, whatever it is told.
 fn hold_sessions(
     target: &Target,
     redirect: &Redirect,
@@ -396,17 +412,11 @@ fn hold_sessions(
     c: &Counters,
     stop: &AtomicBool,
 ) {
-    let Some((credential, _)) = redirect.credential.clone() else {
-        c.attacker_errors.fetch_add(1, Ordering::Relaxed);
-        return;
-    };
     let mut links: Vec<RelayLink> = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         while links.len() < count && !stop.load(Ordering::Relaxed) {
             let opened =
-                AuthLink::connect_from(&target.server, Some(ip(SESSIONS_FROM)), &target.data_dir)
-                    .and_then(|mut auth| auth.resume(&redirect.user, &credential))
-                    .and_then(|r| RelayLink::connect(&r, false));
+                fresh(target, SESSIONS_FROM, redirect).and_then(|r| RelayLink::connect(&r, false));
             match opened {
                 Ok(link) => {
                     c.sessions_opened.fetch_add(1, Ordering::Relaxed);
