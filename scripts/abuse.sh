@@ -18,14 +18,8 @@ default_limits
 say "restarting the cluster with the servers' default limits (release build)"
 scripts/run.sh stop >/dev/null 2>&1 || true
 scripts/run.sh start >/dev/null
-LOAD=$ROOT/target/release/fastchat-load
-[ -x "$LOAD" ] || die "$LOAD is missing"
-FASTCHAT_DB_URL=$(scripts/pg.sh url)
-export FASTCHAT_DB_URL
-out_dir=$FASTCHAT_HOME/loadtest
-mkdir -p "$out_dir"
-out=$out_dir/abuse-$(date -u +%Y%m%dT%H%M%SZ).jsonl
-: >"$out"
+load_tool abuse-
+out=$OUT
 
 say "normal traffic alone"
 "$LOAD" --home "$FASTCHAT_HOME" --json abuse --no-attack "$@" | tail -n 1 | tee -a "$out"

@@ -110,3 +110,15 @@ raise_per_address_limits() {
 default_limits() {
     unset "${PER_ADDRESS_LIMITS[@]}"
 }
+
+# For the load scripts: LOAD (the release load tester), FASTCHAT_DB_URL (exported) and
+# OUT, a fresh results file $FASTCHAT_HOME/loadtest/<prefix><time>.jsonl.
+load_tool() {
+    LOAD=$ROOT/target/release/fastchat-load
+    [ -x "$LOAD" ] || die "$LOAD is missing"
+    FASTCHAT_DB_URL=$(scripts/pg.sh url)
+    export FASTCHAT_DB_URL
+    mkdir -p "$FASTCHAT_HOME/loadtest"
+    OUT=$FASTCHAT_HOME/loadtest/${1:-}$(date -u +%Y%m%dT%H%M%SZ).jsonl
+    : >"$OUT"
+}

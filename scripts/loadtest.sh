@@ -27,14 +27,8 @@ raise_per_address_limits
 
 say "making sure the cluster runs (release build; a cluster already running keeps its limits)"
 scripts/run.sh start >/dev/null
-LOAD=$ROOT/target/release/fastchat-load
-[ -x "$LOAD" ] || die "$LOAD is missing"
-FASTCHAT_DB_URL=$(scripts/pg.sh url)
-export FASTCHAT_DB_URL
-out_dir=$FASTCHAT_HOME/loadtest
-mkdir -p "$out_dir"
-out=$out_dir/$(date -u +%Y%m%dT%H%M%SZ).jsonl
-: >"$out"
+load_tool ""
+out=$OUT
 
 run() {
     say "scenario: $*"

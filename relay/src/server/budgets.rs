@@ -44,10 +44,7 @@ impl Core {
     ) -> bool {
         let cfg = &self.cfg;
         let now = Instant::now();
-        let budget = self
-            .budgets
-            .entry(user_id)
-            .or_insert_with(|| Budget::full(cfg, now));
+        let budget = budget_of(&mut self.budgets, cfg, user_id, now);
         let refused = if sends {
             budget
                 .sends
@@ -82,10 +79,7 @@ impl Core {
         }
         let cfg = &self.cfg;
         let now = Instant::now();
-        let budget = self
-            .budgets
-            .entry(user_id)
-            .or_insert_with(|| Budget::full(cfg, now));
+        let budget = budget_of(&mut self.budgets, cfg, user_id, now);
         budget
             .sends
             .charge((reached - 1) as f64, cfg.send_rate, cfg.send_burst, now);
@@ -103,4 +97,16 @@ impl Core {
         let cfg = &self.cfg;
         self.budgets.retain(|_, b| !b.is_full(cfg, now));
     }
+}
+
+/// `user_id`'s budget, full if they had none.
+fn budget_of<'a>(
+    budgets: &'a mut HashMap<i64, Budget>,
+    cfg: &Config,
+    user_id: i64,
+    now: Instant,
+) -> &'a mut Budget {
+    budgets
+        .entry(user_id)
+        .or_insert_with(|| Budget::full(cfg, now))
 }

@@ -287,15 +287,7 @@ impl Core {
                 let target = match (to, group_id) {
                     (Some(to), None) if valid_user_name(&to) => Target::User(to),
                     (Some(to), None) => {
-                        return self.reply_error(
-                            io,
-                            token,
-                            id,
-                            Refusal::new(
-                                ErrorCode::UnknownUser,
-                                format!("there is no user called {to:?}"),
-                            ),
-                        )
+                        return self.reply_error(io, token, id, no_user_called(&to))
                     }
                     (None, Some(group_id)) => Target::Group(group_id),
                     _ => {
@@ -387,15 +379,7 @@ impl Core {
                 };
                 if let BlockOp::Add { user } | BlockOp::Remove { user } = &op {
                     if !valid_user_name(user) {
-                        return self.reply_error(
-                            io,
-                            token,
-                            id,
-                            Refusal::new(
-                                ErrorCode::UnknownUser,
-                                format!("there is no user called {user:?}"),
-                            ),
-                        );
+                        return self.reply_error(io, token, id, no_user_called(user));
                     }
                 }
                 self.submit_for(
@@ -438,15 +422,7 @@ impl Core {
             (ClientState::Ready(session), ClientToRelay::Key { id, user }) => {
                 let user_id = session.user_id;
                 if !valid_user_name(&user) {
-                    return self.reply_error(
-                        io,
-                        token,
-                        id,
-                        Refusal::new(
-                            ErrorCode::UnknownUser,
-                            format!("there is no user called {user:?}"),
-                        ),
-                    );
+                    return self.reply_error(io, token, id, no_user_called(&user));
                 }
                 if !self.spend(io, token, id, user_id, true, 0) {
                     return;
@@ -505,10 +481,7 @@ impl Core {
                 }
                 if let Target::User(to) = target {
                     if !valid_user_name(to) {
-                        return Err(Refusal::new(
-                            ErrorCode::UnknownUser,
-                            format!("there is no user called {to:?}"),
-                        ));
+                        return Err(no_user_called(to));
                     }
                 }
                 let now = Instant::now();
@@ -697,6 +670,15 @@ fn group_op(frame: &ClientToRelay) -> Option<(u64, GroupOp)> {
         } => (id, GroupOp::Roster { group_id, from_seq }),
         _ => return None,
     })
+}
+
+/// The refusal of a malformed user name (no such user can exist; the database is not
+/// asked).
+fn no_user_called(name: &str) -> Refusal {
+    Refusal::new(
+        ErrorCode::UnknownUser,
+        format!("there is no user called {name:?}"),
+    )
 }
 
 /// Names in a group operation must be well-formed before they reach the database.
