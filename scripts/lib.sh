@@ -86,29 +86,36 @@ ensure_tmux() {
 # beyond what the servers let one address (or one user) do by default — auth: 5
 # registrations and 60 password attempts a minute, 32 connections, 64 queued jobs per
 # worker; relays: 32 sessions per user, 256 connections per address, and (its group
-# admins fanning out to 100 members) 2 MiB a second written per user. Raised, unless
-# already set, for the servers scripts/run.sh starts (they read these variables).
+# admins fanning out to 100 members, its closed loops) 2,000 sends and 2 MiB written a
+# second per user. Raised, unless already set, for the servers scripts/run.sh starts
+# (they read these variables).
 PER_ADDRESS_LIMITS=(
-    FASTCHAT_REGISTRATIONS_PER_ADDR_PER_MINUTE
-    FASTCHAT_REGISTRATIONS_PER_SECOND
-    FASTCHAT_PASSWORD_ATTEMPTS_PER_ADDR_PER_MINUTE
-    FASTCHAT_AUTH_MAX_CONNECTIONS_PER_ADDR
-    FASTCHAT_AUTH_QUEUE_PER_WORKER
-    FASTCHAT_RELAY_MAX_SESSIONS_PER_USER
-    FASTCHAT_RELAY_MAX_CONNECTIONS_PER_ADDR
-    FASTCHAT_SEND_BYTES_PER_SEC
-    FASTCHAT_SEND_BYTES_BURST
+    FASTCHAT_REGISTRATIONS_PER_ADDR_PER_MINUTE=1000000
+    FASTCHAT_REGISTRATIONS_PER_SECOND=1000000
+    FASTCHAT_PASSWORD_ATTEMPTS_PER_ADDR_PER_MINUTE=1000000
+    FASTCHAT_AUTH_MAX_CONNECTIONS_PER_ADDR=1000000
+    FASTCHAT_AUTH_QUEUE_PER_WORKER=1000000
+    FASTCHAT_RELAY_MAX_SESSIONS_PER_USER=1000000
+    FASTCHAT_RELAY_MAX_CONNECTIONS_PER_ADDR=1000000
+    FASTCHAT_SEND_RATE=1000000000
+    FASTCHAT_SEND_BURST=1000000000
+    FASTCHAT_SEND_BYTES_PER_SEC=1000000000000
+    FASTCHAT_SEND_BYTES_BURST=1000000000000
 )
 raise_per_address_limits() {
-    local v
+    local v name
     for v in "${PER_ADDRESS_LIMITS[@]}"; do
-        export "$v=${!v:-1000000}"
+        name=${v%%=*}
+        export "$name=${!name:-${v#*=}}"
     done
 }
 
 # The servers' own defaults for those limits (scripts/abuse.sh measures under them).
 default_limits() {
-    unset "${PER_ADDRESS_LIMITS[@]}"
+    local v
+    for v in "${PER_ADDRESS_LIMITS[@]}"; do
+        unset "${v%%=*}"
+    done
 }
 
 # For the load scripts: LOAD (the release load tester), FASTCHAT_DB_URL (exported) and
