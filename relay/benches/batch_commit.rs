@@ -82,6 +82,7 @@ fn lifecycle(c: &mut Criterion) {
                 }
                 assert_eq!(stored.len(), batch, "every message stored");
                 worker.run_batch(vec![Job::Ack {
+                    conn: Token(1),
                     user_id: recipient,
                     msg_ids: stored,
                 }]);

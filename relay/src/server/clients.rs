@@ -407,8 +407,21 @@ impl Core {
                 }
                 let user_id = session.user_id;
                 let next = session.acked(&msg_ids);
-                if !msg_ids.is_empty() {
-                    self.submit(Job::Ack { user_id, msg_ids });
+                // Acks count in flight like requests, so a flood of them cannot queue
+                // work without bound; one past the cap is not stored (its messages
+                // are delivered again at the next login, which the client drops as
+                // duplicates), but the session's paging goes on.
+                let room = session.in_flight < self.cfg.max_in_flight;
+                if !msg_ids.is_empty() && room {
+                    self.submit_for(
+                        io,
+                        token,
+                        Job::Ack {
+                            conn: token,
+                            user_id,
+                            msg_ids,
+                        },
+                    );
                 }
                 if let Next::FetchAfter(after) = next {
                     self.submit(Job::FetchPending {

@@ -94,6 +94,7 @@ impl Core {
                 );
                 self.route(io, deliveries);
             }
+            Done::Acked { conn } => self.answered(io, conn, 0, 0),
             Done::Frames { conn, frames } => {
                 self.answered(io, conn, 0, 0);
                 for frame in &frames {

@@ -594,6 +594,27 @@ fn a_client_sending_through_its_refusals_is_closed() {
 }
 
 #[test]
+fn acks_count_in_flight_so_a_flood_of_them_queues_no_more() {
+    let mut b = Bench::new(&["--max-in-flight", "2"]);
+    let t = b.logged_in("127.0.0.1", "bob", 2);
+    b.jobs(); // the login
+    let ack = |id| ClientToRelay::Ack { msg_ids: vec![id] };
+    for id in 1..=5 {
+        b.frame(t, ack(id));
+    }
+    let jobs = b.jobs();
+    assert_eq!(jobs.len(), 2, "{jobs:?}");
+    assert!(
+        !b.closing(t) && b.out(t).is_empty(),
+        "acks are never answered"
+    );
+    // One committed: room for one more.
+    b.done(Done::Acked { conn: t });
+    b.frame(t, ack(6));
+    assert!(matches!(&b.jobs()[..], [Job::Ack { msg_ids, .. }] if msg_ids == &vec![6]));
+}
+
+#[test]
 fn writing_more_bytes_than_the_budget_is_refused_with_a_wait() {
     let mut b = Bench::new(&["--send-bytes-per-sec", "1000", "--send-bytes-burst", "2500"]);
     let t = b.logged_in("127.0.0.1", "alice", 1);

@@ -290,7 +290,10 @@ impl Worker {
         let mut ack_users: Vec<i64> = Vec::new();
         let mut ack_ids: Vec<i64> = Vec::new();
         for job in jobs {
-            if let Job::Ack { user_id, msg_ids } = job {
+            if let Job::Ack {
+                user_id, msg_ids, ..
+            } = job
+            {
                 ack_users.extend(std::iter::repeat_n(*user_id, msg_ids.len()));
                 ack_ids.extend(msg_ids);
             }
@@ -470,8 +473,8 @@ impl Worker {
 }
 
 /// The answer to a job that reads (after the batch's commit, so what it reads
-/// includes what the batch wrote): backlog pages, catch-ups, keys, credentials. `None`
-/// for jobs with no answer.
+/// includes what the batch wrote): backlog pages, catch-ups, keys, credentials, and
+/// that an ack is done. `None` for jobs with no answer.
 fn read(
     conn: &mut DbConn,
     st: &Prepared,
@@ -551,8 +554,9 @@ fn read(
                 None => Done::LoginFailed { conn: *token },
             },
         ),
+        // Committed with the batch (its deletes are in the batch's statement).
+        Job::Ack { conn: token, .. } => Some(Done::Acked { conn: *token }),
         Job::Send { .. }
-        | Job::Ack { .. }
         | Job::Logout { .. }
         | Job::Group { .. }
         | Job::File { .. }

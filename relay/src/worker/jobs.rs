@@ -34,8 +34,13 @@ pub enum Job {
         user_id: i64,
         limit: i64,
     },
-    /// Delete messages the recipient has stored.
-    Ack { user_id: i64, msg_ids: Vec<i64> },
+    /// Delete messages the recipient has stored (answered `Acked`, so the session
+    /// counts it in flight until then).
+    Ack {
+        conn: Token,
+        user_id: i64,
+        msg_ids: Vec<i64>,
+    },
     /// The user's last session on this relay ended.
     Logout { user_id: i64 },
     /// Check a resumption credential a client presented instead of a ticket.
@@ -100,6 +105,8 @@ impl Job {
 /// Results for the poll loop.
 #[derive(Debug)]
 pub enum Done {
+    /// An `ack` of `conn` was committed (or failed: the messages are delivered again).
+    Acked { conn: Token },
     /// A page of pending messages (`more`: the page was full).
     Pending {
         conn: Token,

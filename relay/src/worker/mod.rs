@@ -330,7 +330,8 @@ impl Worker {
             // The next mesh change or login catches up instead.
             Job::CatchUp { .. } => None,
             // An ack that did not commit is harmless: the message is delivered again.
-            Job::Ack { .. } | Job::Logout { .. } => None,
+            Job::Ack { conn, .. } => Some(Done::Acked { conn }),
+            Job::Logout { .. } => None,
         });
         self.done.send_all(results.collect::<Vec<_>>());
     }
