@@ -247,6 +247,7 @@ impl Core {
                 *client.state = ClientState::Resuming { receive };
                 self.submit(Job::Resume {
                     conn: token,
+                    from: addr,
                     user,
                     credential,
                 });

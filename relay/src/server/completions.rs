@@ -4,6 +4,19 @@
 use super::*;
 
 impl Core {
+    /// The store could not record a login or check a credential: the connection ends.
+    fn login_failed(&mut self, io: &mut Links, conn: Token) {
+        self.fail(
+            io,
+            conn,
+            ErrorFrame::new(
+                None,
+                ErrorCode::StoreFailed,
+                "the message store is unavailable; log in again later",
+            ),
+        )
+    }
+
     pub(super) fn complete(&mut self, io: &mut Links, done: Done) {
         match done {
             Done::Pending {
@@ -45,33 +58,29 @@ impl Core {
             }
             Done::Resumed {
                 conn,
+                from,
                 user,
                 user_id,
             } => {
+                // The attempt was counted when it started: a valid credential gives it
+                // back, even if the connection closed meanwhile.
+                if user_id.is_some() {
+                    self.resume_failures.remove_one(&from);
+                }
                 let Some((_, ClientState::Resuming { receive })) = client_ref(io, conn) else {
                     return; // closed meanwhile
                 };
                 let receive = *receive;
                 match user_id {
-                    Some(user_id) => {
-                        // The attempt was counted when it started: a success gives it back.
-                        if let Some((c, _)) = client_ref(io, conn) {
-                            self.resume_failures.remove_one(&client_key(c.peer.ip()));
-                        }
-                        self.admit(io, conn, Admission { user, user_id }, receive)
-                    }
+                    Some(user_id) => self.admit(io, conn, Admission { user, user_id }, receive),
                     None => self.refuse_credential(io, conn, &user),
                 }
             }
-            Done::LoginFailed { conn } => self.fail(
-                io,
-                conn,
-                ErrorFrame::new(
-                    None,
-                    ErrorCode::StoreFailed,
-                    "the message store is unavailable; log in again later",
-                ),
-            ),
+            Done::ResumeFailed { conn, from } => {
+                self.resume_failures.remove_one(&from);
+                self.login_failed(io, conn)
+            }
+            Done::LoginFailed { conn } => self.login_failed(io, conn),
             Done::Sent {
                 conn,
                 req,

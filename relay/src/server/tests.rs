@@ -907,6 +907,7 @@ fn a_resumption_is_checked_by_a_worker_and_refusals_are_counted_per_address() {
     assert!(b.closing(waiting));
     b.done(Done::Resumed {
         conn: t,
+        from: "127.0.0.5".parse().unwrap(),
         user: "alice".into(),
         user_id: Some(1),
     });
@@ -924,6 +925,7 @@ fn a_resumption_is_checked_by_a_worker_and_refusals_are_counted_per_address() {
         b.jobs();
         b.done(Done::Resumed {
             conn: t,
+            from: "127.0.0.6".parse().unwrap(),
             user: "alice".into(),
             user_id: None,
         });
@@ -947,7 +949,7 @@ fn a_resumption_is_checked_by_a_worker_and_refusals_are_counted_per_address() {
 
 #[test]
 fn a_resumption_answered_after_its_connection_closed_admits_nobody() {
-    let mut b = Bench::new(&[]);
+    let mut b = Bench::new(&["--resume-failures-per-addr", "1"]);
     let t = b.introduced("127.0.0.1");
     b.frame(
         t,
@@ -961,12 +963,31 @@ fn a_resumption_answered_after_its_connection_closed_admits_nobody() {
     b.core.on_close(&mut b.io, t, "peer closed");
     b.done(Done::Resumed {
         conn: t,
+        from: "127.0.0.1".parse().unwrap(),
         user: "alice".into(),
         user_id: Some(1),
     });
     assert!(b.core.local.is_empty());
     assert_eq!(b.core.ready_sessions, 0);
     assert!(b.jobs().is_empty());
+    // The credential was valid: the attempt's count is given back all the same, and
+    // so is one the store failed to check.
+    let resume = || ClientToRelay::Resume {
+        user: "alice".into(),
+        credential: "c".into(),
+        receive: true,
+    };
+    let again = b.introduced("127.0.0.1");
+    b.frame(again, resume());
+    assert_eq!(b.jobs().len(), 1, "{:?}", b.out(again));
+    b.done(Done::ResumeFailed {
+        conn: again,
+        from: "127.0.0.1".parse().unwrap(),
+    });
+    assert_eq!(error_code(&b.out(again)), Some(ErrorCode::StoreFailed));
+    let third = b.introduced("127.0.0.1");
+    b.frame(third, resume());
+    assert_eq!(b.jobs().len(), 1, "{:?}", b.out(third));
 }
 
 #[test]
@@ -1338,6 +1359,7 @@ fn resumptions_count_against_the_address_as_they_start() {
     // A success gives its count back.
     b.done(Done::Resumed {
         conn: one,
+        from: "127.0.0.6".parse().unwrap(),
         user: "alice".into(),
         user_id: Some(1),
     });

@@ -540,6 +540,7 @@ fn read(
         ),
         Job::Resume {
             conn: token,
+            from,
             user,
             credential,
         } => Some(
@@ -548,10 +549,14 @@ fn read(
             }) {
                 Some(row) => Done::Resumed {
                     conn: *token,
+                    from: *from,
                     user: user.clone(),
                     user_id: row.map(|r| r.get(0)),
                 },
-                None => Done::LoginFailed { conn: *token },
+                None => Done::ResumeFailed {
+                    conn: *token,
+                    from: *from,
+                },
             },
         ),
         // Committed with the batch (its deletes are in the batch's statement).

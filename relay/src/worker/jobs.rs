@@ -1,6 +1,7 @@
 //! What passes between the poll loop and the workers: jobs and their results.
 
 use super::*;
+use std::net::IpAddr;
 
 /// Work for the pool. Every job is sharded by the user it acts for.
 #[derive(Debug)]
@@ -43,9 +44,11 @@ pub enum Job {
     },
     /// The user's last session on this relay ended.
     Logout { user_id: i64 },
-    /// Check a resumption credential a client presented instead of a ticket.
+    /// Check a resumption credential a client presented instead of a ticket, from the
+    /// (limits') address `from`.
     Resume {
         conn: Token,
+        from: IpAddr,
         user: String,
         credential: String,
     },
@@ -116,6 +119,7 @@ pub enum Done {
     /// A resumption credential checked: the user's id, or `None` if it is not valid.
     Resumed {
         conn: Token,
+        from: IpAddr,
         user: String,
         user_id: Option<i64>,
     },
@@ -123,6 +127,9 @@ pub enum Done {
     CatchUp { conn: Token, messages: Vec<Message> },
     /// The login could not be recorded; the session must end.
     LoginFailed { conn: Token },
+    /// A resumption credential could not be checked (the store failed); the attempt
+    /// from `from` is not the client's failure.
+    ResumeFailed { conn: Token, from: IpAddr },
     /// The message is durable (`msg_id`: its id, or for a group message the first
     /// member's copy); deliver it.
     Sent {

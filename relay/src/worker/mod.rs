@@ -324,9 +324,10 @@ impl Worker {
             | Job::File { conn, req, .. }
             | Job::Block { conn, req, .. }
             | Job::Group { conn, req, .. } => Some(store_failed(conn, req)),
-            Job::Login { conn, .. } | Job::FetchPending { conn, .. } | Job::Resume { conn, .. } => {
+            Job::Login { conn, .. } | Job::FetchPending { conn, .. } => {
                 Some(Done::LoginFailed { conn })
             }
+            Job::Resume { conn, from, .. } => Some(Done::ResumeFailed { conn, from }),
             // The next mesh change or login catches up instead.
             Job::CatchUp { .. } => None,
             // An ack that did not commit is harmless: the message is delivered again.
