@@ -976,7 +976,10 @@ impl Chat {
         // A session that only listens still speaks up now and then (idle timeout):
         // no wait here outlasts the keepalive interval (callers loop to their deadline).
         self.relay.keep_alive()?;
-        let deadline = deadline.min(Instant::now() + crate::connect::KEEPALIVE);
+        self.ask_again_when_due()?;
+        let deadline = deadline
+            .min(Instant::now() + crate::connect::KEEPALIVE)
+            .min(self.next_window_due().unwrap_or(deadline));
         let mut frames = Vec::new();
         match self.relay.recv(Some(deadline)) {
             Ok(Some(frame)) => frames.push(frame),

@@ -9,7 +9,7 @@ use crate::e2e::{self, FileOffer, FILE_CHUNK};
 use crate::error::ClientError;
 use crate::store::{DeliveryState, HistoryEntry, InboxEntry};
 use fastchat_common::hex;
-use fastchat_common::proto::{ClientToRelay, RelayToClient};
+use fastchat_common::proto::{ClientToRelay, ErrorCode, RelayToClient};
 use rsa::sha2::{Digest, Sha256};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -17,6 +17,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// Chunks in flight while uploading, and asked for at once while downloading.
 const WINDOW: u32 = 16;
@@ -151,6 +152,10 @@ pub enum StrangerFiles {
     Ask,
 }
 
+/// Most held files from one sender, and in all: past them a stranger's file is refused.
+pub const MAX_HELD_PER_SENDER: usize = 10;
+pub const MAX_HELD: usize = 100;
+
 /// Files from strangers up to this size download without asking, unless a client says
 /// otherwise (the terminal UI asks for every one; `read` holds larger ones).
 pub const STRANGER_FILE_CAP: u64 = 1024 * 1024;
@@ -187,6 +192,9 @@ pub(crate) struct FileState {
     dir: PathBuf,
     /// Outstanding `file_get` requests: request id → file id.
     requests: HashMap<u64, i64>,
+    /// Downloads whose window the relay asked to wait for (`rate_limited`: its output
+    /// to this session was full), and when to ask again.
+    later: Vec<(Instant, i64)>,
     strangers: StrangerFiles,
 }
 
@@ -195,6 +203,7 @@ impl FileState {
         FileState {
             dir,
             requests: HashMap::new(),
+            later: Vec::new(),
             strangers: StrangerFiles::UpTo(STRANGER_FILE_CAP),
         }
     }
@@ -244,6 +253,13 @@ impl Chat {
             StrangerFiles::Ask => true,
         };
         Ok(asks && group_id.is_none() && self.is_stranger(from)?)
+    }
+
+    /// Whether as many files as allowed already wait for a choice, from `from` or in all.
+    fn too_many_held(&self, from: &str) -> Result<bool, ClientError> {
+        let held = self.held_files()?;
+        Ok(held.len() >= MAX_HELD
+            || held.iter().filter(|h| h.from == from).count() >= MAX_HELD_PER_SENDER)
     }
 
     /// Files from strangers waiting for this user's choice, oldest first.
@@ -458,17 +474,42 @@ impl Chat {
         mid: &str,
         offer: FileOffer,
     ) -> Result<Opened, ClientError> {
-        if nonce_of(&offer).is_none() {
+        let malformed = if nonce_of(&offer).is_none() {
+            Some("a file announcement with a malformed nonce")
+        } else if u64::from(offer.chunks) != offer.size.div_ceil(FILE_CHUNK as u64) {
+            // The size is what the person is asked about and what the limits count:
+            // the chunks must be exactly what it needs.
+            Some("a file announcement whose chunk count does not match its size")
+        } else {
+            None
+        };
+        if let Some(why) = malformed {
             return Ok(Opened::Shown(Event::Undecryptable {
                 msg_id: m.msg_id,
                 from: m.from.clone(),
                 group_id: m.group_id,
-                why: "a file announcement with a malformed nonce".into(),
+                why: why.into(),
                 key_changed: false,
             }));
         }
         let file_id = offer.file_id;
         let held = self.holds(&m.from, m.group_id, offer.size)?;
+        if held && self.too_many_held(&m.from)? {
+            // A stranger cannot pile announcements up in the store: past the cap, the
+            // file is refused at once (the relay lets go of it).
+            self.relay.queue(&ClientToRelay::FileDone { file_id });
+            self.relay.flush()?;
+            return Ok(Opened::Shown(Event::Undecryptable {
+                msg_id: m.msg_id,
+                from: m.from.clone(),
+                group_id: m.group_id,
+                why: format!(
+                    "file {:?} refused: {MAX_HELD_PER_SENDER} files from this sender (or {MAX_HELD} in all) already wait for your choice",
+                    offer.name
+                ),
+                key_changed: false,
+            }));
+        }
         let download = PendingDownload {
             offer,
             msg_id: m.msg_id,
@@ -509,8 +550,28 @@ impl Chat {
         Ok(events)
     }
 
+    /// Asks again for the windows the relay asked to wait for, once their time came.
+    pub(crate) fn ask_again_when_due(&mut self) -> Result<(), ClientError> {
+        let now = Instant::now();
+        let (due, later): (Vec<_>, Vec<_>) =
+            self.files.later.drain(..).partition(|(at, _)| *at <= now);
+        self.files.later = later;
+        for (_, file_id) in due {
+            if self.store.download(file_id)?.is_some_and(|d| !d.held) {
+                self.request_window(file_id)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// When the next window waited for is due, if any.
+    pub(crate) fn next_window_due(&self) -> Option<Instant> {
+        self.files.later.iter().map(|(at, _)| *at).min()
+    }
+
     pub(crate) fn resume_downloads(&mut self) -> Result<(), ClientError> {
         self.files.requests.clear();
+        self.files.later.clear();
         let ids: Vec<i64> = self
             .store
             .downloads()?
@@ -654,6 +715,15 @@ impl Chat {
                     .requests
                     .remove(&e.id.unwrap_or_default())
                     .unwrap_or_default();
+                if e.code == ErrorCode::RateLimited {
+                    // Not this file's fault (the session's output is full, several
+                    // downloads at once): the same window again, later.
+                    let wait = e.retry_after_ms.unwrap_or(200).clamp(50, 10_000);
+                    self.files
+                        .later
+                        .push((Instant::now() + Duration::from_millis(wait), file_id));
+                    return Ok(None);
+                }
                 self.finish_download(file_id, Err(e.message))
             }
             _ => Ok(None),

@@ -20,6 +20,9 @@ use fastchat_common::proto::{
 use fastchat_common::time;
 use std::collections::BTreeMap;
 
+/// Longest a group request waits out the relay's send budget in all.
+pub const GROUP_BUDGET_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The conversation under which a group's keys (and history) are kept.
 pub(crate) fn conversation(group_id: i64) -> String {
     format!("#{group_id}")
@@ -35,16 +38,34 @@ fn refused(code: ErrorCode, message: String) -> ClientError {
 
 impl Chat {
     /// Sends a group request and waits for its reply, failing over if the relay goes.
+    /// A membership change is charged by the members it reaches, so adding many people
+    /// in a row can run into the send budget: it waits as the relay says, up to
+    /// [`GROUP_BUDGET_WAIT`] in all, rather than fail.
     fn group_request(
         &mut self,
         make: impl Fn(u64) -> ClientToRelay,
     ) -> Result<RelayToClient, ClientError> {
-        self.request(make, |f, id| {
-            matches!(f,
-                RelayToClient::Group { id: got, .. }
-                | RelayToClient::Groups { id: got, .. }
-                | RelayToClient::Members { id: got, .. } if *got == id)
-        })
+        let started = std::time::Instant::now();
+        loop {
+            let reply = self.request(&make, |f, id| {
+                matches!(f,
+                    RelayToClient::Group { id: got, .. }
+                    | RelayToClient::Groups { id: got, .. }
+                    | RelayToClient::Members { id: got, .. } if *got == id)
+            });
+            match reply {
+                Err(ClientError::Refused {
+                    code: ErrorCode::RateLimited,
+                    retry_after_ms: Some(ms),
+                    ..
+                }) if started.elapsed() + std::time::Duration::from_millis(ms)
+                    <= GROUP_BUDGET_WAIT =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(ms));
+                }
+                other => return other,
+            }
+        }
     }
 
     fn expect_group(&mut self, reply: RelayToClient) -> Result<GroupSummary, ClientError> {

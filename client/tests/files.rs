@@ -434,16 +434,24 @@ fn files_from_strangers_wait_for_a_choice() {
         "{out}{err}"
     );
 
-    // The flag downloads what was held.
+    // The flag downloads what was held, several at once.
+    for k in 0..6 {
+        mallory
+            .send_file(Some("bob"), None, &big, Some(&format!("more{k}.bin")))
+            .unwrap();
+    }
     let (ok, out, err) = net.cli("bob", &["read", "--accept-files-from-strangers"]);
     assert!(
         ok && out.contains("mallory sent a file: big.bin"),
         "{out}{err}"
     );
-    assert_eq!(
-        std::fs::read(downloads.join("big.bin")).unwrap(),
-        std::fs::read(&big).unwrap()
-    );
+    for name in ["big.bin", "more0.bin", "more5.bin"] {
+        assert_eq!(
+            std::fs::read(downloads.join(name)).unwrap(),
+            std::fs::read(&big).unwrap(),
+            "{name}: {out}{err}"
+        );
+    }
 
     // Asking for every file (as the terminal UI does): held, then refused; the relay
     // lets go of it.

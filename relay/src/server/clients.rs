@@ -361,6 +361,11 @@ impl Core {
                 if let Err(why) = check_group_op(&op) {
                     return self.reply_error(io, token, id, why);
                 }
+                // Group operations take the send budget (their event rows are charged
+                // by how many members they reach once done).
+                if !self.spend(io, token, id, user_id, true, 0) {
+                    return;
+                }
                 self.submit_for(
                     io,
                     token,

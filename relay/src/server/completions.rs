@@ -115,7 +115,9 @@ impl Core {
                 reply,
                 deliveries,
             } => {
-                self.answered(io, conn, 0, 0);
+                // A membership change writes an event row per member: charged like a
+                // group send's reach (the rows' bodies are empty).
+                self.answered(io, conn, deliveries.len(), 0);
                 self.send(io, conn, &reply);
                 self.route(io, deliveries);
             }

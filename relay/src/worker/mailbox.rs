@@ -37,11 +37,23 @@ pub(super) const RECOUNT: Duration = Duration::from_secs(10);
 /// ...or this long, when the user is at a limit (their messages may be read down).
 pub(super) const FULL_RECOUNT: Duration = Duration::from_secs(1);
 
-/// Tallies of one kind (mailboxes, or senders' storage), by user id.
-#[derive(Default)]
-pub(super) struct Tallies(HashMap<i64, Tally>);
+/// Tallies of one kind (mailboxes, or senders' storage), by user id; `eager`: counted
+/// again every [`FULL_RECOUNT`] near a limit (mailboxes, read down by one person), else
+/// only every [`RECOUNT`] (a sender's storage: a count can read up to
+/// [`MAX_SENDER_ROWS`] rows, and a sender at the limit could force one a second).
+pub(super) struct Tallies {
+    counts: HashMap<i64, Tally>,
+    eager: bool,
+}
 
 impl Tallies {
+    pub(super) fn new(eager: bool) -> Tallies {
+        Tallies {
+            counts: HashMap::new(),
+            eager,
+        }
+    }
+
     /// The users of `incoming` (user → rows and bytes about to be added) whose tally
     /// must be counted again: unknown, old, or near the limits and a second old.
     fn stale(
@@ -53,12 +65,12 @@ impl Tallies {
         let now = Instant::now();
         incoming
             .iter()
-            .filter(|(u, (n, b))| match self.0.get(u) {
+            .filter(|(u, (n, b))| match self.counts.get(u) {
                 None => true,
                 Some(t) => {
                     let age = now.duration_since(t.counted_at);
                     let near = t.count + n > max_count || t.bytes + b > max_bytes;
-                    age >= RECOUNT || (near && age >= FULL_RECOUNT)
+                    age >= RECOUNT || (self.eager && near && age >= FULL_RECOUNT)
                 }
             })
             .map(|(u, _)| *u)
@@ -75,16 +87,18 @@ impl Tallies {
         max_count: i64,
         max_bytes: i64,
     ) -> Result<(), postgres::Error> {
+        // Cleared first, so every user of this batch is counted again (an unknown
+        // user fits any limit).
+        if self.counts.len() > USER_CACHE_LIMIT {
+            self.counts.clear();
+        }
         let stale = self.stale(incoming, max_count, max_bytes);
         if stale.is_empty() {
             return Ok(());
         }
-        if self.0.len() > USER_CACHE_LIMIT {
-            self.0.clear();
-        }
         let now = Instant::now();
         for row in conn.query(statement, &[&stale, &max_count])? {
-            self.0.insert(
+            self.counts.insert(
                 row.get(0),
                 Tally {
                     count: row.get(1),
@@ -99,13 +113,13 @@ impl Tallies {
     /// Whether `count` more rows of `bytes` fit for `user` (unknown users fit: the
     /// database had no row of theirs to count).
     fn fits(&self, user: i64, count: i64, bytes: i64, max_count: i64, max_bytes: i64) -> bool {
-        self.0
+        self.counts
             .get(&user)
             .is_none_or(|t| t.count + count <= max_count && t.bytes + bytes <= max_bytes)
     }
 
     fn add(&mut self, user: i64, count: i64, bytes: i64) {
-        if let Some(t) = self.0.get_mut(&user) {
+        if let Some(t) = self.counts.get_mut(&user) {
             t.count += count;
             t.bytes += bytes;
         }

@@ -93,8 +93,8 @@ impl Worker {
             metrics,
             group_limits,
             limits,
-            mailboxes: Tallies::default(),
-            senders: Tallies::default(),
+            mailboxes: Tallies::new(true),
+            senders: Tallies::new(false),
             db: HeldConnection::new(db, Prepared::new),
         }
     }

@@ -70,11 +70,16 @@ impl Prepared {
             )?,
             member: conn.prepare("SELECT g.name FROM group_members gm JOIN groups g ON g.id = gm.group_id WHERE gm.group_id = $1 AND gm.user_id = $2")?,
             // One row per admitted member, ids drawn in the order given (the members'
-            // order of joining).
+            // order of joining). Membership and blocks are read again here, inside the
+            // batch's transaction: the limits step read them before it, and a member
+            // removed, a sender put out or a block made in between must hold.
             group_insert: conn.prepare(
                 "INSERT INTO messages (recipient_id, id, sender_id, body, sent_at_ms, group_id)
                  SELECT r, nextval('messages_id_seq'), $2, $3, $4, $1
                  FROM unnest($5::int8[]) WITH ORDINALITY AS x(r, o)
+                 WHERE EXISTS (SELECT 1 FROM group_members s WHERE s.group_id = $1 AND s.user_id = $2)
+                   AND EXISTS (SELECT 1 FROM group_members m WHERE m.group_id = $1 AND m.user_id = x.r)
+                   AND NOT EXISTS (SELECT 1 FROM blocks k WHERE k.user_id = x.r AND k.blocked_id = $2)
                  ORDER BY o
                  RETURNING id, recipient_id",
             )?,
