@@ -19,6 +19,7 @@ enum Decision {
         /// Members left out because their mailboxes are full.
         full: Vec<String>,
     },
+    UnknownUser,
     NotMember,
     Refused(Admitted),
 }
@@ -79,8 +80,8 @@ impl Worker {
     }
 
     /// Limits: each send's recipients (a group's other members, if the sender is one,
-    /// less those who blocked the sender), then what the limits admit. `None` for jobs
-    /// that are not sends, and sends to unknown users.
+    /// less those who blocked the sender), then what the limits admit. One decision per
+    /// send; `None` for the jobs that are not sends.
     fn decide(
         &mut self,
         conn: &mut DbConn,
@@ -89,7 +90,8 @@ impl Worker {
     ) -> Result<Vec<Option<Decision>>, postgres::Error> {
         let mut decisions: Vec<Option<Decision>> = Vec::with_capacity(jobs.len());
         let mut wanted = Vec::new();
-        let mut names = Vec::new();
+        // Beside each of `wanted`: the group's name for a group send.
+        let mut group_names: Vec<Option<String>> = Vec::new();
         for (i, job) in jobs.iter().enumerate() {
             let Job::Send {
                 sender_id,
@@ -101,11 +103,11 @@ impl Worker {
                 decisions.push(None);
                 continue;
             };
-            let recipients = match target {
+            let (recipients, group_name) = match target {
                 Target::User(to) => match self.user_ids.get(to) {
-                    Some(r) => vec![*r],
+                    Some(r) => (vec![*r], None),
                     None => {
-                        decisions.push(None);
+                        decisions.push(Some(Decision::UnknownUser));
                         continue;
                     }
                 },
@@ -114,13 +116,15 @@ impl Worker {
                         decisions.push(Some(Decision::NotMember));
                         continue;
                     };
-                    names.push(member.get::<_, String>(0));
-                    conn.query(&st.members, &[group_id, sender_id])?
+                    let members = conn
+                        .query(&st.members, &[group_id, sender_id])?
                         .iter()
                         .map(|r| r.get(0))
-                        .collect()
+                        .collect();
+                    (members, Some(member.get::<_, String>(0)))
                 }
             };
+            group_names.push(group_name);
             wanted.push(Wanted {
                 job: i,
                 sender: *sender_id,
@@ -131,28 +135,23 @@ impl Worker {
             decisions.push(None);
         }
         let admitted = self.admit(conn, st, &wanted)?;
-        let mut names = names.into_iter();
-        for (w, a) in wanted.into_iter().zip(admitted) {
+        for ((w, a), group_name) in wanted.into_iter().zip(admitted).zip(group_names) {
             let Job::Send { target, .. } = &jobs[w.job] else {
                 continue;
             };
-            decisions[w.job] = Some(match (target, a) {
-                (Target::User(_), Admitted::Store { recipients, .. }) => Decision::Direct {
-                    recipient: recipients[0],
-                },
-                (Target::Group(group_id), Admitted::Store { recipients, full }) => {
+            decisions[w.job] = Some(match (target, group_name, a) {
+                (Target::Group(group_id), Some(name), Admitted::Store { recipients, full }) => {
                     Decision::Group {
                         group_id: *group_id,
-                        name: names.next().unwrap_or_default(),
+                        name,
                         recipients,
                         full: self.names_of(conn, &full)?,
                     }
                 }
-                (Target::Group(_), refused) => {
-                    names.next();
-                    Decision::Refused(refused)
-                }
-                (Target::User(_), refused) => Decision::Refused(refused),
+                (_, _, Admitted::Store { recipients, .. }) => Decision::Direct {
+                    recipient: recipients[0],
+                },
+                (_, _, refused) => Decision::Refused(refused),
             });
         }
         Ok(decisions)
@@ -398,20 +397,22 @@ impl Worker {
                 deliveries,
                 full,
             };
-            results.push(match (&decisions[i], target) {
-                (None, Target::User(to)) => failed(
+            // Named only in refusals (no allocation for a send that is stored).
+            let to = || match target {
+                Target::User(to) => to.clone(),
+                Target::Group(group_id) => format!("group {group_id}"),
+            };
+            let decision = decisions[i].as_ref().expect("a decision for every send");
+            results.push(match decision {
+                Decision::UnknownUser => failed(
                     ErrorCode::UnknownUser,
-                    format!("there is no user called {to}"),
+                    format!("there is no user called {}", to()),
                 ),
-                (None, Target::Group(group_id)) | (Some(Decision::NotMember), Target::Group(group_id)) => failed(
+                Decision::NotMember => failed(
                     ErrorCode::NotMember,
-                    format!("you are not a member of group {group_id}"),
+                    format!("you are not a member of {}", to()),
                 ),
-                (Some(Decision::NotMember), Target::User(to)) => failed(
-                    ErrorCode::UnknownUser,
-                    format!("there is no user called {to}"),
-                ),
-                (Some(Decision::Refused(Admitted::MailboxFull)), _) => failed(
+                Decision::Refused(Admitted::MailboxFull) => failed(
                     ErrorCode::MailboxFull,
                     format!(
                         "the recipient has {} messages waiting (or {} MiB of them), the most allowed; nothing was stored, try again later",
@@ -419,25 +420,24 @@ impl Worker {
                         l.max_pending_bytes / (1024 * 1024)
                     ),
                 ),
-                (Some(Decision::Refused(_)), _) => failed(
+                Decision::Refused(_) => failed(
                     ErrorCode::OverQuota,
                     format!(
                         "you have {} MiB (or {MAX_SENDER_ROWS} messages) waiting for their recipients or in files, the most allowed; nothing was stored, it frees as they are fetched",
                         l.max_stored_bytes / (1024 * 1024)
                     ),
                 ),
-                (Some(Decision::Direct { .. }), to) => {
+                Decision::Direct { .. } => {
                     let (msg_id, recipient_id, blocked) = direct_rows
                         .next()
                         .expect("one inserted row per direct send admitted, in order");
                     if blocked {
-                        let to = match to {
-                            Target::User(to) => to.as_str(),
-                            Target::Group(_) => "the recipient",
-                        };
                         failed(
                             ErrorCode::Blocked,
-                            format!("{to} does not accept messages from you; nothing was stored"),
+                            format!(
+                                "{} does not accept messages from you; nothing was stored",
+                                to()
+                            ),
                         )
                     } else {
                         sent(
@@ -447,12 +447,9 @@ impl Worker {
                         )
                     }
                 }
-                (
-                    Some(Decision::Group {
-                        group_id, name, full, ..
-                    }),
-                    _,
-                ) => {
+                Decision::Group {
+                    group_id, name, full, ..
+                } => {
                     let rows = group_rows
                         .next()
                         .expect("one entry per group send admitted, in order");
