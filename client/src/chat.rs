@@ -114,6 +114,9 @@ pub struct GroupNotice {
     pub event: GroupEvent,
     /// When the relay stored it, unix ms.
     pub ts: u64,
+    /// An invitation of this user that waits for their answer (`group_accept` or
+    /// `group_decline`); false once accepted on arrival (from someone they know).
+    pub waiting: bool,
 }
 
 /// Where a message goes.

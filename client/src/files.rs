@@ -232,7 +232,9 @@ impl Chat {
             return Ok(false);
         }
         for (group_id, g) in self.store.groups()? {
-            if g.role != "none"
+            // Only groups this user is in: an invitation (which anyone can send)
+            // makes nobody a fellow member.
+            if matches!(g.role.as_str(), "member" | "admin")
                 && self
                     .store
                     .roster(group_id)?

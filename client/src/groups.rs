@@ -20,6 +20,16 @@ use fastchat_common::proto::{
 use fastchat_common::time;
 use std::collections::BTreeMap;
 
+/// What `group_add` did.
+#[derive(Debug, Clone)]
+pub struct Added {
+    /// The group after the change.
+    pub group: GroupSummary,
+    /// The user shares no group with this one, so the relay invited them: nothing of
+    /// the group reaches them until they accept.
+    pub invited: bool,
+}
+
 /// Longest a group request waits out the relay's send budget in all.
 pub const GROUP_BUDGET_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -69,10 +79,14 @@ impl Chat {
     }
 
     fn expect_group(&mut self, reply: RelayToClient) -> Result<GroupSummary, ClientError> {
+        self.expect_change(reply).map(|added| added.group)
+    }
+
+    fn expect_change(&mut self, reply: RelayToClient) -> Result<Added, ClientError> {
         match reply {
-            RelayToClient::Group { group, .. } => {
+            RelayToClient::Group { group, invited, .. } => {
                 self.remember_group(&group)?;
-                Ok(group)
+                Ok(Added { group, invited })
             }
             other => Err(ClientError::Protocol(format!("{other:?}"))),
         }
@@ -162,14 +176,17 @@ impl Chat {
         }
     }
 
-    /// Adds `user` (admins only) and hands them the newest group key.
-    pub fn group_add(&mut self, group_id: i64, user: &str) -> Result<GroupSummary, ClientError> {
+    /// Adds `user` (admins only) and hands them the newest group key. Someone who
+    /// shares no group with this user is invited rather than added (`invited`): they
+    /// are on the signed roster and hold the key from now on (this admin chose them),
+    /// but the relay stores nothing of the group for them until they accept.
+    pub fn group_add(&mut self, group_id: i64, user: &str) -> Result<Added, ClientError> {
         let reply = self.group_request(|id| ClientToRelay::GroupAdd {
             id,
             group_id,
             user: user.to_string(),
         })?;
-        let group = self.expect_group(reply)?;
+        let added = self.expect_change(reply)?;
         // Signed into the roster before the key is handed over: members grant only to
         // those the chain shows.
         let roster = self.roster_append(group_id, "add", user)?;
@@ -178,7 +195,51 @@ impl Chat {
             // An admin without a key: make one for the chain's epoch (everyone gets it).
             None => self.rotate(group_id, roster.epoch)?,
         }
-        Ok(group)
+        Ok(added)
+    }
+
+    /// Accepts an invitation: after checking the group's signed roster (it must
+    /// verify, and show this user added by an admin), becomes a member; the group's
+    /// messages reach this user from now on.
+    pub fn group_accept(&mut self, group_id: i64) -> Result<GroupSummary, ClientError> {
+        let me = self.user().to_string();
+        if let Some(roster) = self.roster(group_id)? {
+            if !roster.is_member(&me) {
+                return Err(ClientError::Protocol(format!(
+                    "the signed roster of group #{group_id} does not show you invited: \
+                     not accepted (the server may be misbehaving)"
+                )));
+            }
+        }
+        let reply = self.group_request(|id| ClientToRelay::GroupAccept { id, group_id })?;
+        self.expect_group(reply)
+    }
+
+    /// Declines an invitation. The signed `leave` goes first (the invitation put this
+    /// user on the roster), so the admins rotate the key this user was handed.
+    pub fn group_decline(&mut self, group_id: i64) -> Result<GroupSummary, ClientError> {
+        self.sign_leave(group_id)?;
+        let reply = self.group_request(|id| ClientToRelay::GroupDecline { id, group_id })?;
+        self.expect_group(reply)
+    }
+
+    /// The invitations waiting for this user's answer.
+    pub fn invitations(&mut self) -> Result<Vec<GroupSummary>, ClientError> {
+        Ok(self
+            .groups()?
+            .into_iter()
+            .filter(|g| g.role == "invited")
+            .collect())
+    }
+
+    /// Appends this user's signed `leave` to the group's roster; a group without a
+    /// chain (an older client's) is left all the same.
+    fn sign_leave(&mut self, group_id: i64) -> Result<(), ClientError> {
+        let me = self.user().to_string();
+        match self.roster_append(group_id, "leave", &me) {
+            Ok(_) | Err(ClientError::Usage(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// Removes `user` (admins only) and rotates the key so they cannot read what follows.
@@ -217,12 +278,7 @@ impl Chat {
     /// Leaves the group. Its keys stay, to read the history. The signed `leave` goes
     /// first (only members may append to the chain).
     pub fn group_leave(&mut self, group_id: i64) -> Result<GroupSummary, ClientError> {
-        let me = self.user().to_string();
-        match self.roster_append(group_id, "leave", &me) {
-            // A group without a chain (an older client's) is left all the same.
-            Ok(_) | Err(ClientError::Usage(_)) => {}
-            Err(e) => return Err(e),
-        }
+        self.sign_leave(group_id)?;
         let reply = self.group_request(|id| ClientToRelay::GroupLeave { id, group_id })?;
         self.expect_group(reply)
     }
@@ -500,35 +556,50 @@ impl Chat {
         }
         let me = self.user().to_string();
         self.store.update_group(group_id, |state| {
+            // A group first heard of: its events come to members, and to the invited.
+            let invited = event.event == "invited" && event.user == me;
             let mut state = state.unwrap_or_else(|| GroupState {
                 name: name.clone(),
                 epoch: event.epoch,
-                role: "member".into(),
+                role: if invited { "invited" } else { "member" }.into(),
                 members: None,
             });
             state.epoch = state.epoch.max(event.epoch);
             // Keep the member count (known from a summary) in step with the events.
             state.members = state.members.map(|n| match event.event.as_str() {
-                "added" => n.saturating_add(1),
+                "added" | "joined" => n.saturating_add(1),
                 "removed" | "left" => n.saturating_sub(1),
                 _ => n,
             });
             if event.user == me {
                 match event.event.as_str() {
-                    "removed" | "left" => state.role = "none".into(),
+                    "removed" | "left" | "declined" => state.role = "none".into(),
                     "promoted" | "created" => state.role = "admin".into(),
                     "added" => state.role = "member".into(),
+                    // An invitation read late, once taken up, changes nothing.
+                    "invited" if !matches!(state.role.as_str(), "member" | "admin") => {
+                        state.role = "invited".into()
+                    }
+                    // An invitation may have become an admin's place meanwhile.
+                    "joined" if state.role != "admin" => state.role = "member".into(),
                     _ => {}
                 }
             }
             state
         })?;
+        let waiting = event.event == "invited"
+            && event.user == me
+            && self
+                .store
+                .group(group_id)?
+                .is_some_and(|g| g.role == "invited");
         Ok(Opened::Shown(Event::Group(GroupNotice {
             msg_id: m.msg_id,
             group_id,
             group: name,
             event,
             ts: m.ts,
+            waiting,
         })))
     }
 
@@ -597,14 +668,18 @@ impl Chat {
         self.show_received(m, conversation(group_id), Some(group_id), name, payload)
     }
 
-    /// After a batch: for each group where someone left or was removed and our newest
-    /// key is older than the new epoch, an admin (checked with the server) rotates.
-    pub(crate) fn after_events(&mut self, events: &[Event]) -> Result<(), ClientError> {
+    /// After a batch: invitations from people this user is no stranger to are
+    /// accepted; and for each group where someone left, declined or was removed and
+    /// our newest key is older than the new epoch, an admin (checked with the server)
+    /// rotates.
+    pub(crate) fn after_events(&mut self, events: &mut [Event]) -> Result<(), ClientError> {
         let me = self.user().to_string();
         let mut due: BTreeMap<i64, i32> = BTreeMap::new();
-        for e in events {
+        for e in events.iter() {
             if let Event::Group(n) = e {
-                if matches!(n.event.event.as_str(), "removed" | "left") && n.event.user != me {
+                if matches!(n.event.event.as_str(), "removed" | "left" | "declined")
+                    && n.event.user != me
+                {
                     let epoch = due.entry(n.group_id).or_insert(n.event.epoch);
                     *epoch = (*epoch).max(n.event.epoch);
                 }
@@ -635,7 +710,43 @@ impl Chat {
                 }
             }
         }
+        // Then the invitations from people this user knows (after the rotations, so
+        // that a failure here holds none of them up).
+        for e in events.iter_mut() {
+            if let Event::Group(n) = e {
+                if n.waiting && self.accepts_on_arrival(n.group_id, &n.event.by)? {
+                    match self.group_accept(n.group_id) {
+                        Ok(_) => n.waiting = false,
+                        // Answered already, withdrawn, or a roster that does not
+                        // verify: the invitation stays for the user.
+                        Err(ClientError::Refused { .. }) | Err(ClientError::Protocol(_)) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// Whether an invitation to `group_id` that the relay says `by` made is taken up
+    /// without asking: it still waits, `by` is no stranger to this user, and the
+    /// group's chain verifies and shows `by` an admin and this user on it (the relay's
+    /// word for who invited is not enough).
+    fn accepts_on_arrival(&mut self, group_id: i64, by: &str) -> Result<bool, ClientError> {
+        if self
+            .store
+            .group(group_id)?
+            .is_none_or(|g| g.role != "invited")
+            || self.is_stranger(by)?
+        {
+            return Ok(false);
+        }
+        let me = self.user().to_string();
+        Ok(match self.roster(group_id) {
+            Ok(Some(r)) => r.is_admin(by) && r.is_member(&me),
+            Ok(None) | Err(ClientError::Refused { .. }) | Err(ClientError::Protocol(_)) => false,
+            Err(e) => return Err(e),
+        })
     }
 }
 
@@ -644,6 +755,9 @@ pub fn describe(event: &GroupEvent, group: &str) -> String {
     match event.event.as_str() {
         "created" => format!("{} created {group}", event.by),
         "added" => format!("{} added {} to {group}", event.by, event.user),
+        "invited" => format!("{} invited {} to {group}", event.by, event.user),
+        "joined" => format!("{} joined {group}", event.user),
+        "declined" => format!("{} declined the invitation to {group}", event.user),
         "removed" => format!("{} removed {} from {group}", event.by, event.user),
         "promoted" if event.by == event.user => {
             format!("{} is now an admin of {group}", event.user)

@@ -148,7 +148,9 @@ enum Command {
 enum GroupCommand {
     /// Create a group; you are its admin.
     Create { name: String },
-    /// Add USER to the group (admins only); they get the group key from you.
+    /// Add USER to the group (admins only); they get the group key from you. Someone
+    /// you share no group with is invited instead: the group reaches them once they
+    /// accept.
     Add {
         name: String,
         #[arg(value_name = "USER")]
@@ -169,6 +171,14 @@ enum GroupCommand {
     /// Leave the group (if you are its last admin, the longest-standing member
     /// becomes admin).
     Leave { name: String },
+    /// Accept an invitation to the group (`fastchat group invitations` lists them);
+    /// its messages reach you from then on. Invitations from people you wrote to or
+    /// share a group with are accepted when they arrive.
+    Accept { name: String },
+    /// Decline an invitation to the group.
+    Decline { name: String },
+    /// List the invitations waiting for your answer.
+    Invitations,
     /// List the group's members and their roles (marking any the relay lists that
     /// the group's signed roster does not show).
     Members { name: String },
@@ -761,6 +771,7 @@ fn read(chat: &mut Chat, wait: Option<u64>, json: bool) -> Result<(), ClientErro
                             "event": n.event.event,
                             "user": n.event.user,
                             "by": n.event.by,
+                            "waiting": n.waiting,
                             "ts": time::rfc3339(n.ts),
                         })
                         .to_string()
@@ -778,6 +789,19 @@ fn read(chat: &mut Chat, wait: Option<u64>, json: bool) -> Result<(), ClientErro
                     };
                     let _ = writeln!(out, "{line}");
                     let _ = out.flush();
+                    // Still waiting (not accepted on arrival, as from people this
+                    // user knows): say how to answer.
+                    if n.waiting && !json {
+                        eprintln!(
+                            "fastchat: {} invited you to {} (#{}): `fastchat group accept '#{}'` \
+                             or `fastchat group decline '#{}'`",
+                            n.event.by,
+                            clean(&n.group, false),
+                            n.group_id,
+                            n.group_id,
+                            n.group_id
+                        );
+                    }
                 }
                 Event::FileHeld(f) => print_held(&f, json),
                 Event::File(f) => {
@@ -843,6 +867,21 @@ fn read(chat: &mut Chat, wait: Option<u64>, json: bool) -> Result<(), ClientErro
     Ok(())
 }
 
+/// The group named, which must be an invitation waiting for this user.
+fn invitation(
+    chat: &mut Chat,
+    name: &str,
+) -> Result<fastchat_common::proto::GroupSummary, ClientError> {
+    let g = chat.resolve_group(name)?;
+    if g.role != "invited" {
+        return Err(ClientError::Usage(format!(
+            "no invitation waits for you to {} (#{}): you are {}",
+            g.name, g.group_id, g.role
+        )));
+    }
+    Ok(g)
+}
+
 fn group(chat: &mut Chat, command: &GroupCommand) -> Result<(), ClientError> {
     let show = |g: &fastchat_common::proto::GroupSummary| {
         println!(
@@ -857,9 +896,16 @@ fn group(chat: &mut Chat, command: &GroupCommand) -> Result<(), ClientError> {
         }
         GroupCommand::Add { name, member } => {
             let g = chat.resolve_group(name)?;
-            let g = chat.group_add(g.group_id, member)?;
-            println!("added {member}");
-            show(&g);
+            let added = chat.group_add(g.group_id, member)?;
+            if added.invited {
+                println!(
+                    "invited {member} (you share no group): {} is theirs once they accept",
+                    added.group.name
+                );
+            } else {
+                println!("added {member}");
+            }
+            show(&added.group);
         }
         GroupCommand::Remove { name, member } => {
             let g = chat.resolve_group(name)?;
@@ -878,6 +924,22 @@ fn group(chat: &mut Chat, command: &GroupCommand) -> Result<(), ClientError> {
             chat.group_leave(g.group_id)?;
             println!("you left {}", g.name);
         }
+        GroupCommand::Accept { name } => {
+            let g = invitation(chat, name)?;
+            let g = chat.group_accept(g.group_id)?;
+            println!("you joined {}", g.name);
+            show(&g);
+        }
+        GroupCommand::Decline { name } => {
+            let g = invitation(chat, name)?;
+            chat.group_decline(g.group_id)?;
+            println!("you declined the invitation to {}", g.name);
+        }
+        GroupCommand::Invitations => {
+            for g in chat.invitations()? {
+                println!("{} (#{}): {} members", g.name, g.group_id, g.members);
+            }
+        }
         GroupCommand::Members { name } => {
             let g = chat.resolve_group(name)?;
             let (g, members) = chat.group_members(g.group_id)?;
@@ -891,7 +953,11 @@ fn group(chat: &mut Chat, command: &GroupCommand) -> Result<(), ClientError> {
                 Err(e) => return Err(e),
             };
             for m in members {
-                let role = if m.role == "admin" { " (admin)" } else { "" };
+                let role = match m.role.as_str() {
+                    "admin" => " (admin)",
+                    "invited" => " (invited, not yet accepted)",
+                    _ => "",
+                };
                 let unsigned = if roster.as_ref().is_some_and(|r| r.is_member(&m.user)) {
                     ""
                 } else {

@@ -5,12 +5,13 @@
 
 mod harness;
 
+use fastchat_client::chat::GroupNotice;
 use fastchat_client::connect::{AuthLink, RelayLink};
 use fastchat_client::e2e::Identity;
 use fastchat_client::error::ClientError;
 use fastchat_common::link::{Link, LinkError};
 use fastchat_common::proto::{AuthToClient, ClientToAuth, ClientToRelay, ErrorCode, RelayToClient};
-use harness::{auth_from, auth_hello_from, Settings, TestNet, PASSWORD};
+use harness::{add_member, auth_from, auth_hello_from, Settings, TestNet, PASSWORD};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -397,7 +398,7 @@ fn the_stats_credential_reads_figures_and_does_nothing_else() {
     .is_err());
 }
 
-fn refused_with(result: Result<fastchat_common::proto::GroupSummary, ClientError>) -> ErrorCode {
+fn refused_with<T: std::fmt::Debug>(result: Result<T, ClientError>) -> ErrorCode {
     match result {
         Err(ClientError::Refused { code, .. }) => code,
         other => panic!("expected a refusal, got {other:?}"),
@@ -423,7 +424,7 @@ fn nobody_can_be_put_in_groups_without_bound() {
         "a third group for its maker"
     );
     bob.group_create("bob's").unwrap();
-    mallory.group_add(g1.group_id, "bob").unwrap();
+    add_member(&mut mallory, g1.group_id, &mut bob);
     assert_eq!(
         refused_with(mallory.group_add(g2.group_id, "bob")),
         ErrorCode::GroupFull,
@@ -707,8 +708,8 @@ fn a_blocked_user_gets_nothing_to_the_blocker_until_unblocked() {
 
     // A group with all three, made before the block (alice hands out the key).
     let group = alice.group_create("all").unwrap();
-    alice.group_add(group.group_id, "mallory").unwrap();
-    alice.group_add(group.group_id, "carol").unwrap();
+    add_member(&mut alice, group.group_id, &mut mallory);
+    add_member(&mut alice, group.group_id, &mut carol);
     for chat in [&mut mallory, &mut carol] {
         let deadline = Instant::now() + Duration::from_secs(30);
         while chat.group_key_epoch(group.group_id).is_none() {
@@ -819,20 +820,23 @@ fn group_deliveries_and_bytes_count_toward_a_mailbox() {
     }
     let mut mallory = net.login("mallory");
     let group = mallory.group_create("spam").unwrap();
-    mallory.group_add(group.group_id, "bob").unwrap();
-    mallory.group_add(group.group_id, "carol").unwrap();
-    // Bob and carol take the key and the events, then go offline.
+    // Bob and carol join and take the key, then read everything and go offline.
     for u in ["bob", "carol"] {
         let mut chat = net.login(u);
+        add_member(&mut mallory, group.group_id, &mut chat);
         let deadline = Instant::now() + Duration::from_secs(30);
         while chat.group_key_epoch(group.group_id).is_none() {
             assert!(Instant::now() < deadline, "no group key for {u}");
             chat.receive(Instant::now() + Duration::from_millis(100))
                 .unwrap();
         }
-        drop(chat);
+    }
+    for u in ["bob", "carol"] {
         read_everything(&net, u);
     }
+    // The relay counted these mailboxes while they held the events and the key; near
+    // a limit it counts again once its count is a second old (PROTOCOL.md §3).
+    std::thread::sleep(Duration::from_millis(1100));
 
     // A group send reaches each member's mailbox and counts there: the seventh is
     // stored for nobody, and says so.
@@ -933,8 +937,8 @@ fn what_a_user_makes_the_relay_write_is_limited_by_bytes_and_fan_out() {
     }
     let mut mallory = net.login("mallory");
     let group = mallory.group_create("big").unwrap();
-    mallory.group_add(group.group_id, "bob").unwrap();
-    mallory.group_add(group.group_id, "carol").unwrap();
+    add_member(&mut mallory, group.group_id, &mut net.login("bob"));
+    add_member(&mut mallory, group.group_id, &mut net.login("carol"));
     let long = "w".repeat(30_000);
     // Each send writes ~41 KB for each of two members: the budget goes into debt at
     // the second and refuses the third, saying when to come back.
@@ -967,4 +971,137 @@ fn what_a_user_makes_the_relay_write_is_limited_by_bytes_and_fan_out() {
     // Once the debt is paid, mallory may write again.
     std::thread::sleep(Duration::from_millis(retry_after_ms.unwrap() + 100));
     mallory.send_group(group.group_id, "short").unwrap();
+}
+
+/// Group texts (not the relay's events; not direct messages, such as a key grant)
+/// waiting for `recipient` from `sender`.
+fn group_texts_waiting(net: &TestNet, sender: &str, recipient: &str) -> i64 {
+    let mut db = postgres::Client::connect(&net.db_url, postgres::NoTls).unwrap();
+    db.query_one(
+        "SELECT count(*) FROM messages m JOIN users s ON s.id = m.sender_id
+         JOIN users r ON r.id = m.recipient_id
+         WHERE s.name = $1 AND r.name = $2 AND NOT m.system AND m.group_id IS NOT NULL",
+        &[&sender, &recipient],
+    )
+    .unwrap()
+    .get(0)
+}
+
+/// The events `chat` reads within `secs`.
+fn group_notices(chat: &mut fastchat_client::chat::Chat, secs: u64) -> Vec<GroupNotice> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut notices = Vec::new();
+    while Instant::now() < deadline {
+        for e in chat
+            .receive(Instant::now() + Duration::from_millis(200))
+            .unwrap()
+        {
+            if let fastchat_client::chat::Event::Group(n) = e {
+                notices.push(n);
+            }
+        }
+    }
+    notices
+}
+
+#[test]
+fn a_stranger_can_only_invite_and_nothing_of_the_group_reaches_the_invited_before_they_accept() {
+    use harness::receive_n;
+    let net = TestNet::with(relay_flags(&[("--max-invitations", "2")]));
+    for u in ["mallory", "bob", "alice", "carol"] {
+        net.register(u);
+    }
+    let mut mallory = net.login("mallory");
+    let mut bob = net.login("bob");
+
+    // mallory shares no group with bob: her addition is an invitation.
+    let spam = mallory.group_create("spam").unwrap();
+    let added = mallory.group_add(spam.group_id, "bob").unwrap();
+    assert!(added.invited, "a stranger's addition is an invitation");
+    assert_eq!(added.group.members, 1, "an invitation is no member");
+    let (code, _) = refusal(mallory.group_add(spam.group_id, "bob"));
+    assert_eq!(code, ErrorCode::AlreadyMember, "invited once");
+    // What she sends to the group is stored for nobody.
+    mallory.send_group(spam.group_id, "buy now").unwrap();
+    assert_eq!(
+        group_texts_waiting(&net, "mallory", "bob"),
+        0,
+        "nothing for bob"
+    );
+
+    // bob is told, and asked; nothing is accepted for him.
+    let notices = group_notices(&mut bob, 3);
+    assert!(
+        notices
+            .iter()
+            .any(|n| n.event.event == "invited" && n.event.user == "bob" && n.waiting),
+        "{notices:?}"
+    );
+    let waiting: Vec<String> = bob
+        .invitations()
+        .unwrap()
+        .into_iter()
+        .map(|g| g.name)
+        .collect();
+    assert_eq!(waiting, vec!["spam".to_string()]);
+    let (code, _) = refusal(bob.send_group(spam.group_id, "hello?"));
+    assert_eq!(code, ErrorCode::NotMember, "an invitation sends nothing");
+    let (_, members) = bob.group_members(spam.group_id).unwrap();
+    let roles: Vec<String> = members
+        .iter()
+        .map(|m| format!("{}:{}", m.user, m.role))
+        .collect();
+    assert_eq!(roles, vec!["mallory:admin", "bob:invited"]);
+
+    // At most 2 invitations wait for one user.
+    let maybe = mallory.group_create("maybe").unwrap();
+    assert!(mallory.group_add(maybe.group_id, "bob").unwrap().invited);
+    let third = mallory.group_create("third").unwrap();
+    let (code, message) = refusal(mallory.group_add(third.group_id, "bob"));
+    assert_eq!(code, ErrorCode::GroupFull);
+    assert!(message.contains("invitations waiting"), "{message}");
+
+    // Declining takes bob off the group (and moves its key on); the slot is free again.
+    let declined = bob.group_decline(spam.group_id).unwrap();
+    assert_eq!(declined.role, "none");
+    let (g, members) = mallory.group_members(spam.group_id).unwrap();
+    assert_eq!(members.len(), 1, "{members:?}");
+    assert_eq!(g.epoch, 2, "the key epoch moved with the signed leave");
+    assert!(mallory.group_add(third.group_id, "bob").unwrap().invited);
+
+    // Accepting makes bob a member: what mallory sends next reaches him, once.
+    let joined = bob.group_accept(maybe.group_id).unwrap();
+    assert_eq!(joined.role, "member");
+    assert_eq!(joined.members, 2);
+    mallory.send_group(maybe.group_id, "welcome").unwrap();
+    let got = receive_n(&mut bob, 1, Duration::from_secs(30));
+    assert_eq!(
+        (got[0].from.as_str(), got[0].text.as_str()),
+        ("mallory", "welcome")
+    );
+    let (code, _) = refusal(bob.group_accept(maybe.group_id));
+    assert_eq!(code, ErrorCode::NotMember, "no invitation left to accept");
+
+    // Someone this user wrote to is no stranger: the invitation is accepted on arrival,
+    // and the group's messages reach them from then on.
+    let mut alice = net.login("alice");
+    let mut carol = net.login("carol");
+    carol.send_text("alice", "hi alice").unwrap();
+    receive_n(&mut alice, 1, Duration::from_secs(30));
+    let club = alice.group_create("club").unwrap();
+    assert!(alice.group_add(club.group_id, "carol").unwrap().invited);
+    let notices = group_notices(&mut carol, 3);
+    assert!(
+        notices
+            .iter()
+            .any(|n| n.event.event == "invited" && n.event.user == "carol" && !n.waiting),
+        "accepted on arrival: {notices:?}"
+    );
+    assert!(carol.invitations().unwrap().is_empty());
+    alice.send_group(club.group_id, "you're in").unwrap();
+    let got = receive_n(&mut carol, 1, Duration::from_secs(30));
+    assert_eq!(got[0].text, "you're in");
+    // And once the two share a group, an addition is outright.
+    let second = alice.group_create("second").unwrap();
+    assert!(!alice.group_add(second.group_id, "carol").unwrap().invited);
 }

@@ -179,7 +179,7 @@ fn groups_refuse_outsiders_and_members_without_the_admin_role() {
             group_id,
             user: "bob".into()
         }),
-        Ok(RelayToClient::Group { .. })
+        Ok(RelayToClient::Group { invited: true, .. })
     ));
     let before = net.stored_messages();
     let mut carol = session(&net, "carol");
@@ -209,6 +209,10 @@ fn groups_refuse_outsiders_and_members_without_the_admin_role() {
     );
     // A member without the admin role cannot add, remove or promote.
     let mut bob = session(&net, "bob");
+    assert!(matches!(
+        request(&mut bob, |id| ClientToRelay::GroupAccept { id, group_id }),
+        Ok(RelayToClient::Group { group, .. }) if group.role == "member"
+    ));
     let reply = request(&mut bob, |id| ClientToRelay::GroupAdd {
         id,
         group_id,

@@ -6,7 +6,7 @@ mod harness;
 use fastchat_client::chat::{self, Chat, Event};
 use fastchat_client::e2e::Identity;
 use fastchat_client::files::{FileReceived, StrangerFiles};
-use harness::{eventually, Settings, TestNet};
+use harness::{add_member, eventually, Settings, TestNet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -120,8 +120,8 @@ fn a_group_of_three_each_get_the_file_once() {
     let mut bob = net.login("bob");
     let mut carol = net.login("carol");
     let gid = alice.group_create("trio").unwrap().group_id;
-    alice.group_add(gid, "bob").unwrap();
-    alice.group_add(gid, "carol").unwrap();
+    add_member(&mut alice, gid, &mut bob);
+    add_member(&mut alice, gid, &mut carol);
     for c in [&mut bob, &mut carol] {
         let deadline = Instant::now() + Duration::from_secs(20);
         while c.group_key_epoch(gid).is_none() {

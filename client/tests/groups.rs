@@ -8,7 +8,7 @@ use fastchat_client::e2e::{self, ConversationKey, Envelope, Identity};
 use fastchat_client::error::ClientError;
 use fastchat_client::store::Store;
 use fastchat_common::proto::ErrorCode;
-use harness::{receive_n, Settings, TestNet, PASSWORD};
+use harness::{add_member, receive_n, Settings, TestNet, PASSWORD};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -81,8 +81,9 @@ fn a_group_of_five_over_three_relays_gets_every_message_once_in_order() {
     assert_eq!(relays.len(), 3, "members are spread over the three relays");
 
     let group = chats[0].group_create("team").unwrap();
-    for u in &users[1..] {
-        chats[0].group_add(group.group_id, u).unwrap();
+    let (admin, others) = chats.split_at_mut(1);
+    for member in others {
+        add_member(&mut admin[0], group.group_id, member);
     }
     let received = std::thread::scope(|s| {
         let handles: Vec<_> = chats
@@ -135,8 +136,9 @@ fn an_offline_member_gets_the_messages_and_the_key_at_login() {
     let mut alice = net.login("alice");
     let mut carol = net.login("carol");
     let group = alice.group_create("club").unwrap();
-    alice.group_add(group.group_id, "carol").unwrap();
-    alice.group_add(group.group_id, "bob").unwrap();
+    add_member(&mut alice, group.group_id, &mut carol);
+    // bob takes up the invitation, then is away while the group talks.
+    add_member(&mut alice, group.group_id, &mut net.login("bob"));
     wait_for_key(&mut carol, group.group_id, 1);
     alice.send_group(group.group_id, "from alice").unwrap();
     carol.send_group(group.group_id, "from carol").unwrap();
@@ -171,7 +173,11 @@ fn an_offline_member_gets_the_messages_and_the_key_at_login() {
             _ => None,
         })
         .collect();
-    assert_eq!(notices, vec!["added bob"], "bob sees that he was added");
+    assert_eq!(
+        notices,
+        vec!["invited bob", "joined bob"],
+        "bob sees that he was invited and joined"
+    );
 }
 
 #[test]
@@ -185,8 +191,8 @@ fn a_removed_member_gets_nothing_new_and_cannot_read_after_rotation() {
     let mut bob = net.login("bob");
     let mut carol = net.login("carol");
     let group = alice.group_create("secret").unwrap();
-    alice.group_add(group.group_id, "bob").unwrap();
-    alice.group_add(group.group_id, "carol").unwrap();
+    add_member(&mut alice, group.group_id, &mut bob);
+    add_member(&mut alice, group.group_id, &mut carol);
     wait_for_key(&mut bob, group.group_id, 1);
     wait_for_key(&mut carol, group.group_id, 1);
     bob.send_group(group.group_id, "before").unwrap();
@@ -265,7 +271,7 @@ fn refused_operations_are_refused_and_the_group_still_works() {
     let mut bob = net.login("bob");
     let mut dave = Chat::login(&net.opts("dave"), false).unwrap();
     let gid = alice.group_create("team").unwrap().group_id;
-    alice.group_add(gid, "bob").unwrap();
+    add_member(&mut alice, gid, &mut bob);
     wait_for_key(&mut bob, gid, 1);
 
     // Not a member: cannot send, look at members, or add.
@@ -303,8 +309,8 @@ fn refused_operations_are_refused_and_the_group_still_works() {
         code_of(alice.group_add(gid, "bob").unwrap_err()),
         ErrorCode::AlreadyMember
     );
-    // Full at 3.
-    alice.group_add(gid, "carol").unwrap();
+    // Full at 3, an invitation waiting counted.
+    assert!(alice.group_add(gid, "carol").unwrap().invited);
     assert_eq!(
         code_of(alice.group_add(gid, "dave").unwrap_err()),
         ErrorCode::GroupFull
@@ -326,7 +332,7 @@ fn refused_operations_are_refused_and_the_group_still_works() {
         .iter()
         .map(|m| format!("{}:{}", m.user, m.role))
         .collect();
-    assert_eq!(roles, vec!["alice:admin", "bob:member", "carol:member"]);
+    assert_eq!(roles, vec!["alice:admin", "bob:member", "carol:invited"]);
 }
 
 #[test]
@@ -337,8 +343,8 @@ fn the_last_admin_leaving_promotes_the_longest_standing_member_who_rotates() {
     let mut bob = net.login("bob");
     let mut carol = net.login("carol");
     let gid = alice.group_create("trio").unwrap().group_id;
-    alice.group_add(gid, "bob").unwrap();
-    alice.group_add(gid, "carol").unwrap();
+    add_member(&mut alice, gid, &mut bob);
+    add_member(&mut alice, gid, &mut carol);
     wait_for_key(&mut bob, gid, 1);
     wait_for_key(&mut carol, gid, 1);
     alice.group_leave(gid).unwrap();
@@ -377,8 +383,19 @@ fn a_group_of_100_reaches_all_99_others_once() {
     let mut admin = Chat::login(&net.opts(&users[0]), false).unwrap();
     let gid = admin.group_create("hundred").unwrap().group_id;
     for u in &users[1..] {
-        admin.group_add(gid, u).unwrap();
+        assert!(admin.group_add(gid, u).unwrap().invited);
     }
+    // Each takes up the invitation.
+    std::thread::scope(|s| {
+        for chunk in users[1..].chunks(25) {
+            let net = &net;
+            s.spawn(move || {
+                for u in chunk {
+                    net.login(u).group_accept(gid).unwrap();
+                }
+            });
+        }
+    });
     assert_eq!(admin.group_members(gid).unwrap().1.len(), 100);
     admin.send_group(gid, "hello all").unwrap();
     let mut db = postgres::Client::connect(&net.db_url, postgres::NoTls).unwrap();
@@ -450,14 +467,22 @@ fn the_cli_runs_groups_by_name() {
     };
     let out = cli_ok("alice", &["group", "create", "book club"]);
     assert!(out.contains("book club"), "{out}");
-    cli_ok("alice", &["group", "add", "book club", "bob"]);
+    let out = cli_ok("alice", &["group", "add", "book club", "bob"]);
+    assert!(out.contains("invited bob"), "{out}");
     let members = cli_ok("bob", &["group", "members", "book club"]);
     assert!(
-        members.contains("alice (admin)") && members.contains("  bob"),
+        members.contains("alice (admin)") && members.contains("  bob (invited"),
         "{members}"
     );
-    // bob reads (gets the key), then writes.
-    cli_ok("bob", &["read"]);
+    // bob reads (the invitation, and the key), is told how to answer, and accepts.
+    let (ok, out, err) = net.cli("bob", &["read"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("alice invited bob to book club"), "{out}");
+    assert!(err.contains("fastchat group accept"), "{err}");
+    let invitations = cli_ok("bob", &["group", "invitations"]);
+    assert!(invitations.contains("book club"), "{invitations}");
+    cli_ok("bob", &["group", "accept", "book club"]);
+    assert_eq!(cli_ok("bob", &["group", "invitations"]), "");
     cli_ok("bob", &["send", "--group", "book club", "chapter", "one"]);
     let out = cli_ok("alice", &["read", "--json"]);
     let lines: Vec<serde_json::Value> = out
@@ -469,7 +494,13 @@ fn the_cli_runs_groups_by_name() {
     assert!(
         events
             .iter()
-            .any(|e| e["event"] == "added" && e["user"] == "bob" && e["group"] == "book club"),
+            .any(|e| e["event"] == "invited" && e["user"] == "bob" && e["group"] == "book club"),
+        "{out}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e["event"] == "joined" && e["user"] == "bob"),
         "{out}"
     );
     let texts: Vec<&serde_json::Value> = lines.iter().filter(|l| l.get("text").is_some()).collect();
@@ -486,4 +517,39 @@ fn the_cli_runs_groups_by_name() {
     assert!(!ok && err.contains("several groups called"), "{err}");
     let list = cli_ok("alice", &["group", "list"]);
     assert_eq!(list.lines().count(), 2, "{list}");
+}
+
+#[test]
+fn an_invitation_keeps_its_place_and_the_relay_promotes_as_the_roster_does() {
+    let net = TestNet::start();
+    register(&net, &["alice", "bob", "carol"]);
+    let mut alice = net.login("alice");
+    let mut bob = net.login("bob");
+    let mut carol = net.login("carol");
+    let gid = alice.group_create("line").unwrap().group_id;
+    // bob is invited first and waits; carol is invited after him and accepts.
+    assert!(alice.group_add(gid, "bob").unwrap().invited);
+    add_member(&mut alice, gid, &mut carol);
+    let roles = |chat: &mut Chat| -> Vec<String> {
+        let (_, members) = chat.group_members(gid).unwrap();
+        members
+            .iter()
+            .map(|m| format!("{}:{}", m.user, m.role))
+            .collect()
+    };
+    assert_eq!(
+        roles(&mut carol),
+        vec!["alice:admin", "bob:invited", "carol:member"]
+    );
+    // The last admin leaves: the longest-standing place is bob's invitation, as on the
+    // signed roster, so it is the admin's place now (he still has to accept)...
+    alice.group_leave(gid).unwrap();
+    assert!(carol.roster(gid).unwrap().unwrap().is_admin("bob"));
+    assert_eq!(roles(&mut carol), vec!["bob:invited", "carol:member"]);
+    // ...and when he declines, carol is promoted, on the relay and on the roster alike.
+    bob.group_decline(gid).unwrap();
+    assert_eq!(roles(&mut carol), vec!["carol:admin"]);
+    assert!(carol.roster(gid).unwrap().unwrap().is_admin("carol"));
+    // She can do an admin's work there.
+    assert!(carol.group_add(gid, "alice").unwrap().invited);
 }

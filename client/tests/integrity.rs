@@ -6,7 +6,7 @@ mod harness;
 
 use fastchat_client::chat::{Chat, Event};
 use fastchat_client::store::Store;
-use harness::{TestNet, PASSWORD};
+use harness::{add_member, TestNet, PASSWORD};
 use std::time::{Duration, Instant};
 
 /// Everything `chat` reports for `secs` seconds.
@@ -110,9 +110,9 @@ fn a_group_message_under_another_sender_or_outside_its_group_is_refused() {
     }
     let mut alice = net.login("alice");
     let g = alice.group_create("crew").unwrap();
-    alice.group_add(g.group_id, "bob").unwrap();
-    alice.group_add(g.group_id, "carol").unwrap();
     let mut bob = net.login("bob");
+    add_member(&mut alice, g.group_id, &mut bob);
+    alice.group_add(g.group_id, "carol").unwrap();
     // Bob takes his keys first, then is offline while alice writes.
     events_for(&mut bob, 3);
     bob.close();
@@ -243,8 +243,8 @@ fn a_grant_for_an_epoch_the_group_has_not_reached_never_becomes_current() {
     }
     let mut alice = net.login("alice");
     let g = alice.group_create("crew").unwrap();
-    alice.group_add(g.group_id, "bob").unwrap();
     let mut bob = net.login("bob");
+    add_member(&mut alice, g.group_id, &mut bob);
     events_for(&mut bob, 3);
     assert_eq!(bob.group_key_epoch(g.group_id), Some(1));
     bob.close();
@@ -302,7 +302,7 @@ fn a_ghost_member_the_operator_adds_is_handed_no_key() {
     }
     let mut alice = net.login("alice");
     let g = alice.group_create("crew").unwrap();
-    alice.group_add(g.group_id, "bob").unwrap();
+    add_member(&mut alice, g.group_id, &mut net.login("bob"));
     alice.close();
     // The operator adds mallory to the group's rows and forges a removal (epoch + 1),
     // which makes an admin rotate the key and hand it to every member.
@@ -409,8 +409,15 @@ fn a_hidden_roster_hands_the_relay_no_say() {
         net.register(u);
     }
     let mut alice = net.login("alice");
+    // Bob joins another of alice's groups first, so that he is added to this one
+    // outright without ever looking at its chain.
+    let first = alice.group_create("first").unwrap();
+    add_member(&mut alice, first.group_id, &mut net.login("bob"));
     let g = alice.group_create("crew").unwrap();
-    alice.group_add(g.group_id, "bob").unwrap();
+    assert!(
+        !alice.group_add(g.group_id, "bob").unwrap().invited,
+        "they share a group: added outright"
+    );
     alice.group_promote(g.group_id, "bob").unwrap();
     alice.close();
     // Before bob has seen the chain, the operator hides it, adds a ghost and forges a
@@ -449,9 +456,9 @@ fn two_histories_of_a_group_are_kept_as_evidence_and_said() {
     }
     let mut alice = net.login("alice");
     let g = alice.group_create("crew").unwrap();
-    alice.group_add(g.group_id, "bob").unwrap();
-    alice.group_promote(g.group_id, "bob").unwrap();
     let mut bob = net.login("bob");
+    add_member(&mut alice, g.group_id, &mut bob);
+    alice.group_promote(g.group_id, "bob").unwrap();
     events_for(&mut bob, 2);
     assert!(bob.roster(g.group_id).unwrap().is_some_and(|r| r.seq == 2));
     // Alice adds carol (statement 3); the operator then takes it away, so that bob's

@@ -5,7 +5,7 @@ mod harness;
 
 use fastchat_client::chat::{Chat, Event};
 use fastchat_client::store::DeliveryState;
-use harness::{eventually, receive_n, TestNet};
+use harness::{add_member, eventually, receive_n, TestNet};
 use std::time::{Duration, Instant};
 
 /// Receives until a `Delivered` event comes (or `timeout`); returns its mids.
@@ -121,7 +121,7 @@ fn a_group_message_becomes_delivered_on_a_members_receipt() {
     net.register("bob");
     let mut alice = net.login("alice");
     let g = alice.group_create("crew").unwrap();
-    alice.group_add(g.group_id, "bob").unwrap();
+    add_member(&mut alice, g.group_id, &mut net.login("bob"));
     alice.send_group(g.group_id, "hi crew").unwrap();
 
     let mut bob = net.login("bob");

@@ -147,6 +147,7 @@ fn no_secret_is_logged_and_secret_files_are_private() {
     .expect("carol logs in");
     runs.push(alice(&["group", "create", "club"], &alice_pw));
     runs.push(alice(&["group", "add", "club", "bob"], &alice_pw));
+    runs.push(bob(&["group", "accept", "club"]));
     let reader = command(&net, "bob", &bob_pw, &["read", "--wait", "15"], &[])
         .spawn()
         .expect("running fastchat");

@@ -6,7 +6,7 @@ mod harness;
 use fastchat_client::chat::{Chat, Event};
 use fastchat_client::recovery::RecoveryPolicy;
 use fastchat_client::store::Store;
-use harness::{eventually, Settings, TestNet, PASSWORD};
+use harness::{add_member, eventually, Settings, TestNet, PASSWORD};
 use std::collections::HashMap;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
@@ -362,7 +362,7 @@ fn a_lost_group_key_is_asked_for_and_the_text_opens() {
     let mut alice = net.login("alice");
     let mut bob = net.login("bob");
     let g = alice.group_create("crew").unwrap();
-    alice.group_add(g.group_id, "bob").unwrap();
+    add_member(&mut alice, g.group_id, &mut bob);
     alice.send_group(g.group_id, "hello crew").unwrap();
     let mut shown = HashMap::new();
     exchange(&mut alice, &mut bob, &mut shown, &["hello crew"]);
@@ -435,7 +435,7 @@ fn a_key_request_from_a_name_that_is_no_user_gets_nothing() {
     let mut alice = net.login("alice");
     let mut bob = net.login("bob");
     let g = alice.group_create("crew").unwrap();
-    alice.group_add(g.group_id, "bob").unwrap();
+    add_member(&mut alice, g.group_id, &mut bob);
     alice.send_group(g.group_id, "group secret").unwrap();
     let mut shown = HashMap::new();
     exchange(&mut alice, &mut bob, &mut shown, &["group secret"]);

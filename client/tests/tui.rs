@@ -303,7 +303,40 @@ fn the_ui_asks_about_a_strangers_file_and_blocks_from_the_chat() {
     tmux.wait_for("bob", "the saved file", |s| s.contains("saved to"));
     assert_eq!(std::fs::read(&saved).unwrap(), b"a small file");
 
+    // A stranger's group addition is an invitation, shown in its window with how to
+    // answer; nothing of the group arrives until bob accepts there.
+    let cli_ok = |user: &str, args: &[&str]| {
+        let (ok, out, err) = net.cli(user, args);
+        assert!(ok, "fastchat {args:?}: {err}");
+        out
+    };
+    cli_ok("mallory", &["group", "create", "offers"]);
+    let out = cli_ok("mallory", &["group", "add", "offers", "bob"]);
+    assert!(out.contains("invited bob"), "{out}");
+    cli_ok(
+        "mallory",
+        &["send", "--group", "offers", "before you joined"],
+    );
+    tmux.wait_for("bob", "the group's window", |s| {
+        s.lines().any(|l| l.starts_with("2 #offers"))
+    });
+    tmux.keys("bob", &["M-2"]);
+    tmux.wait_for("bob", "the invitation", |s| {
+        s.contains("mallory invited bob to offers") && s.contains("/group decline")
+    });
+    tmux.type_line("bob", "/group accept");
+    tmux.wait_for("bob", "the acceptance", |s| s.contains("you joined offers"));
+    cli_ok(
+        "mallory",
+        &["send", "--group", "offers", "after you joined"],
+    );
+    let screen = tmux.wait_for("bob", "the group's message", |s| {
+        s.contains("after you joined")
+    });
+    assert!(!screen.contains("before you joined"), "{screen}");
+
     // /block in mallory's chat blocks mallory.
+    tmux.type_line("bob", "/msg mallory");
     tmux.type_line("bob", "/block");
     tmux.wait_for("bob", "the block", |s| s.contains("blocked: mallory"));
     let (ok, _, err) = net.cli("mallory", &["send", "--to", "bob", "hello?"]);

@@ -52,6 +52,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0008_quotas.sql",
         include_str!("../../sql/0008_quotas.sql"),
     ),
+    (
+        9,
+        "0009_invitations.sql",
+        include_str!("../../sql/0009_invitations.sql"),
+    ),
 ];
 
 /// Key of the advisory lock held while migrating.

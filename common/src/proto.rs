@@ -412,7 +412,8 @@ pub enum ClientToRelay {
     },
     /// Create a group with the sender as its admin. Reply: `group`.
     GroupCreate { id: u64, name: String },
-    /// Add a user to a group (admins only). Reply: `group`.
+    /// Add a user to a group (admins only): outright if the two share a group, else
+    /// as an invitation the user accepts or declines. Reply: `group` (`invited`).
     GroupAdd {
         id: u64,
         group_id: i64,
@@ -432,6 +433,10 @@ pub enum ClientToRelay {
     },
     /// Leave a group. Reply: `group`.
     GroupLeave { id: u64, group_id: i64 },
+    /// Accept an invitation to a group: become a member. Reply: `group`.
+    GroupAccept { id: u64, group_id: i64 },
+    /// Decline an invitation to a group. Reply: `group` (role `none`).
+    GroupDecline { id: u64, group_id: i64 },
     /// The sender's groups. Reply: `groups`.
     GroupList { id: u64 },
     /// Appends a signed roster statement (opaque to the relay; PROTOCOL.md §7.9) as
@@ -561,10 +566,13 @@ pub enum RelayToClient {
         file_id: i64,
         sent: u32,
     },
-    /// A group after a change (or as created).
+    /// A group after a change (or as created). `invited`: the `group_add` made an
+    /// invitation rather than a member.
     Group {
         id: u64,
         group: GroupSummary,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        invited: bool,
     },
     /// The sender's groups.
     Groups {
@@ -612,7 +620,8 @@ pub enum RelayToClient {
 pub struct GroupSummary {
     pub group_id: i64,
     pub name: String,
-    /// The asking user's role: `admin` or `member` (`none` after leaving or removal).
+    /// The asking user's role: `admin` or `member` (`none` after leaving or removal;
+    /// `invited` while an invitation waits for them).
     pub role: String,
     pub members: u32,
     /// The key epoch: bumped whenever someone leaves or is removed, so the remaining

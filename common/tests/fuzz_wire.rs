@@ -313,6 +313,8 @@ fn samples(f: &Fields) -> Samples {
                 user: s.clone(),
             },
             ClientToRelay::GroupLeave { id: n, group_id: i },
+            ClientToRelay::GroupAccept { id: n, group_id: i },
+            ClientToRelay::GroupDecline { id: n, group_id: i },
             ClientToRelay::GroupList { id: n },
             ClientToRelay::GroupMembers { id: n, group_id: i },
             ClientToRelay::FileBegin {
@@ -400,6 +402,7 @@ fn samples(f: &Fields) -> Samples {
             RelayToClient::Group {
                 id: n,
                 group: summary(f),
+                invited: k % 2 == 0,
             },
             RelayToClient::Groups {
                 id: n,

@@ -48,6 +48,7 @@ fn lifecycle(c: &mut Criterion) {
         done,
         Arc::new(StoreMetrics::default()),
         fastchat_relay::worker::groups::Limits {
+            invitations: 100,
             group_size: 256,
             groups_per_user: i64::MAX,
         },

@@ -80,9 +80,16 @@ pub struct Config {
     #[arg(long, env = "FASTCHAT_MAX_GROUP_SIZE", default_value_t = 256)]
     pub max_group_size: i64,
     /// Most groups a user may be in: creating or being added to another is refused
-    /// (`group_full`). Also keeps a `groups` reply well inside a frame.
+    /// (`group_full`). With --max-invitations, also what keeps a `groups` reply (a
+    /// user's groups and invitations, up to ~360 bytes each) inside a frame: the two
+    /// may come to at most 170.
     #[arg(long, env = "FASTCHAT_MAX_GROUPS_PER_USER", default_value_t = 100)]
     pub max_groups_per_user: i64,
+    /// Most invitations that may wait for one user's answer (a `group_add` by someone
+    /// they share no group with is an invitation; at most 5 of them from one inviter);
+    /// more are refused (`group_full`).
+    #[arg(long, env = "FASTCHAT_MAX_INVITATIONS", default_value_t = 50)]
+    pub max_invitations: i64,
     /// Stored messages delivered per page at login; the next page is fetched once the
     /// client has acknowledged half of the previous one.
     #[arg(long, env = "FASTCHAT_PAGE_SIZE", default_value_t = 1000)]
@@ -149,6 +156,24 @@ pub struct Config {
         default_value_t = 300
     )]
     pub resume_failure_window_secs: u64,
+}
+
+/// Most groups and invitations of one user together that a `groups` reply holds
+/// within a frame (each up to ~360 bytes of JSON; the frame limit is 64 KiB).
+pub const MAX_LISTED_GROUPS: i64 = 170;
+
+impl Config {
+    /// Checks what the flags' parsers cannot see alone.
+    pub fn check(&self) -> Result<(), String> {
+        if self.max_groups_per_user + self.max_invitations > MAX_LISTED_GROUPS {
+            return Err(format!(
+                "--max-groups-per-user ({}) and --max-invitations ({}) come to more than \
+                 {MAX_LISTED_GROUPS}, more than a `groups` reply can hold in a frame",
+                self.max_groups_per_user, self.max_invitations
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Parses a byte count of at least 4 MiB.

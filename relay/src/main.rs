@@ -19,6 +19,7 @@ fn main() {
 }
 
 fn run(cfg: config::Config) -> Result<(), Box<dyn std::error::Error>> {
+    cfg.check()?;
     let base = startup::prepare(
         &cfg.common.secret_file,
         &cfg.common.stats_secret_file,

@@ -6,7 +6,9 @@
 //!
 //! The floods: registrations (12 connections, 4 `register`s each, ~250 frames/s in
 //! all), wrong passwords for a normal user, a group send of 30,000-byte bodies to 20
-//! offline victims as fast as the relay allows (fan-out, mailboxes, the quota), file
+//! offline victims as fast as the relay allows (fan-out, mailboxes, the quota; the
+//! victims accept the stranger's invitation once, as if tricked into it — the worst
+//! case: a victim who does not accept gets nothing of the group), file
 //! uploads that break the chunk rules, and a user holding every session a relay allows
 //! with requests pipelined on each.
 
@@ -126,13 +128,11 @@ impl Attack {
             .map(|i| format!("abuse-victim{i:02}"))
             .collect();
         // Victims register from the fan-out attacker's neighbours, 4 to an address.
+        let mut victim_logins = Vec::new();
         for (i, v) in victims.iter().enumerate() {
-            account(
-                target,
-                &format!("127.0.2.{}", 1 + i / USERS_PER_ADDRESS),
-                v,
-                pubkey,
-            )?;
+            let from = format!("127.0.2.{}", 1 + i / USERS_PER_ADDRESS);
+            let login = account(target, &from, v, pubkey)?;
+            victim_logins.push((from, login));
         }
         let sessions = account(target, SESSIONS_FROM, "abuse-sessions", pubkey)?;
         let mut threads = Vec::new();
@@ -167,7 +167,7 @@ impl Attack {
             let (target, c, stop) = (target.clone(), counters.clone(), stop.clone());
             spawn(
                 &mut threads,
-                Box::new(move || fan_out(&target, &fanout, &victims, &c, &stop)),
+                Box::new(move || fan_out(&target, &fanout, &victims, &victim_logins, &c, &stop)),
             );
         }
         for _ in 0..8 {
@@ -294,6 +294,7 @@ fn fan_out(
     target: &Target,
     account: &Redirect,
     victims: &[String],
+    victim_logins: &[(String, Redirect)],
     c: &Counters,
     stop: &AtomicBool,
 ) {
@@ -349,6 +350,15 @@ fn fan_out(
             };
             // Already a member (an earlier run's group is a new one each time).
             let _ = ask(&mut relay, &add);
+        }
+        // The victims take up the stranger's invitation (the worst case).
+        for (from, login) in victim_logins {
+            let mut theirs = RelayLink::connect(&fresh(target, from, login)?, false)?;
+            let _ = ask(&mut theirs, &|id| ClientToRelay::GroupAccept {
+                id,
+                group_id,
+            });
+            theirs.close();
         }
         // Random letters: the store cannot compress them away (as it would a repeated
         // one), so they take the room ciphertext takes.

@@ -100,7 +100,14 @@ pub fn run(plan: &Plan) -> Result<Audit, Box<dyn std::error::Error>> {
         let admin = chats[g * GROUP_SIZE].as_mut().ok_or("no admin session")?;
         let id = admin.group_create(&format!("chaos {g}"))?.group_id;
         for m in 1..GROUP_SIZE {
-            admin.group_add(id, &opts(g * GROUP_SIZE + m).user)?;
+            let i = g * GROUP_SIZE + m;
+            let admin = chats[g * GROUP_SIZE].as_mut().ok_or("no admin session")?;
+            if admin.group_add(id, &opts(i).user)?.invited {
+                chats[i]
+                    .as_mut()
+                    .ok_or("no member session")?
+                    .group_accept(id)?;
+            }
         }
         group_ids.push(id);
     }

@@ -695,6 +695,23 @@ fn make_group(
         )?;
     }
     relay.close();
+    // The members share no group with the admin, so they were invited: each accepts.
+    for u in &users[first + 1..first + members] {
+        setup::retrying(|| {
+            let mut auth = AuthLink::connect(&target.server, &target.data_dir)?;
+            let redirect = auth.resume(&u.name, &u.credential)?;
+            let mut theirs = RelayLink::connect(&redirect, false)?;
+            let id = theirs.next_id();
+            theirs.queue(&ClientToRelay::GroupAccept { id, group_id });
+            theirs.flush()?;
+            theirs.wait_reply(
+                id,
+                |f| matches!(f, RelayToClient::Group { id: got, .. } if *got == id),
+            )?;
+            theirs.close();
+            Ok(())
+        })?;
+    }
     Ok(group_id)
 }
 

@@ -628,12 +628,18 @@ impl App {
             Event::Group(n) => {
                 let id = format!("#{}", n.group_id);
                 let text = crate::groups::describe(&n.event, &n.group);
-                self.push(
-                    &id,
-                    &format!("#{}", n.group),
-                    Some(n.group_id),
-                    info_line(&text, n.ts),
-                );
+                let line = if n.waiting {
+                    warning_line(
+                        &format!(
+                            "{text}: nothing of it reaches you until you accept. \
+                             /group accept joins it, /group decline turns it down (in this window)"
+                        ),
+                        n.ts,
+                    )
+                } else {
+                    info_line(&text, n.ts)
+                };
+                self.push(&id, &format!("#{}", n.group), Some(n.group_id), line);
             }
             Event::Undecryptable {
                 msg_id,

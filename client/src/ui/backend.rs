@@ -543,12 +543,13 @@ fn group(
         }
         GroupCommand::Add { group, user } => {
             let (id, name) = resolve(chat, group)?;
-            chat.group_add(id, &user)?;
-            info(
-                updates,
-                conv(id).as_deref(),
-                format!("added {user} to {name}"),
-            );
+            let added = chat.group_add(id, &user)?;
+            let text = if added.invited {
+                format!("invited {user} to {name} (you share no group): it reaches them once they accept")
+            } else {
+                format!("added {user} to {name}")
+            };
+            info(updates, conv(id).as_deref(), text);
         }
         GroupCommand::Remove { group, user } => {
             let (id, name) = resolve(chat, group)?;
@@ -573,17 +574,31 @@ fn group(
             chat.group_leave(id)?;
             info(updates, conv(id).as_deref(), format!("you left {name}"));
         }
+        GroupCommand::Answer { group, accept } => {
+            let (id, name) = resolve(chat, group)?;
+            let text = if accept {
+                chat.group_accept(id)?;
+                let _ = updates.send(Update::GroupOpened {
+                    group_id: id,
+                    name: name.clone(),
+                    open: false,
+                });
+                format!("you joined {name}")
+            } else {
+                chat.group_decline(id)?;
+                format!("you declined the invitation to {name}")
+            };
+            info(updates, conv(id).as_deref(), text);
+        }
         GroupCommand::Members { group } => {
             let (id, _) = resolve(chat, group)?;
             let (g, members) = chat.group_members(id)?;
             let list: Vec<String> = members
                 .iter()
-                .map(|m| {
-                    if m.role == "admin" {
-                        format!("{} (admin)", m.user)
-                    } else {
-                        m.user.clone()
-                    }
+                .map(|m| match m.role.as_str() {
+                    "admin" => format!("{} (admin)", m.user),
+                    "invited" => format!("{} (invited)", m.user),
+                    _ => m.user.clone(),
                 })
                 .collect();
             info(

@@ -40,12 +40,32 @@ pub enum Command {
 /// conversation's group.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GroupCommand {
-    Create { name: String },
-    Add { group: Option<String>, user: String },
-    Remove { group: Option<String>, user: String },
-    Promote { group: Option<String>, user: String },
-    Leave { group: Option<String> },
-    Members { group: Option<String> },
+    Create {
+        name: String,
+    },
+    Add {
+        group: Option<String>,
+        user: String,
+    },
+    Remove {
+        group: Option<String>,
+        user: String,
+    },
+    Promote {
+        group: Option<String>,
+        user: String,
+    },
+    Leave {
+        group: Option<String>,
+    },
+    /// Answer an invitation: accept (`true`) or decline.
+    Answer {
+        group: Option<String>,
+        accept: bool,
+    },
+    Members {
+        group: Option<String>,
+    },
     List,
 }
 
@@ -57,6 +77,7 @@ pub const HELP: &[&str] = &[
     "/group add [GROUP] USER  add USER (admins); GROUP defaults to the open one",
     "/group remove [GROUP] USER / promote [GROUP] USER",
     "/group leave [GROUP] / members [GROUP] / list",
+    "/group accept [GROUP] / decline [GROUP]  answer an invitation (list shows them)",
     "/verify USER [yes]       show the safety number; `yes` marks the key verified",
     "/accept-key USER         trust USER's new key after a key-change warning",
     "/block [USER]            refuse USER's messages, files and group additions (default: this chat)",
@@ -198,11 +219,21 @@ fn parse_group(words: &[&str]) -> Result<GroupCommand, String> {
         ["leave", rest @ ..] => {
             group_only(rest, "leave").map(|group| GroupCommand::Leave { group })
         }
+        ["accept", rest @ ..] => group_only(rest, "accept").map(|group| GroupCommand::Answer {
+            group,
+            accept: true,
+        }),
+        ["decline", rest @ ..] => group_only(rest, "decline").map(|group| GroupCommand::Answer {
+            group,
+            accept: false,
+        }),
         ["members", rest @ ..] => {
             group_only(rest, "members").map(|group| GroupCommand::Members { group })
         }
         ["list"] => Ok(GroupCommand::List),
-        _ => Err("usage: /group create|add|remove|promote|leave|members|list …".into()),
+        _ => Err(
+            "usage: /group create|add|remove|promote|leave|accept|decline|members|list …".into(),
+        ),
     }
 }
 

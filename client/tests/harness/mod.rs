@@ -91,3 +91,13 @@ pub fn record(shown: &mut Shown, events: Vec<fastchat_client::chat::Event>) {
         }
     }
 }
+
+/// `admin` adds `member`'s user to the group, and `member` takes up the invitation
+/// that makes when the two share no group: the user is a member afterwards.
+pub fn add_member(admin: &mut Chat, group_id: i64, member: &mut Chat) {
+    let user = member.user().to_string();
+    let added = admin.group_add(group_id, &user).unwrap();
+    if added.invited {
+        member.group_accept(group_id).unwrap();
+    }
+}

@@ -572,6 +572,8 @@ fn frame_name(frame: &ClientToRelay) -> &'static str {
         ClientToRelay::GroupRemove { .. } => "group_remove",
         ClientToRelay::GroupPromote { .. } => "group_promote",
         ClientToRelay::GroupLeave { .. } => "group_leave",
+        ClientToRelay::GroupAccept { .. } => "group_accept",
+        ClientToRelay::GroupDecline { .. } => "group_decline",
         ClientToRelay::GroupList { .. } => "group_list",
         ClientToRelay::GroupMembers { .. } => "group_members",
         ClientToRelay::RosterAppend { .. } => "roster_append",
@@ -663,6 +665,8 @@ fn group_op(frame: &ClientToRelay) -> Option<(u64, GroupOp)> {
             (id, GroupOp::Promote { group_id, user })
         }
         ClientToRelay::GroupLeave { id, group_id } => (id, GroupOp::Leave { group_id }),
+        ClientToRelay::GroupAccept { id, group_id } => (id, GroupOp::Accept { group_id }),
+        ClientToRelay::GroupDecline { id, group_id } => (id, GroupOp::Decline { group_id }),
         ClientToRelay::GroupList { id } => (id, GroupOp::List),
         ClientToRelay::GroupMembers { id, group_id } => (id, GroupOp::Members { group_id }),
         ClientToRelay::RosterAppend {

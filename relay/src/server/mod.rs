@@ -233,6 +233,7 @@ impl RelayServer {
                 crate::worker::groups::Limits {
                     group_size: cfg.max_group_size,
                     groups_per_user: cfg.max_groups_per_user,
+                    invitations: cfg.max_invitations,
                 },
                 crate::worker::StoreLimits {
                     max_pending: cfg.max_pending,

@@ -35,6 +35,12 @@ pub enum GroupOp {
     Leave {
         group_id: i64,
     },
+    Accept {
+        group_id: i64,
+    },
+    Decline {
+        group_id: i64,
+    },
     List,
     Members {
         group_id: i64,
@@ -51,6 +57,10 @@ pub enum GroupOp {
         from_seq: i32,
     },
 }
+
+/// Most invitations of one inviter that may wait for one user (of the
+/// `--max-invitations` in all), so that one stranger cannot take every place.
+pub const INVITATIONS_PER_INVITER: i64 = 5;
 
 /// Largest roster statement kept.
 pub const MAX_STATEMENT_BYTES: usize = 8 * 1024;
@@ -78,16 +88,37 @@ fn refused(code: ErrorCode, message: impl Into<String>) -> Result<GroupOutcome, 
     Ok(GroupOutcome::Refused(Refusal::new(code, message)))
 }
 
-/// Runs `op` for `actor` in one transaction.
 /// The limits group operations keep.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
-    /// Most members of a group.
+    /// Most members of a group, invitations waiting included.
     pub group_size: i64,
     /// Most groups a user is in.
     pub groups_per_user: i64,
+    /// Most invitations waiting for one user.
+    pub invitations: i64,
 }
 
+/// Who may do an operation on a group.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Needs {
+    /// A member.
+    Member,
+    /// An admin.
+    Admin,
+    /// A member, or someone an invitation waits for (the roster, the member list).
+    MemberOrInvited,
+}
+
+/// An invitation waiting for a user: who made it, the role it carries, and its place
+/// in the order of standing.
+struct Invite {
+    invited_by: i64,
+    role: String,
+    seq: i64,
+}
+
+/// Runs `op` for `actor` in one transaction.
 pub fn run(
     conn: &mut DbConn,
     actor_id: i64,
@@ -128,6 +159,8 @@ impl Op<'_, '_> {
             GroupOp::Remove { group_id, user } => self.remove(group_id, &user),
             GroupOp::Promote { group_id, user } => self.promote(group_id, &user),
             GroupOp::Leave { group_id } => self.leave(group_id),
+            GroupOp::Accept { group_id } => self.accept(group_id, limits),
+            GroupOp::Decline { group_id } => self.decline(group_id),
             GroupOp::List => self.list(),
             GroupOp::Members { group_id } => self.members(group_id),
             GroupOp::RosterAppend {
@@ -152,7 +185,7 @@ impl Op<'_, '_> {
         hash: &str,
         statement: &str,
     ) -> Result<GroupOutcome, postgres::Error> {
-        if let Err(refusal) = self.require(group_id, false)? {
+        if let Err(refusal) = self.require(group_id, Needs::MemberOrInvited)? {
             return Ok(refusal);
         }
         let head: Option<(i32, String)> = self
@@ -186,9 +219,10 @@ impl Op<'_, '_> {
         })
     }
 
-    /// The chain from `from_seq` on (members only).
+    /// The chain from `from_seq` on (members, and those invited: they verify it before
+    /// accepting, and sign their `leave` on it when they decline).
     fn roster(&mut self, group_id: i64, from_seq: i32) -> Result<GroupOutcome, postgres::Error> {
-        if let Err(refusal) = self.require(group_id, false)? {
+        if let Err(refusal) = self.require(group_id, Needs::MemberOrInvited)? {
             return Ok(refusal);
         }
         let rows = self.tx.query(
@@ -236,6 +270,25 @@ impl Op<'_, '_> {
             .map(|r| r.get(0)))
     }
 
+    /// The invitation waiting for `user_id` to the group, if any.
+    fn invite_of(
+        &mut self,
+        group_id: i64,
+        user_id: i64,
+    ) -> Result<Option<Invite>, postgres::Error> {
+        Ok(self
+            .tx
+            .query_opt(
+                "SELECT invited_by, role, seq FROM group_invites WHERE group_id = $1 AND user_id = $2",
+                &[&group_id, &user_id],
+            )?
+            .map(|r| Invite {
+                invited_by: r.get(0),
+                role: r.get(1),
+                seq: r.get(2),
+            }))
+    }
+
     fn user_id_of(&mut self, name: &str) -> Result<Option<i64>, postgres::Error> {
         Ok(self
             .tx
@@ -259,7 +312,9 @@ impl Op<'_, '_> {
         let row = self.tx.query_one(
             "SELECT g.name, g.epoch,
                     (SELECT count(*) FROM group_members WHERE group_id = g.id),
-                    (SELECT role FROM group_members WHERE group_id = g.id AND user_id = $2)
+                    COALESCE(
+                        (SELECT role FROM group_members WHERE group_id = g.id AND user_id = $2),
+                        (SELECT 'invited' FROM group_invites WHERE group_id = g.id AND user_id = $2))
              FROM groups g WHERE g.id = $1",
             &[&group_id, &self.actor_id],
         )?;
@@ -274,12 +329,12 @@ impl Op<'_, '_> {
         })
     }
 
-    /// The actor must be a member (and an admin if `admin`): the locked group, or the
-    /// refusal. A group that does not exist looks like one the actor is not in.
+    /// The actor must be as `needs` says: the locked group, or the refusal. A group
+    /// that does not exist looks like one the actor is not in.
     fn require(
         &mut self,
         group_id: i64,
-        admin: bool,
+        needs: Needs,
     ) -> Result<Result<Locked, GroupOutcome>, postgres::Error> {
         let not_member = || {
             GroupOutcome::Refused(Refusal::new(
@@ -291,9 +346,14 @@ impl Op<'_, '_> {
             return Ok(Err(not_member()));
         };
         match self.role_of(group_id, self.actor_id)?.as_deref() {
+            None if needs == Needs::MemberOrInvited
+                && self.invite_of(group_id, self.actor_id)?.is_some() =>
+            {
+                Ok(Ok(locked))
+            }
             None => Ok(Err(not_member())),
             Some("admin") => Ok(Ok(locked)),
-            Some(_) if admin => Ok(Err(GroupOutcome::Refused(Refusal::new(
+            Some(_) if needs == Needs::Admin => Ok(Err(GroupOutcome::Refused(Refusal::new(
                 ErrorCode::NotAdmin,
                 format!("only admins of {} may do that", locked.0),
             )))),
@@ -344,14 +404,48 @@ impl Op<'_, '_> {
         group_id: i64,
         events: Vec<(i64, i64, Message)>,
     ) -> Result<GroupOutcome, postgres::Error> {
+        self.done_as(group_id, events, false)
+    }
+
+    /// The `group` reply; `invited`: the change was an invitation.
+    fn done_as(
+        &mut self,
+        group_id: i64,
+        events: Vec<(i64, i64, Message)>,
+        invited: bool,
+    ) -> Result<GroupOutcome, postgres::Error> {
         let group = self.summary(group_id)?;
         Ok(GroupOutcome::Done {
             reply: RelayToClient::Group {
                 id: self.req,
                 group,
+                invited,
             },
             events,
         })
+    }
+
+    /// How many invitations to the group wait.
+    fn invited_count(&mut self, group_id: i64) -> Result<i64, postgres::Error> {
+        Ok(self
+            .tx
+            .query_one(
+                "SELECT count(*) FROM group_invites WHERE group_id = $1",
+                &[&group_id],
+            )?
+            .get(0))
+    }
+
+    /// Whether the two users are together in some group.
+    fn share_a_group(&mut self, a: i64, b: i64) -> Result<bool, postgres::Error> {
+        Ok(self
+            .tx
+            .query_opt(
+                "SELECT 1 FROM group_members x JOIN group_members y ON y.group_id = x.group_id
+                 WHERE x.user_id = $1 AND y.user_id = $2 LIMIT 1",
+                &[&a, &b],
+            )?
+            .is_some())
     }
 
     /// How many groups `user_id` is in.
@@ -366,6 +460,7 @@ impl Op<'_, '_> {
     }
 
     fn create(&mut self, name: &str, max_groups: i64) -> Result<GroupOutcome, postgres::Error> {
+        self.lock_user(self.actor_id)?;
         let mine = self.groups_of(self.actor_id)?;
         if mine >= max_groups {
             return refused(
@@ -401,7 +496,7 @@ impl Op<'_, '_> {
         limits: Limits,
     ) -> Result<GroupOutcome, postgres::Error> {
         let max_size = limits.group_size;
-        let (name, epoch) = match self.require(group_id, true)? {
+        let (name, epoch) = match self.require(group_id, Needs::Admin)? {
             Ok(locked) => locked,
             Err(refusal) => return Ok(refusal),
         };
@@ -427,11 +522,18 @@ impl Op<'_, '_> {
                 format!("{user} is already in {name}"),
             );
         }
+        if self.invite_of(group_id, user_id)?.is_some() {
+            return refused(
+                ErrorCode::AlreadyMember,
+                format!("{user} is invited to {name} already"),
+            );
+        }
+        self.lock_user(user_id)?;
         let members = self.member_ids(group_id)?;
-        if members.len() as i64 >= max_size {
+        if members.len() as i64 + self.invited_count(group_id)? >= max_size {
             return refused(
                 ErrorCode::GroupFull,
-                format!("{name} is full ({max_size} members)"),
+                format!("{name} is full ({max_size} members and invitations)"),
             );
         }
         let theirs = self.groups_of(user_id)?;
@@ -441,26 +543,152 @@ impl Op<'_, '_> {
                 format!("{user} is in {theirs} groups, the most allowed"),
             );
         }
-        self.tx.execute(
-            "INSERT INTO group_members (group_id, user_id, role) VALUES ($1, $2, 'member')",
-            &[&group_id, &user_id],
-        )?;
+        // Someone who shares no group with the admin is asked first (and nothing of
+        // the group is stored for them until they accept).
+        let invite = !self.share_a_group(self.actor_id, user_id)?;
+        if invite {
+            let waiting: i64 = self
+                .tx
+                .query_one(
+                    "SELECT count(*) FROM group_invites WHERE user_id = $1",
+                    &[&user_id],
+                )?
+                .get(0);
+            if waiting >= limits.invitations {
+                return refused(
+                    ErrorCode::GroupFull,
+                    format!("{user} has {waiting} invitations waiting, the most allowed"),
+                );
+            }
+            // One inviter cannot take every place alone.
+            let mine: i64 = self
+                .tx
+                .query_one(
+                    "SELECT count(*) FROM group_invites WHERE user_id = $1 AND invited_by = $2",
+                    &[&user_id, &self.actor_id],
+                )?
+                .get(0);
+            if mine >= INVITATIONS_PER_INVITER {
+                return refused(
+                    ErrorCode::GroupFull,
+                    format!(
+                        "{mine} of your invitations wait for {user}, the most allowed; \
+                         they may answer them first"
+                    ),
+                );
+            }
+            self.tx.execute(
+                "INSERT INTO group_invites (user_id, group_id, invited_by, seq)
+                 VALUES ($1, $2, $3, nextval(pg_get_serial_sequence('group_members', 'joined_seq')))",
+                &[&user_id, &group_id, &self.actor_id],
+            )?;
+        } else {
+            self.tx.execute(
+                "INSERT INTO group_members (group_id, user_id, role) VALUES ($1, $2, 'member')",
+                &[&group_id, &user_id],
+            )?;
+        }
         let mut recipients = members;
         recipients.push(user_id);
         let event = GroupEvent {
-            event: "added".into(),
+            event: if invite { "invited" } else { "added" }.into(),
             user: user.to_string(),
             by: self.actor.to_string(),
+            epoch,
+        };
+        let events = self.emit(group_id, &name, &recipients, event)?;
+        self.done_as(group_id, events, invite)
+    }
+
+    /// The actor takes up their invitation: a member from now on, in the place the
+    /// invitation had.
+    fn accept(&mut self, group_id: i64, limits: Limits) -> Result<GroupOutcome, postgres::Error> {
+        let no_invitation = || {
+            refused(
+                ErrorCode::NotMember,
+                format!("you have no invitation to group {group_id}"),
+            )
+        };
+        let Some((name, epoch)) = self.lock(group_id)? else {
+            return no_invitation();
+        };
+        let Some(invite) = self.invite_of(group_id, self.actor_id)? else {
+            return no_invitation();
+        };
+        self.lock_user(self.actor_id)?;
+        let mine = self.groups_of(self.actor_id)?;
+        if mine >= limits.groups_per_user {
+            return refused(
+                ErrorCode::GroupFull,
+                format!("you are in {mine} groups, the most allowed; leave one first"),
+            );
+        }
+        self.tx.execute(
+            "DELETE FROM group_invites WHERE group_id = $1 AND user_id = $2",
+            &[&group_id, &self.actor_id],
+        )?;
+        self.tx.execute(
+            "INSERT INTO group_members (group_id, user_id, role, joined_seq) VALUES ($1, $2, $3, $4)",
+            &[&group_id, &self.actor_id, &invite.role, &invite.seq],
+        )?;
+        let recipients = self.member_ids(group_id)?;
+        let by: String = self
+            .tx
+            .query_opt(
+                "SELECT name FROM users WHERE id = $1",
+                &[&invite.invited_by],
+            )?
+            .map_or_else(String::new, |r| r.get(0));
+        let event = GroupEvent {
+            event: "joined".into(),
+            user: self.actor.to_string(),
+            by,
             epoch,
         };
         let events = self.emit(group_id, &name, &recipients, event)?;
         self.done(group_id, events)
     }
 
-    /// Takes `user_id` out and bumps the key epoch; returns the new epoch.
+    /// The actor turns their invitation down. The key epoch moves, as their signed
+    /// `leave` says (they were handed the key at invitation), so an admin rotates.
+    fn decline(&mut self, group_id: i64) -> Result<GroupOutcome, postgres::Error> {
+        let no_invitation = || {
+            refused(
+                ErrorCode::NotMember,
+                format!("you have no invitation to group {group_id}"),
+            )
+        };
+        let Some((name, _)) = self.lock(group_id)? else {
+            return no_invitation();
+        };
+        if self.invite_of(group_id, self.actor_id)?.is_none() {
+            return no_invitation();
+        }
+        let epoch = self.take_out(group_id, self.actor_id)?;
+        let members = self.member_ids(group_id)?;
+        let mut recipients = members.clone();
+        recipients.push(self.actor_id);
+        let event = GroupEvent {
+            event: "declined".into(),
+            user: self.actor.to_string(),
+            by: self.actor.to_string(),
+            epoch,
+        };
+        let mut events = self.emit(group_id, &name, &recipients, event)?;
+        // The signed `leave` promotes as a member's does.
+        events.extend(self.promote_if_headless(group_id, &name, epoch, &members)?);
+        self.done(group_id, events)
+    }
+
+    /// Takes `user_id` out (a member, or an invitation) and bumps the key epoch;
+    /// returns the new epoch.
     fn take_out(&mut self, group_id: i64, user_id: i64) -> Result<i32, postgres::Error> {
         self.tx.execute(
             "DELETE FROM group_members WHERE group_id = $1 AND user_id = $2",
+            &[&group_id, &user_id],
+        )?;
+        self.tx.execute(
+            "DELETE FROM group_invites WHERE group_id = $1 AND user_id = $2",
             &[&group_id, &user_id],
         )?;
         Ok(self
@@ -472,8 +700,9 @@ impl Op<'_, '_> {
             .get(0))
     }
 
+    /// Removes a member, or withdraws an invitation (the invited are on the roster).
     fn remove(&mut self, group_id: i64, user: &str) -> Result<GroupOutcome, postgres::Error> {
-        let (name, _) = match self.require(group_id, true)? {
+        let (name, _) = match self.require(group_id, Needs::Admin)? {
             Ok(locked) => locked,
             Err(refusal) => return Ok(refusal),
         };
@@ -486,7 +715,9 @@ impl Op<'_, '_> {
         if user_id == self.actor_id {
             return refused(ErrorCode::BadState, "to leave a group, use leave");
         }
-        if self.role_of(group_id, user_id)?.is_none() {
+        if self.role_of(group_id, user_id)?.is_none()
+            && self.invite_of(group_id, user_id)?.is_none()
+        {
             return refused(ErrorCode::NotMember, format!("{user} is not in {name}"));
         }
         let epoch = self.take_out(group_id, user_id)?;
@@ -504,7 +735,7 @@ impl Op<'_, '_> {
     }
 
     fn promote(&mut self, group_id: i64, user: &str) -> Result<GroupOutcome, postgres::Error> {
-        let (name, epoch) = match self.require(group_id, true)? {
+        let (name, epoch) = match self.require(group_id, Needs::Admin)? {
             Ok(locked) => locked,
             Err(refusal) => return Ok(refusal),
         };
@@ -515,6 +746,12 @@ impl Op<'_, '_> {
             );
         };
         match self.role_of(group_id, user_id)?.as_deref() {
+            None if self.invite_of(group_id, user_id)?.is_some() => {
+                return refused(
+                    ErrorCode::NotMember,
+                    format!("{user} has not accepted the invitation to {name} yet"),
+                )
+            }
             None => return refused(ErrorCode::NotMember, format!("{user} is not in {name}")),
             Some("admin") => return self.done(group_id, Vec::new()),
             Some(_) => {}
@@ -535,7 +772,7 @@ impl Op<'_, '_> {
     }
 
     fn leave(&mut self, group_id: i64) -> Result<GroupOutcome, postgres::Error> {
-        let (name, _) = match self.require(group_id, false)? {
+        let (name, _) = match self.require(group_id, Needs::Member)? {
             Ok(locked) => locked,
             Err(refusal) => return Ok(refusal),
         };
@@ -545,6 +782,21 @@ impl Op<'_, '_> {
         if remaining.is_empty() {
             self.tx
                 .execute("DELETE FROM groups WHERE id = $1", &[&group_id])?;
+            // Invitations to a group that is gone are withdrawn, and their users told.
+            let withdrawn = self.tx.query(
+                "DELETE FROM group_invites i USING users u
+                 WHERE i.group_id = $1 AND u.id = i.user_id RETURNING i.user_id, u.name",
+                &[&group_id],
+            )?;
+            for row in withdrawn {
+                let event = GroupEvent {
+                    event: "removed".into(),
+                    user: row.get(1),
+                    by: self.actor.to_string(),
+                    epoch,
+                };
+                events.extend(self.emit(group_id, &name, &[row.get(0)], event)?);
+            }
             let group = GroupSummary {
                 group_id,
                 name,
@@ -556,6 +808,7 @@ impl Op<'_, '_> {
                 reply: RelayToClient::Group {
                     id: self.req,
                     group,
+                    invited: false,
                 },
                 events,
             });
@@ -567,38 +820,77 @@ impl Op<'_, '_> {
             epoch,
         };
         events.extend(self.emit(group_id, &name, &remaining, left)?);
-        // The last admin leaving promotes the longest-standing member.
+        events.extend(self.promote_if_headless(group_id, &name, epoch, &remaining)?);
+        self.done(group_id, events)
+    }
+
+    /// With no admin left (the last one left, or declined the admin's place an
+    /// invitation had come to hold), promotes the longest-standing place, as the
+    /// signed roster does: whose `add` came first, which may be an invitation still
+    /// waiting (it then makes an admin when accepted). The event goes to `recipients`.
+    fn promote_if_headless(
+        &mut self,
+        group_id: i64,
+        name: &str,
+        epoch: i32,
+        recipients: &[i64],
+    ) -> Result<Vec<(i64, i64, Message)>, postgres::Error> {
         let admins: i64 = self
             .tx
             .query_one(
-                "SELECT count(*) FROM group_members WHERE group_id = $1 AND role = 'admin'",
+                "SELECT (SELECT count(*) FROM group_members WHERE group_id = $1 AND role = 'admin')
+                      + (SELECT count(*) FROM group_invites WHERE group_id = $1 AND role = 'admin')",
                 &[&group_id],
             )?
             .get(0);
-        if admins == 0 {
-            let row = self.tx.query_one(
-                "UPDATE group_members SET role = 'admin'
-                 WHERE group_id = $1 AND user_id = $2
-                 RETURNING (SELECT name FROM users WHERE id = $2)",
-                &[&group_id, &remaining[0]],
-            )?;
-            let promoted = GroupEvent {
-                event: "promoted".into(),
-                user: row.get(0),
-                by: self.actor.to_string(),
-                epoch,
-            };
-            events.extend(self.emit(group_id, &name, &remaining, promoted)?);
+        if admins > 0 {
+            return Ok(Vec::new());
         }
-        self.done(group_id, events)
+        let Some(row) = self.tx.query_opt(
+            "WITH eldest AS (
+                 SELECT user_id, invited FROM (
+                     SELECT user_id, joined_seq AS seq, false AS invited
+                       FROM group_members WHERE group_id = $1
+                     UNION ALL
+                     SELECT user_id, seq, true FROM group_invites WHERE group_id = $1
+                 ) standing ORDER BY seq LIMIT 1),
+             m AS (UPDATE group_members SET role = 'admin'
+                   WHERE group_id = $1 AND user_id = (SELECT user_id FROM eldest WHERE NOT invited)),
+             i AS (UPDATE group_invites SET role = 'admin'
+                   WHERE group_id = $1 AND user_id = (SELECT user_id FROM eldest WHERE invited))
+             SELECT u.name FROM users u WHERE u.id = (SELECT user_id FROM eldest)",
+            &[&group_id],
+        )?
+        else {
+            return Ok(Vec::new());
+        };
+        let promoted = GroupEvent {
+            event: "promoted".into(),
+            user: row.get(0),
+            by: self.actor.to_string(),
+            epoch,
+        };
+        self.emit(group_id, name, recipients, promoted)
+    }
+
+    /// Locks a user's row for the rest of the operation, after the group's (always in
+    /// that order): the counts of their groups and invitations then hold against
+    /// operations on other groups at the same time.
+    fn lock_user(&mut self, user_id: i64) -> Result<(), postgres::Error> {
+        self.tx
+            .query_opt("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", &[&user_id])?;
+        Ok(())
     }
 
     fn list(&mut self) -> Result<GroupOutcome, postgres::Error> {
         let rows = self.tx.query(
-            "SELECT g.id, g.name, gm.role, g.epoch,
+            "SELECT g.id, g.name, mine.role, g.epoch,
                     (SELECT count(*) FROM group_members WHERE group_id = g.id)
-             FROM group_members gm JOIN groups g ON g.id = gm.group_id
-             WHERE gm.user_id = $1 ORDER BY g.id",
+             FROM (SELECT group_id, role FROM group_members WHERE user_id = $1
+                   UNION ALL
+                   SELECT group_id, 'invited' FROM group_invites WHERE user_id = $1) mine
+             JOIN groups g ON g.id = mine.group_id
+             ORDER BY g.id",
             &[&self.actor_id],
         )?;
         let groups = rows
@@ -620,13 +912,18 @@ impl Op<'_, '_> {
         })
     }
 
+    /// The members, and those invited (role `invited`), in order of standing.
     fn members(&mut self, group_id: i64) -> Result<GroupOutcome, postgres::Error> {
-        if let Err(refusal) = self.require(group_id, false)? {
+        if let Err(refusal) = self.require(group_id, Needs::MemberOrInvited)? {
             return Ok(refusal);
         }
         let rows = self.tx.query(
-            "SELECT u.name, gm.role FROM group_members gm JOIN users u ON u.id = gm.user_id
-             WHERE gm.group_id = $1 ORDER BY gm.joined_seq",
+            "SELECT u.name, s.role FROM (
+                 SELECT user_id, role, joined_seq AS seq FROM group_members WHERE group_id = $1
+                 UNION ALL
+                 SELECT user_id, 'invited', seq FROM group_invites WHERE group_id = $1
+             ) s JOIN users u ON u.id = s.user_id
+             ORDER BY s.seq",
             &[&group_id],
         )?;
         let members = rows
