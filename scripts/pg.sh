@@ -153,6 +153,8 @@ start() {
         # See BENCHMARKS.md.
         local tuning="-c autovacuum_naptime=5s -c max_wal_size=4GB -c checkpoint_timeout=15min"
         tuning+=" -c shared_buffers=512MB"
+        # More settings for an experiment, e.g. FASTCHAT_PG_OPTIONS="-c commit_delay=100".
+        tuning+=" ${FASTCHAT_PG_OPTIONS:-}"
         if ! as_pg_user "$BIN/pg_ctl" -D "$DATA" -o "-p $PORT $tuning" \
             -w -t 60 start >>"$LOG" 2>&1; then
             tail -n 20 "$LOG" >&2

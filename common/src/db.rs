@@ -238,6 +238,18 @@ pub fn tuned(url: &str, timeout: Duration) -> Result<postgres::Config, DbError> 
     if config.get_tcp_user_timeout().is_none() {
         config.tcp_user_timeout(Duration::from_secs(30));
     }
+    // Generic plans for prepared statements: PostgreSQL's default re-plans a statement
+    // with array parameters at every execution (its custom plans never look costlier),
+    // and at low load, where each batch is one message, planning was the largest part
+    // of PostgreSQL's CPU (BENCHMARKS.md, "Where a message's CPU goes at low load").
+    // Every statement here is keyed by ids whose values do not change the best plan.
+    let generic = "-c plan_cache_mode=force_generic_plan";
+    let options = match config.get_options() {
+        Some(theirs) if theirs.contains("plan_cache_mode") => theirs.to_string(),
+        Some(theirs) => format!("{theirs} {generic}"),
+        None => generic.to_string(),
+    };
+    config.options(&options);
     Ok(config)
 }
 
@@ -303,5 +315,27 @@ mod tests {
             tuned("not a url ===", Duration::from_secs(1)),
             Err(DbError::Url(_))
         ));
+    }
+
+    #[test]
+    fn prepared_statements_get_generic_plans_unless_the_url_says_otherwise() {
+        let generic = "-c plan_cache_mode=force_generic_plan";
+        let c = tuned("host=127.0.0.1 dbname=x", Duration::from_secs(1)).unwrap();
+        assert_eq!(c.get_options(), Some(generic));
+        let c = tuned(
+            "host=127.0.0.1 dbname=x options='-c work_mem=8MB'",
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        assert_eq!(
+            c.get_options(),
+            Some(format!("-c work_mem=8MB {generic}").as_str())
+        );
+        let c = tuned(
+            "host=127.0.0.1 dbname=x options='-c plan_cache_mode=auto'",
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        assert_eq!(c.get_options(), Some("-c plan_cache_mode=auto"));
     }
 }

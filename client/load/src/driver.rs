@@ -46,6 +46,10 @@ pub struct Outcome {
     pub rate: f64,
     /// Send → decrypted at the recipient, microseconds, sorted.
     pub latencies: Vec<u32>,
+    /// For an open-loop run: how late each message was queued for writing after the
+    /// time its rate scheduled it at, microseconds, sorted (empty for a closed loop).
+    /// A driver that cannot keep up shows here, not as a slow server.
+    pub lateness: Vec<u32>,
     pub seconds: f64,
 }
 
@@ -377,9 +381,14 @@ impl Driver {
                             .min(self.limit)
                             .saturating_sub(self.out.sent)
                             .min(10_000);
+                        let now_us = started.elapsed().as_micros() as u64;
                         while budget > 0 && !senders.is_empty() {
                             let s = senders[rr % senders.len()];
                             rr += 1;
+                            // Message number k is due at (k + 1) / rate seconds.
+                            let due_us = ((self.out.sent + 1) as f64 * 1e6 / rate) as u64;
+                            let late = now_us.saturating_sub(due_us).min(u32::MAX as u64);
+                            self.out.lateness.push(late as u32);
                             let to = pick(s);
                             self.send(s, &to);
                             budget -= 1;
@@ -421,6 +430,7 @@ impl Driver {
         out.seconds = span.max(0.001);
         out.rate = out.delivered as f64 / out.seconds;
         out.latencies.sort_unstable();
+        out.lateness.sort_unstable();
         Ok(out)
     }
 

@@ -638,8 +638,24 @@ fn pace_name(rate: Option<f64>, window: usize) -> String {
     }
 }
 
+/// This process (the driver's sessions and threads; not the child processes a
+/// scenario may spread sessions over), sampled beside the servers.
+fn driver_proc() -> procstat::Proc {
+    procstat::Proc {
+        name: DRIVER.into(),
+        pids: vec![std::process::id()],
+    }
+}
+
+/// The name the driver's own figures go under in a report's samples.
+const DRIVER: &str = "driver";
+
 fn sample(procs: &[procstat::Proc]) -> Vec<procstat::Sample> {
-    procs.iter().map(procstat::Proc::sample).collect()
+    procs
+        .iter()
+        .chain(std::iter::once(&driver_proc()))
+        .map(procstat::Proc::sample)
+        .collect()
 }
 
 fn diff(
@@ -648,6 +664,7 @@ fn diff(
 ) -> Vec<(String, procstat::Sample, procstat::Sample)> {
     procs
         .iter()
+        .chain(std::iter::once(&driver_proc()))
         .zip(before)
         .map(|(p, b)| (p.name.clone(), b, p.sample()))
         .collect()
@@ -685,18 +702,24 @@ fn make_group(
             group_id,
             user: u.name.clone(),
         });
-        ids.push(id);
+        ids.push((id, u));
     }
     relay.flush()?;
-    for id in ids {
-        relay.wait_reply(
+    let mut invited = Vec::new();
+    for (id, u) in ids {
+        let reply = relay.wait_reply(
             id,
             |f| matches!(f, RelayToClient::Group { id: got, .. } if *got == id),
         )?;
+        // Members who share no group with the admin yet (an earlier run's groups may
+        // still hold them) were invited, not added.
+        if matches!(reply, RelayToClient::Group { invited: true, .. }) {
+            invited.push(u);
+        }
     }
     relay.close();
-    // The members share no group with the admin, so they were invited: each accepts.
-    for u in &users[first + 1..first + members] {
+    // Each invited member accepts.
+    for u in invited {
         setup::retrying(|| {
             let mut auth = AuthLink::connect(&target.server, &target.data_dir)?;
             let redirect = auth.resume(&u.name, &u.credential)?;
@@ -718,9 +741,11 @@ fn make_group(
 fn print_report(r: &Report, procs: &[procstat::Proc], json_only: bool) {
     let o = &r.outcome;
     let lat = |q: f64| quantile_ms(&o.latencies, q);
+    let late = |q: f64| quantile_ms(&o.lateness, q);
     let relays = procs.iter().filter(|p| p.name.starts_with("relay")).count();
-    let cpu_total: f64 = r
-        .servers
+    let (driver, servers): (Vec<_>, Vec<_>) = r.servers.iter().partition(|(n, _, _)| n == DRIVER);
+    let driver_cpu: f64 = driver.iter().map(|(_, b, a)| a.cpu_secs - b.cpu_secs).sum();
+    let cpu_total: f64 = servers
         .iter()
         .map(|(_, b, a)| a.cpu_secs - b.cpu_secs)
         .sum();
@@ -762,7 +787,22 @@ fn print_report(r: &Report, procs: &[procstat::Proc], json_only: bool) {
             lat(0.999),
             lat(1.0)
         );
-        for (name, b, a) in &r.servers {
+        println!(
+            "  driver     cpu {driver_cpu:>7.2} s   ({:.0} % of a core over {:.1} s){}",
+            100.0 * driver_cpu / o.seconds.max(0.001),
+            o.seconds,
+            if o.lateness.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "   late p50 {:.2} / p99 {:.2} / max {:.2} ms",
+                    late(0.5),
+                    late(0.99),
+                    late(1.0)
+                )
+            }
+        );
+        for (name, b, a) in &servers {
             println!(
                 "  {:<10} cpu {:>7.2} s   peak rss {:>7.1} MB",
                 name,
@@ -774,8 +814,17 @@ fn print_report(r: &Report, procs: &[procstat::Proc], json_only: bool) {
             println!("  server cpu per delivered message: {cpu_us_per_msg:.1} µs");
         }
     }
-    let servers: Vec<serde_json::Value> = r
-        .servers
+    let lateness = if o.lateness.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::json!({"p50": late(0.5), "p99": late(0.99), "max": late(1.0)})
+    };
+    let driver = serde_json::json!({
+        "cpu_s": (driver_cpu * 100.0).round() / 100.0,
+        "cpu_share": if o.seconds > 0.0 { (driver_cpu / o.seconds * 100.0).round() / 100.0 } else { 0.0 },
+        "lateness_ms": lateness,
+    });
+    let servers: Vec<serde_json::Value> = servers
         .iter()
         .map(|(name, b, a)| {
             serde_json::json!({"name": name, "cpu_s": ((a.cpu_secs - b.cpu_secs) * 100.0).round() / 100.0, "peak_rss_mb": (a.peak_rss as f64 / 1e5).round() / 10.0})
@@ -794,6 +843,7 @@ fn print_report(r: &Report, procs: &[procstat::Proc], json_only: bool) {
         "latency_ms": {"p50": lat(0.5), "p90": lat(0.9), "p99": lat(0.99), "p99.9": lat(0.999), "max": lat(1.0)},
         "server_cpu_us_per_msg": (cpu_us_per_msg * 10.0).round() / 10.0,
         "servers": servers,
+        "driver": driver,
         "details": r.extra,
     });
     println!("{line}");

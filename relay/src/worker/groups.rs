@@ -459,14 +459,26 @@ impl Op<'_, '_> {
             .get(0))
     }
 
-    fn create(&mut self, name: &str, max_groups: i64) -> Result<GroupOutcome, postgres::Error> {
+    /// The actor may be in one more group (their row locked for the rest of the
+    /// operation), or the refusal.
+    fn room_for_another_group(
+        &mut self,
+        max_groups: i64,
+    ) -> Result<Option<GroupOutcome>, postgres::Error> {
         self.lock_user(self.actor_id)?;
         let mine = self.groups_of(self.actor_id)?;
-        if mine >= max_groups {
-            return refused(
-                ErrorCode::GroupFull,
-                format!("you are in {mine} groups, the most allowed; leave one first"),
-            );
+        if mine < max_groups {
+            return Ok(None);
+        }
+        Ok(Some(GroupOutcome::Refused(Refusal::new(
+            ErrorCode::GroupFull,
+            format!("you are in {mine} groups, the most allowed; leave one first"),
+        ))))
+    }
+
+    fn create(&mut self, name: &str, max_groups: i64) -> Result<GroupOutcome, postgres::Error> {
+        if let Some(refusal) = self.room_for_another_group(max_groups)? {
+            return Ok(refusal);
         }
         let group_id: i64 = self
             .tx
@@ -615,13 +627,8 @@ impl Op<'_, '_> {
         let Some(invite) = self.invite_of(group_id, self.actor_id)? else {
             return no_invitation();
         };
-        self.lock_user(self.actor_id)?;
-        let mine = self.groups_of(self.actor_id)?;
-        if mine >= limits.groups_per_user {
-            return refused(
-                ErrorCode::GroupFull,
-                format!("you are in {mine} groups, the most allowed; leave one first"),
-            );
+        if let Some(refusal) = self.room_for_another_group(limits.groups_per_user)? {
+            return Ok(refusal);
         }
         self.tx.execute(
             "DELETE FROM group_invites WHERE group_id = $1 AND user_id = $2",
