@@ -361,6 +361,26 @@ impl Op<'_, '_> {
         }
     }
 
+    /// The actor must have an invitation waiting: the locked group and the invitation,
+    /// or the refusal. A group that does not exist looks like one with no invitation.
+    fn require_invitation(
+        &mut self,
+        group_id: i64,
+    ) -> Result<Result<(Locked, Invite), GroupOutcome>, postgres::Error> {
+        let found = match self.lock(group_id)? {
+            Some(locked) => self
+                .invite_of(group_id, self.actor_id)?
+                .map(|invite| (locked, invite)),
+            None => None,
+        };
+        Ok(found.ok_or_else(|| {
+            GroupOutcome::Refused(Refusal::new(
+                ErrorCode::NotMember,
+                format!("you have no invitation to group {group_id}"),
+            ))
+        }))
+    }
+
     /// Writes `event` for each of `recipients`, from the actor.
     fn emit(
         &mut self,
@@ -615,17 +635,9 @@ impl Op<'_, '_> {
     /// The actor takes up their invitation: a member from now on, in the place the
     /// invitation had.
     fn accept(&mut self, group_id: i64, limits: Limits) -> Result<GroupOutcome, postgres::Error> {
-        let no_invitation = || {
-            refused(
-                ErrorCode::NotMember,
-                format!("you have no invitation to group {group_id}"),
-            )
-        };
-        let Some((name, epoch)) = self.lock(group_id)? else {
-            return no_invitation();
-        };
-        let Some(invite) = self.invite_of(group_id, self.actor_id)? else {
-            return no_invitation();
+        let ((name, epoch), invite) = match self.require_invitation(group_id)? {
+            Ok(found) => found,
+            Err(refusal) => return Ok(refusal),
         };
         if let Some(refusal) = self.room_for_another_group(limits.groups_per_user)? {
             return Ok(refusal);
@@ -659,18 +671,10 @@ impl Op<'_, '_> {
     /// The actor turns their invitation down. The key epoch moves, as their signed
     /// `leave` says (they were handed the key at invitation), so an admin rotates.
     fn decline(&mut self, group_id: i64) -> Result<GroupOutcome, postgres::Error> {
-        let no_invitation = || {
-            refused(
-                ErrorCode::NotMember,
-                format!("you have no invitation to group {group_id}"),
-            )
+        let ((name, _), _) = match self.require_invitation(group_id)? {
+            Ok(found) => found,
+            Err(refusal) => return Ok(refusal),
         };
-        let Some((name, _)) = self.lock(group_id)? else {
-            return no_invitation();
-        };
-        if self.invite_of(group_id, self.actor_id)?.is_none() {
-            return no_invitation();
-        }
         let epoch = self.take_out(group_id, self.actor_id)?;
         let members = self.member_ids(group_id)?;
         let mut recipients = members.clone();
