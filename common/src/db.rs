@@ -57,6 +57,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0009_invitations.sql",
         include_str!("../../sql/0009_invitations.sql"),
     ),
+    (
+        10,
+        "0010_deliveries.sql",
+        include_str!("../../sql/0010_deliveries.sql"),
+    ),
 ];
 
 /// Key of the advisory lock held while migrating.

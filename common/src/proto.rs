@@ -7,7 +7,15 @@
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-/// Whether `name` is a valid user name: 1–32 of `[a-z0-9_.-]`.
+/// Message ids from here up are delivery ids: a direct message a relay delivered from
+/// memory (PROTOCOL.md §3, "What `sent` means"). Stored messages have ids below.
+pub const DELIVERY_IDS: i64 = 1 << 62;
+
+/// Whether `msg_id` names a message delivered from memory rather than a stored one.
+pub fn is_delivery_id(msg_id: i64) -> bool {
+    msg_id >= DELIVERY_IDS
+}
+
 /// Plaintext bytes per file chunk: a file of `size` bytes is exactly
 /// `ceil(size / FILE_CHUNK_BYTES)` chunks (PROTOCOL.md §3, §7.6).
 pub const FILE_CHUNK_BYTES: u64 = 32_768;
@@ -17,6 +25,7 @@ pub const FILE_CHUNK_BYTES: u64 = 32_768;
 /// version, time, IV and HMAC, in padded base64url).
 pub const MAX_CHUNK_TOKEN: usize = 43_812;
 
+/// Whether `name` is a valid user name: 1–32 of `[a-z0-9_.-]`.
 pub fn valid_user_name(name: &str) -> bool {
     (1..=32).contains(&name.len())
         && name
@@ -335,6 +344,13 @@ pub enum MeshFrame {
         recipient_id: i64,
         #[serde(flatten)]
         message: Message,
+    },
+    /// The recipient's client stored these messages delivered from memory (delivery
+    /// ids the receiving relay was sent in `deliver` frames by the relay it answers):
+    /// that relay may now answer their senders `sent`.
+    Acked {
+        recipient_id: i64,
+        msg_ids: Vec<i64>,
     },
     /// Reply: `stats`.
     StatsRequest {

@@ -249,6 +249,11 @@ pub trait Handler: Sized {
     /// Before each poll (dial what is due).
     fn before_poll(&mut self, _io: &mut Io<Self::State>) {}
 
+    /// When the handler next has work of its own due (the poll waits no longer).
+    fn wake_at(&self) -> Option<Instant> {
+        None
+    }
+
     /// After each turn's events, completions and tick, before the flush.
     fn after_turn(&mut self, _io: &mut Io<Self::State>) {}
 }
@@ -339,7 +344,10 @@ impl<H: Handler> Reactor<H> {
         let mut events = Events::with_capacity(1024);
         while !stop.load(Ordering::Relaxed) {
             handler.before_poll(&mut self.io);
-            if let Err(e) = self.poll.poll(&mut events, Some(self.wait)) {
+            let wait = handler.wake_at().map_or(self.wait, |at| {
+                at.saturating_duration_since(Instant::now()).min(self.wait)
+            });
+            if let Err(e) = self.poll.poll(&mut events, Some(wait)) {
                 if e.kind() == std::io::ErrorKind::Interrupted {
                     continue;
                 }

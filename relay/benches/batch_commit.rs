@@ -57,6 +57,7 @@ fn lifecycle(c: &mut Criterion) {
             max_pending_bytes: i64::MAX,
             max_stored_bytes: i64::MAX,
         },
+        Arc::new(std::sync::atomic::AtomicBool::new(false)),
     );
     let body = "x".repeat(360);
     let mut g = c.benchmark_group("batch_commit");
@@ -72,6 +73,8 @@ fn lifecycle(c: &mut Criterion) {
                         sender: "bench_sender".into(),
                         target: Target::User("bench_recipient".into()),
                         body: body.clone(),
+                        hold: false,
+                        behind: false,
                     })
                     .collect();
                 worker.run_batch(jobs);

@@ -46,6 +46,12 @@ pub struct Config {
     /// Database worker threads (each commits its own batches).
     #[arg(long, env = "FASTCHAT_RELAY_WORKERS", default_value_t = 4)]
     pub workers: usize,
+    /// Milliseconds a direct message delivered from memory to an online recipient may
+    /// wait for the recipient's `ack` (its client stored it) before the relay stores
+    /// it; its sender is answered `sent` at whichever comes first. 0: store every
+    /// message before delivering it.
+    #[arg(long, env = "FASTCHAT_DELIVERY_WINDOW_MS", default_value_t = 20)]
+    pub delivery_window_ms: u64,
     /// Most jobs a worker commits in one transaction.
     #[arg(long, env = "FASTCHAT_RELAY_MAX_BATCH", default_value_t = 256)]
     pub max_batch: usize,
@@ -172,9 +178,20 @@ impl Config {
                 self.max_groups_per_user, self.max_invitations
             ));
         }
+        if self.delivery_window_ms > MAX_DELIVERY_WINDOW_MS {
+            return Err(format!(
+                "--delivery-window-ms ({}) is over {MAX_DELIVERY_WINDOW_MS}: a message that \
+                 long unacknowledged is better stored",
+                self.delivery_window_ms
+            ));
+        }
         Ok(())
     }
 }
+
+/// The longest delivery window: messages delivered from memory are held (and their
+/// senders' requests count in flight) for at most this long.
+pub const MAX_DELIVERY_WINDOW_MS: u64 = 5_000;
 
 /// Parses a byte count of at least 4 MiB.
 fn at_least_4_mib(s: &str) -> Result<usize, String> {

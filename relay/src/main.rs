@@ -32,9 +32,11 @@ fn run(cfg: config::Config) -> Result<(), Box<dyn std::error::Error>> {
     if cleared > 0 {
         info!("cleared {cleared} stale presence rows of a previous run");
     }
+    let epoch = worker::delivery_epoch(&base.db)?;
     let stop = Arc::new(AtomicBool::new(false));
     let (server, bound, waker) = server::RelayServer::new(
         cfg,
+        epoch,
         base.db,
         base.keypair,
         base.secret,

@@ -3,7 +3,8 @@
 //! sees its messages oldest first.
 
 use crate::message::Message;
-use std::collections::{HashMap, HashSet};
+use fastchat_common::proto::RelayToClient;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 /// How long ids of the backlog are remembered after it is delivered.
@@ -62,6 +63,10 @@ pub struct Session {
     /// it is on its way while the client works through the rest (flow control that
     /// keeps the pipe full).
     prefetch_at: usize,
+    /// This session's sends waiting for their replies, in request order, with the
+    /// reply once it is known: a reply goes out only after those of earlier sends (a
+    /// send held for its recipient's ack may be answered after a later one).
+    replies: VecDeque<(u64, Option<RelayToClient>)>,
 }
 
 /// Refusals for speed a session may get per second, on average, and in a burst (a
@@ -94,7 +99,33 @@ impl Session {
             deferred: Vec::new(),
             deferred_bytes: 0,
             prefetch_at: page / 2,
+            replies: VecDeque::new(),
         }
+    }
+
+    /// A send `req` went to the workers: its reply keeps its place.
+    pub fn send_waiting(&mut self, req: u64) {
+        self.replies.push_back((req, None));
+    }
+
+    /// The reply to request `req`: what may go out now, in request order. A reply to a
+    /// request that is not a waiting send (every other kind) goes out at once.
+    pub fn reply(&mut self, req: u64, frame: RelayToClient) -> Vec<RelayToClient> {
+        let Some(slot) = self
+            .replies
+            .iter_mut()
+            .find(|(r, f)| *r == req && f.is_none())
+        else {
+            return vec![frame];
+        };
+        slot.1 = Some(frame);
+        let mut out = Vec::new();
+        while let Some((_, Some(_))) = self.replies.front() {
+            if let Some((_, Some(frame))) = self.replies.pop_front() {
+                out.push(frame);
+            }
+        }
+        out
     }
 
     /// A page arrived: returns the messages to send now, and whether the backlog is
@@ -216,6 +247,28 @@ mod tests {
 
     fn ids(v: &[Message]) -> Vec<i64> {
         v.iter().map(|m| m.msg_id).collect()
+    }
+
+    fn sent(id: u64) -> RelayToClient {
+        RelayToClient::Sent {
+            id,
+            msg_id: id as i64,
+            ts: 0,
+            full: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn replies_to_sends_go_out_in_request_order() {
+        let mut s = Session::new("b".into(), 2, true, 0);
+        for req in [1, 2, 3] {
+            s.send_waiting(req);
+        }
+        assert!(s.reply(2, sent(2)).is_empty(), "waits for 1");
+        assert_eq!(s.reply(7, sent(7)), vec![sent(7)], "not a send: at once");
+        assert_eq!(s.reply(1, sent(1)), vec![sent(1), sent(2)]);
+        assert_eq!(s.reply(3, sent(3)), vec![sent(3)]);
+        assert_eq!(s.reply(3, sent(3)), vec![sent(3)], "untracked now");
     }
 
     #[test]

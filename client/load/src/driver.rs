@@ -5,6 +5,7 @@
 //! All simulated users share one Fernet key (handing out keys is not what is measured);
 //! the bodies the servers see are ordinary `text` / `group_text` envelopes.
 
+use crate::acklog::AckLog;
 use crate::setup::Session;
 use fastchat_client::e2e::{self, ConversationKey, Envelope, TextPayload};
 use fastchat_common::conn::ReadStatus;
@@ -51,6 +52,9 @@ pub struct Outcome {
     /// A driver that cannot keep up shows here, not as a slow server.
     pub lateness: Vec<u32>,
     pub seconds: f64,
+    /// With durable acknowledgements (the default): the syncs of the ack log over the
+    /// run, see [`crate::acklog`]; `None` when acks were sent without storing anything.
+    pub ack_syncs: Option<u64>,
 }
 
 struct Sess {
@@ -87,7 +91,13 @@ pub struct Driver {
     salt: u64,
     /// Whether a run waits for deliveries (not while filling an offline user's queue).
     await_deliveries: bool,
+    /// Where acknowledged ids are written before they are acknowledged (`None`:
+    /// `--volatile-acks`).
+    ack_log: Option<AckLog>,
 }
+
+/// Ack logs made by this process (each driver has its own file).
+static ACK_LOGS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 impl Driver {
     /// A driver for these sessions; `size` is the plaintext size of each message.
@@ -114,11 +124,22 @@ impl Driver {
             limit: u64::MAX,
             salt: rand::random::<u64>(),
             await_deliveries: true,
+            ack_log: Some(AckLog::create(&std::env::temp_dir().join(format!(
+                "fastchat-load-acks-{}-{}",
+                std::process::id(),
+                ACK_LOGS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            )))?),
         };
         for s in sessions {
             driver.add(s)?;
         }
         Ok(driver)
+    }
+
+    /// Acknowledges without writing anything first (`--volatile-acks`): cheaper for
+    /// the driver, but then an ack no longer means "stored" and the figures say so.
+    pub fn volatile_acks(&mut self) {
+        self.ack_log = None;
     }
 
     /// Adds a session (e.g. offline users logging in for a drain).
@@ -206,6 +227,9 @@ impl Driver {
             }
             RelayToClient::Msg(m) => {
                 self.sessions[i].acks.push(m.msg_id);
+                if let Some(log) = &mut self.ack_log {
+                    log.record(m.msg_id, &m.body);
+                }
                 self.delivered(i, m.msg_id, &m.body);
             }
             RelayToClient::Error(e) => {
@@ -314,6 +338,10 @@ impl Driver {
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
+        // What this turn acknowledges is on disk first, as a client's store would be.
+        if let Some(log) = &mut self.ack_log {
+            log.commit()?;
+        }
         for (i, sess) in self.sessions.iter_mut().enumerate() {
             if !sess.acks.is_empty() {
                 let msg_ids = std::mem::take(&mut sess.acks);
@@ -417,6 +445,7 @@ impl Driver {
             eprintln!();
         }
         let mut out = std::mem::take(&mut self.out);
+        out.ack_syncs = self.ack_log.as_ref().map(|log| log.syncs);
         out.lost = self
             .expected
             .iter()

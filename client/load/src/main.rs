@@ -9,6 +9,7 @@
 //! lifecycle).
 
 mod abuse;
+mod acklog;
 mod chaos;
 mod driver;
 mod hold;
@@ -53,6 +54,12 @@ struct Cli {
     /// Only the JSON line, no table.
     #[arg(long, global = true)]
     json: bool,
+    /// Acknowledge messages without writing their ids to disk first. By default the
+    /// simulated recipients append what they acknowledge to a file and sync it once
+    /// per poll turn before sending the acks (an ack can be what makes a message
+    /// durable); with this flag the figures say `"acks": "volatile"`.
+    #[arg(long, global = true)]
+    volatile_acks: bool,
     #[command(subcommand)]
     scenario: Scenario,
 }
@@ -309,7 +316,7 @@ fn run(cli: &Cli) -> Result<u64, Box<dyn std::error::Error>> {
             let sessions = setup::parallel(users.len(), cli.setup_threads, |i| {
                 setup::session(&target, &users, i)
             })?;
-            let mut driver = Driver::new(sessions, shared_key(), t.size)?;
+            let mut driver = new_driver(cli, sessions, shared_key(), t.size)?;
             let n = users.len();
             let names: Vec<String> = users.iter().map(|u| u.name.clone()).collect();
             let mut peers = Peers::new(n);
@@ -354,7 +361,7 @@ fn run(cli: &Cli) -> Result<u64, Box<dyn std::error::Error>> {
             }
             let sessions =
                 setup::parallel(n, cli.setup_threads, |i| setup::session(&target, &users, i))?;
-            let mut driver = Driver::new(sessions, shared_key(), *size)?;
+            let mut driver = new_driver(cli, sessions, shared_key(), *size)?;
             let senders: Vec<usize> = (0..*groups).map(|g| g * members).collect();
             let before = sample(&procs);
             let outcome = driver.run(
@@ -385,7 +392,7 @@ fn run(cli: &Cli) -> Result<u64, Box<dyn std::error::Error>> {
                 setup::session(&target, &users, i)
             })?;
             let key = shared_key();
-            let mut driver = Driver::new(sessions, key, *size)?;
+            let mut driver = new_driver(cli, sessions, key, *size)?;
             let recipient = users[senders].name.clone();
             if !cli.json {
                 eprintln!("  queueing {messages} messages for {recipient} (offline) from {senders} senders");
@@ -516,7 +523,7 @@ fn run(cli: &Cli) -> Result<u64, Box<dyn std::error::Error>> {
             let sessions = setup::parallel(users.len(), cli.setup_threads, |i| {
                 setup::session(&target, &users, i)
             })?;
-            let mut driver = Driver::new(sessions, shared_key(), *size)?;
+            let mut driver = new_driver(cli, sessions, shared_key(), *size)?;
             let n = users.len();
             let names: Vec<String> = users.iter().map(|u| u.name.clone()).collect();
             let mut peers = Peers::new(n);
@@ -823,6 +830,8 @@ fn print_report(r: &Report, procs: &[procstat::Proc], json_only: bool) {
         "cpu_s": (driver_cpu * 100.0).round() / 100.0,
         "cpu_share": if o.seconds > 0.0 { (driver_cpu / o.seconds * 100.0).round() / 100.0 } else { 0.0 },
         "lateness_ms": lateness,
+        "acks": if o.ack_syncs.is_some() { "durable" } else { "volatile" },
+        "ack_syncs": o.ack_syncs,
     });
     let servers: Vec<serde_json::Value> = servers
         .iter()
@@ -847,4 +856,18 @@ fn print_report(r: &Report, procs: &[procstat::Proc], json_only: bool) {
         "details": r.extra,
     });
     println!("{line}");
+}
+
+/// A driver for `sessions`, with durable acknowledgements unless `--volatile-acks`.
+fn new_driver(
+    cli: &Cli,
+    sessions: Vec<setup::Session>,
+    key: ConversationKey,
+    size: usize,
+) -> std::io::Result<Driver> {
+    let mut driver = Driver::new(sessions, key, size)?;
+    if cli.volatile_acks {
+        driver.volatile_acks();
+    }
+    Ok(driver)
 }

@@ -65,6 +65,13 @@ CREATE TABLE IF NOT EXISTS seen_mids (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     h   BLOB NOT NULL UNIQUE
 );
+-- Keyed hashes of (sender, group, body) of messages received: one message that arrives
+-- under two server ids (delivered from memory, then stored; or sent again after a
+-- failover, the same ciphertext) goes into the inbox once, even if it never opens.
+CREATE TABLE IF NOT EXISTS seen_bodies (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    h   BLOB NOT NULL UNIQUE
+);
 
 -- Messages stored (and acknowledged) but not opened yet, in arrival order; `held` ones
 -- wait for a key (need_group, need_key: what they wait for) and are being recovered.

@@ -61,6 +61,20 @@ impl Store {
             .map_err(|e| self.db_error(e))
     }
 
+    /// What tells one message from another before it is opened, whatever server id it
+    /// came under: its sender, group and ciphertext (a message sent again is the same
+    /// ciphertext; a fresh one never is). `None` for group events, which have no body.
+    fn body_key(&self, m: &InboxEntry) -> Option<Vec<u8>> {
+        if m.event.is_some() || m.body.is_empty() {
+            return None;
+        }
+        let group = m.group_id.map_or_else(String::new, |g| g.to_string());
+        Some(
+            self.sealer
+                .hash("body", &format!("{}\0{group}\0{}", m.from, m.body)),
+        )
+    }
+
     /// Whether a sender message id (as given to [`Store::remember_mid`]) is in the window.
     pub fn seen_mid(&self, mid: &str) -> Result<bool, StoreError> {
         let h = self.sealer.hash("seen", mid);
@@ -75,28 +89,40 @@ impl Store {
     /// message whose server id is new goes into the inbox. Returns how many were new.
     pub fn store_batch(&mut self, batch: &[InboxEntry]) -> Result<usize, StoreError> {
         let now = fastchat_common::time::now_ms() as i64;
-        let sealed: Vec<(i64, String)> = batch
+        let sealed: Vec<(i64, Option<Vec<u8>>, String)> = batch
             .iter()
-            .map(|m| (m.msg_id, self.sealer.seal(m)))
+            .map(|m| (m.msg_id, self.body_key(m), self.sealer.seal(m)))
             .collect();
-        let new = self.write(|tx| {
+        let (new, seen_added) = self.write(|tx| {
             let mut seen = tx.prepare_cached(
                 "INSERT INTO seen_msg_ids (msg_id) VALUES (?1) ON CONFLICT (msg_id) DO NOTHING",
+            )?;
+            let mut seen_body = tx.prepare_cached(
+                "INSERT INTO seen_bodies (h) VALUES (?1) ON CONFLICT (h) DO NOTHING",
             )?;
             let mut inbox = tx.prepare_cached(
                 "INSERT INTO inbox (msg_id, first_ms, rec) VALUES (?1, ?2, ?3)
                  ON CONFLICT (msg_id) DO NOTHING",
             )?;
-            let mut new = 0;
-            for (msg_id, rec) in &sealed {
-                if seen.execute([msg_id])? == 1 {
-                    inbox.execute(params![msg_id, now, rec])?;
-                    new += 1;
+            let (mut new, mut added) = (0, 0);
+            for (msg_id, body_key, rec) in &sealed {
+                if seen.execute([msg_id])? == 0 {
+                    continue;
                 }
+                added += 1;
+                // The same message under another server id: had already.
+                if let Some(h) = body_key {
+                    if seen_body.execute([h])? == 0 {
+                        continue;
+                    }
+                    added += 1;
+                }
+                inbox.execute(params![msg_id, now, rec])?;
+                new += 1;
             }
-            Ok(new)
+            Ok((new, added))
         })?;
-        self.seen_added(new as u64)?;
+        self.seen_added(seen_added)?;
         Ok(new)
     }
 
@@ -450,6 +476,10 @@ impl Store {
             )?;
             tx.execute(
                 "DELETE FROM seen_mids WHERE seq <= (SELECT max(seq) FROM seen_mids) - ?1",
+                [keep],
+            )?;
+            tx.execute(
+                "DELETE FROM seen_bodies WHERE seq <= (SELECT max(seq) FROM seen_bodies) - ?1",
                 [keep],
             )?;
             Ok(())

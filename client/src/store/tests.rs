@@ -372,7 +372,7 @@ fn a_batch_is_stored_once_and_leaves_the_inbox_when_done() {
         group_id: None,
         group: None,
         event: None,
-        body: "{}".into(),
+        body: format!("body {msg_id}"),
         ts: 1,
     };
     assert_eq!(s.store_batch(&[m(1), m(2)]).unwrap(), 2);
@@ -388,6 +388,47 @@ fn a_batch_is_stored_once_and_leaves_the_inbox_when_done() {
     // Done once opened: a message already seen is not stored again.
     s.inbox_done(2).unwrap();
     assert_eq!(s.store_batch(&[m(2)]).unwrap(), 0);
+}
+
+#[test]
+fn one_message_under_two_server_ids_goes_into_the_inbox_once() {
+    let tmp = TempDir::new("two-ids");
+    let mut s = new_store(&tmp);
+    let m = |msg_id, from: &str, group_id, body: &str| InboxEntry {
+        msg_id,
+        from: from.into(),
+        group_id,
+        group: group_id.map(|g: i64| format!("g{g}")),
+        event: None,
+        body: body.into(),
+        ts: 1,
+    };
+    // Delivered from memory (a delivery id), then stored and pushed again.
+    let delivered = (1i64 << 62) + 5;
+    assert_eq!(
+        s.store_batch(&[m(delivered, "bob", None, "ct")]).unwrap(),
+        1
+    );
+    assert_eq!(s.store_batch(&[m(40, "bob", None, "ct")]).unwrap(), 0);
+    // The same ciphertext from someone else, or in a group, is another message.
+    assert_eq!(
+        s.store_batch(&[m(41, "carol", None, "ct"), m(42, "bob", Some(3), "ct")])
+            .unwrap(),
+        2
+    );
+    // Group events have no body: each is its own.
+    let event = |msg_id| InboxEntry {
+        event: Some(fastchat_common::proto::GroupEvent {
+            event: "added".into(),
+            user: "dan".into(),
+            by: "bob".into(),
+            epoch: 2,
+        }),
+        ..m(msg_id, "bob", Some(3), "")
+    };
+    assert_eq!(s.store_batch(&[event(43), event(44)]).unwrap(), 2);
+    let ids: Vec<i64> = s.inbox().unwrap().iter().map(|r| r.entry.msg_id).collect();
+    assert_eq!(ids, [delivered, 41, 42, 43, 44]);
 }
 
 #[test]

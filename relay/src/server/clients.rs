@@ -3,10 +3,10 @@
 
 use super::*;
 use crate::session::{REFUSALS_BURST, REFUSALS_PER_SEC};
-use fastchat_common::proto::{FILE_CHUNK_BYTES, MAX_CHUNK_TOKEN};
+use fastchat_common::proto::{is_delivery_id, FILE_CHUNK_BYTES, MAX_CHUNK_TOKEN};
 
-/// Most ids one `ack` may carry.
-const MAX_ACK_IDS: usize = 10_000;
+/// Most ids one `ack` may carry (also a mesh `acked`).
+pub(super) const MAX_ACK_IDS: usize = 10_000;
 
 impl Core {
     /// Sends an error frame and closes the connection once it is written.
@@ -154,6 +154,28 @@ impl Core {
 
     pub(super) fn reply_error(&mut self, io: &mut Links, token: Token, req: u64, why: Refusal) {
         self.send(io, token, &RelayToClient::Error(why.into_frame(Some(req))));
+    }
+
+    /// A worker's (or an ack's) reply to request `req` of `token`'s session: a send's
+    /// reply goes out after those of its earlier sends, in request order (PROTOCOL.md
+    /// §3); any other at once.
+    pub(super) fn reply_in_order(
+        &mut self,
+        io: &mut Links,
+        token: Token,
+        req: u64,
+        frame: RelayToClient,
+    ) {
+        let frames = match client_mut(io, token) {
+            Some(ClientMut {
+                state: ClientState::Ready(session),
+                ..
+            }) => session.reply(req, frame),
+            _ => vec![frame],
+        };
+        for frame in &frames {
+            self.send(io, token, frame);
+        }
     }
 
     pub(super) fn client_frame(&mut self, io: &mut Links, token: Token, frame: ClientToRelay) {
@@ -304,6 +326,10 @@ impl Core {
                     }
                 };
                 self.counters.received += 1;
+                let behind = match &target {
+                    Target::User(to) => self.holds.holds_pair(sender_id, to),
+                    Target::Group(_) => false,
+                };
                 self.submit_for(
                     io,
                     token,
@@ -314,8 +340,17 @@ impl Core {
                         sender,
                         target,
                         body,
+                        hold: self.holds.enabled(),
+                        behind,
                     },
                 );
+                if let Some(ClientMut {
+                    state: ClientState::Ready(session),
+                    ..
+                }) = client_mut(io, token)
+                {
+                    session.send_waiting(id);
+                }
             }
             (ClientState::Ready(session), frame) if file_op(&frame).is_some() => {
                 let user_id = session.user_id;
@@ -418,6 +453,12 @@ impl Core {
                 // are delivered again at the next login, which the client drops as
                 // duplicates), but the session's paging goes on.
                 let room = session.in_flight < self.cfg.max_in_flight;
+                // Messages delivered from memory are acknowledged here, with no job.
+                let (from_memory, msg_ids): (Vec<i64>, Vec<i64>) =
+                    msg_ids.into_iter().partition(|id| is_delivery_id(*id));
+                if !from_memory.is_empty() {
+                    self.acked_from_memory(io, user_id, &from_memory);
+                }
                 if !msg_ids.is_empty() && room {
                     self.submit_for(
                         io,

@@ -91,18 +91,20 @@ impl Core {
             } => {
                 let bytes = deliveries.iter().map(|d| d.message.body.len()).sum();
                 self.answered(io, conn, deliveries.len(), bytes);
-                self.send(
-                    io,
-                    conn,
-                    &RelayToClient::Sent {
-                        id: req,
-                        msg_id,
-                        ts,
-                        full,
-                    },
-                );
+                let sent = RelayToClient::Sent {
+                    id: req,
+                    msg_id,
+                    ts,
+                    full,
+                };
+                self.reply_in_order(io, conn, req, sent);
                 self.route(io, deliveries);
             }
+            Done::Hold {
+                held,
+                remote_relays,
+            } => self.deliver_held(io, held, &remote_relays),
+            Done::AfterHeld { held } => self.store_in_order(held),
             Done::Acked { conn } => self.answered(io, conn, 0, 0),
             Done::Frames { conn, frames } => {
                 self.answered(io, conn, 0, 0);
@@ -123,7 +125,8 @@ impl Core {
             }
             Done::Failed { conn, req, why } => {
                 self.answered(io, conn, 0, 0);
-                self.reply_error(io, conn, req, why)
+                let error = RelayToClient::Error(why.into_frame(Some(req)));
+                self.reply_in_order(io, conn, req, error);
             }
             Done::Key {
                 conn,

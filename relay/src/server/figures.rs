@@ -16,6 +16,12 @@ pub(super) struct Counters {
     pub(super) forwarded: u64,
     /// Messages other relays forwarded to us.
     pub(super) arrived: u64,
+    /// Direct messages delivered from memory (held for their recipients' acks).
+    pub(super) held: u64,
+    /// Of those, acknowledged by their recipients within the window (never stored).
+    pub(super) held_acked: u64,
+    /// Of those, stored when the window ended unacknowledged.
+    pub(super) held_stored: u64,
 }
 
 impl Core {
@@ -37,6 +43,10 @@ impl Core {
             "delivered": c.delivered,
             "forwarded": c.forwarded,
             "arrived": c.arrived,
+            "held": c.held,
+            "held_acked": c.held_acked,
+            "held_stored": c.held_stored,
+            "holding": self.holds.len(),
             "stored": m.messages_stored.load(Ordering::Relaxed),
             "batches": batches,
             "failed_batches": m.failed_batches.load(Ordering::Relaxed),
@@ -63,11 +73,13 @@ impl Core {
         if moved {
             let batches = (now.1 - last_batches).max(1) as f64;
             info!(
-                "summary: clients {}, in {:.0}/s, out {:.0}/s, forwarded {:.0}/s, queue {}, batch {:.1}, commit {:.2} ms, mesh links {}",
+                "summary: clients {}, in {:.0}/s, out {:.0}/s, forwarded {:.0}/s, from memory {:.0}/s (stored after the window {:.0}/s), queue {}, batch {:.1}, commit {:.2} ms, mesh links {}",
                 self.clients_count(),
                 (now.0.received - last.received) as f64 / secs,
                 (now.0.delivered - last.delivered) as f64 / secs,
                 (now.0.forwarded - last.forwarded) as f64 / secs,
+                (now.0.held - last.held) as f64 / secs,
+                (now.0.held_stored - last.held_stored) as f64 / secs,
                 self.pool.queue_depth(),
                 (now.2 - last_jobs) as f64 / batches,
                 (now.3 - last_micros) as f64 / 1000.0 / batches,

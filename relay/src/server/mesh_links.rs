@@ -128,7 +128,28 @@ impl Core {
                 },
             ) => {
                 self.counters.arrived += 1;
-                self.deliver_local(io, recipient_id, message);
+                let id = message.msg_id;
+                let reached = self.deliver_local(io, recipient_id, message);
+                // Delivered from memory by the other relay: the ack goes back to it.
+                if is_delivery_id(id) && reached > 0 {
+                    self.holds.arrived(id, token, recipient_id, Instant::now());
+                }
+            }
+            (
+                MeshState::Up(_),
+                MeshFrame::Acked {
+                    recipient_id,
+                    msg_ids,
+                },
+            ) => {
+                if msg_ids.len() > super::clients::MAX_ACK_IDS {
+                    return self.fail_mesh(
+                        io,
+                        token,
+                        ErrorFrame::new(None, ErrorCode::BadFrame, "too many ids in one acked"),
+                    );
+                }
+                self.acked_from_memory(io, recipient_id, &msg_ids);
             }
             (_, MeshFrame::Error(e)) => {
                 warn!("mesh peer reported {:?}: {}", e.code, e.message);

@@ -5,7 +5,8 @@
 //!
 //! Files: [`clients`] (the client link's frames, checked before they become jobs),
 //! [`completions`] (what workers' results mean for connections), [`routing`] (where a
-//! stored message goes), [`mesh_links`] (links to other relays), [`auth_link`] (the
+//! stored message goes), [`from_memory`] (direct messages delivered before they are
+//! stored, answered on the recipient's ack), [`mesh_links`] (links to other relays), [`auth_link`] (the
 //! control link to the auth server), [`figures`] (stats and the summary line); this
 //! file: the connection kinds, setup and shutdown, the reactor hooks, the sweep, close.
 //!
@@ -19,6 +20,7 @@ mod budgets;
 mod clients;
 mod completions;
 mod figures;
+mod from_memory;
 mod mesh_links;
 mod routing;
 #[cfg(test)]
@@ -26,6 +28,7 @@ mod tests;
 
 use crate::config::Config;
 use crate::control::{Announcement, ControlLink, Phase};
+use crate::holds::Holds;
 use crate::mesh::{Mesh, MeshState};
 use crate::message::{Message, Target};
 use crate::session::{Next, Session};
@@ -40,8 +43,8 @@ use fastchat_common::limits::{client_key, Bucket, FailureCounter, PerAddr};
 use fastchat_common::noise::{Role, StaticKeypair, KEY_LEN};
 use fastchat_common::pool::WorkerPool;
 use fastchat_common::proto::{
-    valid_group_name, valid_user_name, AuthToRelay, ClientToRelay, ErrorCode, ErrorFrame,
-    MeshFrame, Refusal, RelayToAuth, RelayToClient,
+    is_delivery_id, valid_group_name, valid_user_name, AuthToRelay, ClientToRelay, ErrorCode,
+    ErrorFrame, MeshFrame, Refusal, RelayToAuth, RelayToClient,
 };
 use fastchat_common::reactor::{Accepting, Handler, Io, Link, Reactor};
 use fastchat_common::{debug, hex, info, warn, PROTOCOL_VERSION};
@@ -136,6 +139,8 @@ pub struct RelayServer {
     reactor: Reactor<Core>,
     core: Core,
     stop: Arc<AtomicBool>,
+    /// Builds a worker like the pool's (for the shutdown's last batch).
+    make_worker: Box<dyn Fn() -> Worker + Send>,
 }
 
 /// Everything but the connections.
@@ -178,12 +183,21 @@ pub(crate) struct Core {
     counters: Counters,
     last_summary: (Counters, u64, u64, u64),
     last_summary_at: Instant,
+    /// Direct messages delivered from memory, waiting for their recipients' acks.
+    holds: Holds,
+    /// Whether workers may decide to deliver from memory (shared with them).
+    holding: Arc<AtomicBool>,
+    /// Set once the pool has stopped (shutdown): stores still due wait here for the
+    /// last batch.
+    unstored: Option<Vec<Job>>,
 }
 
 impl RelayServer {
-    /// Binds the listeners and starts the worker pool.
+    /// Binds the listeners and starts the worker pool; `epoch`: this run's delivery
+    /// id epoch ([`crate::worker::delivery_epoch`]).
     pub fn new(
         cfg: Config,
+        epoch: i64,
         db: DbPool,
         keypair: StaticKeypair,
         secret: [u8; KEY_LEN],
@@ -224,27 +238,42 @@ impl RelayServer {
             None => bound[1].to_string(),
         };
         let metrics = Arc::new(StoreMetrics::default());
-        let pool = WorkerPool::start("relay-worker", cfg.workers, cfg.max_batch, |_| {
-            let mut worker = Worker::new(
+        let window = Duration::from_millis(cfg.delivery_window_ms);
+        let holding = Arc::new(AtomicBool::new(!window.is_zero()));
+        let make_worker = {
+            let (db, cfg, done, metrics, holding) = (
                 db.clone(),
-                cfg.id.clone(),
+                cfg.clone(),
                 done.clone(),
                 metrics.clone(),
-                crate::worker::groups::Limits {
-                    group_size: cfg.max_group_size,
-                    groups_per_user: cfg.max_groups_per_user,
-                    invitations: cfg.max_invitations,
-                },
-                crate::worker::StoreLimits {
-                    max_pending: cfg.max_pending,
-                    max_pending_bytes: cfg.max_pending_bytes,
-                    max_stored_bytes: cfg.max_stored_bytes_per_user,
-                },
+                holding.clone(),
             );
+            move || {
+                Worker::new(
+                    db.clone(),
+                    cfg.id.clone(),
+                    done.clone(),
+                    metrics.clone(),
+                    crate::worker::groups::Limits {
+                        group_size: cfg.max_group_size,
+                        groups_per_user: cfg.max_groups_per_user,
+                        invitations: cfg.max_invitations,
+                    },
+                    crate::worker::StoreLimits {
+                        max_pending: cfg.max_pending,
+                        max_pending_bytes: cfg.max_pending_bytes,
+                        max_stored_bytes: cfg.max_stored_bytes_per_user,
+                    },
+                    holding.clone(),
+                )
+            }
+        };
+        let pool = WorkerPool::start("relay-worker", cfg.workers, cfg.max_batch, |_| {
+            let mut worker = make_worker();
             move |jobs| worker.run_batch(jobs)
         })?;
         let waker = reactor.waker();
-        let core = Core::new(
+        let mut core = Core::new(
             cfg,
             Addresses {
                 public: public_addr,
@@ -257,11 +286,14 @@ impl RelayServer {
             db,
             metrics,
         );
+        core.holds = Holds::new(window, epoch);
+        core.holding = holding;
         Ok((
             RelayServer {
                 reactor,
                 core,
                 stop,
+                make_worker: Box::new(make_worker),
             },
             bound[0],
             waker,
@@ -289,8 +321,21 @@ impl RelayServer {
     fn shut_down(mut self) {
         info!("stopping: no new connections, finishing the batches in flight");
         let (reactor, core) = (&mut self.reactor, &mut self.core);
+        // Nothing more is delivered from memory: what is held is stored by the
+        // batches still to run, and what a running batch decided to hold by a last one.
+        core.holding.store(false, Ordering::Relaxed);
+        for held in core.holds.take_all() {
+            core.store_held(held);
+        }
         core.pool.shutdown();
+        core.unstored = Some(Vec::new());
         reactor.drain_completions(core);
+        let last = core.unstored.take().unwrap_or_default();
+        if !last.is_empty() {
+            info!("storing {} messages held at shutdown", last.len());
+            (self.make_worker)().run_batch(last);
+            reactor.drain_completions(core);
+        }
         reactor.flush(core);
         core.flush_before_closing(&mut reactor.io, Duration::from_secs(2));
         core.stopping = true;
@@ -370,6 +415,9 @@ impl Core {
             counters: Counters::default(),
             last_summary: (Counters::default(), 0, 0, 0),
             last_summary_at: Instant::now(),
+            holds: Holds::new(Duration::ZERO, 0),
+            holding: Arc::new(AtomicBool::new(false)),
+            unstored: None,
         }
     }
 }
@@ -478,7 +526,12 @@ impl Handler for Core {
         self.dial_mesh(io);
     }
 
+    fn wake_at(&self) -> Option<Instant> {
+        self.holds.next_deadline()
+    }
+
     fn after_turn(&mut self, io: &mut Links) {
+        self.end_windows();
         self.report_load(io);
         if self.last_summary_at.elapsed() >= SUMMARY_INTERVAL {
             self.summarise();
@@ -520,6 +573,7 @@ impl Core {
     /// Periodic work: expired tickets, connections that never logged in.
     fn sweep(&mut self, io: &mut Links) {
         let now = Instant::now();
+        self.holds.tick(now);
         self.tickets.expire(now);
         self.uploads
             .retain(|_, (start, _)| now.duration_since(*start) < Duration::from_secs(60));
@@ -616,6 +670,7 @@ impl Core {
         };
         let peer = link.conn.peer;
         if let Some(mesh_link) = self.mesh.link_closed(token, Instant::now()) {
+            self.holds.link_closed(token);
             match mesh_link.state {
                 MeshState::Up(id) => {
                     warn!("mesh link to {id} closed: {why}");

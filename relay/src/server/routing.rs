@@ -39,51 +39,69 @@ impl Core {
     pub(super) fn route(&mut self, io: &mut Links, deliveries: Vec<crate::message::Delivery>) {
         for d in deliveries {
             for relay in &d.remote_relays {
-                self.forward(io, relay, d.recipient_id, &d.message);
+                let _ = self.forward(io, relay, d.recipient_id, &d.message);
             }
             self.deliver_local(io, d.recipient_id, d.message);
         }
     }
 
-    /// Sends a stored message to the relay where its recipient has a session. Without a
-    /// link it simply waits in the table for the recipient's next login.
-    pub(super) fn forward(&mut self, io: &mut Links, relay: &str, recipient_id: i64, m: &Message) {
+    /// Sends a message to the relay where its recipient has a session; `false` if
+    /// there is no link to it (a stored message then waits in the table for the
+    /// recipient's next login).
+    pub(super) fn forward(
+        &mut self,
+        io: &mut Links,
+        relay: &str,
+        recipient_id: i64,
+        m: &Message,
+    ) -> bool {
         let Some(token) = self.mesh.route(relay) else {
-            debug!(
-                "no link to {relay}: message {} waits in the store",
-                m.msg_id
-            );
-            return;
+            debug!("no link to {relay} for message {}", m.msg_id);
+            return false;
         };
-        if io.send(
+        let sent = io.send(
             token,
             &MeshFrame::Deliver {
                 recipient_id,
                 message: m.clone(),
             },
-        ) {
-            self.counters.forwarded += 1;
-        }
+        );
+        self.counters.forwarded += u64::from(sent);
+        sent
     }
 
-    /// Pushes a freshly stored message to the recipient's sessions on this relay.
-    pub(super) fn deliver_local(&mut self, io: &mut Links, recipient_id: i64, message: Message) {
+    /// Pushes a message to the recipient's sessions on this relay; how many took it
+    /// (sessions that receive; one in its backlog takes it after).
+    pub(super) fn deliver_local(
+        &mut self,
+        io: &mut Links,
+        recipient_id: i64,
+        message: Message,
+    ) -> usize {
         let Some(tokens) = self.local.get(&recipient_id) else {
-            return;
+            return 0;
         };
+        let mut reached = 0;
         for token in tokens.clone() {
-            let live = match client_mut(io, token) {
+            // A receiving session takes it now, or after its backlog.
+            let (live, receives) = match client_mut(io, token) {
                 Some(ClientMut {
                     state: ClientState::Ready(session),
                     ..
-                }) => session.live(message.clone()),
-                _ => None,
+                }) => (session.live(message.clone()), session.receive),
+                _ => (None, false),
             };
-            if let Some(m) = live {
-                io.send(token, &deliver(m));
-                self.counters.delivered += 1;
+            match live {
+                Some(m) => {
+                    if io.send(token, &deliver(m)) {
+                        self.counters.delivered += 1;
+                        reached += 1;
+                    }
+                }
+                None => reached += usize::from(receives),
             }
         }
+        reached
     }
 }
 

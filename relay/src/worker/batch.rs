@@ -6,10 +6,24 @@
 //! where the recipients are, then one result per job, in order).
 
 use super::*;
+use crate::holds::Held;
 
 /// What the limits decided for a send, by job position.
 enum Decision {
     Direct {
+        recipient: i64,
+    },
+    /// Not stored: the recipient is online (on these relays), so it is delivered from
+    /// memory.
+    Hold {
+        recipient: i64,
+        relays: Vec<String>,
+    },
+    /// The recipient blocked the sender (found by the probe; nothing drawn or stored).
+    Blocked,
+    /// To be stored after the messages the loop holds from the sender to `recipient`
+    /// (the send was `behind` them): nothing written here.
+    AfterHeld {
         recipient: i64,
     },
     Group {
@@ -88,6 +102,7 @@ impl Worker {
         st: &Prepared,
         jobs: &[Job],
     ) -> Result<Vec<Option<Decision>>, postgres::Error> {
+        let mut probed = self.probe(conn, st, jobs)?;
         let mut decisions: Vec<Option<Decision>> = Vec::with_capacity(jobs.len());
         let mut wanted = Vec::new();
         // Beside each of `wanted`: the group's name for a group send.
@@ -97,6 +112,7 @@ impl Worker {
                 sender_id,
                 target,
                 body,
+                behind,
                 ..
             } = job
             else {
@@ -105,7 +121,25 @@ impl Worker {
             };
             let (recipients, group_name) = match target {
                 Target::User(to) => match self.user_ids.get(to) {
-                    Some(r) => (vec![*r], None),
+                    Some(r) => match probed.remove(&i) {
+                        Some((true, _)) => {
+                            decisions.push(Some(Decision::Blocked));
+                            continue;
+                        }
+                        Some((false, relays)) if !relays.is_empty() => {
+                            let relays = relays.into_iter().filter(|r| *r != self.relay_id);
+                            decisions.push(Some(Decision::Hold {
+                                recipient: *r,
+                                relays: relays.collect(),
+                            }));
+                            continue;
+                        }
+                        _ if *behind => {
+                            decisions.push(Some(Decision::AfterHeld { recipient: *r }));
+                            continue;
+                        }
+                        _ => (vec![*r], None),
+                    },
                     None => {
                         decisions.push(Some(Decision::UnknownUser));
                         continue;
@@ -155,6 +189,44 @@ impl Worker {
             });
         }
         Ok(decisions)
+    }
+
+    /// The probe, for the direct sends that may be delivered from memory: by job
+    /// position, whether the recipient blocked the sender and the relays where the
+    /// recipient has sessions. Empty when nothing may be held (then no statement runs).
+    fn probe(
+        &self,
+        conn: &mut DbConn,
+        st: &Prepared,
+        jobs: &[Job],
+    ) -> Result<HashMap<usize, (bool, Vec<String>)>, postgres::Error> {
+        let mut at = Vec::new();
+        let (mut recipients, mut senders) = (Vec::new(), Vec::new());
+        if self.holding.load(Ordering::Relaxed) {
+            for (i, job) in jobs.iter().enumerate() {
+                if let Job::Send {
+                    sender_id,
+                    target: Target::User(to),
+                    hold: true,
+                    ..
+                } = job
+                {
+                    if let Some(r) = self.user_ids.get(to) {
+                        at.push(i);
+                        recipients.push(*r);
+                        senders.push(*sender_id);
+                    }
+                }
+            }
+        }
+        if at.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let rows = conn.query(&st.probe, &[&recipients, &senders])?;
+        Ok(at
+            .into_iter()
+            .zip(rows.iter().map(|r| (r.get(0), r.get(1))))
+            .collect())
     }
 
     /// The names of `ids` (members a group send left out: rare, so not cached).
@@ -366,6 +438,7 @@ impl Worker {
             let Job::Send {
                 conn: token,
                 req,
+                sender_id,
                 sender,
                 target,
                 body,
@@ -403,7 +476,31 @@ impl Worker {
                 Target::Group(group_id) => format!("group {group_id}"),
             };
             let decision = decisions[i].as_ref().expect("a decision for every send");
+            let held = |recipient_id: i64| Held {
+                conn: *token,
+                req: *req,
+                sender_id: *sender_id,
+                sender: sender.clone(),
+                to: to(),
+                recipient_id,
+                body: body.clone(),
+                ts: now,
+            };
             results.push(match decision {
+                Decision::Hold { recipient, relays } => Done::Hold {
+                    held: held(*recipient),
+                    remote_relays: relays.clone(),
+                },
+                Decision::AfterHeld { recipient } => Done::AfterHeld {
+                    held: held(*recipient),
+                },
+                Decision::Blocked => failed(
+                    ErrorCode::Blocked,
+                    format!(
+                        "{} does not accept messages from you; nothing was stored",
+                        to()
+                    ),
+                ),
                 Decision::UnknownUser => failed(
                     ErrorCode::UnknownUser,
                     format!("there is no user called {}", to()),

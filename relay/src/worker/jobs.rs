@@ -1,6 +1,7 @@
 //! What passes between the poll loop and the workers: jobs and their results.
 
 use super::*;
+use crate::holds::Held;
 use std::net::IpAddr;
 
 /// Work for the pool. Every job is sharded by the user it acts for.
@@ -19,7 +20,11 @@ pub enum Job {
         after: i64,
         page: i64,
     },
-    /// Store a message durably.
+    /// Store a message durably — or, with `hold` and a direct message whose recipient
+    /// is online, answer `Done::Hold` to deliver it from memory (see `crate::holds`).
+    /// `behind`: the loop holds earlier messages from the sender to this recipient, so
+    /// if this one is to be stored, it goes back (`Done::AfterHeld`) to be stored after
+    /// them, keeping the sender's order.
     Send {
         conn: Token,
         req: u64,
@@ -27,6 +32,8 @@ pub enum Job {
         sender: String,
         target: Target,
         body: String,
+        hold: bool,
+        behind: bool,
     },
     /// Re-read what is stored for a live session: after a mesh link went down or
     /// came back, a message another relay committed may never have been forwarded.
@@ -141,6 +148,17 @@ pub enum Done {
         /// Group members it was not stored for (their mailboxes are full), by name.
         full: Vec<String>,
     },
+    /// A direct message for a recipient who is online, not stored: deliver it from
+    /// memory and answer its sender once the recipient acknowledges it, or store it
+    /// when the delivery window ends (`crate::holds`). `remote_relays`: the other
+    /// relays where the recipient has sessions.
+    Hold {
+        held: Held,
+        remote_relays: Vec<String>,
+    },
+    /// A direct message to store that was sent `behind` messages the loop holds for
+    /// the same recipient: nothing was written; the loop stores those, then this.
+    AfterHeld { held: Held },
     /// A request was refused or failed; nothing was stored.
     Failed { conn: Token, req: u64, why: Refusal },
     Key {

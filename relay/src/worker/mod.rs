@@ -25,8 +25,8 @@ mod sql;
 pub use jobs::*;
 pub use mailbox::StoreLimits;
 use mailbox::*;
-pub use sql::clear_stale_presence;
 use sql::*;
+pub use sql::{clear_stale_presence, delivery_epoch};
 
 use crate::message::{Delivery, Message, Target};
 use crate::session::PAGE_BYTES;
@@ -42,7 +42,7 @@ use fastchat_common::{time, warn};
 use mio::Token;
 use postgres::{GenericClient, Statement};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -70,6 +70,9 @@ pub struct Worker {
     mailboxes: Tallies,
     senders: Tallies,
     db: HeldConnection<Prepared>,
+    /// Whether sends marked `hold` may be delivered from memory (cleared at shutdown,
+    /// when everything is stored).
+    holding: Arc<AtomicBool>,
 }
 
 const USER_CACHE_LIMIT: usize = 100_000;
@@ -85,6 +88,7 @@ impl Worker {
         metrics: Arc<StoreMetrics>,
         group_limits: groups::Limits,
         limits: StoreLimits,
+        holding: Arc<AtomicBool>,
     ) -> Worker {
         Worker {
             relay_id,
@@ -96,6 +100,7 @@ impl Worker {
             mailboxes: Tallies::new(true),
             senders: Tallies::new(false),
             db: HeldConnection::new(db, Prepared::new),
+            holding,
         }
     }
 

@@ -11,6 +11,7 @@ pub(super) const CATCH_UP_BYTES: usize = 2 * PAGE_BYTES;
 /// The relay's hot statements, prepared once per connection.
 pub struct Prepared {
     pub(super) locate: Statement,
+    pub(super) probe: Statement,
     pub(super) names: Statement,
     pub(super) store: Statement,
     pub(super) waiting: Statement,
@@ -28,6 +29,17 @@ impl Prepared {
     pub(super) fn new(conn: &mut DbConn) -> Result<Prepared, postgres::Error> {
         Ok(Prepared {
             locate: conn.prepare(LOCATE)?,
+            // Direct sends that may be delivered from memory, before anything is
+            // decided for them: whether the recipient blocked the sender (one
+            // primary-key probe) and every relay where the recipient has sessions
+            // (none: offline, so it is stored). Reads only: a batch of such sends
+            // writes nothing and commits no WAL.
+            probe: conn.prepare(
+                "SELECT EXISTS (SELECT 1 FROM blocks k WHERE k.user_id = x.r AND k.blocked_id = x.s),
+                        ARRAY(SELECT p.relay_id FROM presence p WHERE p.user_id = x.r)
+                 FROM unnest($1::int8[], $2::int8[]) WITH ORDINALITY AS x(r, s, o)
+                 ORDER BY x.o",
+            )?,
             names: conn.prepare("SELECT name, id FROM users WHERE name = ANY($1)")?,
             // The batch's direct messages and acknowledgements in one statement (one
             // round trip, and its own transaction when the batch has nothing else).
@@ -206,4 +218,12 @@ pub fn clear_stale_presence(
     Ok(db
         .get()?
         .execute("DELETE FROM presence WHERE relay_id = $1", &[&relay_id])?)
+}
+
+/// A fresh epoch for this run's delivery ids (see `crate::holds`): drawn once at start.
+pub fn delivery_epoch(db: &DbPool) -> Result<i64, Box<dyn std::error::Error>> {
+    Ok(db
+        .get()?
+        .query_one("SELECT nextval('delivery_epochs')", &[])?
+        .get(0))
 }
