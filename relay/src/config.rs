@@ -50,7 +50,7 @@ pub struct Config {
     /// wait for the recipient's `ack` (its client stored it) before the relay stores
     /// it; its sender is answered `sent` at whichever comes first. 0: store every
     /// message before delivering it.
-    #[arg(long, env = "FASTCHAT_DELIVERY_WINDOW_MS", default_value_t = 20)]
+    #[arg(long, env = "FASTCHAT_DELIVERY_WINDOW_MS", default_value_t = 100)]
     pub delivery_window_ms: u64,
     /// Most jobs a worker commits in one transaction.
     #[arg(long, env = "FASTCHAT_RELAY_MAX_BATCH", default_value_t = 256)]

@@ -28,6 +28,18 @@ const EPOCH_BITS: u32 = 62 - COUNT_BITS;
 /// past it, such a delivery is not remembered and its relay stores it at the window's
 /// end.
 const MAX_REMOTE: usize = 1 << 20;
+/// Most messages held at once. Past it, sends are stored first: the relay is busy
+/// enough that a worker's batch shares its commit among many messages (cheaper per
+/// message than holding), and acks come slowly enough that windows would end
+/// anyway. Also bounds what holding can cost in memory.
+pub const MAX_HELD: usize = 1_000;
+/// How often the share of windows that ended unacknowledged is looked at, and how
+/// long holding pauses when it was too high.
+const REVIEW_EVERY: Duration = Duration::from_secs(1);
+/// Holding pauses for a while when more than one held message in this many ended its
+/// window unacknowledged: acks are late (the recipients, or the machine, are
+/// saturated), and storing after the window would cost a message twice.
+const TOO_LATE_ONE_IN: u64 = 10;
 /// How long a delivery from another relay is remembered: its relay stores it after its
 /// own window anyway, so an ack after this would be too late to matter.
 const REMOTE_FOR: Duration = Duration::from_secs(10);
@@ -63,6 +75,10 @@ pub struct Holds {
     /// Messages held per (sender, recipient's name): a later send between them must
     /// not be stored before these are.
     pairs: HashMap<(i64, String), u32>,
+    /// The current review period: when it began, messages held and windows ended in it.
+    period: (Instant, u64, u64),
+    /// Holding is paused until then (too many windows ended in the last period).
+    paused_until: Option<Instant>,
 }
 
 impl Holds {
@@ -78,12 +94,44 @@ impl Holds {
             remote: HashMap::new(),
             remote_order: VecDeque::new(),
             pairs: HashMap::new(),
+            period: (Instant::now(), 0, 0),
+            paused_until: None,
         }
     }
 
     /// Whether messages may be delivered from memory at all.
     pub fn enabled(&self) -> bool {
         !self.window.is_zero() && self.next < (1 << COUNT_BITS)
+    }
+
+    /// Whether a new send may be held: enabled, fewer than [`MAX_HELD`] are, and
+    /// holding is not paused.
+    pub fn room(&self, now: Instant) -> bool {
+        self.enabled()
+            && self.waiting.len() < MAX_HELD
+            && self.paused_until.is_none_or(|until| now >= until)
+    }
+
+    /// Counts a message held (`held`) or a window ended unacknowledged, and at the end
+    /// of each review period pauses holding for the next if too many windows ended.
+    fn review(&mut self, now: Instant, held: bool) {
+        let (start, n_held, n_late) = &mut self.period;
+        if held {
+            *n_held += 1;
+        } else {
+            *n_late += 1;
+        }
+        if now.duration_since(*start) >= REVIEW_EVERY {
+            if *n_late * TOO_LATE_ONE_IN > *n_held {
+                self.paused_until = Some(now + REVIEW_EVERY);
+            }
+            self.period = (now, 0, 0);
+        }
+    }
+
+    /// Whether holding is paused now (for the figures).
+    pub fn paused(&self, now: Instant) -> bool {
+        self.paused_until.is_some_and(|until| now < until)
     }
 
     /// A fresh delivery id, or `None` once this epoch's are used up (then everything
@@ -99,6 +147,7 @@ impl Holds {
 
     /// Holds `held` under `id` until its recipient acknowledges it or the window ends.
     pub fn hold(&mut self, id: i64, held: Held, now: Instant) {
+        self.review(now, true);
         *self
             .pairs
             .entry((held.sender_id, held.to.clone()))
@@ -137,7 +186,10 @@ impl Holds {
                 break;
             }
             self.deadlines.pop_front();
-            out.extend(self.remove(id));
+            if let Some(held) = self.remove(id) {
+                self.review(now, false);
+                out.push(held);
+            }
         }
         out
     }
@@ -345,6 +397,54 @@ mod tests {
             !h.holds_pair(1, "carol"),
             "counted down when the window ends"
         );
+    }
+
+    #[test]
+    fn past_the_most_held_new_sends_are_stored_first() {
+        let t0 = Instant::now();
+        let mut h = Holds::new(Duration::from_millis(10), 1);
+        for req in 0..MAX_HELD as u64 {
+            assert!(h.room(t0));
+            let id = h.next_id().unwrap();
+            h.hold(id, held(2, req), t0);
+        }
+        assert!(!h.room(t0), "full");
+        let (id, _) = (h.next_id().unwrap(), ());
+        let _ = id;
+        h.acked(2, h.deadlines[0].1);
+        assert!(h.room(t0), "room again once one is acknowledged");
+        assert!(!Holds::new(Duration::ZERO, 1).room(t0), "off");
+    }
+
+    #[test]
+    fn holding_pauses_while_too_many_windows_end_unacknowledged() {
+        let t0 = Instant::now();
+        let window = Duration::from_millis(10);
+        let mut h = Holds::new(window, 1);
+        h.period = (t0, 0, 0);
+        for req in 0..20 {
+            let id = h.next_id().unwrap();
+            h.hold(id, held(2, req), t0);
+        }
+        // Two in twenty late: not too many.
+        let ids: Vec<i64> = h.deadlines.iter().map(|(_, id)| *id).collect();
+        for id in &ids[2..] {
+            h.acked(2, *id);
+        }
+        h.expired(t0 + window);
+        let later = t0 + REVIEW_EVERY;
+        let id = h.next_id().unwrap();
+        h.hold(id, held(2, 99), later);
+        assert!(h.room(later), "one in ten is the limit");
+        // A period with most windows ending: paused for the next.
+        for req in 0..5 {
+            let id = h.next_id().unwrap();
+            h.hold(id, held(2, req), later);
+        }
+        let end = later + REVIEW_EVERY;
+        assert_eq!(h.expired(end).len(), 6);
+        assert!(!h.room(end) && h.paused(end), "paused");
+        assert!(h.room(end + REVIEW_EVERY), "for one period");
     }
 
     #[test]

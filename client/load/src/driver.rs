@@ -5,7 +5,7 @@
 //! All simulated users share one Fernet key (handing out keys is not what is measured);
 //! the bodies the servers see are ordinary `text` / `group_text` envelopes.
 
-use crate::acklog::AckLog;
+use crate::acklog::{AckLog, Acks};
 use crate::setup::Session;
 use fastchat_client::e2e::{self, ConversationKey, Envelope, TextPayload};
 use fastchat_common::conn::ReadStatus;
@@ -340,8 +340,26 @@ impl Driver {
     fn flush(&mut self) -> std::io::Result<()> {
         // What this turn acknowledges is on disk first, as a client's store would be.
         if let Some(log) = &mut self.ack_log {
-            log.commit()?;
+            let acks: Acks = self
+                .sessions
+                .iter_mut()
+                .enumerate()
+                .filter(|(_, s)| !s.acks.is_empty())
+                .map(|(i, s)| (i, std::mem::take(&mut s.acks)))
+                .collect();
+            log.submit(acks);
+            for (i, msg_ids) in log.synced() {
+                self.sessions[i]
+                    .session
+                    .conn
+                    .queue(&ClientToRelay::Ack { msg_ids });
+            }
         }
+        self.flush_sessions()
+    }
+
+    /// Writes what is queued on every session.
+    fn flush_sessions(&mut self) -> std::io::Result<()> {
         for (i, sess) in self.sessions.iter_mut().enumerate() {
             if !sess.acks.is_empty() {
                 let msg_ids = std::mem::take(&mut sess.acks);
@@ -441,11 +459,20 @@ impl Driver {
         }
         // Acknowledge what arrived last, so it is not delivered again to a later run.
         self.flush()?;
+        if let Some(log) = &mut self.ack_log {
+            for (i, msg_ids) in log.wait_all() {
+                self.sessions[i]
+                    .session
+                    .conn
+                    .queue(&ClientToRelay::Ack { msg_ids });
+            }
+            self.flush_sessions()?;
+        }
         if progress {
             eprintln!();
         }
         let mut out = std::mem::take(&mut self.out);
-        out.ack_syncs = self.ack_log.as_ref().map(|log| log.syncs);
+        out.ack_syncs = self.ack_log.as_ref().map(|log| log.syncs());
         out.lost = self
             .expected
             .iter()

@@ -340,7 +340,9 @@ impl Core {
                         sender,
                         target,
                         body,
-                        hold: self.holds.enabled(),
+                        // Behind held ones, held too (so it keeps their order)
+                        // unless the recipient went away meanwhile.
+                        hold: self.holds.room(Instant::now()) || (behind && self.holds.enabled()),
                         behind,
                     },
                 );

@@ -47,6 +47,7 @@ impl Core {
             "held_acked": c.held_acked,
             "held_stored": c.held_stored,
             "holding": self.holds.len(),
+            "holding_paused": self.holds.paused(Instant::now()),
             "stored": m.messages_stored.load(Ordering::Relaxed),
             "batches": batches,
             "failed_batches": m.failed_batches.load(Ordering::Relaxed),
