@@ -1,6 +1,8 @@
 //! One run of message jobs as one transaction (group commit), in four steps:
 //! **resolve** (recipient names to ids, from the cache where possible; a group send's
-//! members), **limits** (what each send may store: recipients with room in their
+//! members), **limits** (first the probe of direct sends that may be delivered from
+//! memory: blocked, or online and then not stored at all, see `crate::holds`; then
+//! what each other send may store: recipients with room in their
 //! mailboxes, within the sender's quota, see [`super::mailbox`]), **write** (one
 //! statement for the usual batch, else one transaction), **answer** (after the commit:
 //! where the recipients are, then one result per job, in order).
@@ -476,6 +478,15 @@ impl Worker {
                 Target::Group(group_id) => format!("group {group_id}"),
             };
             let decision = decisions[i].as_ref().expect("a decision for every send");
+            let blocked = || {
+                failed(
+                    ErrorCode::Blocked,
+                    format!(
+                        "{} does not accept messages from you; nothing was stored",
+                        to()
+                    ),
+                )
+            };
             let held = |recipient_id: i64| Held {
                 conn: *token,
                 req: *req,
@@ -494,13 +505,7 @@ impl Worker {
                 Decision::AfterHeld { recipient } => Done::AfterHeld {
                     held: held(*recipient),
                 },
-                Decision::Blocked => failed(
-                    ErrorCode::Blocked,
-                    format!(
-                        "{} does not accept messages from you; nothing was stored",
-                        to()
-                    ),
-                ),
+                Decision::Blocked => blocked(),
                 Decision::UnknownUser => failed(
                     ErrorCode::UnknownUser,
                     format!("there is no user called {}", to()),
@@ -525,17 +530,11 @@ impl Worker {
                     ),
                 ),
                 Decision::Direct { .. } => {
-                    let (msg_id, recipient_id, blocked) = direct_rows
+                    let (msg_id, recipient_id, blocked_by_recipient) = direct_rows
                         .next()
                         .expect("one inserted row per direct send admitted, in order");
-                    if blocked {
-                        failed(
-                            ErrorCode::Blocked,
-                            format!(
-                                "{} does not accept messages from you; nothing was stored",
-                                to()
-                            ),
-                        )
+                    if blocked_by_recipient {
+                        blocked()
                     } else {
                         sent(
                             msg_id,
