@@ -385,6 +385,18 @@ impl RelayLink {
         id: u64,
         is_reply: impl Fn(&RelayToClient) -> bool,
     ) -> Result<RelayToClient, ClientError> {
+        // It may have come while an earlier request was waited for: replies refused at
+        // once (`rate_limited`, …) overtake those that wait for the database.
+        let stashed = self.stash.iter().position(|f| match f {
+            RelayToClient::Error(e) => e.id == Some(id),
+            f => is_reply(f),
+        });
+        if let Some(frame) = stashed.and_then(|i| self.stash.remove(i)) {
+            return match frame {
+                RelayToClient::Error(e) => Err(ClientError::from_frame(e)),
+                frame => Ok(frame),
+            };
+        }
         let deadline = Instant::now() + REPLY_TIMEOUT;
         loop {
             let frame = match self.link.recv::<RelayToClient>(Some(deadline)) {

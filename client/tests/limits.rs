@@ -397,3 +397,30 @@ fn a_full_mailbox_refuses_direct_messages_until_it_is_read() {
         std::thread::sleep(Duration::from_millis(300));
     }
 }
+
+#[test]
+fn a_refusal_that_overtakes_an_earlier_reply_is_not_waited_for() {
+    // Two tokens, and none more during the test. A first text to a new peer is a key
+    // lookup, then a key offer and the text sent together: the lookup and the offer
+    // take the tokens (the offer waits for its commit), the text is refused at once,
+    // and its refusal arrives before the offer's `sent`. The library must find it
+    // among what came while it waited for the offer, not wait for it again.
+    let net = net_with_relay_args(&["--send-rate", "0.02", "--send-burst", "2"]);
+    net.register("alice");
+    net.register("bob");
+    let mut alice = net.login("alice");
+    let started = Instant::now();
+    let refused = alice.send_text("bob", "hello");
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(20),
+        "the refusal was waited for until the reply timeout: {took:?}"
+    );
+    match refused {
+        Err(ClientError::Refused {
+            code: ErrorCode::RateLimited,
+            ..
+        }) => {}
+        other => panic!("expected the text's rate_limited refusal, got {other:?}"),
+    }
+}
